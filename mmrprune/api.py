@@ -1,0 +1,107 @@
+"""Public entry points: :func:`select`, :func:`select_varlen`, :func:`prune`.
+
+NumPy in gives NumPy out; torch in gives torch out on the input's device.
+Inputs are never modified.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import dispatch
+from .validation import Request, validate
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _run(request: Request, backend: str) -> torch.Tensor:
+    batch = request.batch
+    chosen = dispatch.resolve(backend, batch.device.type, batch.method)
+    out = chosen.select(batch)
+    if request.order == "position":
+        # -1 padding sorts last: order by (index if kept else +inf)
+        key = torch.where(out < 0, torch.iinfo(torch.int64).max, out)
+        out = torch.sort(key, dim=1).values
+        out = torch.where(out == torch.iinfo(torch.int64).max, -1, out)
+    return out
+
+
+def _to_user(t: torch.Tensor, numpy_in: bool):
+    return t.cpu().numpy() if numpy_in else t
+
+
+def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
+           keep_ratio: Optional[float] = None, lam: float = 0.5, method: str = "mmr",
+           lengths: Optional[ArrayLike] = None, order: str = "position", backend: str = "auto",
+           check_finite: bool = True, **method_params) -> ArrayLike:
+    """Pick the visual tokens to keep, per image.
+
+    Args:
+        features: ``[N, D]`` or ``[B, N, D]`` tokens (float16/bfloat16/float32/float64).
+        importance: raw importance ``w``, ``[N]`` / ``[B, N]``, or ``None`` (all zeros).
+            Normalised per image to ``Imp = (w - min w) / (max w - min w + 1e-6)``.
+        k / keep_ratio: exactly one.  ``k_b = min(k, N_b)`` or
+            ``k_b = max(1, round_half_even(keep_ratio * N_b))``.
+        lam: MMR trade-off in [0, 1]; ``score_i = lam * Imp_i - (1 - lam) * max_{j in S} sim(i, j)``.
+        method: ``mmr``, ``divprune``, ``topk``, ``fps``, ``hybrid``, ``dpp`` or ``d2pruner``.
+        lengths: ``[B]`` valid tokens per image of a padded batch (positions ``>= lengths[b]`` are never picked).
+        order: ``"position"`` (ascending token index) or ``"selection"`` (greedy order).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``"numpy"``.
+        check_finite: reject NaN/Inf (and out-of-range ``lengths``) on accelerator input;
+            ``False`` keeps the call free of host syncs (CUDA-graph capture).
+        **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
+
+    Returns:
+        int64 indices ``[k]`` for ``[N, D]`` input, else ``[B, k_max]`` with rows
+        padded by -1 where ``k_b < k_max``.  ``k_max = min(k, N)`` for padded input
+        with ``k`` (static, no host sync), else ``max_b k_b``.
+    """
+    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
+                       lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
+    out = _run(request, backend)
+    if request.single_image:
+        out = out[0]
+    return _to_user(out, request.numpy_in)
+
+
+def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqlens: ArrayLike, *,
+                  k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: float = 0.5,
+                  method: str = "mmr", order: str = "position", backend: str = "auto",
+                  check_finite: bool = True, **method_params):
+    """Selection over a packed batch: image ``b`` is ``features[cu_seqlens[b]:cu_seqlens[b+1]]``.
+
+    Returns ``(indices, cu_k)``: ``indices`` are flat int64 row indices *into the
+    packed tensor* (so ``features[indices]`` gathers the kept tokens), image b's
+    in ``indices[cu_k[b]:cu_k[b+1]]``; ``cu_k [B+1]`` int64.  Reading the budgets
+    back makes this call synchronise with the device once.
+    """
+    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
+                       cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
+    batch = request.batch
+    local = _run(request, backend)
+    kept = local >= 0
+    flat = (local + batch.starts[:, None])[kept]
+    cu_k = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.device)
+    cu_k[1:] = torch.cumsum(batch.ks, dim=0)
+    return _to_user(flat, request.numpy_in), _to_user(cu_k, request.numpy_in)
+
+
+def prune(features: ArrayLike, importance: Optional[ArrayLike] = None, **kwargs):
+    """``(kept_features, indices)``: :func:`select` in positional order, then the gather.
+
+    ``kept_features`` is ``[k, D]`` or ``[B, k_max, D]``; rows whose index is -1
+    (images with fewer than ``k_max`` kept tokens) are zeros.  Takes every
+    keyword of :func:`select` except ``order``.
+    """
+    if "order" in kwargs:
+        raise TypeError("prune: always gathers in positional order; it takes no 'order' argument")
+    idx = select(features, importance, **kwargs)
+    if isinstance(features, np.ndarray):
+        safe = np.where(idx < 0, 0, idx)
+        kept = np.take_along_axis(features, safe[..., None], axis=-2)
+        return np.where((idx < 0)[..., None], np.zeros((), features.dtype), kept), idx
+    safe = idx.clamp_min(0)
+    kept = torch.gather(features, -2, safe.unsqueeze(-1).expand(*safe.shape, features.shape[-1]))
+    return kept.masked_fill((idx < 0).unsqueeze(-1), 0), idx

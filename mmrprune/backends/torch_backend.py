@@ -1,0 +1,173 @@
+"""``backend="torch"``: every method in plain PyTorch ops, batched over images.
+
+One Python loop over the K greedy steps; each step is a handful of batched
+ops over ``[B, N]`` (no loop over images, no host sync for padded input), so
+the backend runs on CPU and CUDA tensors and traces under ``torch.compile``.
+It is the fallback when no extension is built and the baseline every fused
+kernel must beat.  Read it side by side with :mod:`mmrprune.reference`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..batch import SelectionBatch
+from ..reference import DPP_EPS, METHODS, NORM_EPS
+from . import Backend
+
+NEG_INF = float("-inf")
+GRAM_CHUNK_BYTES = 256 << 20  # divprune's first step streams the Gram in row blocks of this size
+
+
+def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x̂ = x / max(||x||, 1e-12)`` in ``dtype`` (float32 or float64)."""
+    x = x.to(dtype)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """``sim(i, pick_b)`` for every token of every image: ``[B, N]``."""
+    rows = xn[torch.arange(xn.shape[0], device=xn.device), pick]          # [B, D]
+    return torch.bmm(xn, rows.unsqueeze(2)).squeeze(2)
+
+
+def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Token indices by decreasing Imp, ties to the lowest index, padding last."""
+    key = torch.where(valid, imp, NEG_INF)
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
+
+
+def _mark(mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    return mask.scatter(1, pick.unsqueeze(1), True)
+
+
+def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
+    """MMR / FPS / hybrid / DivPrune core.
+
+    Step 1 maximises ``first_score`` (default ``Imp``); step t maximises
+    ``lam * Imp - (1 - lam) * m`` over eligible, unpicked tokens, with
+    ``m_i = max_{j in S} sim(i, j)``.
+    """
+    bsz, n, _ = xn.shape
+    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
+    m = torch.full((bsz, n), NEG_INF, dtype=xn.dtype, device=xn.device)
+    taken = ~eligible
+    for t in range(k_max):
+        if t == 0:
+            score = imp if first_score is None else first_score
+        else:
+            score = lam * imp - (1.0 - lam) * m
+        pick = torch.argmax(score.masked_fill(taken, NEG_INF), dim=1)  # first max = lowest index
+        out[:, t] = torch.where(t < ks, pick, -1)
+        taken = _mark(taken, pick)
+        m = torch.maximum(m, _sim_to(xn, pick))
+    return out
+
+
+def _divprune_first_score(xn, valid):
+    """``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``, streamed over row blocks of the Gram."""
+    bsz, n, _ = xn.shape
+    best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
+    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
+    cols = torch.arange(n, device=xn.device)
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(n, r0 + rows_per_block)
+        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N]
+        self_or_pad = (cols[None, :] == torch.arange(r0, r1, device=xn.device)[:, None])[None] | ~valid[:, None, :]
+        best[:, r0:r1] = g.masked_fill(self_or_pad, NEG_INF).amax(dim=2)
+    return 1.0 - best  # +inf when the image has a single token
+
+
+def _topk(imp, valid, ks, k_max):
+    order = _importance_rank(imp, valid)[:, :k_max]
+    steps = torch.arange(k_max, device=imp.device)[None, :]
+    return torch.where(steps < ks[:, None], order, -1)
+
+
+def _dpp(xn, q, valid, ks, k_max):
+    """Greedy MAP of the DPP with kernel ``L = diag(q) S diag(q)`` (Chen et al., 2018)."""
+    bsz, n, _ = xn.shape
+    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
+    cis = torch.zeros((bsz, k_max, n), dtype=xn.dtype, device=xn.device)
+    d2 = q * q * (xn * xn).sum(dim=2)
+    taken = ~valid
+    ar = torch.arange(bsz, device=xn.device)
+    for t in range(k_max):
+        pick = torch.argmax(d2.masked_fill(taken, NEG_INF), dim=1)
+        out[:, t] = torch.where(t < ks, pick, -1)
+        taken = _mark(taken, pick)
+        d2_pick = d2[ar, pick]
+        dead = (d2_pick < DPP_EPS)[:, None]
+        l_pick = q[ar, pick][:, None] * _sim_to(xn, pick) * q                # L_{j, i}
+        proj = torch.bmm(cis[:, :t].transpose(1, 2), cis[ar, :t, pick].unsqueeze(2)).squeeze(2) if t else 0.0
+        e = (l_pick - proj) / torch.sqrt(d2_pick.clamp_min(DPP_EPS))[:, None]
+        e = torch.where(dead, 0.0, e)
+        cis[:, t] = e
+        d2 = torch.where(dead, 0.0, d2 - e * e)
+    return out
+
+
+def _d2pruner(xn, imp, valid, ks, k_max, pivot_ratio, alpha, tau, radius, grid):
+    """Pivots by importance, then a greedy maximal independent set on the hybrid graph."""
+    bsz, n, _ = xn.shape
+    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
+    rank = _importance_rank(imp, valid)
+    n_pivots = torch.round(ks.to(torch.float64) * pivot_ratio).to(torch.int64)
+    if alpha < 1.0:
+        pos = torch.arange(n, device=xn.device)
+        row, col = pos // grid[1], pos % grid[1]
+    selected = ~valid  # padding counts as unavailable
+    pool = valid.clone()
+    for t in range(min(k_max, n)):
+        is_pivot = t < n_pivots
+        from_pool = pool.any(dim=1)
+        candidates = torch.where(from_pool[:, None], pool, ~selected)
+        mis_pick = torch.argmax(imp.masked_fill(~candidates, NEG_INF), dim=1)
+        pick = torch.where(is_pivot, rank[:, min(t, n - 1)], mis_pick)
+        out[:, t] = torch.where(t < ks, pick, -1)
+        selected = _mark(selected, pick)
+        link = alpha * _sim_to(xn, pick)
+        if alpha < 1.0:
+            cheb = torch.maximum((row[None, :] - row[pick][:, None]).abs(), (col[None, :] - col[pick][:, None]).abs())
+            link = link + (1.0 - alpha) * (cheb <= radius).to(link.dtype)
+        drop_neighbours = (is_pivot | from_pool)[:, None] & (link > tau)
+        pool = pool & ~drop_neighbours & ~selected
+    return out
+
+
+def select(batch: SelectionBatch) -> torch.Tensor:
+    """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
+    x, imp, q, valid = batch.padded()
+    method, lam, ks, k_max = batch.method, batch.lam, batch.ks, batch.k_max
+    if method == "topk":
+        return _topk(imp, valid, ks, k_max)
+    xn = normalize_rows(x, batch.compute_dtype)
+    if method in ("mmr", "fps"):
+        return _greedy_max_similarity(xn, imp, valid, ks, k_max, lam if method == "mmr" else 0.0)
+    if method == "hybrid":
+        n_valid = valid.sum(dim=1)
+        if lam == 0.0:
+            pool_size = n_valid
+        else:
+            pool_size = torch.minimum(n_valid, torch.maximum(ks, torch.round(ks.to(torch.float64) / lam).to(torch.int64)))
+        rank_of = torch.empty_like(valid, dtype=torch.int64).scatter_(
+            1, _importance_rank(imp, valid), torch.arange(valid.shape[1], device=valid.device).expand_as(valid).contiguous())
+        pool = valid & (rank_of < pool_size[:, None])
+        return _greedy_max_similarity(xn, imp, pool, ks, k_max, 0.0)
+    if method == "divprune":
+        zeros = torch.zeros_like(imp)
+        return _greedy_max_similarity(xn, zeros, valid, ks, k_max, 0.0,
+                                      first_score=_divprune_first_score(xn, valid))
+    if method == "dpp":
+        return _dpp(xn, q.to(xn.dtype), valid, ks, k_max)
+    if method == "d2pruner":
+        return _d2pruner(xn, imp, valid, ks, k_max, **batch.params)
+    raise AssertionError(method)
+
+
+BACKEND = Backend(
+    name="torch",
+    methods=METHODS,
+    device_types=("cpu", "cuda"),
+    select=select,
+    status=lambda: (True, "pure PyTorch ops; always available"),
+)

@@ -1,0 +1,72 @@
+"""Backend registry and ``backend="auto"`` resolution.
+
+Explicit requests fail loudly: an unknown name is a ``ValueError``; a known
+backend that is unavailable, or that cannot take this device or method, is a
+``RuntimeError`` that says why and how to get it.  ``"auto"`` takes the first
+backend of :data:`AUTO_ORDER` for the input's device that is available and
+implements the method.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .backends import Backend
+
+BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+HOW_TO_GET = {
+    "cpu": "build the C++ extension: `pip install -e .` or `python setup.py build_ext --inplace`",
+    "cuda": "rebuild with nvcc on PATH and MMRPRUNE_CUDA=1: `MMRPRUNE_CUDA=1 python setup.py build_ext --inplace`",
+    "triton": "install triton (`pip install triton`) on a machine with a CUDA GPU",
+    "torch": "",
+    "numpy": "",
+}
+
+
+def load(name: str) -> tuple[Backend | None, str]:
+    """``(backend, "")`` if its module imports, else ``(None, reason)``."""
+    try:
+        module = importlib.import_module(f"mmrprune.backends.{name}_backend")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"mmrprune.backends.{name}_backend":
+            return None, "not part of this installation"
+        return None, f"import failed: {exc}"
+    except Exception as exc:  # a broken build must not break `import mmrprune`
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+    return module.BACKEND, ""
+
+
+def status(name: str) -> tuple[bool, str]:
+    """``(available, detail)`` of one backend, for :func:`mmrprune.info` and errors."""
+    backend, reason = load(name)
+    if backend is None:
+        return False, reason
+    try:
+        return backend.status()
+    except Exception as exc:
+        return False, f"status check failed: {type(exc).__name__}: {exc}"
+
+
+def resolve(name: str, device_type: str, method: str) -> Backend:
+    """The backend that will run a call (see module docstring)."""
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+            backend, _ = load(candidate)
+            if backend is None or method not in backend.methods or device_type not in backend.device_types:
+                continue
+            if backend.status()[0]:
+                return backend
+        raise RuntimeError(f"no backend can run method {method!r} on {device_type} tensors")
+    ok, detail = status(name)
+    if not ok:
+        hint = HOW_TO_GET.get(name, "")
+        raise RuntimeError(f"backend {name!r} is not available: {detail}" + (f"; to get it, {hint}" if hint else ""))
+    backend, _ = load(name)
+    if device_type not in backend.device_types:
+        raise RuntimeError(f"backend {name!r} runs on {list(backend.device_types)} tensors, got {device_type} input")
+    if method not in backend.methods:
+        raise RuntimeError(f"backend {name!r} does not implement method {method!r} "
+                           f"(it has {list(backend.methods)}); use backend='auto' or 'torch'")
+    return backend

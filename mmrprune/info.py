@@ -1,0 +1,45 @@
+"""``mmrprune.info()`` / ``python -m mmrprune info``: what this installation can run."""
+from __future__ import annotations
+
+import platform
+
+from . import dispatch
+
+
+def info() -> dict:
+    """Versions and, for each backend, whether it is available and why (not)."""
+    import numpy
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on CPU-only machines
+        triton_version = None
+    from . import __version__
+    backends = {}
+    for name in dispatch.BACKENDS:
+        ok, detail = dispatch.status(name)
+        backends[name] = {"available": ok, "detail": detail if ok else
+                          detail + (f" — to get it, {dispatch.HOW_TO_GET[name]}" if dispatch.HOW_TO_GET[name] else "")}
+    return {
+        "mmrprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": numpy.__version__,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "auto": {dev: next((b for b in order if backends[b]["available"]), None)
+                 for dev, order in dispatch.AUTO_ORDER.items()},
+        "backends": backends,
+    }
+
+
+def format_info(report: dict) -> str:
+    lines = [f"mmrprune {report['mmrprune']}  (python {report['python']}, torch {report['torch']}, "
+             f"triton {report['triton']}, numpy {report['numpy']})",
+             f"cuda device: {report['cuda_device'] or 'none'}",
+             "backends:"]
+    for name, b in report["backends"].items():
+        lines.append(f"  {name:<7} {'yes' if b['available'] else 'no ':<4} {b['detail']}")
+    lines.append("auto picks: " + ", ".join(f"{dev} -> {b}" for dev, b in report["auto"].items()))
+    return "\n".join(lines)

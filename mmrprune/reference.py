@@ -1,0 +1,295 @@
+"""Float64 NumPy reference of every selection method in the contract (SPEC.md).
+
+This module is the ground truth of the test suite.  It is written for clarity,
+one image at a time and one plain loop over the greedy steps, so that each
+backend (torch, C++, CUDA, Triton) can be read side by side with it.
+
+Notation, per image with N valid tokens:
+
+* ``w``          raw importance, ``[N]`` (``None`` means all zeros)
+* ``Imp_i``      ``(w_i - min w) / (max w - min w + 1e-6)``                  (:func:`normalized_importance`)
+* ``x̂_i``        ``x_i / max(||x_i||_2, 1e-12)``                            (:func:`normalize_rows`)
+* ``sim(i, j)``  ``x̂_i · x̂_j``
+* ties           always go to the lowest token index (``np.argmax`` returns the first maximum)
+
+Every ``select_*`` function returns the picked token indices in *selection*
+order as an ``int64`` array of length ``k``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "IMP_EPS", "NORM_EPS", "DPP_EPS", "D2PRUNER_DEFAULTS", "METHODS",
+    "normalized_importance", "normalize_rows", "dpp_quality", "round_half_even",
+    "budget", "hybrid_pool_size", "d2pruner_pivot_count",
+    "select_mmr", "select_topk", "select_fps", "select_hybrid", "select_divprune",
+    "select_dpp", "select_d2pruner", "select_one", "grid_near",
+]
+
+IMP_EPS = 1e-6    # denominator guard of the min-max importance normalisation
+NORM_EPS = 1e-12  # norm guard: a zero vector stays zero
+# DPP: when the largest remaining marginal gain d^2 falls below DPP_EPS the
+# remaining tokens are numerically in the span of the picked ones; their gains
+# are set to exactly 0 so the rest of the budget is filled in index order
+# (the contract's tie rule) instead of by float noise.  See README, "Choices".
+DPP_EPS = 1e-6
+
+# D²Pruner parameters.  See README, "Methods" for where each default comes from.
+D2PRUNER_DEFAULTS = {"pivot_ratio": 0.5, "alpha": 0.5, "tau": 0.5, "radius": 1, "grid": None}
+
+METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp", "d2pruner")
+
+
+# --------------------------------------------------------------------------- shared definitions
+def round_half_even(x: float) -> int:
+    """Round to the nearest integer, halves to even (banker's rounding), as ``np.rint``."""
+    return int(np.rint(np.float64(x)))
+
+
+def budget(n_valid: int, k: int | None = None, keep_ratio: float | None = None) -> int:
+    """Tokens kept for an image of ``n_valid`` tokens.
+
+    ``k_b = min(k, N_b)`` or ``k_b = max(1, round_half_even(r * N_b))``; an image
+    with no valid tokens keeps nothing.
+    """
+    if n_valid <= 0:
+        return 0
+    if k is not None:
+        return min(int(k), n_valid)
+    return min(n_valid, max(1, round_half_even(np.float64(keep_ratio) * np.float64(n_valid))))
+
+
+def normalized_importance(w: np.ndarray | None, n: int) -> np.ndarray:
+    """``Imp = (w - min w) / (max w - min w + 1e-6)``; ``None`` or constant ``w`` gives zeros."""
+    if w is None:
+        return np.zeros(n, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    lo, hi = w.min(), w.max()
+    return (w - lo) / (hi - lo + IMP_EPS)
+
+
+def dpp_quality(w: np.ndarray | None, n: int) -> np.ndarray:
+    """DPP quality ``q``: ``Imp``, or all ones when the importance is ``None`` or constant."""
+    if w is None:
+        return np.ones(n, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    if w.max() == w.min():
+        return np.ones(n, dtype=np.float64)
+    return normalized_importance(w, n)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """``x̂_i = x_i / max(||x_i||_2, 1e-12)`` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return x / np.maximum(norms, NORM_EPS)
+
+
+def hybrid_pool_size(n: int, k: int, lam: float) -> int:
+    """Candidate pool of the naive hybrid: ``N`` if lam = 0 else ``min(N, max(k, round_half_even(k / lam)))``."""
+    if lam == 0:
+        return n
+    return min(n, max(k, round_half_even(np.float64(k) / np.float64(lam))))
+
+
+def d2pruner_pivot_count(k: int, pivot_ratio: float) -> int:
+    """Pivots of D²Pruner: ``round_half_even(pivot_ratio * k)``."""
+    return round_half_even(np.float64(pivot_ratio) * np.float64(k))
+
+
+def _importance_order(imp: np.ndarray) -> np.ndarray:
+    """Token indices by decreasing importance, ties to the lowest index."""
+    return np.argsort(-imp, kind="stable")
+
+
+def grid_near(n: int, grid, radius: int) -> np.ndarray:
+    """``near[i, j] = 1`` when tokens i and j (row-major on the ``grid=(h, w)`` patch grid)
+    are within Chebyshev distance ``radius``."""
+    _, gw = grid
+    idx = np.arange(n)
+    r, c = idx // gw, idx % gw
+    dr = np.abs(r[:, None] - r[None, :])
+    dc = np.abs(c[:, None] - c[None, :])
+    return (np.maximum(dr, dc) <= radius).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- methods
+def select_mmr(x, w, k: int, lam: float = 0.5) -> np.ndarray:
+    """Maximal Marginal Relevance (IDPruner, Algorithm 1).
+
+    Step 1 picks ``argmax Imp``.  Step t picks
+    ``argmax_{i not in S} lam * Imp_i - (1 - lam) * m_i`` with
+    ``m_i = max_{j in S} sim(i, j)``.
+    """
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    imp = normalized_importance(w, n)
+    picked = np.zeros(n, dtype=bool)
+    m = np.full(n, -np.inf)
+    order = []
+    for step in range(k):
+        if step == 0:
+            score = imp.copy()
+        else:
+            score = lam * imp - (1.0 - lam) * m
+        score[picked] = -np.inf
+        j = int(np.argmax(score))
+        order.append(j)
+        picked[j] = True
+        m = np.maximum(m, xh @ xh[j])
+    return np.asarray(order, dtype=np.int64)
+
+
+def select_topk(x, w, k: int) -> np.ndarray:
+    """Greedy importance: the ``k`` largest ``Imp`` (MMR with lam = 1)."""
+    n = np.asarray(x).shape[0]
+    return _importance_order(normalized_importance(w, n))[:k].astype(np.int64)
+
+
+def select_fps(x, w, k: int) -> np.ndarray:
+    """Greedy diversity (farthest point sampling in cosine): MMR with lam = 0."""
+    return select_mmr(x, w, k, lam=0.0)
+
+
+def select_hybrid(x, w, k: int, lam: float = 0.5) -> np.ndarray:
+    """Naive hybrid (IDPruner Sec. 3.2).
+
+    Pool = the ``c`` most important tokens (:func:`hybrid_pool_size`); then FPS
+    inside the pool starting from the pool's most important token: step t picks
+    ``argmin_{i in pool, not in S} m_i``.
+    """
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    imp = normalized_importance(w, n)
+    c = hybrid_pool_size(n, k, lam)
+    pool = np.zeros(n, dtype=bool)
+    pool[_importance_order(imp)[:c]] = True
+    m = np.full(n, -np.inf)
+    order = []
+    for step in range(k):
+        score = imp.copy() if step == 0 else -m
+        score[~pool] = -np.inf
+        j = int(np.argmax(score))
+        order.append(j)
+        pool[j] = False
+        m = np.maximum(m, xh @ xh[j])
+    return np.asarray(order, dtype=np.int64)
+
+
+def select_divprune(x, w, k: int) -> np.ndarray:
+    """DivPrune's greedy Max-Min Diversity (importance is ignored).
+
+    ``d = 1 - sim``.  Step 1 picks ``argmax_i min_{j != i} d(i, j)`` (token 0
+    when N = 1); step t picks ``argmax_{i not in S} min_{j in S} d(i, j)``.
+    """
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    picked = np.zeros(n, dtype=bool)
+    if n == 1:
+        first = 0
+    else:
+        d = 1.0 - xh @ xh.T
+        np.fill_diagonal(d, np.inf)
+        first = int(np.argmax(d.min(axis=1)))
+    order = [first]
+    picked[first] = True
+    min_d = 1.0 - xh @ xh[first]
+    for _ in range(1, k):
+        score = min_d.copy()
+        score[picked] = -np.inf
+        j = int(np.argmax(score))
+        order.append(j)
+        picked[j] = True
+        min_d = np.minimum(min_d, 1.0 - xh @ xh[j])
+    return np.asarray(order, dtype=np.int64)
+
+
+def select_dpp(x, w, k: int) -> np.ndarray:
+    """Conditional DPP, greedy MAP by incremental Cholesky (Chen et al., 2018).
+
+    Kernel ``L_ij = q_i sim(i, j) q_j`` with ``q`` from :func:`dpp_quality`.
+    ``d_i^2`` starts at ``L_ii``; each step picks ``j = argmax_{i not in S} d_i^2``,
+    then for every token ``e_i = (L_ji - <c_j, c_i>) / d_j``, ``c_i <- [c_i, e_i]``,
+    ``d_i^2 <- d_i^2 - e_i^2``.  Exactly ``k`` tokens come back: once the best
+    gain is below :data:`DPP_EPS` all remaining gains are set to 0 and the
+    budget is filled in index order.
+    """
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    q = dpp_quality(w, n)
+    picked = np.zeros(n, dtype=bool)
+    d2 = q * q * (xh * xh).sum(axis=1)
+    cis = np.zeros((k, n))
+    order = []
+    for step in range(k):
+        score = d2.copy()
+        score[picked] = -np.inf
+        j = int(np.argmax(score))
+        order.append(j)
+        picked[j] = True
+        if d2[j] < DPP_EPS:
+            d2[:] = 0.0
+            continue
+        dj = np.sqrt(d2[j])
+        l_j = q[j] * (xh @ xh[j]) * q
+        e = (l_j - cis[:step].T @ cis[:step, j]) / dj
+        cis[step] = e
+        d2 = d2 - e * e
+    return np.asarray(order, dtype=np.int64)
+
+
+def select_d2pruner(x, w, k: int, pivot_ratio: float = 0.5, alpha: float = 0.5,
+                    tau: float = 0.5, radius: int = 1, grid=None) -> np.ndarray:
+    """D²Pruner: importance pivots plus a greedy maximal independent set.
+
+    Pivots = the ``round_half_even(pivot_ratio * k)`` most important tokens.
+    Edge (i, j) iff ``alpha * sim(i, j) + (1 - alpha) * near(i, j) > tau``.
+    Pivots and their neighbours leave the pool; then repeatedly keep the most
+    important token of the pool and drop its neighbours.  If the pool empties
+    before ``k``, fill with the most important unselected tokens.
+    """
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    imp = normalized_importance(w, n)
+    ranked = _importance_order(imp)
+    near = grid_near(n, grid, radius) if alpha < 1 else np.zeros((n, n))
+    edge = alpha * (xh @ xh.T) + (1.0 - alpha) * near > tau
+    n_pivots = d2pruner_pivot_count(k, pivot_ratio)
+    selected = np.zeros(n, dtype=bool)
+    pool = np.ones(n, dtype=bool)
+    order = []
+    for j in ranked[:n_pivots]:
+        order.append(int(j))
+        selected[j] = True
+    for j in order:
+        pool &= ~edge[j]
+    pool &= ~selected
+    while len(order) < k:
+        from_pool = bool(pool.any())
+        score = np.where(pool if from_pool else ~selected, imp, -np.inf)
+        j = int(np.argmax(score))
+        order.append(j)
+        selected[j] = True
+        if from_pool:
+            pool &= ~edge[j]
+        pool[j] = False
+    return np.asarray(order, dtype=np.int64)
+
+
+_SELECTORS = {
+    "mmr": lambda x, w, k, lam, p: select_mmr(x, w, k, lam),
+    "divprune": lambda x, w, k, lam, p: select_divprune(x, w, k),
+    "topk": lambda x, w, k, lam, p: select_topk(x, w, k),
+    "fps": lambda x, w, k, lam, p: select_fps(x, w, k),
+    "hybrid": lambda x, w, k, lam, p: select_hybrid(x, w, k, lam),
+    "dpp": lambda x, w, k, lam, p: select_dpp(x, w, k),
+    "d2pruner": lambda x, w, k, lam, p: select_d2pruner(x, w, k, **p),
+}
+
+
+def select_one(x, w, k: int, method: str = "mmr", lam: float = 0.5, **params) -> np.ndarray:
+    """Selection order of one image: ``x [N, D]``, ``w [N]`` or ``None``, ``k <= N``."""
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _SELECTORS[method](x, w, k, lam, params)
