@@ -27,7 +27,8 @@ def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """``sim(i, pick_b)`` for every token of every image: ``[B, N]``."""
     rows = xn[torch.arange(xn.shape[0], device=xn.device), pick]          # [B, D]
-    return torch.bmm(xn, rows.unsqueeze(2)).squeeze(2)
+    # [B, 1, D] x [B, D, N]: on CPU this layout is ~10x faster than [B, N, D] x [B, D, 1]
+    return torch.bmm(rows.unsqueeze(1), xn.transpose(1, 2)).squeeze(1)
 
 
 def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -68,12 +69,13 @@ def _divprune_first_score(xn, valid):
     bsz, n, _ = xn.shape
     best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
     rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
-    cols = torch.arange(n, device=xn.device)
+    padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
-        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N]
-        self_or_pad = (cols[None, :] == torch.arange(r0, r1, device=xn.device)[:, None])[None] | ~valid[:, None, :]
-        best[:, r0:r1] = g.masked_fill(self_or_pad, NEG_INF).amax(dim=2)
+        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N], our own buffer
+        g.diagonal(offset=r0, dim1=1, dim2=2).fill_(NEG_INF)              # j == i
+        g.masked_fill_(padding, NEG_INF)
+        best[:, r0:r1] = g.amax(dim=2)
     return 1.0 - best  # +inf when the image has a single token
 
 
@@ -98,7 +100,7 @@ def _dpp(xn, q, valid, ks, k_max):
         d2_pick = d2[ar, pick]
         dead = (d2_pick < DPP_EPS)[:, None]
         l_pick = q[ar, pick][:, None] * _sim_to(xn, pick) * q                # L_{j, i}
-        proj = torch.bmm(cis[:, :t].transpose(1, 2), cis[ar, :t, pick].unsqueeze(2)).squeeze(2) if t else 0.0
+        proj = torch.bmm(cis[ar, :t, pick].unsqueeze(1), cis[:, :t]).squeeze(1) if t else 0.0  # <c_j, c_i>
         e = (l_pick - proj) / torch.sqrt(d2_pick.clamp_min(DPP_EPS))[:, None]
         e = torch.where(dead, 0.0, e)
         cis[:, t] = e
