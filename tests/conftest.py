@@ -1,0 +1,101 @@
+"""Shared fixtures: the (backend, device) matrix, real tokens, random-token generators.
+
+``backend_device`` runs a test once per (backend, device) pair this machine can
+run: on CPU every registered backend that is available and takes CPU tensors
+(the C++ ``cpu`` backend joins automatically once built), and on a CUDA machine
+every available backend that takes CUDA tensors (except the NumPy reference,
+which is checked on CPU).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import certify  # noqa: E402
+from mmrprune import dispatch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _pairs():
+    pairs = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for name in dispatch.BACKENDS:
+            if device == "cuda" and name == "numpy":
+                continue
+            ok, _ = dispatch.status(name)
+            if not ok:
+                continue
+            backend, _ = dispatch.load(name)
+            if device in backend.device_types:
+                pairs.append((name, device))
+    return pairs
+
+
+BACKEND_DEVICE_PAIRS = _pairs()
+
+
+class BackendDevice:
+    """One (backend, device) pair: ``require(method)`` skips what it does not implement;
+    ``tensor(a)`` puts data on the device; ``select(...)`` calls the public API with it."""
+
+    def __init__(self, name, device):
+        self.name = name
+        self.device = device
+        self.backend, _ = dispatch.load(name)
+        self.methods = tuple(self.backend.methods)
+
+    def __repr__(self):
+        return f"{self.name}-{self.device}"
+
+    def require(self, method):
+        if method not in self.methods:
+            pytest.skip(f"backend {self.name!r} does not implement {method!r}")
+
+    def tensor(self, a, dtype=None):
+        if a is None:
+            return None
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device=self.device, dtype=dtype if dtype is not None else t.dtype)
+
+    def select(self, features, importance=None, **kw):
+        import mmrprune
+        return mmrprune.select(features, importance, backend=self.name, **kw)
+
+    def select_varlen(self, features, importance, cu_seqlens, **kw):
+        import mmrprune
+        return mmrprune.select_varlen(features, importance, cu_seqlens, backend=self.name, **kw)
+
+
+@pytest.fixture(params=BACKEND_DEVICE_PAIRS, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICE_PAIRS])
+def backend_device(request):
+    return BackendDevice(*request.param)
+
+
+@pytest.fixture(scope="session")
+def dinov2():
+    """Real DINOv2 ViT-S/14 tokens: ``tokens`` f16 [8, 1024, 384], ``cls_attention`` f32 [8, 1024]."""
+    from mmrprune.data import load_dinov2
+    return load_dinov2()
+
+
+@pytest.fixture
+def gaussian():
+    """``gaussian(n, d, batch=None, seed=0)`` -> float64 standard-normal tokens."""
+    return certify.gaussian_tokens
+
+
+@pytest.fixture
+def clustered():
+    """``clustered(n, d, batch=None, seed=0, centres=4)`` -> float64 clustered tokens."""
+    return certify.clustered_tokens
