@@ -1,0 +1,431 @@
+"""Fused greedy selection loops in Triton: MMR / FPS / hybrid / top-k / DivPrune / DPP.
+
+Read side by side with :mod:`mmrprune.reference`.  Three thin layers:
+
+1. kernels (``_*_kernel``), each docstring states its math;
+2. launchers (``launch_*``) that allocate outputs and pick the grid;
+3. :func:`triton_greedy`, the public entry registered as the custom op
+   ``mmrprune::triton_greedy`` with :func:`torch.library.triton_op`, so
+   ``torch.compile(fullgraph=True)`` sees the kernels instead of a graph break.
+
+Layout ("segment form").  ``x [R, D]`` (fp16 / bf16 / fp32) holds image ``b``'s
+token ``i`` at row ``starts[b] + i`` for ``i < lengths[b]``; padded ``[B, N, D]``
+input is the special case ``starts[b] = b * N``.  Per-row vectors (``imp``,
+``state``, ``first``) share that row numbering.  Returned indices are *local*
+(``0 .. lengths[b]-1``), ``[B, k_max]`` int64 in selection order, -1 padded.
+
+Similarity.  ``sim(i, j) = (x_i . x_j) * inv_i * inv_j`` with
+``inv_i = 1 / max(||x_i||, 1e-12)`` (float32, :func:`_row_inv_norm_kernel`) and
+the dot product accumulated in float32.  The greedy loop reads the similarity
+row of the last pick either
+
+* from a precomputed Gram ``G [B, n_pad, n_pad]`` float32 built by
+  :func:`_gram_kernel` (``tl.dot`` tiles on tensor cores; used while
+  ``B * n_pad^2 * 4`` bytes fit in :data:`GRAM_MAX_BYTES`), or
+* on demand, as a dot product of the pick's row with every row of the image
+  in ``BLOCK_N x BLOCK_D`` tiles (any ``N``; memory ``O(R)``).
+
+State.  One program per image runs all ``k_b`` steps in one launch.  The running
+max-similarity ``m_i`` (MMR family) or marginal gain ``d_i^2`` (DPP) lives in a
+float32 global scratch ``state [R]``; a token that is picked or not eligible is
+encoded in it (``m_i = +inf`` / ``d_i^2 = -inf``), so no separate mask exists.
+Argmax with ties to the lowest index: each lane keeps its best (value, index)
+with a strict ``>`` over tiles visited in increasing index order, then the
+block reduces with ``max`` followed by ``min(index where value == max)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmrprune.reference import DPP_EPS, NORM_EPS
+
+__all__ = [
+    "GRAM_MAX_BYTES", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
+    "launch_row_inv_norm", "launch_gram", "launch_max_offdiag_sim", "launch_greedy", "launch_dpp",
+    "triton_greedy",
+]
+
+GRAM_MAX_BYTES = 256 << 20   # precompute the similarity matrix while it fits in this many bytes
+MODE_MMR, MODE_DIVPRUNE, MODE_DPP = 0, 1, 2
+
+NORM_EPS_C = tl.constexpr(NORM_EPS)   # module constants the kernels read
+DPP_EPS_C = tl.constexpr(DPP_EPS)
+
+
+# =========================================================================== kernels
+@triton.jit
+def _row_inv_norm_kernel(x_ptr, inv_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``inv[r] = 1 / max(||x_r||_2, 1e-12)`` in float32 (reference: ``normalize_rows``)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    base = rows.to(tl.int64) * D
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + base[:, None] + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
+        v = v.to(tl.float32)
+        acc += tl.sum(v * v, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(acc), NORM_EPS_C)
+    tl.store(inv_ptr + rows, inv, mask=rmask)
+
+
+@triton.jit
+def _dot_tile(x_ptr, rows_a, mask_a, rows_b, mask_b, D, d_end,
+              BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc[a, b] = sum_{d < d_end} x[rows_a[a], d] * x[rows_b[b], d]`` (row stride ``D``), float32 accumulation."""
+    acc = tl.zeros([rows_a.shape[0], rows_b.shape[0]], dtype=tl.float32)
+    base_a = rows_a.to(tl.int64) * D
+    base_b = rows_b.to(tl.int64) * D
+    for d0 in range(0, d_end, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dm = dd < D
+        a = tl.load(x_ptr + base_a[:, None] + dd[None, :], mask=mask_a[:, None] & dm[None, :], other=0.0)
+        bt = tl.load(x_ptr + base_b[:, None] + dd[None, :], mask=mask_b[:, None] & dm[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _gram_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, g_ptr, D, n_pad,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """``G[b, i, j] = sim(i, j) = (x_i . x_j) inv_i inv_j`` for ``i, j < lengths[b]`` (reference: ``xh @ xh.T``).
+
+    Grid ``(B, cdiv(n_pad, BLOCK_M), cdiv(n_pad, BLOCK_K))``.  Entries with
+    ``i`` or ``j >= lengths[b]`` are left unwritten (never read).
+    """
+    b = tl.program_id(0)
+    start = tl.load(starts_ptr + b)
+    n = tl.load(lengths_ptr + b)
+    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mi = i < n
+    mj = j < n
+    # a tile entirely outside the image streams nothing: its D loop is empty
+    d_end = tl.where((tl.program_id(1) * BLOCK_M < n) & (tl.program_id(2) * BLOCK_K < n), D, 0)
+    acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, d_end, BLOCK_D, INPUT_PRECISION)
+    inv_i = tl.load(inv_ptr + start + i, mask=mi, other=0.0)
+    inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
+    sim = acc * inv_i[:, None] * inv_j[None, :]
+    g_row = b.to(tl.int64) * n_pad * n_pad + i.to(tl.int64) * n_pad
+    tl.store(g_ptr + g_row[:, None] + j[None, :], sim, mask=mi[:, None] & mj[None, :])
+
+
+@triton.jit
+def _max_offdiag_sim_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, first_ptr, D,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr):
+    """DivPrune's first-step score ``first[i] = min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``.
+
+    ``+inf`` for a single-token image (reference: ``d.min(axis=1)`` with an
+    infinite diagonal).  Streams the Gram in ``BLOCK_M x BLOCK_K`` tiles; nothing
+    of size ``N^2`` is stored.  Grid ``(B, cdiv(n_pad, BLOCK_M))``.
+    """
+    b = tl.program_id(0)
+    start = tl.load(starts_ptr + b)
+    n = tl.load(lengths_ptr + b)
+    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mi = i < n
+    inv_i = tl.load(inv_ptr + start + i, mask=mi, other=0.0)
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    n_cols = tl.where(tl.program_id(1) * BLOCK_M < n, n, 0)
+    for j0 in range(0, n_cols, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        mj = j < n
+        acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, D, BLOCK_D, INPUT_PRECISION)
+        inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
+        sim = acc * inv_i[:, None] * inv_j[None, :]
+        keep = mj[None, :] & (i[:, None] != j[None, :])
+        best = tl.maximum(best, tl.max(tl.where(keep, sim, float("-inf")), axis=1))
+    tl.store(first_ptr + start + i, 1.0 - best, mask=mi)
+
+
+@triton.jit
+def _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
+             USE_GRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``sim(i, pick)`` for the token tile ``i`` of image ``b``: a Gram row, or a dot product on demand."""
+    if USE_GRAM:
+        g_row = (b.to(tl.int64) * n_pad + pick) * n_pad
+        sim = tl.load(g_ptr + g_row + i, mask=mi, other=0.0)
+    else:
+        base_i = (start + i).to(tl.int64) * D
+        base_p = (start + pick).to(tl.int64) * D
+        acc = tl.zeros([i.shape[0]], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            xi = tl.load(x_ptr + base_i[:, None] + dd[None, :], mask=mi[:, None] & dm[None, :], other=0.0)
+            xp = tl.load(x_ptr + base_p + dd, mask=dm, other=0.0)
+            acc += tl.sum(xi.to(tl.float32) * xp.to(tl.float32)[None, :], axis=1)
+        inv_i = tl.load(inv_ptr + start + i, mask=mi, other=0.0)
+        inv_p = tl.load(inv_ptr + start + pick)
+        sim = acc * inv_i * inv_p
+    return sim
+
+
+@triton.jit
+def _lane_best(best_v, best_i, score, i):
+    """Per-lane running argmax; tiles come in increasing index order, so strict ``>`` keeps the lowest index."""
+    upd = score > best_v
+    return tl.where(upd, score, best_v), tl.where(upd, i, best_i)
+
+
+@triton.jit
+def _block_argmax(best_v, best_i, n):
+    """``argmax`` over the lanes, ties to the lowest index: ``max`` then ``min(index where == max)``."""
+    v = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == v, best_i, n), axis=0)
+
+
+@triton.jit
+def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
+                   starts_ptr, lengths_ptr, ks_ptr, out_ptr, D, n_pad, k_max, lam,
+                   USE_GRAM: tl.constexpr, DIVERSITY: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """MMR family, one program per image ``b`` running all ``k_b`` steps (reference: ``select_mmr``,
+    ``select_fps``, ``select_hybrid``, ``select_divprune``, ``select_topk``).
+
+    ``state[r]`` enters as ``-inf`` (eligible) or ``+inf`` (not eligible, e.g.
+    outside the hybrid pool) and holds ``m_i = max_{j in S} sim(i, j)``, ``+inf``
+    once ``i`` is picked.
+
+    * step 1: ``j_1 = argmax_{eligible i} first_i``  (``Imp``, or DivPrune's ``min_{j != i} d(i, j)``);
+    * step t: ``m_i <- max(m_i, sim(i, j_{t-1}))``, ``m_{j_{t-1}} <- +inf``, then
+      ``j_t = argmax_{m_i < inf} lam * Imp_i - (1 - lam) * m_i``.
+      (DivPrune: ``lam = 0``, ``argmax -m_i = argmax min_{j in S} d(i, j)``.)
+      ``DIVERSITY = False`` (``lam = 1``: top-k) skips the similarity row.
+    The update of step t-1 and the argmax of step t share one pass over the tokens.
+    """
+    b = tl.program_id(0)
+    start = tl.load(starts_ptr + b)
+    n = tl.load(lengths_ptr + b).to(tl.int32)
+    kb = tl.load(ks_ptr + b).to(tl.int32)
+    lanes = tl.arange(0, BLOCK_N)
+    out_row = out_ptr + b.to(tl.int64) * k_max
+
+    # ---- step 1
+    best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for n0 in range(0, n, BLOCK_N):
+        i = n0 + lanes
+        mi = i < n
+        st = tl.load(state_ptr + start + i, mask=mi, other=float("inf"))
+        f = tl.load(first_ptr + start + i, mask=mi, other=float("-inf"))
+        best_v, best_i = _lane_best(best_v, best_i, tl.where(st == float("inf"), float("-inf"), f), i)
+    pick = _block_argmax(best_v, best_i, n)
+    tl.store(out_row, pick.to(tl.int64), mask=kb > 0)
+
+    # ---- steps 2 .. k_b
+    for t in range(1, kb):
+        best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for n0 in range(0, n, BLOCK_N):
+            i = n0 + lanes
+            mi = i < n
+            m = tl.load(state_ptr + start + i, mask=mi, other=float("inf"))
+            if DIVERSITY:
+                m = tl.maximum(m, _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
+                                           USE_GRAM, BLOCK_D))
+            m = tl.where(i == pick, float("inf"), m)
+            tl.store(state_ptr + start + i, m, mask=mi)
+            imp = tl.load(imp_ptr + start + i, mask=mi, other=0.0)
+            if DIVERSITY:
+                score = lam * imp - (1.0 - lam) * m
+            else:
+                score = imp
+            best_v, best_i = _lane_best(best_v, best_i, tl.where(m == float("inf"), float("-inf"), score), i)
+        tl.debug_barrier()
+        pick = _block_argmax(best_v, best_i, n)
+        tl.store(out_row + t, pick.to(tl.int64))
+
+
+@triton.jit
+def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
+                starts_ptr, lengths_ptr, ks_ptr, out_ptr, D, n_pad, k_max, R,
+                USE_GRAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Greedy DPP MAP by incremental Cholesky, one program per image (reference: ``select_dpp``).
+
+    ``state[r] = d_r^2`` enters as ``q_r^2 ||x̂_r||^2`` (``-inf`` on tokens that are
+    not eligible) and becomes ``-inf`` once picked.  ``c [k_max, R]`` holds the
+    Cholesky rows.  Step t: ``j = argmax d^2`` (ties lowest); if ``d_j^2 < DPP_EPS``
+    every remaining gain becomes 0, else for every token
+    ``e_i = (q_j sim(j, i) q_i - sum_{s<t} c_s[j] c_s[i]) / d_j``, ``c_t <- e``,
+    ``d_i^2 <- d_i^2 - e_i^2``.  The update of step t and the argmax of step t+1
+    share one pass over the tokens.
+    """
+    b = tl.program_id(0)
+    start = tl.load(starts_ptr + b)
+    n = tl.load(lengths_ptr + b).to(tl.int32)
+    kb = tl.load(ks_ptr + b).to(tl.int32)
+    lanes = tl.arange(0, BLOCK_N)
+    out_row = out_ptr + b.to(tl.int64) * k_max
+
+    best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for n0 in range(0, n, BLOCK_N):
+        i = n0 + lanes
+        mi = i < n
+        d2 = tl.load(state_ptr + start + i, mask=mi, other=float("-inf"))
+        best_v, best_i = _lane_best(best_v, best_i, d2, i)
+    pick = _block_argmax(best_v, best_i, n)
+    tl.store(out_row, pick.to(tl.int64), mask=kb > 0)
+
+    for t in range(1, kb):
+        s_row = t - 1                                  # Cholesky row written by this update
+        c_out = c_ptr + tl.cast(s_row, tl.int64) * R + start
+        d2_pick = tl.load(state_ptr + start + pick)
+        dead = d2_pick < DPP_EPS_C
+        inv_dj = 1.0 / tl.sqrt(tl.maximum(d2_pick, DPP_EPS_C))
+        q_pick = tl.load(q_ptr + start + pick)
+        best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for n0 in range(0, n, BLOCK_N):
+            i = n0 + lanes
+            mi = i < n
+            d2 = tl.load(state_ptr + start + i, mask=mi, other=float("-inf"))
+            q = tl.load(q_ptr + start + i, mask=mi, other=0.0)
+            sim = _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad, USE_GRAM, BLOCK_D)
+            proj = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(0, s_row):
+                c_row = c_ptr + tl.cast(s, tl.int64) * R + start
+                proj += tl.load(c_row + pick) * tl.load(c_row + i, mask=mi, other=0.0)
+            e = (q_pick * sim * q - proj) * inv_dj
+            e = tl.where(dead, 0.0, e)
+            tl.store(c_out + i, e, mask=mi)
+            gone = (d2 == float("-inf")) | (i == pick)
+            d2 = tl.where(gone, float("-inf"), tl.where(dead, 0.0, d2 - e * e))
+            tl.store(state_ptr + start + i, d2, mask=mi)
+            best_v, best_i = _lane_best(best_v, best_i, d2, i)
+        tl.debug_barrier()
+        pick = _block_argmax(best_v, best_i, n)
+        tl.store(out_row + t, pick.to(tl.int64))
+
+
+# =========================================================================== launchers
+def _input_precision(x: torch.Tensor) -> str:
+    return "ieee"  # fp32 in: exact fp32 FMA (no TF32); fp16/bf16 products are exact in fp32
+
+
+def launch_row_inv_norm(x: torch.Tensor) -> torch.Tensor:
+    """``[R]`` float32 inverse row norms of ``x [R, D]``."""
+    r, d = x.shape
+    inv = torch.empty(r, dtype=torch.float32, device=x.device)
+    block_r, block_d = 16, 128
+    triton_wrap(_row_inv_norm_kernel)[(triton.cdiv(max(r, 1), block_r),)](
+        x, inv, r, d, BLOCK_R=block_r, BLOCK_D=block_d)
+    return inv
+
+
+def launch_gram(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
+    """``[B, n_pad, n_pad]`` float32 per-image similarity matrices (entries past ``lengths`` undefined)."""
+    bsz = starts.shape[0]
+    g = torch.empty((bsz, n_pad, n_pad), dtype=torch.float32, device=x.device)
+    bm = bk = 64
+    grid = (bsz, triton.cdiv(n_pad, bm), triton.cdiv(n_pad, bk))
+    triton_wrap(_gram_kernel)[grid](x, inv, starts, lengths, g, x.shape[1], n_pad,
+                                    BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32, INPUT_PRECISION=_input_precision(x))
+    return g
+
+
+def launch_max_offdiag_sim(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
+    """``[R]`` float32 DivPrune first-step scores ``1 - max_{j != i} sim(i, j)``."""
+    first = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
+    bsz = starts.shape[0]
+    bm = bk = 64
+    grid = (bsz, triton.cdiv(max(n_pad, 1), bm))
+    triton_wrap(_max_offdiag_sim_kernel)[grid](x, inv, starts, lengths, first, x.shape[1],
+                                               BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32,
+                                               INPUT_PRECISION=_input_precision(x))
+    return first
+
+
+def _loop_blocks(use_gram: bool):
+    # Gram rows are plain vector loads: wide tiles.  On demand, a [BLOCK_N, BLOCK_D] tile of x per D chunk.
+    return (512, 32) if use_gram else (64, 128)
+
+
+def launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max: int, lam: float,
+                  use_gram: bool, diversity: bool) -> torch.Tensor:
+    bsz = starts.shape[0]
+    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=x.device)
+    block_n, block_d = _loop_blocks(use_gram)
+    n_pad = g.shape[1] if use_gram else 0
+    triton_wrap(_greedy_kernel)[(bsz,)](x, inv, g, first, imp, state, starts, lengths, ks, out,
+                                        x.shape[1], n_pad, k_max, float(lam),
+                                        USE_GRAM=use_gram, DIVERSITY=diversity,
+                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def launch_dpp(x, inv, g, q, state, starts, lengths, ks, k_max: int, use_gram: bool) -> torch.Tensor:
+    bsz = starts.shape[0]
+    r = x.shape[0]
+    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=x.device)
+    chol = torch.empty((max(k_max - 1, 1), r), dtype=torch.float32, device=x.device)
+    block_n, block_d = _loop_blocks(use_gram)
+    n_pad = g.shape[1] if use_gram else 0
+    triton_wrap(_dpp_kernel)[(bsz,)](x, inv, g, q, state, chol, starts, lengths, ks, out,
+                                     x.shape[1], n_pad, k_max, r,
+                                     USE_GRAM=use_gram, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def triton_wrap(kernel):
+    """``torch.library.wrap_triton`` (so ``torch.compile`` traces the launch), or the kernel itself on old torch."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return wrap(kernel) if wrap is not None else kernel
+
+
+# =========================================================================== public function
+def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Tensor, starts: torch.Tensor,
+                        lengths: torch.Tensor, ks: torch.Tensor, k_max: int, n_pad: int, lam: float,
+                        mode: int, use_gram: int) -> torch.Tensor:
+    """Selection order ``[B, k_max]`` int64 (local indices, -1 padded) of every image.
+
+    Args (segment form, all on one device, none written to):
+        x: ``[R, D]`` fp16 / bf16 / fp32 rows, contiguous.
+        imp: ``[R]`` float32 ``Imp`` (``mode`` 0, 1) or DPP quality ``q`` (``mode`` 2).
+        state_init: ``[R]`` float32 initial state: MMR family ``-inf`` eligible / ``+inf`` not;
+            DPP ``q^2 ||x̂||^2`` eligible / ``-inf`` not.  Copied, never modified.
+        starts, lengths, ks: ``[B]`` int64.
+        k_max: output width.  n_pad: an upper bound of ``lengths`` (grid and Gram size).
+        lam: MMR trade-off (ignored by DivPrune / DPP).
+        mode: :data:`MODE_MMR` (first step ``argmax Imp``), :data:`MODE_DIVPRUNE`, :data:`MODE_DPP`.
+        use_gram: 1 precompute the similarity matrix, 0 similarity rows on demand,
+            -1 precompute while ``B * n_pad^2 * 4 <= GRAM_MAX_BYTES``.
+    """
+    bsz = starts.shape[0]
+    if use_gram < 0:
+        use_gram = int(bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES)
+    diversity = mode != MODE_MMR or lam < 1.0
+    inv = launch_row_inv_norm(x)
+    g = launch_gram(x, inv, starts, lengths, n_pad) if (use_gram and diversity) else inv.new_empty((1, 1, 1))
+    state = state_init.clone()
+    if mode == MODE_DPP:
+        return launch_dpp(x, inv, g, imp, state, starts, lengths, ks, k_max, bool(use_gram))
+    if mode == MODE_DIVPRUNE:
+        first = launch_max_offdiag_sim(x, inv, starts, lengths, n_pad)
+        lam = 0.0
+    else:
+        first = imp
+    return launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max, lam,
+                         bool(use_gram and diversity), diversity)
+
+
+def _register():
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is None:   # torch < 2.6: plain function, torch.compile graph-breaks around it
+        return _triton_greedy_impl, False
+    try:
+        op = triton_op("mmrprune::triton_greedy", mutates_args=())(_triton_greedy_impl)
+    except RuntimeError as exc:   # module imported twice (e.g. reloaded): reuse the registered op
+        if "already" not in str(exc):
+            raise
+        op = torch.ops.mmrprune.triton_greedy
+    return op, True
+
+
+triton_greedy, REGISTERED_AS_OP = _register()
