@@ -1,0 +1,409 @@
+// Greedy selection kernels, one image per task, images spread over threads.
+//
+// Similarity strategy: Gram-free.  A greedy step only needs sim(pick, i) for
+// the tokens still in play, so each step computes one row of dot products
+// (n_active x D, from the per-thread cache) instead of materialising the N x N
+// Gram matrix up front: K*N*D instead of N^2*D work, and the working set is the
+// normalised image (N*D) rather than N^2.  DivPrune's first step needs
+// max_{j != i} sim(i, j) for every token, which is a triangular Gram pass
+// streamed row by row (never stored).  See csrc/README.md for the measurement.
+#include "select.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dots.h"
+
+namespace mmrprune {
+namespace {
+
+constexpr double NORM_EPS = 1e-12;  // reference.NORM_EPS
+constexpr double DPP_EPS = 1e-6;    // reference.DPP_EPS
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400u)) {
+        man <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Per-thread scratch, reused across the images a thread handles.
+template <class T>
+struct Workspace {
+  std::vector<T> xn;       // [n, D] normalised rows of the image (x̂)
+  std::vector<T> sim;      // [n] sims of the current pick to the active tokens (by active slot)
+  std::vector<T> m;        // [n] MMR: max sim to the picked set; DPP: d^2
+  std::vector<T> cis;      // DPP: [n, k] Cholesky rows c_i, token-major
+  std::vector<int32_t> active;  // tokens still in play, ascending
+  std::vector<int32_t> order;   // importance ranking
+  std::vector<uint8_t> flag;    // d2pruner pool / selected
+  std::vector<uint8_t> flag2;
+};
+
+// x̂_i = x_i / max(||x_i||, 1e-12), converted to T on the way (no full-batch upcast).
+template <class T>
+void load_normalized(const SelectArgs& a, int64_t first_row, int64_t n, T* dst) {
+  const int64_t D = a.dim;
+  for (int64_t i = 0; i < n; ++i) {
+    T* out = dst + i * D;
+    const int64_t r = first_row + i;
+    switch (a.dtype) {
+      case DType::F32: {
+        const float* src = static_cast<const float*>(a.rows) + r * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = (T)src[d];
+        break;
+      }
+      case DType::F64: {
+        const double* src = static_cast<const double*>(a.rows) + r * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = (T)src[d];
+        break;
+      }
+      case DType::F16: {
+        const uint16_t* src = static_cast<const uint16_t*>(a.rows) + r * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = (T)half_to_float(src[d]);
+        break;
+      }
+      case DType::BF16: {
+        const uint16_t* src = static_cast<const uint16_t*>(a.rows) + r * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = (T)bf16_to_float(src[d]);
+        break;
+      }
+    }
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; ++d) ss += (double)out[d] * (double)out[d];
+    const T norm = (T)std::max(std::sqrt(ss), NORM_EPS);
+    for (int64_t d = 0; d < D; ++d) out[d] = out[d] / norm;
+  }
+}
+
+// Token indices by decreasing Imp, ties to the lowest index (reference._importance_order).
+template <class T>
+void importance_order(const T* imp, int64_t n, std::vector<int32_t>& order) {
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [imp](int32_t x, int32_t y) { return imp[x] > imp[y]; });
+}
+
+template <class T>
+struct ImageJob {
+  const T* xn;
+  int64_t n, D, k;
+  const T* imp;
+  const T* q;
+  int64_t* out;
+  DotsFn<T> dots;
+};
+
+void remove_sorted(std::vector<int32_t>& v, int32_t x) {
+  v.erase(std::lower_bound(v.begin(), v.end(), x));
+}
+
+// MMR / FPS / hybrid / DivPrune (reference.select_mmr, select_hybrid, select_divprune).
+// Step 1 maximises first_score (Imp when null) over the eligible tokens; step t
+// maximises lam * Imp_i - (1 - lam) * m_i, m_i = max_{j in S} sim(i, j).
+// `ws.active` holds the eligible tokens on entry.
+template <class T>
+void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const T* first_score) {
+  auto& active = ws.active;
+  T* m = ws.m.data();
+  T* sim = ws.sim.data();
+  const T* imp = J.imp;
+  const T one_minus_lam = (T)1 - lam;
+  for (int64_t t = 0; t < J.k; ++t) {
+    int32_t pick = -1;
+    T best = -std::numeric_limits<T>::infinity();
+    const T* s0 = first_score ? first_score : imp;
+    for (int32_t i : active) {
+      const T score = t == 0 ? s0[i] : lam * imp[i] - one_minus_lam * m[i];
+      if (pick < 0 || score > best) {  // strict >, ascending scan: ties go to the lowest index
+        best = score;
+        pick = i;
+      }
+    }
+    J.out[t] = pick;
+    remove_sorted(active, pick);
+    if (t + 1 == J.k) break;
+    // m_i <- max(m_i, sim(i, pick)) for the tokens still in play
+    J.dots(J.xn + (int64_t)pick * J.D, J.xn, J.D, J.D, active.data(), (int64_t)active.size(), sim);
+    for (size_t a = 0; a < active.size(); ++a) {
+      const int32_t i = active[a];
+      m[i] = t == 0 ? sim[a] : std::max(m[i], sim[a]);
+    }
+  }
+}
+
+// DivPrune's first step: 1 - max_{j != i} sim(i, j), as -max_{j != i} sim(i, j)
+// (same argmax), over the upper triangle of the Gram matrix, one row at a time.
+template <class T>
+void divprune_first_score(const ImageJob<T>& J, Workspace<T>& ws, T* score) {
+  const int64_t n = J.n;
+  std::vector<T>& best = ws.m;  // reused as max-sim accumulator before the greedy loop
+  std::fill(best.begin(), best.begin() + n, -std::numeric_limits<T>::infinity());
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t rest = n - i - 1;
+    J.dots(J.xn + i * J.D, J.xn + (i + 1) * J.D, J.D, J.D, nullptr, rest, ws.sim.data());
+    T bi = best[i];
+    for (int64_t a = 0; a < rest; ++a) {
+      const T s = ws.sim[a];
+      bi = std::max(bi, s);
+      best[i + 1 + a] = std::max(best[i + 1 + a], s);
+    }
+    best[i] = bi;
+  }
+  for (int64_t i = 0; i < n; ++i) score[i] = -best[i];  // N = 1: +inf, token 0
+}
+
+// reference.select_dpp: greedy MAP by incremental Cholesky, kernel L_ij = q_i sim(i, j) q_j.
+template <class T>
+void dpp(const ImageJob<T>& J, Workspace<T>& ws) {
+  const int64_t n = J.n, k = J.k;
+  auto& active = ws.active;
+  active.resize(n);
+  std::iota(active.begin(), active.end(), 0);
+  T* d2 = ws.m.data();
+  T* sim = ws.sim.data();
+  ws.cis.assign((size_t)n * (size_t)std::max<int64_t>(k, 1), (T)0);
+  T* cis = ws.cis.data();  // c_i = cis[i*k .. i*k + t)
+  std::vector<T> proj(n);
+  for (int64_t i = 0; i < n; ++i) {  // L_ii = q_i^2 ||x̂_i||^2 (0 for a zero token)
+    const T* xi = J.xn + i * J.D;
+    J.dots(xi, xi, J.D, J.D, nullptr, 1, d2 + i);
+    d2[i] = J.q[i] * J.q[i] * d2[i];
+  }
+  bool dead = false;
+  for (int64_t t = 0; t < k; ++t) {
+    int32_t pick = -1;
+    T best = -std::numeric_limits<T>::infinity();
+    for (int32_t i : active) {
+      const T score = dead ? (T)0 : d2[i];
+      if (pick < 0 || score > best) {
+        best = score;
+        pick = i;
+      }
+    }
+    J.out[t] = pick;
+    remove_sorted(active, pick);
+    // once the best gain is numerically zero, the rest of the budget is filled in index order
+    if (dead || d2[pick] < (T)DPP_EPS) {
+      dead = true;
+      continue;
+    }
+    if (t + 1 == k) break;
+    const T dj = std::sqrt(d2[pick]);
+    const int64_t na = (int64_t)active.size();
+    J.dots(J.xn + (int64_t)pick * J.D, J.xn, J.D, J.D, active.data(), na, sim);
+    if (t > 0) J.dots(cis + (int64_t)pick * k, cis, k, t, active.data(), na, proj.data());  // <c_pick, c_i>
+    const T qj = J.q[pick];
+    for (int64_t a = 0; a < na; ++a) {
+      const int32_t i = active[a];
+      const T l_ji = qj * sim[a] * J.q[i];
+      const T e = (l_ji - (t > 0 ? proj[a] : (T)0)) / dj;
+      cis[(int64_t)i * k + t] = e;
+      d2[i] -= e * e;
+    }
+  }
+}
+
+// reference.select_d2pruner: pivots by importance, then a greedy maximal independent set.
+template <class T>
+void d2pruner(const ImageJob<T>& J, Workspace<T>& ws, const SelectArgs& a) {
+  const int64_t n = J.n, k = J.k;
+  importance_order(J.imp, n, ws.order);
+  const int64_t n_pivots = (int64_t)std::nearbyint((double)k * a.pivot_ratio);  // half-even
+  ws.flag.assign(n, 1);   // pool
+  ws.flag2.assign(n, 0);  // selected
+  uint8_t* pool = ws.flag.data();
+  uint8_t* selected = ws.flag2.data();
+  auto& in_pool = ws.active;
+  const bool spatial = a.alpha < 1.0;
+  for (int64_t t = 0; t < k; ++t) {
+    const bool is_pivot = t < n_pivots;
+    in_pool.clear();
+    for (int32_t i = 0; i < n; ++i)
+      if (pool[i]) in_pool.push_back(i);
+    const bool from_pool = !in_pool.empty();
+    int32_t pick = -1;
+    if (is_pivot) {
+      pick = ws.order[t];
+    } else {
+      T best = -std::numeric_limits<T>::infinity();
+      for (int32_t i = 0; i < n; ++i) {
+        if (from_pool ? !pool[i] : selected[i]) continue;
+        if (pick < 0 || J.imp[i] > best) {
+          best = J.imp[i];
+          pick = i;
+        }
+      }
+    }
+    J.out[t] = pick;
+    selected[pick] = 1;
+    pool[pick] = 0;
+    if ((is_pivot || from_pool) && !in_pool.empty()) {
+      // drop the pick's neighbours: alpha * sim + (1 - alpha) * near > tau
+      J.dots(J.xn + (int64_t)pick * J.D, J.xn, J.D, J.D, in_pool.data(), (int64_t)in_pool.size(), ws.sim.data());
+      const int64_t pr = spatial ? pick / a.grid_w : 0, pc = spatial ? pick % a.grid_w : 0;
+      for (size_t s = 0; s < in_pool.size(); ++s) {
+        const int32_t i = in_pool[s];
+        double link = a.alpha * (double)ws.sim[s];
+        if (spatial) {
+          const int64_t dr = std::llabs(i / a.grid_w - pr), dc = std::llabs(i % a.grid_w - pc);
+          if (std::max(dr, dc) <= a.radius) link += 1.0 - a.alpha;
+        }
+        if (link > a.tau) pool[i] = 0;
+      }
+    }
+  }
+}
+
+template <class T>
+void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> dots) {
+  const int64_t n = a.lengths[b], k = a.ks[b], D = a.dim, start = a.starts[b];
+  int64_t* out = a.out + b * a.k_max;
+  std::fill(out, out + a.k_max, (int64_t)-1);
+  if (k == 0) return;
+  const T* imp = static_cast<const T*>(a.importance) + start;
+  const T* q = a.quality ? static_cast<const T*>(a.quality) + start : nullptr;
+  ImageJob<T> J{nullptr, n, D, k, imp, q, out, dots};
+
+  if (a.method == Method::TOPK) {
+    importance_order(imp, n, ws.order);
+    std::copy(ws.order.begin(), ws.order.begin() + k, out);
+    return;
+  }
+  ws.xn.resize((size_t)n * (size_t)D);
+  load_normalized<T>(a, start, n, ws.xn.data());
+  J.xn = ws.xn.data();
+  ws.sim.resize(n);
+  ws.m.resize(n);
+
+  switch (a.method) {
+    case Method::MMR:
+    case Method::FPS: {
+      ws.active.resize(n);
+      std::iota(ws.active.begin(), ws.active.end(), 0);
+      greedy_max_similarity<T>(J, ws, a.method == Method::MMR ? (T)a.lam : (T)0, nullptr);
+      break;
+    }
+    case Method::HYBRID: {
+      // pool = the c most important tokens, c = N if lam = 0 else min(N, max(k, rint(k / lam)))
+      const int64_t c = a.lam == 0.0 ? n : std::min<int64_t>(n, std::max<int64_t>(k, (int64_t)std::nearbyint((double)k / a.lam)));
+      importance_order(imp, n, ws.order);
+      ws.active.assign(ws.order.begin(), ws.order.begin() + c);
+      std::sort(ws.active.begin(), ws.active.end());
+      greedy_max_similarity<T>(J, ws, (T)0, nullptr);  // step 1 = pool's most important (Imp)
+      break;
+    }
+    case Method::DIVPRUNE: {
+      std::vector<T> first(n);
+      divprune_first_score<T>(J, ws, first.data());
+      std::vector<T> zeros(n, (T)0);
+      J.imp = zeros.data();
+      ws.active.resize(n);
+      std::iota(ws.active.begin(), ws.active.end(), 0);
+      greedy_max_similarity<T>(J, ws, (T)0, first.data());
+      break;
+    }
+    case Method::DPP:
+      dpp<T>(J, ws);
+      break;
+    case Method::D2PRUNER:
+      d2pruner<T>(J, ws, a);
+      break;
+    default:
+      throw std::invalid_argument("unknown method code");
+  }
+}
+
+template <class T>
+void run_batch(const SelectArgs& a, DotsFn<T> dots) {
+  const int64_t B = a.batch;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B));
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto worker = [&] {
+    Workspace<T> ws;
+    try {
+      for (int64_t b; (b = next.fetch_add(1)) < B;) select_image<T>(a, b, ws, dots);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+      next.store(B);
+    }
+  };
+  if (nt == 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    for (int i = 1; i < nt; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("mmrprune._cpu.select: " + msg);
+}
+
+}  // namespace
+
+void select_batch(const SelectArgs& a) {
+  check(a.rows && a.importance && a.starts && a.lengths && a.ks && a.out, "null pointer argument");
+  check(a.dim >= 1, "dim must be >= 1");
+  check(a.batch >= 0 && a.k_max >= 0, "batch and k_max must be >= 0");
+  check((int)a.method >= 0 && (int)a.method <= 6, "unknown method code " + std::to_string((int)a.method));
+  check((int)a.dtype >= 0 && (int)a.dtype <= 3, "unknown dtype code " + std::to_string((int)a.dtype));
+  check(a.method != Method::DPP || a.quality, "dpp needs the quality array");
+  check(a.lam >= 0.0 && a.lam <= 1.0, "lam must be in [0, 1]");
+  check(a.method != Method::D2PRUNER || a.alpha >= 1.0 || a.grid_w >= 1, "d2pruner with alpha < 1 needs grid_w >= 1");
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t s = a.starts[b], n = a.lengths[b], k = a.ks[b];
+    check(s >= 0 && n >= 0 && s + n <= a.total_rows, "image " + std::to_string(b) + " rows out of range");
+    check(n < (int64_t)std::numeric_limits<int32_t>::max(), "image too large");
+    check(k >= 0 && k <= n && k <= a.k_max, "image " + std::to_string(b) + ": need 0 <= ks <= min(lengths, k_max)");
+  }
+  const DotKernels& kern = a.isa ? dot_kernels_for(a.isa) : dot_kernels();
+  if (a.dtype == DType::F64)
+    run_batch<double>(a, kern.f64);
+  else
+    run_batch<float>(a, kern.f32);
+}
+
+}  // namespace mmrprune

@@ -1,0 +1,39 @@
+// Batched greedy token selection on the CPU: every method of SPEC.md.
+// Read side by side with mmrprune/reference.py.
+#pragma once
+#include <cstdint>
+
+namespace mmrprune {
+
+enum class Method : int { MMR = 0, DIVPRUNE = 1, TOPK = 2, FPS = 3, HYBRID = 4, DPP = 5, D2PRUNER = 6 };
+enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+struct SelectArgs {
+  // segment form: image b owns rows starts[b] .. starts[b] + lengths[b] - 1 of `rows` [total_rows, D]
+  const void* rows;
+  DType dtype;
+  int64_t total_rows;
+  int64_t dim;
+  const int64_t* starts;   // [B]
+  const int64_t* lengths;  // [B]
+  const int64_t* ks;       // [B]
+  int64_t batch;
+  int64_t k_max;
+  // Imp and DPP quality per row, in the compute type (double for F64 input, float otherwise);
+  // same segment layout as `rows`.  `quality` may be null unless method == DPP.
+  const void* importance;
+  const void* quality;
+  Method method;
+  double lam;
+  // d2pruner
+  double pivot_ratio, alpha, tau;
+  int64_t radius, grid_w;  // grid_w = 0: no spatial term (alpha must then be 1)
+  int num_threads;
+  const char* isa;  // null: best for this CPU
+  int64_t* out;     // [B, k_max], written fully (-1 past ks[b])
+};
+
+// Checks the arguments (std::invalid_argument on bad ones) and runs the selection.
+void select_batch(const SelectArgs& args);
+
+}  // namespace mmrprune

@@ -1,0 +1,67 @@
+"""``backend="cpu"``: the C++ extension ``mmrprune._cpu`` (csrc/cpu/), every method.
+
+Images are spread over ``torch.get_num_threads()`` threads; each thread
+normalises one image's rows into a float32 scratch buffer (converting
+float16/bfloat16 on the way, never upcasting the whole batch) and runs the
+greedy loop Gram-free, with AVX-512/AVX2/SSE2 dot kernels picked at load time.
+float64 input is handled natively in float64.  The call goes through the
+custom op ``torch.ops.mmrprune.cpu_select`` (:mod:`mmrprune.ops`) so it traces
+under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..batch import SelectionBatch
+from ..reference import METHODS
+from . import Backend
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+
+
+def build_facts() -> dict:
+    """What setup.py recorded about the build (mmrprune/_build_config.py), or {}."""
+    try:
+        from .._build_config import BUILD
+    except ImportError:
+        return {}
+    return dict(BUILD)
+
+
+def status() -> tuple[bool, str]:
+    if ops._cpu is None:
+        return False, f"C++ extension mmrprune._cpu is not built ({ops.CPU_IMPORT_ERROR}); {BUILD_HINT}"
+    facts = build_facts()
+    detail = (f"C++ extension, {ops._cpu.isa()} kernels, {torch.get_num_threads()} thread(s) over images; "
+              f"built with {facts.get('cpu_compiler', 'unknown compiler')} [{facts.get('cpu_flags', '?')}], "
+              f"SIMD {facts.get('cpu_simd', '?')}, {facts.get('cpu_threads', '?')}")
+    if facts:
+        cuda = (f"built, archs {facts.get('cuda_archs')}, {facts.get('cuda_nvcc')}" if facts.get("cuda_built")
+                else facts.get("cuda_status", "not built"))
+        detail += f"; CUDA extension: {cuda}"
+    return True, detail
+
+
+def select(batch: SelectionBatch) -> torch.Tensor:
+    """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
+    dt = batch.compute_dtype
+    rows = batch.rows()                                      # a view for contiguous input
+    imp = batch.importance().reshape(-1).to(dt).contiguous()  # same row layout as `rows`
+    q = batch.dpp_quality().reshape(-1).to(dt).contiguous() if batch.method == "dpp" else None
+    p = batch.params
+    alpha = float(p.get("alpha", 1.0)) if batch.method == "d2pruner" else 1.0
+    grid = p.get("grid") if batch.method == "d2pruner" else None
+    return torch.ops.mmrprune.cpu_select(
+        rows, imp, q, batch.starts.contiguous(), batch.lengths.contiguous(), batch.ks.contiguous(), batch.k_max,
+        batch.method, float(batch.lam), float(p.get("pivot_ratio", 0.5)), alpha, float(p.get("tau", 0.5)),
+        int(p.get("radius", 1)), int(grid[1]) if grid is not None else 0)
+
+
+BACKEND = Backend(
+    name="cpu",
+    methods=METHODS,
+    device_types=("cpu",),
+    select=select,
+    status=status,
+)
