@@ -35,6 +35,8 @@ block reduces with ``max`` followed by ``min(index where value == max)``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -74,8 +76,13 @@ def _row_inv_norm_kernel(x_ptr, inv_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: t
 
 @triton.jit
 def _dot_tile(x_ptr, rows_a, mask_a, rows_b, mask_b, D, d_end,
-              BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc[a, b] = sum_{d < d_end} x[rows_a[a], d] * x[rows_b[b], d]`` (row stride ``D``), float32 accumulation."""
+              BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc[a, b] = sum_{d < d_end} x[rows_a[a], d] * x[rows_b[b], d]`` (row stride ``D``), float32 accumulation.
+
+    ``UPCAST`` converts the tiles to float32 before ``tl.dot``; the launchers set it
+    only under the interpreter for bf16 input (Triton's interpreter computes a bf16
+    ``tl.dot`` wrongly); compiled kernels keep bf16 operands on the tensor cores.
+    """
     acc = tl.zeros([rows_a.shape[0], rows_b.shape[0]], dtype=tl.float32)
     base_a = rows_a.to(tl.int64) * D
     base_b = rows_b.to(tl.int64) * D
@@ -84,6 +91,9 @@ def _dot_tile(x_ptr, rows_a, mask_a, rows_b, mask_b, D, d_end,
         dm = dd < D
         a = tl.load(x_ptr + base_a[:, None] + dd[None, :], mask=mask_a[:, None] & dm[None, :], other=0.0)
         bt = tl.load(x_ptr + base_b[:, None] + dd[None, :], mask=mask_b[:, None] & dm[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
         acc = tl.dot(a, tl.trans(bt), acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -91,7 +101,7 @@ def _dot_tile(x_ptr, rows_a, mask_a, rows_b, mask_b, D, d_end,
 @triton.jit
 def _gram_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, g_ptr, D, n_pad,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``G[b, i, j] = sim(i, j) = (x_i . x_j) inv_i inv_j`` for ``i, j < lengths[b]`` (reference: ``xh @ xh.T``).
 
     Grid ``(B, cdiv(n_pad, BLOCK_M), cdiv(n_pad, BLOCK_K))``.  Entries with
@@ -106,7 +116,7 @@ def _gram_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, g_ptr, D, n_pad,
     mj = j < n
     # a tile entirely outside the image streams nothing: its D loop is empty
     d_end = tl.where((tl.program_id(1) * BLOCK_M < n) & (tl.program_id(2) * BLOCK_K < n), D, 0)
-    acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, d_end, BLOCK_D, INPUT_PRECISION)
+    acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, d_end, BLOCK_D, INPUT_PRECISION, UPCAST)
     inv_i = tl.load(inv_ptr + start + i, mask=mi, other=0.0)
     inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
     sim = acc * inv_i[:, None] * inv_j[None, :]
@@ -117,7 +127,7 @@ def _gram_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, g_ptr, D, n_pad,
 @triton.jit
 def _max_offdiag_sim_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, first_ptr, D,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                            INPUT_PRECISION: tl.constexpr):
+                            INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """DivPrune's first-step score ``first[i] = min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``.
 
     ``+inf`` for a single-token image (reference: ``d.min(axis=1)`` with an
@@ -135,7 +145,7 @@ def _max_offdiag_sim_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, first_ptr, 
     for j0 in range(0, n_cols, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
         mj = j < n
-        acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, D, BLOCK_D, INPUT_PRECISION)
+        acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, D, BLOCK_D, INPUT_PRECISION, UPCAST)
         inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
         sim = acc * inv_i[:, None] * inv_j[None, :]
         keep = mj[None, :] & (i[:, None] != j[None, :])
@@ -309,6 +319,11 @@ def _input_precision(x: torch.Tensor) -> str:
     return "ieee"  # fp32 in: exact fp32 FMA (no TF32); fp16/bf16 products are exact in fp32
 
 
+def _upcast(x: torch.Tensor) -> bool:
+    """bf16 ``tl.dot`` is wrong under the interpreter: upcast the tiles there (only there)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16
+
+
 def launch_row_inv_norm(x: torch.Tensor) -> torch.Tensor:
     """``[R]`` float32 inverse row norms of ``x [R, D]``."""
     r, d = x.shape
@@ -326,7 +341,7 @@ def launch_gram(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
     bm = bk = 64
     grid = (bsz, triton.cdiv(n_pad, bm), triton.cdiv(n_pad, bk))
     triton_wrap(_gram_kernel)[grid](x, inv, starts, lengths, g, x.shape[1], n_pad,
-                                    BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32, INPUT_PRECISION=_input_precision(x))
+                                    BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32, INPUT_PRECISION=_input_precision(x), UPCAST=_upcast(x))
     return g
 
 
@@ -338,7 +353,7 @@ def launch_max_offdiag_sim(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
     grid = (bsz, triton.cdiv(max(n_pad, 1), bm))
     triton_wrap(_max_offdiag_sim_kernel)[grid](x, inv, starts, lengths, first, x.shape[1],
                                                BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32,
-                                               INPUT_PRECISION=_input_precision(x))
+                                               INPUT_PRECISION=_input_precision(x), UPCAST=_upcast(x))
     return first
 
 

@@ -1,0 +1,193 @@
+"""The Triton kernels under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) against the reference.
+
+``TRITON_INTERPRET`` must be set before Triton decorates the kernels, and the
+rest of the suite imports Triton normally, so :func:`test_interpreter_suite`
+re-runs this very file in a subprocess with ``TRITON_INTERPRET=1`` and
+``MMRPRUNE_INTERPRET_INNER=1``.  There the ``test_inner_*`` tests run (they are
+skipped in the parent process) and the parent asserts that all of them passed
+and none was skipped.  Shapes are tiny (N <= 48, k <= 8, B <= 3): the
+interpreter runs each kernel step in NumPy.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import certify as C
+from mmrprune import reference as ref
+
+INNER = os.environ.get("MMRPRUNE_INTERPRET_INNER") == "1"
+METHODS = ("mmr", "topk", "fps", "hybrid", "divprune", "dpp")
+GRAM_MODES = ("0", "1")   # similarity rows on demand / from the precomputed Gram
+
+inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+
+
+# ----------------------------------------------------------------------------- parent
+def test_interpreter_suite():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1")
+    here = os.path.abspath(__file__)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "inner", here],
+                          cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 20, report
+    assert not re.search(r"\d+ (skipped|failed|error)", proc.stdout), report
+
+
+# ----------------------------------------------------------------------------- helpers (subprocess)
+@pytest.fixture(params=GRAM_MODES, ids=["ondemand", "gram"])
+def gram_mode(request, monkeypatch):
+    monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", request.param)
+    return request.param
+
+
+def _expected(x, w, k, method, lam=0.5, n=None):
+    """Reference selection order of one image (valid rows ``x[:n]``), in float64."""
+    x = C.to_f64(x)
+    w = C.to_f64(w)
+    n = x.shape[0] if n is None else n
+    kb = min(k, n)
+    return ref.select_one(x[:n], None if w is None else w[:n], kb, method, lam).tolist()
+
+
+def _triton_select(x, w, **kw):
+    import mmrprune
+    from mmrprune import dispatch
+    ok, why = dispatch.status("triton")
+    assert ok, why
+    return mmrprune.select(x, w, backend="triton", order="selection", **kw)
+
+
+def _rows(out):
+    return [[int(v) for v in row if v >= 0] for row in out.tolist()]
+
+
+# ----------------------------------------------------------------------------- tests (subprocess)
+@inner
+def test_inner_backend_runs_on_cpu_when_interpreting():
+    from mmrprune import dispatch
+    ok, why = dispatch.status("triton")
+    assert ok and "interpreter" in why, why
+    backend, _ = dispatch.load("triton")
+    assert "cpu" in backend.device_types
+
+
+@inner
+@pytest.mark.parametrize("method", METHODS)
+def test_inner_padded_batch_matches_reference(method, gram_mode):
+    """B = 3 with lengths (N, 0, partial): exact reference order per image, nothing from padding."""
+    n, d, k = 40, 24, 7
+    x = torch.from_numpy(C.clustered_tokens(n, d, batch=3, seed=3)).to(torch.float32)
+    w = torch.from_numpy(C.distinct_importance(n, batch=3, seed=3)).to(torch.float32)
+    lengths = torch.tensor([n, 0, 23])
+    lam = 0.3 if method in ("mmr", "hybrid") else 0.5
+    out = _triton_select(x, w, k=k, method=method, lam=lam, lengths=lengths)
+    assert out.shape == (3, k) and out.dtype == torch.int64
+    got = _rows(out)
+    for b in range(3):
+        nb = int(lengths[b])
+        exp = _expected(x[b], w[b], k, method, lam, n=nb) if nb else []
+        assert got[b] == exp, (b, got[b], exp)
+    assert (out[1] == -1).all()
+    assert x.isfinite().all()   # the input was not written to (it would hold NaN/garbage otherwise)
+
+
+@inner
+@pytest.mark.parametrize("method", METHODS)
+def test_inner_duplicate_tokens_tie_to_lowest_index(method, gram_mode):
+    """Exact duplicates with tied importance: every tie must go to the lowest index.
+
+    Six groups of three copies of a scaled one-hot vector (scales are powers of
+    two), so every similarity is exactly 0 or 1 and every score tie is exact in
+    float32 as in the float64 reference: the order is decided by the tie rule.
+    """
+    rng = np.random.default_rng(11)
+    group = rng.permutation(np.repeat(np.arange(6), 3))
+    x = np.zeros((18, 16))
+    x[np.arange(18), group] = 2.0 ** rng.integers(-2, 3, size=18)
+    w = rng.integers(1, 5, size=18).astype(np.float64)          # values 1..4: many ties
+    x_t, w_t = torch.from_numpy(x).float(), torch.from_numpy(w).float()
+    # DPP: once every group with positive quality is picked, the remaining gains are
+    # rounding noise of a (numerically) zero; stay below that point.
+    positive_groups = len(set(group[w > w.min()].tolist()))
+    k = min(5, positive_groups) if method == "dpp" else 8
+    for lam in ((0.5, 0.0, 1.0) if method in ("mmr", "hybrid") else (0.5,)):
+        out = _triton_select(x_t, w_t, k=k, method=method, lam=lam)
+        assert out.tolist() == _expected(x_t, w_t, k, method, lam), (lam, out.tolist())
+
+
+@inner
+@pytest.mark.parametrize("method", ("mmr", "fps", "dpp"))
+def test_inner_constant_importance_and_zero_vector(method, gram_mode):
+    """``importance=None`` (Imp = 0, q = 1) and an all-zero token (sim 0, DPP gain 0)."""
+    x = torch.from_numpy(C.gaussian_tokens(17, 12, seed=5)).float()
+    x[4] = 0.0
+    out = _triton_select(x, None, k=8, method=method)
+    if method == "dpp":
+        # every initial gain is q^2 ||x̂||^2 = 1: the reference's first pick is decided by
+        # float64 rounding noise, so only the certificate applies
+        C.check_certificate(x, None, out.numpy(), method, tol=1e-4, k=8)
+        assert 4 not in out.tolist()   # the zero vector has gain 0 and is never needed
+    else:
+        assert out.tolist() == _expected(x, None, 8, method)
+
+
+@inner
+def test_inner_dpp_exhausted_rank_fills_in_index_order(gram_mode):
+    """Rank 3 features, k = 7: after 3 picks every gain is < DPP_EPS; the rest come in index order."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 20))
+    w = rng.random(12)
+    x_t, w_t = torch.from_numpy(x).float(), torch.from_numpy(w).float()
+    out = _triton_select(x_t, w_t, k=7, method="dpp")
+    assert out.tolist() == _expected(x_t, w_t, 7, "dpp")
+
+
+@inner
+@pytest.mark.parametrize("method", METHODS)
+def test_inner_varlen_matches_reference(method, gram_mode):
+    """Packed segments (lengths 9, 0, 26, 1) through ``select_varlen``."""
+    import mmrprune
+    lens = [9, 0, 26, 1]
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    x = torch.from_numpy(C.clustered_tokens(int(cu[-1]), 20, seed=8)).float()
+    w = torch.from_numpy(C.distinct_importance(int(cu[-1]), seed=8)).float()
+    flat, cu_k = mmrprune.select_varlen(x, w, torch.from_numpy(cu), k=6, method=method,
+                                        order="selection", backend="triton")
+    for b, nb in enumerate(lens):
+        got = (flat[cu_k[b]:cu_k[b + 1]] - int(cu[b])).tolist()
+        s, e = int(cu[b]), int(cu[b + 1])
+        exp = _expected(x[s:e], w[s:e], 6, method) if nb else []
+        assert got == exp, (b, got, exp)
+
+
+@inner
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("method", ("mmr", "divprune", "dpp"))
+def test_inner_half_precision_certificate(method, dtype, gram_mode):
+    """fp16 / bf16 rows: every step is an argmax within the spec's 4e-3 of the float64 replay."""
+    x = torch.from_numpy(C.clustered_tokens(48, 32, batch=2, seed=4)).to(dtype)
+    w = torch.from_numpy(C.distinct_importance(48, batch=2, seed=4)).to(dtype)
+    out = _triton_select(x, w, k=8, method=method)
+    for b in range(2):
+        C.check_certificate(x[b], w[b], out[b].numpy(), method, 0.5, tol=C.tol_for(dtype), k=8)
+
+
+@inner
+def test_inner_keep_ratio_and_position_order():
+    import mmrprune
+    x = torch.from_numpy(C.gaussian_tokens(30, 8, batch=2, seed=9)).float()
+    w = torch.from_numpy(C.distinct_importance(30, batch=2, seed=9)).float()
+    lengths = torch.tensor([30, 13])
+    got = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="triton")
+    want = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="numpy")
+    assert torch.equal(got, torch.as_tensor(want))
