@@ -1,0 +1,138 @@
+// pybind11 module `mmrprune._cuda`: raw-pointer entry points of the fused greedy kernels.
+//
+// Python passes device pointers as ints (tensor.data_ptr()), shapes, a dtype code
+// (0 float32, 1 float16, 2 bfloat16) and the CUDA stream as an int
+// (torch.cuda.current_stream().cuda_stream).  Nothing here synchronises.
+// Argument errors raise ValueError (std::invalid_argument), CUDA errors RuntimeError.
+// No torch headers: mmrprune/backends/cuda_backend.py owns the tensors.
+
+#include <pybind11/pybind11.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "greedy.h"
+
+namespace py = pybind11;
+using mmrprune_cuda::DType;
+
+#define MMRPRUNE_CHECK(cond, ...)                                                   \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      std::ostringstream mmrprune_msg_;                                             \
+      mmrprune_msg_ << "mmrprune._cuda: " << __VA_ARGS__ << " (failed: " #cond ")"; \
+      throw std::invalid_argument(mmrprune_msg_.str());                             \
+    }                                                                               \
+  } while (0)
+
+#define CHECK_PTR(p) MMRPRUNE_CHECK((p) != 0, #p " must be a non-null device pointer")
+#define CHECK_ALIGNED(p, bytes) \
+  MMRPRUNE_CHECK((p) % (bytes) == 0, #p " must be " << (bytes) << "-byte aligned, got address " << (p))
+#define CHECK_NONNEG(v) MMRPRUNE_CHECK((v) >= 0, #v " must be >= 0, got " << (v))
+#define CHECK_DTYPE(code)                                                                          \
+  MMRPRUNE_CHECK((code) == mmrprune_cuda::kFloat32 || (code) == mmrprune_cuda::kFloat16 ||         \
+                     (code) == mmrprune_cuda::kBFloat16,                                          \
+                 "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " << (code))
+
+namespace {
+
+std::int64_t elem_size(int dtype) { return dtype == mmrprune_cuda::kFloat32 ? 4 : 2; }
+
+void raise_if_failed(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error("mmrprune._cuda: " + err);
+}
+
+void check_features(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim) {
+  CHECK_DTYPE(dtype);
+  CHECK_PTR(x);
+  CHECK_ALIGNED(x, elem_size(dtype));
+  CHECK_NONNEG(rows);
+  MMRPRUNE_CHECK(rows <= INT_MAX, "rows must fit in int32 (local token indices are int32), got " << rows);
+  MMRPRUNE_CHECK(dim >= 1, "dim must be >= 1, got " << dim);
+}
+
+void check_segments(std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
+                    std::int64_t k_max, std::uintptr_t taken, std::uintptr_t out) {
+  CHECK_NONNEG(batch);
+  MMRPRUNE_CHECK(batch <= INT_MAX, "batch must fit in one grid dimension (<= 2^31 - 1), got " << batch);
+  CHECK_NONNEG(k_max);
+  for (std::uintptr_t p : {starts, lengths, ks, out}) {
+    MMRPRUNE_CHECK(p != 0, "starts, lengths, ks and out must be non-null device pointers");
+    MMRPRUNE_CHECK(p % 8 == 0, "starts, lengths, ks and out are int64 and must be 8-byte aligned");
+  }
+  CHECK_PTR(taken);
+}
+
+void inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+               std::uintptr_t sqn, std::uintptr_t stream) {
+  check_features(x, dtype, rows, dim);
+  CHECK_PTR(inv_norm);
+  CHECK_ALIGNED(inv_norm, 4);
+  CHECK_ALIGNED(sqn, 4);  // 0 (no output) passes
+  raise_if_failed(mmrprune_cuda::launch_inv_norms(x, dtype, rows, dim, inv_norm, sqn, stream));
+}
+
+void greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+                   std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
+                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
+                   std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                   std::uintptr_t stream) {
+  check_features(x, dtype, rows, dim);
+  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+  MMRPRUNE_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
+  CHECK_PTR(inv_norm);
+  CHECK_PTR(imp);
+  CHECK_PTR(m_scratch);
+  for (std::uintptr_t p : {inv_norm, imp, first_score, m_scratch})
+    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, imp, first_score and m_scratch are float32 and must be 4-byte aligned");
+  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim(x, dtype, rows, dim, inv_norm, imp, first_score, eligible,
+                                                      starts, lengths, ks, batch, k_max, lam, m_scratch,
+                                                      taken_scratch, out, stream));
+}
+
+void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+                std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths,
+                std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
+  check_features(x, dtype, rows, dim);
+  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+  CHECK_PTR(inv_norm);
+  CHECK_PTR(sqn);
+  CHECK_PTR(q);
+  CHECK_PTR(d2_scratch);
+  CHECK_PTR(c_scratch);
+  for (std::uintptr_t p : {inv_norm, sqn, q, d2_scratch, c_scratch})
+    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, sqn, q, d2_scratch and c_scratch are float32 and must be 4-byte aligned");
+  raise_if_failed(mmrprune_cuda::launch_greedy_dpp(x, dtype, rows, dim, inv_norm, sqn, q, starts, lengths, ks,
+                                                   batch, k_max, d2_scratch, taken_scratch, c_scratch, out,
+                                                   stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "mmrprune fused CUDA greedy selection (raw device pointers; see csrc/cuda/NOTES.md)";
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(mmrprune_cuda::kFloat32);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(mmrprune_cuda::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(mmrprune_cuda::kBFloat16);
+  m.attr("GREEDY_THREADS") = mmrprune_cuda::kGreedyThreads;
+
+  m.def("smem_bytes", &mmrprune_cuda::greedy_smem_bytes, py::arg("dim"),
+        "dynamic shared memory (bytes) of the greedy kernels for feature dim `dim`");
+  m.def("inv_norms", &inv_norms, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
+        py::arg("inv_norm"), py::arg("sqn"), py::arg("stream"),
+        "inv_norm[r] = 1/max(||x_r||, 1e-12) (fp32); sqn[r] = ||x̂_r||^2 when sqn != 0");
+  m.def("greedy_maxsim", &greedy_maxsim, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
+        py::arg("inv_norm"), py::arg("imp"), py::arg("first_score"), py::arg("eligible"), py::arg("starts"),
+        py::arg("lengths"), py::arg("ks"), py::arg("batch"), py::arg("k_max"), py::arg("lam"),
+        py::arg("m_scratch"), py::arg("taken_scratch"), py::arg("out"), py::arg("stream"),
+        "MMR / FPS / hybrid / DivPrune greedy, one block per image, one launch");
+  m.def("greedy_dpp", &greedy_dpp, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
+        py::arg("inv_norm"), py::arg("sqn"), py::arg("q"), py::arg("starts"), py::arg("lengths"), py::arg("ks"),
+        py::arg("batch"), py::arg("k_max"), py::arg("d2_scratch"), py::arg("taken_scratch"), py::arg("c_scratch"),
+        py::arg("out"), py::arg("stream"), "conditional-DPP greedy MAP, one block per image, one launch");
+}

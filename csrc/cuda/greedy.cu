@@ -1,0 +1,536 @@
+// mmrprune fused greedy selection kernels (see csrc/cuda/NOTES.md).
+//
+// One thread block per image runs every greedy step of that image in a single
+// launch, with no host synchronisation between steps.  Images are segments of
+// the [rows, D] feature matrix: image b owns rows starts[b] .. starts[b] +
+// lengths[b] - 1, which covers padded and packed (varlen) batches alike.
+//
+// Per step, after the pick p of the previous step:
+//   1. the block copies x̂_p = x_p * inv_norm[p] into shared memory as fp32;
+//   2. each warp takes tokens i = warp, warp + nwarps, ...: the 32 lanes split
+//      the dot product x_i · x̂_p over D (16-byte loads when aligned), reduce it
+//      with shuffles, and lane 0 updates the token's state and its running best
+//      (score, index) candidate;
+//   3. a block-wide argmax over (score, index) pairs — greater score wins, an
+//      equal score goes to the smaller index — gives the next pick.
+// Token state (running max similarity m, or the DPP gains d^2 and Cholesky rows
+// c) lives in global scratch indexed by row, so N is bounded only by memory.
+// No torch headers: this file is compiled by plain nvcc.
+
+#include "greedy.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+namespace mmrprune_cuda {
+namespace {
+
+constexpr float kNormEps = 1e-12f;   // reference.NORM_EPS
+constexpr float kDppEps = 1e-6f;     // reference.DPP_EPS
+constexpr int kNoPick = INT_MAX;     // "no candidate" sentinel of the argmax
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ------------------------------------------------------------------ element conversion
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A 16-byte vector of T unpacked into fp32.
+template <typename T> struct Pack;
+template <> struct Pack<float> {
+  static constexpr int kN = 4;
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  }
+};
+template <> struct Pack<__half> {
+  static constexpr int kN = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 v = __half22float2(h[j]);
+      f[2 * j] = v.x;
+      f[2 * j + 1] = v.y;
+    }
+  }
+};
+template <> struct Pack<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 v = __bfloat1622float2(h[j]);
+      f[2 * j] = v.x;
+      f[2 * j + 1] = v.y;
+    }
+  }
+};
+
+// Butterfly sum: every lane ends with the same (bitwise) value.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// sum_d row[d] * xs[d] over the warp (fp32 accumulation); all lanes get the result.
+template <typename T, bool kVec>
+__device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float* xs, std::int64_t dim,
+                                          int lane) {
+  float acc = 0.f;
+  if (kVec) {
+    constexpr int V = Pack<T>::kN;
+    const std::int64_t nv = dim / V;
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll 4
+    for (std::int64_t c = lane; c < nv; c += 32) {
+      const uint4 u = __ldg(r4 + c);
+      float f[V];
+      Pack<T>::unpack(u, f);
+      const float* s = xs + c * V;
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc = fmaf(f[j], s[j], acc);
+    }
+  } else {
+    for (std::int64_t d = lane; d < dim; d += 32) acc = fmaf(to_float(row[d]), xs[d], acc);
+  }
+  return warp_sum(acc);
+}
+
+// sum_d row[d]^2 over the warp.
+template <typename T, bool kVec>
+__device__ __forceinline__ float warp_sumsq(const T* __restrict__ row, std::int64_t dim, int lane) {
+  float acc = 0.f;
+  if (kVec) {
+    constexpr int V = Pack<T>::kN;
+    const std::int64_t nv = dim / V;
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll 4
+    for (std::int64_t c = lane; c < nv; c += 32) {
+      const uint4 u = __ldg(r4 + c);
+      float f[V];
+      Pack<T>::unpack(u, f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc = fmaf(f[j], f[j], acc);
+    }
+  } else {
+    for (std::int64_t d = lane; d < dim; d += 32) {
+      const float v = to_float(row[d]);
+      acc = fmaf(v, v, acc);
+    }
+  }
+  return warp_sum(acc);
+}
+
+// (s, i) beats (bs, bi): greater score, or equal score and smaller index.
+// NaN scores (only possible with non-finite input and check_finite=False) count as -inf,
+// so the pick is always a real candidate and never an out-of-range index.
+__device__ __forceinline__ void consider(float s, int i, float& bs, int& bi) {
+  if (s != s) s = -INFINITY;
+  if (s > bs || (s == bs && i < bi)) {
+    bs = s;
+    bi = i;
+  }
+}
+
+// Block-wide argmax of the per-thread candidates; every thread returns the winner
+// (kNoPick when no thread had a candidate).  Contains two __syncthreads.
+__device__ __forceinline__ int block_argmax(float bs, int bi, float* red_s, int* red_i) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float s2 = __shfl_xor_sync(kFullMask, bs, off);
+    const int i2 = __shfl_xor_sync(kFullMask, bi, off);
+    if (s2 > bs || (s2 == bs && i2 < bi)) {
+      bs = s2;
+      bi = i2;
+    }
+  }
+  if (lane == 0) {
+    red_s[warp] = bs;
+    red_i[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bs = lane < nwarps ? red_s[lane] : -INFINITY;
+    bi = lane < nwarps ? red_i[lane] : kNoPick;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float s2 = __shfl_xor_sync(kFullMask, bs, off);
+      const int i2 = __shfl_xor_sync(kFullMask, bi, off);
+      if (s2 > bs || (s2 == bs && i2 < bi)) {
+        bs = s2;
+        bi = i2;
+      }
+    }
+    if (lane == 0) red_i[32] = bi;
+  }
+  __syncthreads();
+  return red_i[32];
+}
+
+// Budget of image b, clamped so that garbage ks/lengths (check_finite=False) cannot index out of range.
+__device__ __forceinline__ std::int64_t image_budget(std::int64_t len, std::int64_t k, std::int64_t k_max) {
+  std::int64_t kb = k < len ? k : len;
+  kb = kb < k_max ? kb : k_max;
+  return kb < 0 ? 0 : kb;
+}
+
+// ------------------------------------------------------------------ kernels
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(256) inv_norm_kernel(const T* __restrict__ x, std::int64_t rows,
+                                                       std::int64_t dim, float* __restrict__ inv_norm,
+                                                       float* __restrict__ sqn) {
+  const int lane = threadIdx.x & 31;
+  const std::int64_t warps_per_block = blockDim.x >> 5;
+  const std::int64_t first = static_cast<std::int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5);
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * warps_per_block;
+  for (std::int64_t r = first; r < rows; r += stride) {
+    const float ss = warp_sumsq<T, kVec>(x + r * dim, dim, lane);
+    if (lane == 0) {
+      const float inv = 1.0f / fmaxf(sqrtf(ss), kNormEps);
+      inv_norm[r] = inv;
+      if (sqn != nullptr) sqn[r] = ss * inv * inv;
+    }
+  }
+}
+
+// MMR / FPS / hybrid / DivPrune.
+//   step 0 : argmax over eligible tokens of first_score (if given) else imp;
+//   step t : argmax over eligible, untaken tokens of lam * imp - (1 - lam) * m,
+//            m_i = max over picks j of sim(i, j).
+// eligible == nullptr means every valid token is eligible (hybrid passes its pool).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
+    const float* __restrict__ imp, const float* __restrict__ first_score,
+    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+  extern __shared__ float xs[];  // [dim]: the normalised picked row, fp32
+  __shared__ float red_s[32];
+  __shared__ int red_i[33];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const std::int64_t b = blockIdx.x;
+  const std::int64_t start = starts[b];
+  const std::int64_t len = lengths[b];
+  const int n = len > 0 ? static_cast<int>(len) : 0;
+  const std::int64_t kb = image_budget(len, ks[b], k_max);
+  std::int64_t* out_b = out + b * k_max;
+  for (std::int64_t t = kb + tid; t < k_max; t += blockDim.x) out_b[t] = -1;
+  if (kb == 0) return;  // uniform over the block: no barrier is skipped by part of it
+
+  float* m = m_g + start;
+  std::uint8_t* taken = taken_g + start;
+  const float* imp_b = imp + start;
+
+  // step 0: initialise the state, score the first pick
+  float bs = -INFINITY;
+  int bi = kNoPick;
+  for (int i = tid; i < n; i += blockDim.x) {
+    m[i] = -INFINITY;
+    const bool ok = eligible == nullptr || eligible[start + i] != 0;
+    taken[i] = ok ? 0 : 1;
+    if (ok) consider(first_score != nullptr ? first_score[start + i] : imp_b[i], i, bs, bi);
+  }
+  int p = block_argmax(bs, bi, red_s, red_i);
+
+  std::int64_t t = 0;
+  while (true) {
+    if (p == kNoPick) {  // fewer candidates than the budget (only with inconsistent inputs)
+      for (std::int64_t u = t + tid; u < kb; u += blockDim.x) out_b[u] = -1;
+      break;
+    }
+    if (tid == 0) {
+      out_b[t] = p;
+      taken[p] = 1;
+    }
+    if (++t >= kb) break;
+
+    const std::int64_t prow = start + p;
+    const float ip = inv_norm[prow];
+    const T* xp = x + prow * dim;
+    for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
+    __syncthreads();  // xs and taken[p] visible to the whole block
+
+    bs = -INFINITY;
+    bi = kNoPick;
+    for (int i = warp; i < n; i += nwarps) {
+      if (taken[i]) continue;  // warp-uniform: every lane reads the same byte
+      const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      if (lane == 0) {
+        const float sim = dot * inv_norm[start + i];
+        const float mi = fmaxf(m[i], sim);
+        m[i] = mi;
+        // no contraction into an FMA: same rounding as the torch backend's two products
+        const float s = __fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi));
+        consider(s, i, bs, bi);
+      }
+    }
+    p = block_argmax(bs, bi, red_s, red_i);  // its barriers also end every read of xs
+  }
+}
+
+// Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
+//   d2_i starts at q_i^2 ||x̂_i||^2; each step picks argmax d2 over untaken tokens;
+//   the pick p at step s then gives e_i = (q_p sim(p, i) q_i - <c_p, c_i>) / sqrt(d2_p),
+//   c_i[s] = e_i, d2_i -= e_i^2.  Once d2_p < DPP_EPS every gain is 0 from then on
+//   and the rest of the budget goes to the lowest untaken indices.
+// c_g is token-major [rows, k_max]: a token's Cholesky row is contiguous (coalesced).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_dpp_kernel(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
+    const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
+  extern __shared__ float xs[];  // [dim]
+  __shared__ float red_s[32];
+  __shared__ int red_i[33];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const std::int64_t b = blockIdx.x;
+  const std::int64_t start = starts[b];
+  const std::int64_t len = lengths[b];
+  const int n = len > 0 ? static_cast<int>(len) : 0;
+  const std::int64_t kb = image_budget(len, ks[b], k_max);
+  std::int64_t* out_b = out + b * k_max;
+  for (std::int64_t t = kb + tid; t < k_max; t += blockDim.x) out_b[t] = -1;
+  if (kb == 0) return;
+
+  float* d2 = d2_g + start;
+  std::uint8_t* taken = taken_g + start;
+  float* c = c_g + start * k_max;
+  const float* q_b = q + start;
+
+  float bs = -INFINITY;
+  int bi = kNoPick;
+  for (int i = tid; i < n; i += blockDim.x) {
+    const float qi = q_b[i];
+    const float v = qi * qi * sqn[start + i];
+    d2[i] = v;
+    taken[i] = 0;
+    consider(v, i, bs, bi);
+  }
+  int p = block_argmax(bs, bi, red_s, red_i);
+
+  bool dead = false;  // identical in every thread: derived from the same d2[p] reads
+  std::int64_t t = 0;
+  while (true) {
+    if (p == kNoPick) {
+      for (std::int64_t u = t + tid; u < kb; u += blockDim.x) out_b[u] = -1;
+      break;
+    }
+    if (tid == 0) {
+      out_b[t] = p;
+      taken[p] = 1;
+    }
+    if (++t >= kb) break;
+    const std::int64_t s = t - 1;  // Cholesky column written by this update
+
+    const float d2p = d2[p];  // written before the last barrier; p is taken, so nobody writes it now
+    if (!dead && !(d2p >= kDppEps)) dead = true;
+    float dj = 1.f, qp = 0.f;
+    const float* cp = c + static_cast<std::int64_t>(p) * k_max;
+    if (!dead) {
+      dj = sqrtf(d2p);
+      qp = q_b[p];
+      const std::int64_t prow = start + p;
+      const float ip = inv_norm[prow];
+      const T* xp = x + prow * dim;
+      for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
+    }
+    __syncthreads();  // xs and taken[p] visible
+
+    bs = -INFINITY;
+    bi = kNoPick;
+    for (int i = warp; i < n; i += nwarps) {
+      if (taken[i]) continue;
+      if (dead) {
+        if (lane == 0) consider(0.f, i, bs, bi);
+        continue;
+      }
+      const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      float* ci = c + static_cast<std::int64_t>(i) * k_max;
+      float proj = 0.f;
+      for (std::int64_t u = lane; u < s; u += 32) proj = fmaf(ci[u], cp[u], proj);
+      proj = warp_sum(proj);
+      if (lane == 0) {
+        const float sim = dot * inv_norm[start + i];
+        const float l = qp * sim * q_b[i];
+        const float e = (l - proj) / dj;
+        ci[s] = e;
+        const float nd = d2[i] - e * e;
+        d2[i] = nd;
+        consider(nd, i, bs, bi);
+      }
+    }
+    p = block_argmax(bs, bi, red_s, red_i);
+  }
+}
+
+// ------------------------------------------------------------------ host helpers
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+}
+
+template <typename T>
+bool can_vectorize(std::uintptr_t x, std::int64_t dim) {
+  return (x % 16 == 0) && ((dim * static_cast<std::int64_t>(sizeof(T))) % 16 == 0);
+}
+
+// Raise the kernel's dynamic shared-memory limit when `bytes` exceeds the default 48 KiB.
+template <typename Kernel>
+std::string prepare_smem(Kernel kernel, std::int64_t bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)", err);
+  // 1 KiB of headroom for the kernels' static shared memory (red_s, red_i: 260 bytes)
+  if (bytes + 1024 > optin) {
+    return "feature dim too large for the fused CUDA kernel: it keeps one fp32 row (" + std::to_string(bytes) +
+           " bytes) in shared memory, the device allows " + std::to_string(optin - 1024) +
+           "; use backend='torch' or 'triton'";
+  }
+  if (bytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", err);
+  }
+  return "";
+}
+
+std::string check_launch(const char* name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_error(name, err);
+  return "";
+}
+
+template <typename T, bool kVec>
+std::string run_inv_norms(std::uintptr_t x, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+                          std::uintptr_t sqn, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const std::int64_t warps = kThreads / 32;
+  std::int64_t blocks = (rows + warps - 1) / warps;
+  if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride loop covers the rest
+  inv_norm_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x), rows, dim, reinterpret_cast<float*>(inv_norm),
+      reinterpret_cast<float*>(sqn));
+  return check_launch("inv_norm_kernel launch");
+}
+
+template <typename T, bool kVec>
+std::string run_maxsim(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm, std::uintptr_t imp,
+                       std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
+                       std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max,
+                       double lam, std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                       cudaStream_t stream) {
+  auto kernel = greedy_maxsim_kernel<T, kVec>;
+  const std::int64_t smem = greedy_smem_bytes(dim);
+  std::string err = prepare_smem(kernel, smem);
+  if (!err.empty()) return err;
+  kernel<<<static_cast<unsigned>(batch), kGreedyThreads, static_cast<size_t>(smem), stream>>>(
+      reinterpret_cast<const T*>(x), dim, reinterpret_cast<const float*>(inv_norm),
+      reinterpret_cast<const float*>(imp), reinterpret_cast<const float*>(first_score),
+      reinterpret_cast<const std::uint8_t*>(eligible), reinterpret_cast<const std::int64_t*>(starts),
+      reinterpret_cast<const std::int64_t*>(lengths), reinterpret_cast<const std::int64_t*>(ks), k_max,
+      static_cast<float>(lam), static_cast<float>(1.0 - lam), reinterpret_cast<float*>(m_scratch),
+      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<std::int64_t*>(out));
+  return check_launch("greedy_maxsim_kernel launch");
+}
+
+template <typename T, bool kVec>
+std::string run_dpp(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm, std::uintptr_t sqn,
+                    std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                    std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                    std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
+                    cudaStream_t stream) {
+  auto kernel = greedy_dpp_kernel<T, kVec>;
+  const std::int64_t smem = greedy_smem_bytes(dim);
+  std::string err = prepare_smem(kernel, smem);
+  if (!err.empty()) return err;
+  kernel<<<static_cast<unsigned>(batch), kGreedyThreads, static_cast<size_t>(smem), stream>>>(
+      reinterpret_cast<const T*>(x), dim, reinterpret_cast<const float*>(inv_norm),
+      reinterpret_cast<const float*>(sqn), reinterpret_cast<const float*>(q),
+      reinterpret_cast<const std::int64_t*>(starts), reinterpret_cast<const std::int64_t*>(lengths),
+      reinterpret_cast<const std::int64_t*>(ks), k_max, reinterpret_cast<float*>(d2_scratch),
+      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<float*>(c_scratch),
+      reinterpret_cast<std::int64_t*>(out));
+  return check_launch("greedy_dpp_kernel launch");
+}
+
+// Calls F<T, kVec>::run(args...) for the runtime dtype code and alignment.
+#define MMRPRUNE_DISPATCH(DTYPE, X, DIM, FN, ...)                                                   \
+  do {                                                                                              \
+    switch (DTYPE) {                                                                                \
+      case kFloat32:                                                                                \
+        return can_vectorize<float>(X, DIM) ? FN<float, true>(__VA_ARGS__)                          \
+                                            : FN<float, false>(__VA_ARGS__);                        \
+      case kFloat16:                                                                                \
+        return can_vectorize<__half>(X, DIM) ? FN<__half, true>(__VA_ARGS__)                        \
+                                             : FN<__half, false>(__VA_ARGS__);                      \
+      case kBFloat16:                                                                               \
+        return can_vectorize<__nv_bfloat16>(X, DIM) ? FN<__nv_bfloat16, true>(__VA_ARGS__)          \
+                                                    : FN<__nv_bfloat16, false>(__VA_ARGS__);        \
+      default:                                                                                      \
+        return "unsupported dtype code " + std::to_string(DTYPE);                                   \
+    }                                                                                               \
+  } while (0)
+
+}  // namespace
+
+std::int64_t greedy_smem_bytes(std::int64_t dim) { return dim * static_cast<std::int64_t>(sizeof(float)); }
+
+std::string launch_inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                             std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t stream) {
+  if (rows == 0) return "";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  MMRPRUNE_DISPATCH(dtype, x, dim, run_inv_norms, x, rows, dim, inv_norm, sqn, s);
+}
+
+std::string launch_greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                                 std::uintptr_t inv_norm, std::uintptr_t imp, std::uintptr_t first_score,
+                                 std::uintptr_t eligible, std::uintptr_t starts, std::uintptr_t lengths,
+                                 std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
+                                 std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                                 std::uintptr_t stream) {
+  (void)rows;  // bounds are checked in bindings.cpp; the kernel reads only rows of its segments
+  if (batch == 0) return "";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  MMRPRUNE_DISPATCH(dtype, x, dim, run_maxsim, x, dim, inv_norm, imp, first_score, eligible, starts, lengths,
+                    ks, batch, k_max, lam, m_scratch, taken_scratch, out, s);
+}
+
+std::string launch_greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                              std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q,
+                              std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                              std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                              std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
+                              std::uintptr_t stream) {
+  (void)rows;
+  if (batch == 0) return "";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  MMRPRUNE_DISPATCH(dtype, x, dim, run_dpp, x, dim, inv_norm, sqn, q, starts, lengths, ks, batch, k_max,
+                    d2_scratch, taken_scratch, c_scratch, out, s);
+}
+
+}  // namespace mmrprune_cuda

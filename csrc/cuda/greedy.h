@@ -1,0 +1,46 @@
+// mmrprune fused greedy selection: host-side launchers (no torch, no pybind11).
+//
+// Every pointer is a raw device pointer; every launcher enqueues its work on
+// `stream` and returns without synchronising.  Launchers return an empty
+// string on success and a description of the failure otherwise (argument
+// checks happen in bindings.cpp; what is left here are CUDA errors and the
+// shared-memory limit of the device).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace mmrprune_cuda {
+
+// dtype codes shared with mmrprune/backends/cuda_backend.py
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Threads per block of the greedy kernels (one block per image).
+constexpr int kGreedyThreads = 1024;
+
+// inv_norm[r] = 1 / max(||x_r||, 1e-12) in fp32 for r < rows;
+// sqn[r] = ||x_r||^2 * inv_norm[r]^2 (= ||x̂_r||^2) when sqn != 0.
+std::string launch_inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                             std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t stream);
+
+// MMR / FPS / hybrid / DivPrune greedy (see greedy.cu for the exact steps).
+std::string launch_greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                                 std::uintptr_t inv_norm, std::uintptr_t imp, std::uintptr_t first_score,
+                                 std::uintptr_t eligible, std::uintptr_t starts, std::uintptr_t lengths,
+                                 std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
+                                 std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                                 std::uintptr_t stream);
+
+// Conditional-DPP greedy MAP (incremental Cholesky, Chen et al. 2018).
+// c_scratch is [rows, k_max] fp32 (token-major).
+std::string launch_greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
+                              std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q,
+                              std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                              std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                              std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
+                              std::uintptr_t stream);
+
+// Dynamic shared memory (bytes) the greedy kernels need for feature dim `dim`.
+std::int64_t greedy_smem_bytes(std::int64_t dim);
+
+}  // namespace mmrprune_cuda
