@@ -1,0 +1,188 @@
+"""Bad input (SPEC.md, "Bad input"): the right exception type, with a message naming the argument."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mmrprune
+from mmrprune import dispatch
+
+X = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+W = torch.rand(2, 8, generator=torch.Generator().manual_seed(1))
+
+
+def sel(features=X, importance=W, **kw):
+    kw.setdefault("k", 3)
+    kw.setdefault("backend", "torch")
+    return mmrprune.select(features, importance, **kw)
+
+
+def varlen(cu, features=None, importance=None, **kw):
+    f = X.reshape(-1, 4) if features is None else features
+    kw.setdefault("k", 2)
+    kw.setdefault("backend", "torch")
+    return mmrprune.select_varlen(f, importance, cu, **kw)
+
+
+def no_k(**kw):
+    return {"k": None, **kw}
+
+
+CASES = [
+    # id, exception, message fragment, call
+    ("features-1d", ValueError, "features", lambda: sel(torch.randn(8), None)),
+    ("features-4d", ValueError, "features", lambda: sel(torch.randn(1, 2, 8, 4), None)),
+    ("features-n0", ValueError, "features", lambda: sel(torch.randn(0, 4), None)),
+    ("features-batched-n0", ValueError, "features", lambda: sel(torch.randn(2, 0, 4), None)),
+    ("features-d0", ValueError, "features", lambda: sel(torch.randn(3, 0), None)),
+    ("features-int", TypeError, "features", lambda: sel(torch.ones(8, 4, dtype=torch.int64), None)),
+    ("features-bool-numpy", TypeError, "features", lambda: sel(np.ones((8, 4), dtype=bool), None)),
+    ("features-list", TypeError, "features", lambda: sel([[1.0, 2.0]], None)),
+    ("importance-int", TypeError, "importance", lambda: sel(importance=torch.ones(2, 8, dtype=torch.int32))),
+    ("importance-shape", ValueError, "importance", lambda: sel(importance=torch.rand(2, 7))),
+    ("importance-ndim", ValueError, "importance", lambda: sel(importance=torch.rand(16))),
+    ("importance-numpy-mix", TypeError, "importance", lambda: sel(importance=W.numpy())),
+    ("importance-torch-mix", TypeError, "importance", lambda: sel(X.numpy(), W)),
+    ("importance-meta-device", ValueError, "importance", lambda: sel(importance=torch.empty(2, 8, device="meta"))),
+    ("k-0", ValueError, "k", lambda: sel(k=0)),
+    ("k-negative", ValueError, "k", lambda: sel(k=-3)),
+    ("k-float", TypeError, "k", lambda: sel(k=2.0)),
+    ("k-bool", TypeError, "k", lambda: sel(k=True)),
+    ("k-and-ratio", ValueError, "keep_ratio", lambda: sel(k=2, keep_ratio=0.5)),
+    ("neither-k-nor-ratio", ValueError, "keep_ratio", lambda: sel(**no_k())),
+    ("ratio-0", ValueError, "keep_ratio", lambda: sel(**no_k(keep_ratio=0.0))),
+    ("ratio-1.5", ValueError, "keep_ratio", lambda: sel(**no_k(keep_ratio=1.5))),
+    ("ratio-negative", ValueError, "keep_ratio", lambda: sel(**no_k(keep_ratio=-0.2))),
+    ("ratio-nan", ValueError, "keep_ratio", lambda: sel(**no_k(keep_ratio=math.nan))),
+    ("ratio-str", TypeError, "keep_ratio", lambda: sel(**no_k(keep_ratio="0.5"))),
+    ("lam-negative", ValueError, "lam", lambda: sel(lam=-0.1)),
+    ("lam-above-1", ValueError, "lam", lambda: sel(lam=1.1)),
+    ("lam-nan", ValueError, "lam", lambda: sel(lam=math.nan)),
+    ("lam-str", TypeError, "lam", lambda: sel(lam="0.5")),
+    ("lengths-above-n", ValueError, "lengths", lambda: sel(lengths=torch.tensor([8, 9]))),
+    ("lengths-negative", ValueError, "lengths", lambda: sel(lengths=torch.tensor([-1, 3]))),
+    ("lengths-wrong-count", ValueError, "lengths", lambda: sel(lengths=torch.tensor([8, 8, 8]))),
+    ("lengths-float", TypeError, "lengths", lambda: sel(lengths=torch.tensor([8.0, 3.0]))),
+    ("lengths-2d", ValueError, "lengths", lambda: sel(lengths=torch.tensor([[8, 3]]))),
+    ("lengths-single-image", ValueError, "lengths", lambda: sel(X[0], W[0], lengths=torch.tensor([8]))),
+    ("cu-not-monotone", ValueError, "cu_seqlens", lambda: varlen(torch.tensor([0, 10, 6, 16]))),
+    ("cu-not-from-0", ValueError, "cu_seqlens", lambda: varlen(torch.tensor([1, 8, 16]))),
+    ("cu-not-to-T", ValueError, "cu_seqlens", lambda: varlen(torch.tensor([0, 8, 15]))),
+    ("cu-past-T", ValueError, "cu_seqlens", lambda: varlen(torch.tensor([0, 8, 17]))),
+    ("cu-too-short", ValueError, "cu_seqlens", lambda: varlen(torch.tensor([0]))),
+    ("cu-float", TypeError, "cu_seqlens", lambda: varlen(torch.tensor([0.0, 16.0]))),
+    ("varlen-3d-features", ValueError, "features", lambda: varlen(torch.tensor([0, 8]), features=X)),
+    ("method-unknown", ValueError, "method", lambda: sel(method="random")),
+    ("method-none", ValueError, "method", lambda: sel(method=None)),
+    ("backend-unknown", ValueError, "backend", lambda: sel(backend="jax")),
+    ("order-unknown", ValueError, "order", lambda: sel(order="sorted")),
+    ("features-nan", ValueError, "features", lambda: sel(X.clone().index_put_((torch.tensor([1]),), torch.tensor(math.nan)))),
+    ("features-inf", ValueError, "features", lambda: sel(torch.where(X > 1.5, math.inf, X))),
+    ("importance-nan", ValueError, "importance", lambda: sel(importance=torch.where(W > 0.5, math.nan, W))),
+    ("importance-neg-inf", ValueError, "importance", lambda: sel(importance=torch.where(W > 0.5, -math.inf, W))),
+    ("features-nan-numpy", ValueError, "features", lambda: sel(np.full((8, 4), np.nan, dtype=np.float32), None)),
+    ("params-unknown-mmr", TypeError, "alpha", lambda: sel(method="mmr", alpha=0.5)),
+    ("params-unknown-d2pruner", TypeError, "sigma", lambda: sel(method="d2pruner", grid=(2, 4), sigma=1.0)),
+    ("d2pruner-no-grid", ValueError, "grid", lambda: sel(method="d2pruner")),
+    ("d2pruner-grid-mismatch", ValueError, "grid", lambda: sel(method="d2pruner", grid=(3, 3))),
+    ("d2pruner-grid-bad", ValueError, "grid", lambda: sel(method="d2pruner", grid=(0, 8))),
+    ("d2pruner-alpha-range", ValueError, "alpha", lambda: sel(method="d2pruner", alpha=1.5)),
+    ("d2pruner-pivot-range", ValueError, "pivot_ratio", lambda: sel(method="d2pruner", alpha=1.0, pivot_ratio=-0.1)),
+    ("d2pruner-radius", ValueError, "radius", lambda: sel(method="d2pruner", grid=(2, 4), radius=-1)),
+    ("d2pruner-tau-nan", ValueError, "tau", lambda: sel(method="d2pruner", grid=(2, 4), tau=math.nan)),
+    ("check-finite-not-bool", TypeError, "check_finite", lambda: sel(check_finite="no")),
+]
+
+
+@pytest.mark.parametrize("exc,fragment,call", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(exc, fragment, call):
+    with pytest.raises(exc) as info:
+        call()
+    assert fragment in str(info.value), f"message does not name {fragment!r}: {info.value}"
+
+
+def test_messages_say_what_was_received():
+    with pytest.raises(ValueError, match=r"1\.1"):
+        sel(lam=1.1)
+    with pytest.raises(ValueError, match=r"\(8,\)|\[8\]|8"):
+        sel(torch.randn(8), None)
+    with pytest.raises(TypeError, match="int64"):
+        sel(torch.ones(8, 4, dtype=torch.int64), None)
+
+
+def test_inputs_not_modified_by_rejected_call():
+    x = X.clone()
+    x[0, 0, 0] = math.nan
+    x0 = x.clone()
+    with pytest.raises(ValueError):
+        sel(x)
+    assert torch.equal(torch.isnan(x), torch.isnan(x0)) and torch.equal(x.nan_to_num(), x0.nan_to_num())
+
+
+def test_unavailable_backend_is_runtime_error_with_how_to():
+    missing = [name for name in dispatch.BACKENDS if not dispatch.status(name)[0]]
+    if not missing:
+        pytest.skip("every backend is available on this machine")
+    for name in missing:
+        with pytest.raises(RuntimeError) as info:
+            mmrprune.select(X, W, k=3, backend=name)
+        msg = str(info.value)
+        assert name in msg and "not available" in msg
+        if dispatch.HOW_TO_GET.get(name):
+            assert dispatch.HOW_TO_GET[name] in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_backend_on_cpu_machine():
+    with pytest.raises(RuntimeError, match="cuda") as info:
+        mmrprune.select(X, W, k=3, backend="cuda")
+    assert "build" in str(info.value) or "run on" in str(info.value) or "MMRPRUNE_CUDA" in str(info.value)
+
+
+def test_backend_cannot_take_device():
+    """A backend asked for by name that does not take this device type is a RuntimeError."""
+    for name in dispatch.BACKENDS:
+        ok, _ = dispatch.status(name)
+        backend, _ = dispatch.load(name)
+        if ok and "cpu" not in backend.device_types:
+            with pytest.raises(RuntimeError, match=name):
+                mmrprune.select(X, W, k=3, backend=name)
+
+
+def test_check_finite_false_skips_the_check():
+    x = X.clone()
+    x[1, 2, 3] = math.nan
+    w = W.clone()
+    w[0, 1] = math.inf
+    # CPU input is always checked (the check costs no device sync there)...
+    with pytest.raises(ValueError, match="features"):
+        mmrprune.select(x, W, k=3, backend="torch")
+    # ...and check_finite=False must not crash or hang, whatever it returns for undefined input
+    for backend in ("torch", "numpy"):
+        try:
+            out = mmrprune.select(x, w, k=3, backend=backend, check_finite=False)
+        except ValueError as exc:   # CPU input may still be checked: then it names the argument
+            assert "features" in str(exc) or "importance" in str(exc)
+        else:
+            assert out.shape == (2, 3) and out.dtype == torch.int64
+    # finite input with check_finite=False gives the normal answer
+    np.testing.assert_array_equal(mmrprune.select(X, W, k=3, backend="torch", check_finite=False),
+                                  mmrprune.select(X, W, k=3, backend="torch"))
+
+
+def test_cu_seqlens_int32_and_lists_are_accepted():
+    idx, cu_k = varlen(torch.tensor([0, 5, 16], dtype=torch.int32))
+    assert cu_k.tolist() == [0, 2, 4] and idx.shape == (4,)
+    idx2, _ = varlen([0, 5, 16])
+    assert torch.equal(idx, idx2)
+
+
+def test_lengths_int32_numpy_and_list():
+    a = sel(lengths=torch.tensor([8, 3], dtype=torch.int32))
+    b = sel(lengths=[8, 3])
+    c = sel(X.numpy(), W.numpy(), lengths=np.array([8, 3], dtype=np.int32))
+    assert torch.equal(a, b)
+    np.testing.assert_array_equal(c, a.numpy())
