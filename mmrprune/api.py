@@ -18,7 +18,7 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 def _run(request: Request, backend: str) -> torch.Tensor:
     batch = request.batch
-    chosen = dispatch.resolve(backend, batch.device.type, batch.method)
+    chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
     out = chosen.select(batch)
     if request.order == "position":
         # -1 padding sorts last: order by (index if kept else +inf)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from .backends import Backend
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
@@ -23,6 +25,9 @@ HOW_TO_GET = {
 }
 
 
+_LOADED: dict = {}  # name -> Backend, filled by load()
+
+
 def load(name: str) -> tuple[Backend | None, str]:
     """``(backend, "")`` if its module imports, else ``(None, reason)``."""
     try:
@@ -33,6 +38,7 @@ def load(name: str) -> tuple[Backend | None, str]:
         return None, f"import failed: {exc}"
     except Exception as exc:  # a broken build must not break `import mmrprune`
         return None, f"import failed: {type(exc).__name__}: {exc}"
+    _LOADED[name] = module.BACKEND
     return module.BACKEND, ""
 
 
@@ -45,6 +51,18 @@ def status(name: str) -> tuple[bool, str]:
         return backend.status()
     except Exception as exc:
         return False, f"status check failed: {type(exc).__name__}: {exc}"
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(name: str, device_type: str, method: str) -> str:
+    """Name of the backend :func:`resolve` picks.  Under ``torch.compile`` this runs once
+    at trace time (imports and status checks are not traceable) and becomes a constant."""
+    return resolve(name, device_type, method).name
+
+
+def loaded(name: str) -> Backend:
+    """The backend object of an already-resolved ``name`` (a plain dict read, traceable)."""
+    return _LOADED[name]
 
 
 def resolve(name: str, device_type: str, method: str) -> Backend:
