@@ -2,10 +2,10 @@
 
 ``TRITON_INTERPRET`` must be set before Triton decorates the kernels, and the
 rest of the suite imports Triton normally, so :func:`test_interpreter_suite`
-re-runs this very file in a subprocess with ``TRITON_INTERPRET=1`` and
-``MMRPRUNE_INTERPRET_INNER=1``.  There the ``test_inner_*`` tests run (they are
-skipped in the parent process) and the parent asserts that all of them passed
-and none was skipped.  Shapes are tiny (N <= 48, k <= 8, B <= 3): the
+re-runs this very file in a subprocess with ``TRITON_INTERPRET=1``,
+``MMRPRUNE_INTERPRET_INNER=1`` and ``-o python_functions=inner_*``: there the
+``inner_*`` functions are the tests (the parent process does not collect them)
+and the parent asserts that all of them passed and none was skipped.  Shapes are tiny (N <= 48, k <= 8, B <= 3): the
 interpreter runs each kernel step in NumPy.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ def test_interpreter_suite():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1")
     here = os.path.abspath(__file__)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "inner", here],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-o", "python_functions=inner_*", here],
                           cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
@@ -73,7 +74,7 @@ def _rows(out):
 
 # ----------------------------------------------------------------------------- tests (subprocess)
 @inner
-def test_inner_backend_runs_on_cpu_when_interpreting():
+def inner_backend_runs_on_cpu_when_interpreting():
     from mmrprune import dispatch
     ok, why = dispatch.status("triton")
     assert ok and "interpreter" in why, why
@@ -83,7 +84,7 @@ def test_inner_backend_runs_on_cpu_when_interpreting():
 
 @inner
 @pytest.mark.parametrize("method", METHODS)
-def test_inner_padded_batch_matches_reference(method, gram_mode):
+def inner_padded_batch_matches_reference(method, gram_mode):
     """B = 3 with lengths (N, 0, partial): exact reference order per image, nothing from padding."""
     n, d, k = 40, 24, 7
     x = torch.from_numpy(C.clustered_tokens(n, d, batch=3, seed=3)).to(torch.float32)
@@ -103,7 +104,7 @@ def test_inner_padded_batch_matches_reference(method, gram_mode):
 
 @inner
 @pytest.mark.parametrize("method", METHODS)
-def test_inner_duplicate_tokens_tie_to_lowest_index(method, gram_mode):
+def inner_duplicate_tokens_tie_to_lowest_index(method, gram_mode):
     """Exact duplicates with tied importance: every tie must go to the lowest index.
 
     Six groups of three copies of a scaled one-hot vector (scales are powers of
@@ -127,7 +128,7 @@ def test_inner_duplicate_tokens_tie_to_lowest_index(method, gram_mode):
 
 @inner
 @pytest.mark.parametrize("method", ("mmr", "fps", "dpp"))
-def test_inner_constant_importance_and_zero_vector(method, gram_mode):
+def inner_constant_importance_and_zero_vector(method, gram_mode):
     """``importance=None`` (Imp = 0, q = 1) and an all-zero token (sim 0, DPP gain 0)."""
     x = torch.from_numpy(C.gaussian_tokens(17, 12, seed=5)).float()
     x[4] = 0.0
@@ -142,7 +143,7 @@ def test_inner_constant_importance_and_zero_vector(method, gram_mode):
 
 
 @inner
-def test_inner_dpp_exhausted_rank_fills_in_index_order(gram_mode):
+def inner_dpp_exhausted_rank_fills_in_index_order(gram_mode):
     """Rank 3 features, k = 7: after 3 picks every gain is < DPP_EPS; the rest come in index order."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 20))
@@ -154,7 +155,7 @@ def test_inner_dpp_exhausted_rank_fills_in_index_order(gram_mode):
 
 @inner
 @pytest.mark.parametrize("method", METHODS)
-def test_inner_varlen_matches_reference(method, gram_mode):
+def inner_varlen_matches_reference(method, gram_mode):
     """Packed segments (lengths 9, 0, 26, 1) through ``select_varlen``."""
     import mmrprune
     lens = [9, 0, 26, 1]
@@ -173,7 +174,7 @@ def test_inner_varlen_matches_reference(method, gram_mode):
 @inner
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("method", ("mmr", "divprune", "dpp"))
-def test_inner_half_precision_certificate(method, dtype, gram_mode):
+def inner_half_precision_certificate(method, dtype, gram_mode):
     """fp16 / bf16 rows: every step is an argmax within the spec's 4e-3 of the float64 replay."""
     x = torch.from_numpy(C.clustered_tokens(48, 32, batch=2, seed=4)).to(dtype)
     w = torch.from_numpy(C.distinct_importance(48, batch=2, seed=4)).to(dtype)
@@ -183,7 +184,7 @@ def test_inner_half_precision_certificate(method, dtype, gram_mode):
 
 
 @inner
-def test_inner_keep_ratio_and_position_order():
+def inner_keep_ratio_and_position_order():
     import mmrprune
     x = torch.from_numpy(C.gaussian_tokens(30, 8, batch=2, seed=9)).float()
     w = torch.from_numpy(C.distinct_importance(30, batch=2, seed=9)).float()
