@@ -1,0 +1,200 @@
+"""The C++ CPU backend (mmrprune._cpu): build, exactness, threads, SIMD paths, certificate."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import certify
+import mmrprune
+from mmrprune import ops
+from mmrprune import reference as R
+from mmrprune.backends import cpu_backend
+
+pytestmark = pytest.mark.skipif(ops._cpu is None, reason=f"mmrprune._cpu not built: {ops.CPU_IMPORT_ERROR}")
+
+METHOD_PARAMS = {"d2pruner": {"grid": (6, 10)}}  # 60 tokens per image below
+
+
+def _cpu_select(x, w, method, **kw):
+    return mmrprune.select(x, w, method=method, order="selection", backend="cpu",
+                           **METHOD_PARAMS.get(method, {}), **kw)
+
+
+def _well_separated(method, n, d, k, batch, seed0=0, need=2e-4):
+    """Gaussian tokens + distinct importance whose reference margin exceeds `need` (twice the
+    float32 certificate tolerance) in every image, so exact equality is owed."""
+    for seed in range(seed0, seed0 + 50):
+        x = certify.gaussian_tokens(n, d, batch=batch, seed=seed)
+        w = certify.distinct_importance(n, batch=batch, seed=seed)
+        params = METHOD_PARAMS.get(method, {})
+        if all(certify.reference_margin(x[b], w[b], k, method, 0.5, **params) > need for b in range(batch)):
+            return x, w
+    raise AssertionError(f"no well-separated input found for {method}")
+
+
+def test_extension_loads_and_reports():
+    assert ops._cpu.isa() in ("avx512", "avx2", "sse2", "generic")
+    ok, detail = cpu_backend.BACKEND.status()
+    assert ok, detail
+    assert ops._cpu.isa() in detail
+
+
+def test_info_cli_reports_build_flags():
+    out = subprocess.run([sys.executable, "-m", "mmrprune", "info"], capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.strip().startswith("cpu "))
+    assert " yes " in line, line
+    assert "-O3" in line and "kernels" in line, line
+
+
+def test_status_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu", None)
+    monkeypatch.setattr(ops, "CPU_IMPORT_ERROR", "No module named 'mmrprune._cpu'")
+    ok, detail = cpu_backend.BACKEND.status()
+    assert not ok and "build_ext --inplace" in detail and "pip install" in detail
+    with pytest.raises(RuntimeError, match="not available"):
+        mmrprune.select(torch.randn(5, 4), k=2, backend="cpu")
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    from mmrprune import dispatch
+    assert dispatch.resolve("auto", "cpu", "mmr").name == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", R.METHODS)
+def test_equals_reference_on_well_separated_inputs(method, dtype):
+    n, d, k, batch = 60, 24, 15, 3
+    x, w = _well_separated(method, n, d, k, batch)
+    xt, wt = torch.from_numpy(x).to(dtype), torch.from_numpy(w).to(dtype)
+    x_before, w_before = xt.clone(), wt.clone()
+    got = _cpu_select(xt, wt, method, k=k)
+    assert got.dtype == torch.int64 and got.shape == (batch, k)
+    for b in range(batch):
+        ref = R.select_one(x[b], w[b], k, method, 0.5, **METHOD_PARAMS.get(method, {}))
+        np.testing.assert_array_equal(got[b].numpy(), ref, err_msg=f"{method} image {b}")
+    assert torch.equal(xt, x_before) and torch.equal(wt, w_before)  # inputs untouched
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_padded_and_varlen_segments(method):
+    n, d, k = 60, 24, 10
+    x, w = _well_separated(method, n, d, k, 3, seed0=100)
+    lengths = [60, 0, 60]  # middle image empty: selects nothing
+    xt, wt = torch.from_numpy(x).float(), torch.from_numpy(w).float()
+    got = _cpu_select(xt, wt, method, k=k, lengths=torch.tensor(lengths))
+    assert (got[1] == -1).all()
+    for b in (0, 2):
+        ref = R.select_one(x[b], w[b], k, method, 0.5, **METHOD_PARAMS.get(method, {}))
+        np.testing.assert_array_equal(got[b].numpy(), ref)
+    # packed form of images 0 and 2 gives the same picks as flat row indices
+    packed = torch.cat([xt[0], xt[2]])
+    wp = torch.cat([wt[0], wt[2]])
+    flat, cu_k = mmrprune.select_varlen(packed, wp, torch.tensor([0, 60, 120]), k=k, method=method,
+                                        order="selection", backend="cpu", **METHOD_PARAMS.get(method, {}))
+    assert cu_k.tolist() == [0, k, 2 * k]
+    assert torch.equal(flat[:k], got[0]) and torch.equal(flat[k:] - 60, got[2])
+
+
+@pytest.mark.parametrize("method", ["mmr", "divprune", "dpp", "hybrid"])
+def test_budget_larger_than_image_and_single_token(method):
+    x = torch.randn(2, 7, 5)
+    got = mmrprune.select(x, torch.rand(2, 7), k=20, method=method, lengths=torch.tensor([7, 1]),
+                          order="selection", backend="cpu")
+    assert got.shape == (2, 7)
+    assert sorted(got[0].tolist()) == list(range(7))
+    assert got[1].tolist() == [0] + [-1] * 6
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_threads_give_the_same_answer(method, real_tokens_small):
+    x, w = real_tokens_small
+    kw = {"grid": (32, 32)} if method == "d2pruner" else {}
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mmrprune.select(x, w, k=48, method=method, order="selection", backend="cpu", **kw)
+        torch.set_num_threads(2)
+        two = mmrprune.select(x, w, k=48, method=method, order="selection", backend="cpu", **kw)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@pytest.fixture(scope="module")
+def real_tokens_small():
+    from mmrprune.data import load_dinov2
+    d = load_dinov2()
+    return torch.from_numpy(np.asarray(d["tokens"][:4])), torch.from_numpy(np.asarray(d["cls_attention"][:4]))
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+def test_every_simd_path_matches_reference(isa):
+    if not ops._cpu.isa_supported(isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    n, d, k = 60, 37, 15  # D not a multiple of any vector width: exercises the scalar tail
+    x, w = _well_separated("mmr", n, d, k, 2, seed0=200)
+    rows = torch.from_numpy(x).float().reshape(-1, d).contiguous()
+    imp = torch.from_numpy(np.stack([R.normalized_importance(w[b], n) for b in range(2)])).float().reshape(-1)
+    starts, lengths, ks = torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([k, k])
+    out = torch.empty((2, k), dtype=torch.int64)
+    ops._cpu.select(rows.data_ptr(), 0, rows.shape[0], d, starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(),
+                    2, k, imp.data_ptr(), 0, ops.METHOD_CODES["mmr"], 0.5, 0.5, 1.0, 0.5, 1, 0, 2,
+                    out.data_ptr(), isa)
+    for b in range(2):
+        np.testing.assert_array_equal(out[b].numpy(), R.select_mmr(x[b], w[b], k, 0.5))
+
+
+def test_extension_rejects_inconsistent_segments():
+    rows = torch.randn(10, 4)
+    imp = torch.zeros(10)
+    starts, lengths, ks = torch.tensor([0]), torch.tensor([10]), torch.tensor([11])  # k > length
+    out = torch.empty((1, 11), dtype=torch.int64)
+    with pytest.raises(ValueError, match="ks"):
+        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), 1, 11,
+                        imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
+    with pytest.raises(ValueError, match="out of range"):
+        bad_len = torch.tensor([12])
+        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), bad_len.data_ptr(), torch.tensor([2]).data_ptr(),
+                        1, 11, imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
+
+
+def test_op_rejects_bad_tensors():
+    rows, imp = torch.randn(10, 4), torch.zeros(10)
+    s, n, k = torch.tensor([0]), torch.tensor([10]), torch.tensor([3])
+    args = (s, n, k, 3, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(TypeError, match="importance"):
+        ops.cpu_select(rows, imp.double(), None, *args)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.cpu_select(torch.randn(4, 10).t(), imp, None, *args)
+    with pytest.raises(ValueError, match="unknown method"):
+        ops.cpu_select(rows, imp, None, s, n, k, 3, "nope", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(ValueError, match="quality"):
+        ops.cpu_select(rows, imp, None, s, n, k, 3, "dpp", 0.5, 0.5, 1.0, 0.5, 1, 0)
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_certificate_on_real_tokens(method):
+    """float16 DINOv2 tokens: near-duplicates abound, so exact equality is not owed;
+    every step must be an argmax within the float16 tolerance."""
+    from mmrprune.data import load_dinov2
+    d = load_dinov2()
+    x = torch.from_numpy(np.asarray(d["tokens"][:3]))
+    w = torch.from_numpy(np.asarray(d["cls_attention"][:3]))
+    params = {"grid": (32, 32)} if method == "d2pruner" else {}
+    k = 64
+    got = mmrprune.select(x, w, k=k, method=method, order="selection", backend="cpu", **params)
+    for b in range(x.shape[0]):
+        certify.check_certificate(x[b], w[b], got[b].numpy(), method=method, lam=0.5,
+                                  tol=certify.tol_for(x.dtype), k=k, **params)
+
+
+def test_bfloat16_input_certificate():
+    x = torch.from_numpy(certify.clustered_tokens(200, 48, batch=2, seed=3)).to(torch.bfloat16)
+    w = torch.from_numpy(certify.distinct_importance(200, batch=2, seed=3)).to(torch.bfloat16)
+    got = mmrprune.select(x, w, k=40, method="mmr", order="selection", backend="cpu")
+    for b in range(2):
+        certify.check_certificate(x[b], w[b], got[b].numpy(), method="mmr", lam=0.5, tol=4e-3, k=40)
