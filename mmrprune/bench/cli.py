@@ -1,0 +1,269 @@
+"""``mmrprune-bench`` / ``python -m mmrprune.bench``: speed sweeps and selection quality.
+
+    mmrprune-bench                       # = speed: real DINOv2 tokens, B=8 N=1024 D=384, keep 25%,
+                                         #   mmr/divprune/topk on every backend this machine has
+    mmrprune-bench speed --preset llava,qwen1080p --dtype bfloat16 --json out.json --plot out.png
+    mmrprune-bench quality               # IDPruner Sec. 3 retention-vs-Hopkins on the real tokens
+
+Unavailable backends (not built, no GPU, method not implemented) are listed as
+``skipped: ...`` lines; nothing a backend raises escapes as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ..reference import METHODS
+
+SUBCOMMANDS = ("speed", "quality")
+
+
+def _csv_list(kind, choices=None):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        if choices is not None:
+            if items == ["all"]:
+                return list(choices)
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; choose from {list(choices)} or 'all'")
+        return items
+    return parse
+
+
+def _floats(text):
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _ints(text):
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import quality, speed
+    parser = argparse.ArgumentParser(
+        prog="mmrprune-bench",
+        description="Speed and quality benchmarks of mmrprune's token selection. "
+                    "With no subcommand, runs `speed` with its defaults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {k:<10} B={v[0]} N={v[1]} D={v[2]}  {v[4]}"
+                                        for k, v in speed.PRESETS.items()))
+    sub = parser.add_subparsers(dest="command")
+
+    sp = sub.add_parser("speed", help="time backends x methods x shapes (the default)",
+                        description="Time selection across backends x methods x shapes x dtypes. CPU: warm-up, "
+                                    "then median/p20/p80 of perf_counter repeats. CUDA: triton.testing.do_bench.")
+    sp.add_argument("--preset", type=_csv_list("preset", list(speed.PRESETS)), default=None,
+                    help=f"comma list of {list(speed.PRESETS)} or 'all' (default: dinov2, or a custom "
+                         "random shape when --tokens and --dim are given)")
+    sp.add_argument("--batch", type=int, help="images per call (overrides the preset)")
+    sp.add_argument("--tokens", type=int, help="tokens per image N (overrides the preset)")
+    sp.add_argument("--dim", type=int, help="feature dim D (overrides the preset)")
+    budget = sp.add_mutually_exclusive_group()
+    budget.add_argument("--keep-ratio", type=float, default=0.25, help="kept share of tokens (default 0.25)")
+    budget.add_argument("--k", type=int, help="tokens kept per image (instead of --keep-ratio)")
+    sp.add_argument("--lam", type=float, default=0.5, help="MMR trade-off lam (default 0.5)")
+    sp.add_argument("--dtype", type=_csv_list("dtype", list(speed.DTYPES)), default=["float16"],
+                    help="comma list of float16,bfloat16,float32,float64 (default float16)")
+    sp.add_argument("--method", type=_csv_list("method", list(METHODS)), default=["mmr", "divprune", "topk"],
+                    help=f"comma list of {list(METHODS)} or 'all' (default mmr,divprune,topk)")
+    sp.add_argument("--backend", type=_csv_list("backend", ["cuda", "triton", "cpu", "torch", "numpy", "anchor"]),
+                    default=None, help="comma list of cuda,triton,cpu,torch,numpy,anchor (default on CPU: "
+                                       "cpu,torch,numpy,anchor; on CUDA: cuda,triton,torch,anchor)")
+    sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    sp.add_argument("--repeats", type=int, default=10, help="timed calls per case (default 10; on CPU at "
+                                                            "least 3, fewer once a case passes --max-seconds)")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, CPU (default 1)")
+    sp.add_argument("--max-seconds", type=float, default=3.0,
+                    help="CPU: stop a case's repeats after this long once 3 are done (default 3)")
+    sp.add_argument("--no-check-finite", action="store_true",
+                    help="call select(check_finite=False) (no NaN/Inf scan, no host sync)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
+    sp.add_argument("--json", metavar="PATH", help="write the records as JSON")
+    sp.add_argument("--csv", metavar="PATH", help="write the records as CSV")
+    sp.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    qp = sub.add_parser("quality", help="importance retention vs Hopkins on the real tokens (IDPruner Sec. 3)",
+                        description="Uniform random importance per image (seeded), keep a share of the tokens, "
+                                    "sweep mmr's lam and hybrid's pool; average importance retention and Hopkins "
+                                    "over images and seeds; check whether MMR's points dominate hybrid's.")
+    qp.add_argument("--images", type=int, default=8, help="first N of the 8 bundled photos (default 8)")
+    qp.add_argument("--tokens", type=int, help="evenly subsample this many of the 1024 tokens (quick runs)")
+    qp.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="importance seeds (default 0,1,2)")
+    qp.add_argument("--keep-ratio", type=float, default=0.25, help="kept share (default 0.25)")
+    qp.add_argument("--mmr-lams", type=_floats, default=list(quality.MMR_LAMS), help="mmr lam sweep")
+    qp.add_argument("--hybrid-lams", type=_floats, default=list(quality.HYBRID_LAMS),
+                    help="hybrid lam sweep (pool c = round(k/lam))")
+    qp.add_argument("--methods", type=_csv_list("method", list(METHODS)), default=list(quality.SINGLE_METHODS),
+                    help="single-point methods (default topk,fps,divprune,dpp)")
+    qp.add_argument("--backend", default="auto", help="selection backend (default auto = fastest available)")
+    qp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    qp.add_argument("--out-dir", default="bench/results",
+                    help="writes quality_pareto.{json,csv,png} and quality_dominance.json here "
+                         "(default bench/results)")
+    qp.add_argument("--figure", default="bench/figures/token_masks.png",
+                    help="token-mask figure path (default bench/figures/token_masks.png)")
+    qp.add_argument("--no-figure", action="store_true", help="skip the token-mask figure")
+    qp.add_argument("--mask-lam", type=float, default=0.5, help="mmr lam of the token-mask figure (default 0.5)")
+    qp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def _argv_with_default(argv):
+    """No subcommand given -> ``speed`` (top-level -h/--help still shows the overview)."""
+    if not argv:
+        return ["speed"]
+    if argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help"):
+        return list(argv)
+    return ["speed"] + list(argv)
+
+
+def main(argv=None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(_argv_with_default(raw))
+    if args.command == "quality":
+        return _quality(args, argv, parser)
+    return _speed(args, argv, parser)
+
+
+def _speed(args, argv, parser) -> int:
+    from . import speed
+    from .records import SPEED_FIELDS, environment, write_csv, write_json
+    device = _device(args.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available to torch {torch.__version__}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if not 0.0 <= args.lam <= 1.0:
+        parser.error("--lam must be in [0, 1]")
+    if args.k is not None and args.k < 1:
+        parser.error("--k must be >= 1")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        parser.error("--keep-ratio must be in (0, 1]")
+    presets = args.preset
+    if presets is None:
+        presets = [] if (args.tokens and args.dim) else ["dinov2"]
+    try:
+        shapes = speed.make_shapes(presets, args.batch, args.tokens, args.dim)
+    except ValueError as exc:
+        parser.error(str(exc))
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    cfg = speed.Config(shapes=shapes, methods=args.method, dtypes=args.dtype, device=device,
+                       backends=args.backend or list(speed.DEFAULT_BACKENDS[device_type]),
+                       k=args.k, keep_ratio=args.keep_ratio, lam=args.lam, repeats=args.repeats,
+                       warmup=args.warmup, max_seconds=args.max_seconds, check_finite=not args.no_check_finite,
+                       seed=args.seed)
+    env = environment(device, argv)
+    print(f"device: {env['device']} | torch {env['torch']} ({torch.get_num_threads()} threads) | "
+          f"triton {env['triton']} | commit {env['commit']}")
+    t0 = time.perf_counter()
+    records, skipped = speed.run_sweep(cfg, env, quiet=args.quiet)
+    if records:
+        print(speed.format_records(records))
+    else:
+        print("no case ran")
+    for s in skipped:
+        print(f"skipped: {s}")
+    print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s; speedups = baseline median / this "
+          f"median (same shape, dtype, method)")
+    return _write(args, records, SPEED_FIELDS, write_json, write_csv,
+                  lambda path: __import__("mmrprune.bench.plotting", fromlist=["plot_speed"]).plot_speed(records, path))
+
+
+def _write(args, records, fields, write_json, write_csv, plot) -> int:
+    from .plotting import PlotUnavailable
+    if args.json:
+        write_json(args.json, records)
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, records, fields)
+        print(f"wrote {args.csv}")
+    if getattr(args, "plot", None):
+        if not records:
+            print(f"no plot: nothing ran ({args.plot})")
+        else:
+            try:
+                plot(args.plot)
+                print(f"wrote {args.plot}")
+            except PlotUnavailable as exc:
+                print(f"no plot: {exc}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _quality(args, argv, parser) -> int:
+    import os
+
+    from . import quality
+    from .records import REQUIRED_FIELDS, environment, write_csv, write_json
+    device = _device(args.device)
+    if not 1 <= args.images <= 8:
+        parser.error("--images must be in 1..8")
+    if args.tokens is not None and not 2 <= args.tokens <= 1024:
+        parser.error("--tokens must be in 2..1024")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        parser.error("--keep-ratio must be in (0, 1]")
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
+    for lam in list(args.mmr_lams) + list(args.hybrid_lams) + [args.mask_lam]:
+        if not 0.0 <= lam <= 1.0:
+            parser.error(f"lam {lam} is outside [0, 1]")
+    env = environment(device, argv)
+    cfg = quality.QualityConfig(images=args.images, tokens=args.tokens, seeds=args.seeds,
+                                keep_ratio=args.keep_ratio, mmr_lams=args.mmr_lams, hybrid_lams=args.hybrid_lams,
+                                singles=args.methods, backend=args.backend, device=device)
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    try:
+        records = quality.run_quality(cfg, env, progress)
+    except (RuntimeError, ValueError) as exc:
+        print(f"quality run failed: {exc}", file=sys.stderr)
+        return 1
+    comparison = quality.compare_mmr_hybrid(records)
+    print(quality.format_quality(records, comparison))
+    out = args.out_dir
+    paths = {ext: os.path.join(out, f"quality_pareto.{ext}") for ext in ("json", "csv", "png")}
+    write_json(paths["json"], records)
+    write_csv(paths["csv"], records, REQUIRED_FIELDS)
+    dom_path = os.path.join(out, "quality_dominance.json")
+    write_json(dom_path, dict(comparison, command=env["command"], commit=env["commit"], device=env["device"]))
+    print(f"wrote {paths['json']}, {paths['csv']}, {dom_path}")
+    from .plotting import PlotUnavailable, plot_pareto, plot_token_masks
+    rc = 0
+    try:
+        plot_pareto(records, comparison, paths["png"])
+        print(f"wrote {paths['png']}")
+        if not args.no_figure:
+            masks = quality.token_masks(args.mask_lam, args.keep_ratio, args.backend, device)
+            plot_token_masks(masks, args.figure)
+            print(f"wrote {args.figure}")
+            for (name, m), s in masks["stats"].items():
+                print(f"  mask {name:<10} {m:<9} retention {s['retention']:.3f}  hopkins {s['hopkins']:.3f}")
+    except PlotUnavailable as exc:
+        print(f"no plots: {exc}", file=sys.stderr)
+        rc = 1
+    print(f"quality run: {time.perf_counter() - t0:.1f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

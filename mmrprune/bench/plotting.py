@@ -1,0 +1,123 @@
+"""PNG figures.  matplotlib is optional (``pip install mmrprune[bench]``)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MISSING = "matplotlib is not installed: `pip install matplotlib` (or `pip install -e .[bench]`) to write plots"
+
+
+class PlotUnavailable(RuntimeError):
+    pass
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotUnavailable(MISSING) from exc
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+def plot_speed(records: list, path: str) -> None:
+    """One panel per (preset, shape, dtype): median ms per method x backend, log scale,
+    whiskers p20..p80."""
+    plt = _pyplot()
+    groups = {}
+    for r in records:
+        groups.setdefault((r.get("preset"), r["batch"], r["tokens"], r["dim"], r["k"], r["dtype"]), []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.9 + 0.32 * max(len(g) for g in groups.values())
+                                                      * len(groups)), squeeze=False)
+    backends = sorted({r["backend"] for r in records})
+    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+    for ax, ((preset, b, n, d, k, dt), rows) in zip(axes[:, 0], groups.items()):
+        rows = sorted(rows, key=lambda r: (r["method"], r["median_ms"]))
+        y = np.arange(len(rows))
+        med = np.array([r["median_ms"] for r in rows])
+        err = np.array([[r["median_ms"] - r["p20_ms"] for r in rows], [r["p80_ms"] - r["median_ms"] for r in rows]])
+        ax.barh(y, med, xerr=err, color=[colors[r["backend"]] for r in rows])
+        ax.set_yticks(y, [f"{r['method']} / {r['backend']}" for r in rows])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("median ms (whiskers p20-p80), lower is better")
+        ax.set_title(f"{preset}: B={b} N={n} D={d} k={k} {dt} — {rows[0]['device']}", fontsize=9)
+        for yi, r in zip(y, rows):
+            ax.text(r["median_ms"], yi, f" {r['median_ms']:.3g} ms", va="center", fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_pareto(records: list, comparison: dict, path: str) -> None:
+    """Importance retention (up) vs Hopkins (left is better) for every quality point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for fam, style in (("mmr", "o-"), ("hybrid", "s--")):
+        rows = [r for r in records if r["method"] == fam]
+        if not rows:
+            continue
+        rows = sorted(rows, key=lambda r: r["lam"])
+        ax.plot([r["hopkins"] for r in rows], [r["retention"] for r in rows], style, ms=4,
+                label=f"{fam} (lam sweep)" if fam == "mmr" else "hybrid (pool c = round(k/lam))")
+        for r in rows:
+            note = f"{r['lam']:g}" if fam == "mmr" else f"c={r['pool']}"
+            ax.annotate(note, (r["hopkins"], r["retention"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+    markers = {"topk": "^", "fps": "v", "divprune": "D", "dpp": "P"}
+    for r in records:
+        if r["method"] in markers:
+            ax.plot(r["hopkins"], r["retention"], markers[r["method"]], ms=8, label=r["method"])
+    r0 = records[0]
+    ax.set_xlabel("Hopkins H(S) (lower = kept tokens cover the space more evenly)")
+    ax.set_ylabel("importance retention I(S) (higher is better)")
+    title = (f"DINOv2 tokens, {r0['batch']} images x {len(r0['seeds'].split(','))} seeds, uniform random "
+             f"importance, keep {r0['k']}/{r0['tokens']}")
+    if comparison.get("hybrid_points"):
+        title += (f"\nhybrid points weakly dominated by an MMR point: {comparison['dominated']}/"
+                  f"{comparison['hybrid_points']}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_token_masks(result: dict, path: str) -> None:
+    """Rows: photos; columns: the photo, then its kept patches per method (others dimmed)."""
+    plt = _pyplot()
+    images, methods, masks, thumbs = result["images"], result["methods"], result["masks"], result["thumbnails"]
+    fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(2.4 * (len(methods) + 1), 2.5 * len(images)),
+                             squeeze=False)
+    for i, name in enumerate(images):
+        img = thumbs[i].astype(np.float32) / 255.0
+        side = img.shape[0]
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(name, fontsize=9)
+        for j, m in enumerate(methods):
+            mask = masks[i, j]
+            rep = side // mask.shape[0]
+            up = np.kron(mask, np.ones((rep, rep), dtype=bool))
+            pad = np.zeros(img.shape[:2], dtype=bool)
+            pad[:up.shape[0], :up.shape[1]] = up
+            shown = np.where(pad[..., None], img, 0.15 * img + 0.1)
+            axes[i, j + 1].imshow(shown)
+            s = result["stats"][(name, m)]
+            lam = f" lam={result['lam']:g}" if m == "mmr" else ""
+            axes[i, j + 1].set_title(f"{m}{lam}\nI={s['retention']:.2f} H={s['hopkins']:.3f}", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"kept patches ({result['keep_ratio']:.0%}, 32x32 grid), importance = last-layer [CLS] attention",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,344 @@
+"""Speed sweep: backends x methods x shapes x dtypes, timed in one process.
+
+* CPU: ``warmup`` untimed calls, then up to ``repeats`` calls timed with
+  ``time.perf_counter`` (at least ``min(3, repeats)``; a case stops early once
+  it has spent ``max_seconds``), median and p20/p80.
+* CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flush before
+  every call, p50/p20/p80), with ``rep`` sized so that at least ``repeats``
+  calls are timed.  Without triton, a CUDA-event loop of the same shape.
+* Both rotate through several copies of the inputs (:func:`_n_buffers`) so a
+  call never finds its inputs already in cache from the previous one.
+
+``anchor`` (:mod:`mmrprune.baselines`, mmr and divprune only) and ``torch``
+run as ordinary cases, so every record can carry its speedup over both.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import dispatch
+from ..reference import budget
+
+# --------------------------------------------------------------------------- shapes
+PRESETS = {
+    # name: (default batch, tokens, dim, source, what it stands for)
+    "llava": (8, 576, 4096, "random", "LLaVA-1.5: 24x24 CLIP patches into a 4096-d LLM"),
+    "qwen1080p": (4, 2691, 3584, "random", "Qwen2-VL-7B, one 1080p frame (39x69 merged patches)"),
+    "video": (1, 16384, 3584, "random", "a long video: 16k visual tokens, 3584-d"),
+    "dinov2": (8, 1024, 384, "dinov2", "real DINOv2 ViT-S/14 tokens of 8 photos at 448 px (mmrprune.data)"),
+}
+DINOV2_IMAGES = 8
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+ANCHOR_METHODS = ("mmr", "divprune")
+DEFAULT_BACKENDS = {"cpu": ("cpu", "torch", "numpy", "anchor"), "cuda": ("cuda", "triton", "torch", "anchor")}
+
+# Peak dense bf16 tensor-core TFLOP/s by device name (vendor datasheets); unknown -> omitted.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),   # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def peak_bf16_tflops(name: str) -> Optional[float]:
+    if "NVL" in name:  # NVL parts run at other clocks; not in the table
+        return None
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    tokens: int
+    dim: int
+    source: str  # "random" or "dinov2"
+
+    def label(self) -> str:
+        return f"{self.name} B={self.batch} N={self.tokens} D={self.dim}"
+
+
+def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
+    """Shapes of a sweep. ``--batch/--tokens/--dim`` override every preset's value;
+    ``tokens`` and ``dim`` without a preset give one random shape ``custom``."""
+    shapes = []
+    for p in presets:
+        if p not in PRESETS:
+            raise ValueError(f"unknown preset {p!r}; choose from {sorted(PRESETS)}")
+        b0, n0, d0, source, _ = PRESETS[p]
+        b, n, d = batch or b0, tokens or n0, dim or d0
+        if source == "dinov2" and (b > DINOV2_IMAGES or n > n0 or d > d0):
+            raise ValueError(f"preset dinov2 has {DINOV2_IMAGES} images x {n0} tokens x {d0} dims; "
+                             f"got batch={b}, tokens={n}, dim={d}")
+        shapes.append(Shape(p, b, n, d, source))
+    if not presets:
+        if not (tokens and dim):
+            raise ValueError("give --preset, or both --tokens and --dim")
+        shapes.append(Shape("custom", batch or 1, tokens, dim, "random"))
+    for s in shapes:
+        if min(s.batch, s.tokens, s.dim) < 1:
+            raise ValueError(f"shape {s.label()}: batch, tokens and dim must be >= 1")
+    return shapes
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
+    """``(features [B, N, D] dtype, importance [B, N] float32)`` on ``device``."""
+    if shape.source == "dinov2":
+        from ..data import load_dinov2
+        d = load_dinov2()
+        x = torch.from_numpy(np.ascontiguousarray(d["tokens"][:shape.batch, :shape.tokens, :shape.dim]))
+        w = torch.from_numpy(np.ascontiguousarray(d["cls_attention"][:shape.batch, :shape.tokens]))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape.batch, shape.tokens, shape.dim, generator=g)
+        w = torch.rand(shape.batch, shape.tokens, generator=g)
+    return x.to(device=device, dtype=dtype).contiguous(), w.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _n_buffers(nbytes: int, device: str) -> int:
+    """Input copies to rotate through: enough to outgrow the caches, at most 8 and at most
+    a quarter of free device memory."""
+    target = (256 << 20) if device.startswith("cuda") else (64 << 20)
+    n = min(8, max(2, math.ceil(target / max(nbytes, 1))))
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        n = max(1, min(n, int(free // 4 // max(nbytes, 1))))
+    return n
+
+
+# --------------------------------------------------------------------------- runners
+def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
+                check_finite: bool = True) -> tuple[Optional[Callable], str]:
+    """``(fn(x, w), "")`` or ``(None, why this case cannot run)``."""
+    if backend == "anchor":
+        if method not in ANCHOR_METHODS:
+            return None, f"the anchor baseline exists for {', '.join(ANCHOR_METHODS)} only"
+        from ..baselines import anchor_divprune, anchor_mmr
+        if method == "mmr":
+            return (lambda x, w: anchor_mmr(x, w, k, lam)), ""
+        return (lambda x, w: anchor_divprune(x, k)), ""
+    try:
+        dispatch.resolve(backend, device_type, method)
+    except (RuntimeError, ValueError) as exc:
+        return None, str(exc)
+    from ..api import select
+
+    def run(x, w):
+        return select(x, w, k=k, lam=lam, method=method, backend=backend, order="selection",
+                      check_finite=check_finite)
+    return run, ""
+
+
+# --------------------------------------------------------------------------- timers
+def _percentiles(times_ms) -> tuple[float, float, float]:
+    a = np.asarray(times_ms, dtype=np.float64)
+    return float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80))
+
+
+def time_cpu(fn: Callable[[], object], repeats: int, warmup: int = 1, max_seconds: float = 3.0) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    floor = min(3, repeats)
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= floor and time.perf_counter() - start > max_seconds:
+            break
+    med, p20, p80 = _percentiles(times)
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "repeats": len(times), "timer": "perf_counter"}
+
+
+def time_cuda(fn: Callable[[], object], repeats: int, device: str) -> dict:
+    torch.cuda.synchronize(device)
+    fn()  # compile / autotune / first-touch outside the estimate
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(start.elapsed_time(end), 1e-3)
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        do_bench = None
+    if do_bench is not None:
+        rep = max(100.0, estimate * repeats)
+        med, p20, p80 = do_bench(fn, warmup=max(25.0, estimate), rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80),
+                "repeats": max(1, int(rep / estimate)), "timer": "triton.testing.do_bench"}
+    n = max(repeats, int(100.0 / estimate))
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    for _ in range(max(1, int(25.0 / estimate))):
+        fn()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in pairs:
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    med, p20, p80 = _percentiles([s.elapsed_time(e) for s, e in pairs])
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "repeats": n, "timer": "cuda events"}
+
+
+def _rotating(fn2, inputs):
+    state = [0]
+
+    def call():
+        i = state[0]
+        state[0] = (i + 1) % len(inputs)
+        return fn2(*inputs[i])
+    return call
+
+
+def gram_stats(shape: Shape, device: str, repeats: int, device_label: str) -> dict:
+    """Time of the bf16 batched Gram ``x̂ x̂^T`` of this shape and its TFLOP/s (CUDA only)."""
+    x, _ = make_inputs(shape, torch.bfloat16, device)
+    xn = x / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).clamp_min(1e-12).to(x.dtype)
+    copies = [(xn.clone(),) for _ in range(_n_buffers(xn.numel() * 2, device))]
+    t = time_cuda(_rotating(lambda a: torch.bmm(a, a.transpose(1, 2)), copies), repeats, device)
+    tflops = 2.0 * shape.batch * shape.tokens ** 2 * shape.dim / (t["median_ms"] * 1e-3) / 1e12
+    out = {"gram_ms": t["median_ms"], "gram_tflops": tflops}
+    peak = peak_bf16_tflops(device_label)
+    if peak is not None:
+        out["gram_peak_tflops"] = peak
+        out["gram_pct_of_peak"] = 100.0 * tflops / peak
+    return out
+
+
+# --------------------------------------------------------------------------- sweep
+@dataclass
+class Config:
+    shapes: list
+    methods: list
+    backends: list
+    dtypes: list
+    device: str = "cpu"
+    k: Optional[int] = None
+    keep_ratio: float = 0.25
+    lam: float = 0.5
+    repeats: int = 10
+    warmup: int = 1
+    max_seconds: float = 3.0
+    check_finite: bool = True
+    seed: int = 0
+
+
+def _progress(quiet: bool, msg: str, end: str = "\n") -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, end=end, flush=True)
+
+
+def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
+    """``(records, skipped)``; ``skipped`` holds ``"backend method shape: reason"`` lines."""
+    device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    records, skipped = [], []
+    unavailable = {}
+    for b in cfg.backends:
+        if b != "anchor":
+            ok, detail = dispatch.status(b)
+            if not ok:
+                hint = dispatch.HOW_TO_GET.get(b, "")
+                unavailable[b] = detail + (f" (to get it, {hint})" if hint else "")
+    for b, why in unavailable.items():
+        skipped.append(f"{b}: {why}")
+    backends = [b for b in cfg.backends if b not in unavailable]
+    cases = [(s, dt, m, b) for s in cfg.shapes for dt in cfg.dtypes for m in cfg.methods for b in backends]
+    gram_cache = {}
+    for i, (shape, dt, method, backend) in enumerate(cases, 1):
+        k = budget(shape.tokens, k=cfg.k, keep_ratio=None if cfg.k else cfg.keep_ratio)
+        tag = f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {backend:<7} {method:<9} {shape.label()} k={k} {dt}"
+        fn2, why = make_runner(backend, method, k, cfg.lam, device_type, cfg.check_finite)
+        if fn2 is None:
+            skipped.append(f"{backend} {method} {shape.name}: {why}")
+            _progress(quiet, f"{tag}  skipped")
+            continue
+        _progress(quiet, f"{tag} ...", end="")
+        try:
+            x, w = make_inputs(shape, DTYPES[dt], cfg.device, cfg.seed)
+            nbytes = x.numel() * x.element_size() + w.numel() * 4
+            inputs = [(x, w)] + [(x.clone(), w.clone()) for _ in range(_n_buffers(nbytes, cfg.device) - 1)]
+            call = _rotating(fn2, inputs)
+            if device_type == "cuda":
+                t = time_cuda(call, cfg.repeats, cfg.device)
+            else:
+                t = time_cpu(call, cfg.repeats, cfg.warmup, cfg.max_seconds)
+            del inputs, call, x, w
+        except Exception as exc:  # a broken backend is reported, never a traceback
+            reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            skipped.append(f"{backend} {method} {shape.name} {dt}: {reason}")
+            _progress(quiet, f" {reason}")
+            continue
+        _progress(quiet, f" {t['median_ms']:.3g} ms")
+        rec = dict(env)
+        rec.update({"backend": backend, "method": method, "preset": shape.name, "batch": shape.batch,
+                    "tokens": shape.tokens, "dim": shape.dim, "k": k, "lam": cfg.lam, "dtype": dt,
+                    "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                    "us_per_step": t["median_ms"] * 1e3 / k,
+                    "images_per_s": shape.batch / (t["median_ms"] * 1e-3),
+                    "speedup_vs_torch": None, "speedup_vs_anchor": None,
+                    "repeats": t["repeats"], "timer": t["timer"], "threads": torch.get_num_threads(),
+                    "check_finite": cfg.check_finite})
+        if device_type == "cuda":
+            key = (shape, dt)
+            if key not in gram_cache:
+                try:
+                    gram_cache[key] = gram_stats(shape, cfg.device, cfg.repeats, env["device"])
+                except Exception as exc:
+                    skipped.append(f"bf16 Gram {shape.name}: failed: {type(exc).__name__}: {exc}")
+                    gram_cache[key] = {}
+            g = gram_cache[key]
+            if g:
+                rec.update(g)
+                rec["gram_share"] = g["gram_ms"] / t["median_ms"]
+        records.append(rec)
+    add_speedups(records)
+    return records, skipped
+
+
+def add_speedups(records: list) -> None:
+    """Fill ``speedup_vs_torch`` / ``speedup_vs_anchor``: baseline median / this median, within
+    the same device, shape, dtype, method, k and lam."""
+    def key(r):
+        return (r["device"], r.get("preset"), r["batch"], r["tokens"], r["dim"], r["dtype"], r["method"],
+                r["k"], r["lam"])
+    base = {}
+    for r in records:
+        if r["backend"] in ("torch", "anchor"):
+            base[(r["backend"],) + key(r)] = r["median_ms"]
+    for r in records:
+        for name in ("torch", "anchor"):
+            ms = base.get((name,) + key(r))
+            r[f"speedup_vs_{name}"] = None if ms is None else ms / r["median_ms"]
+
+
+TABLE_COLUMNS = [("backend", "backend"), ("method", "method"), ("preset", "preset"), ("B", "batch"),
+                 ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("median ms", "median_ms"),
+                 ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
+                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"), ("x anchor", "speedup_vs_anchor")]
+GPU_COLUMNS = [("gram share", "gram_share"), ("gram TFLOP/s", "gram_tflops"), ("% peak", "gram_pct_of_peak")]
+
+
+def format_records(records: list) -> str:
+    """The aligned terminal table of a sweep (GPU runs add the bf16 Gram columns)."""
+    from .records import format_table
+    cols = list(TABLE_COLUMNS)
+    if any("gram_ms" in r for r in records):
+        cols += GPU_COLUMNS
+    return format_table(records, cols)

@@ -1,0 +1,195 @@
+"""Smoke tests of ``mmrprune-bench speed`` on tiny shapes (no timing asserts)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmrprune import dispatch
+from mmrprune.backends import Backend
+from mmrprune.bench import cli, plotting, speed
+from mmrprune.bench.records import REQUIRED_FIELDS, SPEED_FIELDS, format_table
+
+TINY = ["--tokens", "64", "--dim", "16", "--batch", "2", "--k", "8", "--repeats", "2", "--quiet"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_speed_json_has_every_field_and_sane_values(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    argv = TINY + ["--backend", "torch,numpy,anchor", "--method", "mmr,divprune,topk", "--json", str(path)]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    records = json.loads(path.read_text())
+    # anchor has no topk: 3 backends x 3 methods - 1
+    assert sorted((r["backend"], r["method"]) for r in records) == sorted(
+        [(b, m) for b in ("torch", "numpy", "anchor") for m in ("mmr", "divprune", "topk")
+         if not (b == "anchor" and m == "topk")])
+    for r in records:
+        missing = [f for f in SPEED_FIELDS if f not in r]
+        assert not missing, missing
+        assert (r["batch"], r["tokens"], r["dim"], r["k"], r["lam"], r["dtype"]) == (2, 64, 16, 8, 0.5, "float16")
+        assert r["device"] and isinstance(r["device"], str)
+        assert r["torch"] == torch.__version__
+        assert "--tokens 64" in r["command"] and r["command"].startswith("mmrprune-bench")
+        assert r["commit"]
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["us_per_step"] == pytest.approx(r["median_ms"] * 1e3 / 8)
+        assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] * 1e-3))
+        assert r["speedup_vs_torch"] > 0
+        if r["backend"] == "torch":
+            assert r["speedup_vs_torch"] == pytest.approx(1.0)
+        if r["method"] == "topk":
+            assert r["speedup_vs_anchor"] is None
+        else:
+            assert r["speedup_vs_anchor"] > 0
+            if r["backend"] == "anchor":
+                assert r["speedup_vs_anchor"] == pytest.approx(1.0)
+    assert "skipped: anchor topk custom" in out
+    for header in ("backend", "median ms", "us/step", "x torch", "x anchor"):
+        assert header in out
+
+
+def test_explicit_speed_subcommand_writes_csv(tmp_path, capsys):
+    path = tmp_path / "out.csv"
+    rc, out, err = _run(["speed"] + TINY + ["--backend", "torch", "--method", "mmr", "--dtype", "float32,float16",
+                                             "--csv", str(path)], capsys)
+    assert rc == 0, err
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["dtype"] for r in rows] == ["float32", "float16"]
+    assert list(rows[0])[:len(REQUIRED_FIELDS)] == list(REQUIRED_FIELDS)
+    assert float(rows[0]["median_ms"]) > 0
+
+
+def test_unavailable_and_broken_backends_are_skipped(monkeypatch, tmp_path, capsys):
+    real_status, real_load = dispatch.status, dispatch.load
+
+    def boom(batch):
+        raise ZeroDivisionError("kernel exploded")
+
+    broken = Backend(name="triton", methods=("mmr",), device_types=("cpu",), select=boom,
+                     status=lambda: (True, "fake"))
+    monkeypatch.setattr(dispatch, "status",
+                        lambda name: (False, "no GPU in this test") if name == "cuda"
+                        else (True, "fake") if name == "triton" else real_status(name))
+    monkeypatch.setattr(dispatch, "load", lambda name: (broken, "") if name == "triton" else real_load(name))
+    path = tmp_path / "out.json"
+    rc, out, err = _run(TINY + ["--backend", "cuda,triton,torch", "--method", "mmr,divprune", "--device", "cpu",
+                                "--json", str(path)], capsys)
+    assert rc == 0
+    assert "Traceback" not in out + err
+    assert "skipped: cuda: no GPU in this test" in out
+    assert "skipped: triton mmr custom float16: failed: " in out  # whatever it raised, reported in one line
+    assert "skipped: triton divprune custom: backend 'triton' does not implement method 'divprune'" in out
+    assert {r["backend"] for r in json.loads(path.read_text())} == {"torch"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_backends_skipped_without_traceback_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "mmrprune.bench"] + TINY + ["--backend", "cuda,triton,torch",
+                                                                           "--method", "topk"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "skipped: cuda:" in proc.stdout and "skipped: triton:" in proc.stdout
+    assert "torch    topk" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["speed", "--help"], ["quality", "--help"]])
+def test_module_help(args):
+    proc = subprocess.run([sys.executable, "-m", "mmrprune.bench"] + args, capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+    if args == ["--help"]:
+        assert "speed" in proc.stdout and "quality" in proc.stdout and "dinov2" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [["--preset", "nope"], ["--method", "mmr,bogus"], ["--lam", "1.5"],
+                                 ["--k", "4", "--keep-ratio", "0.5"], ["--preset", "dinov2", "--batch", "9"],
+                                 ["--tokens", "2000"], ["--keep-ratio", "0"]])
+def test_bad_arguments_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(bad)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_dinov2_preset_uses_the_real_tokens(capsys, tmp_path):
+    path = tmp_path / "d.json"
+    rc, out, err = _run(["--preset", "dinov2", "--batch", "1", "--tokens", "64", "--dim", "32", "--k", "4",
+                         "--repeats", "1", "--backend", "torch", "--method", "topk", "--quiet", "--json", str(path)],
+                        capsys)
+    assert rc == 0, err
+    (r,) = json.loads(path.read_text())
+    assert (r["preset"], r["batch"], r["tokens"], r["dim"], r["k"]) == ("dinov2", 1, 64, 32, 4)
+    x, w = speed.make_inputs(speed.make_shapes(["dinov2"], 1, 64, 32)[0], torch.float32, "cpu")
+    from mmrprune.data import load_dinov2
+    d = load_dinov2()
+    assert torch.equal(x, torch.from_numpy(d["tokens"][:1, :64, :32]).float())
+    assert torch.equal(w, torch.from_numpy(d["cls_attention"][:1, :64]))
+
+
+def test_plot_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "s.png"
+    rc, out, err = _run(TINY + ["--backend", "torch,anchor", "--method", "mmr", "--plot", str(png)], capsys)
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def missing():
+        raise plotting.PlotUnavailable(plotting.MISSING)
+    monkeypatch.setattr(plotting, "_pyplot", missing)
+    rc, out, err = _run(TINY + ["--backend", "torch", "--method", "topk", "--plot", str(tmp_path / "t.png")], capsys)
+    assert rc == 1
+    assert "pip install matplotlib" in err and "Traceback" not in err
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_cpu_timer_respects_repeat_floor_and_budget():
+    calls = []
+    t = speed.time_cpu(lambda: calls.append(1), repeats=10, warmup=2, max_seconds=0.0)
+    assert t["repeats"] == 3 and len(calls) == 2 + 3
+    t = speed.time_cpu(lambda: calls.append(1), repeats=5, warmup=0, max_seconds=1e9)
+    assert t["repeats"] == 5
+    assert t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+
+
+def test_add_speedups_divides_baseline_by_case():
+    base = dict(device="d", preset="p", batch=1, tokens=8, dim=4, dtype="float32", k=2, lam=0.5)
+    recs = [dict(base, backend="torch", method="mmr", median_ms=10.0),
+            dict(base, backend="anchor", method="mmr", median_ms=40.0),
+            dict(base, backend="cpu", method="mmr", median_ms=2.0),
+            dict(base, backend="cpu", method="topk", median_ms=1.0),
+            dict(base, backend="cpu", method="mmr", median_ms=5.0, dtype="float16")]
+    speed.add_speedups(recs)
+    assert recs[2]["speedup_vs_torch"] == pytest.approx(5.0)
+    assert recs[2]["speedup_vs_anchor"] == pytest.approx(20.0)
+    assert recs[0]["speedup_vs_anchor"] == pytest.approx(4.0)
+    assert recs[3]["speedup_vs_torch"] is None and recs[3]["speedup_vs_anchor"] is None
+    assert recs[4]["speedup_vs_torch"] is None  # other dtype: no baseline
+
+
+def test_peak_table():
+    assert speed.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert speed.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert speed.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert speed.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert speed.peak_bf16_tflops("NVIDIA GeForce RTX 3090") is None
+    assert speed.peak_bf16_tflops("NVIDIA H100 NVL") is None
+
+
+def test_format_table_aligns_columns():
+    text = format_table([{"a": "x", "b": 1.5}, {"a": "longer", "b": 12345.0}], [("name", "a"), ("value", "b")])
+    lines = text.splitlines()
+    assert lines[0].startswith("name  ") and lines[2].endswith("1.50") and lines[3].endswith("12,345")
+    assert len(lines[2]) == len(lines[3])
