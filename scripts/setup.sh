@@ -25,5 +25,5 @@ $PIP --no-build-isolation --no-deps -e .
 
 # optional extras: plots (matplotlib) and the transformers integration tests
 $PIP matplotlib 2>/dev/null || echo "[setup] matplotlib unavailable (offline?): plots are skipped"
-$PIP "transformers>=5.0,<6" 2>/dev/null || echo "[setup] transformers unavailable (offline?): integration tests are skipped"
+$PIP "transformers>=5.23,<6" 2>/dev/null || echo "[setup] transformers unavailable (offline?): integration tests are skipped"
 $PY -m mmrprune info
