@@ -186,3 +186,17 @@ def test_lengths_int32_numpy_and_list():
     c = sel(X.numpy(), W.numpy(), lengths=np.array([8, 3], dtype=np.int32))
     assert torch.equal(a, b)
     np.testing.assert_array_equal(c, a.numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_mismatch_and_unchecked_call():
+    xc, wc = X.cuda(), W.cuda()
+    with pytest.raises(ValueError, match="importance"):
+        mmrprune.select(xc, W, k=3)
+    with pytest.raises(ValueError, match="lengths"):
+        mmrprune.select(xc, wc, k=3, lengths=torch.tensor([8, 9], device="cuda"))
+    with pytest.raises(ValueError, match="features"):
+        mmrprune.select(torch.full_like(xc, math.nan), wc, k=3)
+    out = mmrprune.select(torch.full_like(xc, math.nan), wc, k=3, check_finite=False)
+    torch.cuda.synchronize()
+    assert out.shape == (2, 3) and out.device.type == "cuda"
