@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-check-finite", action="store_true",
                     help="call select(check_finite=False) (no NaN/Inf scan, no host sync)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
+    sp.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's own)")
     sp.add_argument("--json", metavar="PATH", help="write the records as JSON")
     sp.add_argument("--csv", metavar="PATH", help="write the records as CSV")
     sp.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
@@ -159,6 +160,10 @@ def _speed(args, argv, parser) -> int:
         parser.error("--k must be >= 1")
     if not 0.0 < args.keep_ratio <= 1.0:
         parser.error("--keep-ratio must be in (0, 1]")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     presets = args.preset
     if presets is None:
         presets = [] if (args.tokens and args.dim) else ["dinov2"]

@@ -295,7 +295,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
                     "speedup_vs_torch": None, "speedup_vs_anchor": None,
                     "repeats": t["repeats"], "timer": t["timer"], "threads": torch.get_num_threads(),
                     "check_finite": cfg.check_finite})
-        if device_type == "cuda":
+        if device_type == "cuda" and method != "topk":  # top-k never forms similarities
             key = (shape, dt)
             if key not in gram_cache:
                 try:
