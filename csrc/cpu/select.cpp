@@ -78,7 +78,7 @@ struct Workspace {
 
 // x̂_i = x_i / max(||x_i||, 1e-12), converted to T on the way (no full-batch upcast).
 template <class T>
-void load_normalized(const SelectArgs& a, int64_t first_row, int64_t n, T* dst) {
+void load_normalized(const SelectArgs& a, int64_t first_row, int64_t n, T* dst, DotsFn<T> dots) {
   const int64_t D = a.dim;
   for (int64_t i = 0; i < n; ++i) {
     T* out = dst + i * D;
@@ -105,9 +105,9 @@ void load_normalized(const SelectArgs& a, int64_t first_row, int64_t n, T* dst) 
         break;
       }
     }
-    double ss = 0.0;
-    for (int64_t d = 0; d < D; ++d) ss += (double)out[d] * (double)out[d];
-    const T norm = (T)std::max(std::sqrt(ss), NORM_EPS);
+    T ss;
+    dots(out, out, D, D, nullptr, 1, &ss);  // ||x||^2 in the compute type, vectorised
+    const T norm = (T)std::max(std::sqrt((double)ss), NORM_EPS);
     for (int64_t d = 0; d < D; ++d) out[d] = out[d] / norm;
   }
 }
@@ -138,6 +138,15 @@ void remove_sorted(std::vector<int32_t>& v, int32_t x) {
 // Step 1 maximises first_score (Imp when null) over the eligible tokens; step t
 // maximises lam * Imp_i - (1 - lam) * m_i, m_i = max_{j in S} sim(i, j).
 // `ws.active` holds the eligible tokens on entry.
+//
+// Lazy greedy (Minoux): m_i only grows, so a token's score computed against
+// the first few picks is an upper bound of its current score.  Tokens sit in a
+// max-heap by (stale score, lowest index); the top is brought up to date with
+// the picks it has not seen yet, and is the step's argmax as soon as its fresh
+// score still beats the next stale bound.  Every sim is the same dot product
+// (same kernel, same summation order) as in the eager loop and max is
+// order-free, so the picks are bit-identical to computing all N sims per step;
+// most tokens are never refreshed against most picks.
 template <class T>
 void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const T* first_score) {
   auto& active = ws.active;
@@ -145,25 +154,62 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const 
   T* sim = ws.sim.data();
   const T* imp = J.imp;
   const T one_minus_lam = (T)1 - lam;
-  for (int64_t t = 0; t < J.k; ++t) {
-    int32_t pick = -1;
-    T best = -std::numeric_limits<T>::infinity();
+  // step 1: plain argmax of first_score, then every eligible token sees the first pick
+  int32_t first = -1;
+  {
     const T* s0 = first_score ? first_score : imp;
+    T best = -std::numeric_limits<T>::infinity();
     for (int32_t i : active) {
-      const T score = t == 0 ? s0[i] : lam * imp[i] - one_minus_lam * m[i];
-      if (pick < 0 || score > best) {  // strict >, ascending scan: ties go to the lowest index
-        best = score;
-        pick = i;
+      if (first < 0 || s0[i] > best) {  // strict >, ascending scan: ties go to the lowest index
+        best = s0[i];
+        first = i;
       }
     }
-    J.out[t] = pick;
-    remove_sorted(active, pick);
-    if (t + 1 == J.k) break;
-    // m_i <- max(m_i, sim(i, pick)) for the tokens still in play
-    J.dots(J.xn + (int64_t)pick * J.D, J.xn, J.D, J.D, active.data(), (int64_t)active.size(), sim);
-    for (size_t a = 0; a < active.size(); ++a) {
-      const int32_t i = active[a];
-      m[i] = t == 0 ? sim[a] : std::max(m[i], sim[a]);
+  }
+  J.out[0] = first;
+  remove_sorted(active, first);
+  if (J.k == 1) return;
+  J.dots(J.xn + (int64_t)first * J.D, J.xn, J.D, J.D, active.data(), (int64_t)active.size(), sim);
+  std::vector<int32_t> picks{first};
+  std::vector<int32_t> seen(J.n, 0);  // picks[0 .. seen[i]) already folded into m_i
+  struct Entry {
+    T score;
+    int32_t i;
+  };
+  // heap order: higher score first, then lower index (the contract's tie rule)
+  auto below = [](const Entry& x, const Entry& y) { return x.score < y.score || (x.score == y.score && x.i > y.i); };
+  std::vector<Entry> heap;
+  heap.reserve(active.size());
+  for (size_t a = 0; a < active.size(); ++a) {
+    const int32_t i = active[a];
+    m[i] = sim[a];
+    seen[i] = 1;
+    heap.push_back({lam * imp[i] - one_minus_lam * m[i], i});
+  }
+  std::make_heap(heap.begin(), heap.end(), below);
+  for (int64_t t = 1; t < J.k; ++t) {
+    while (true) {
+      std::pop_heap(heap.begin(), heap.end(), below);
+      Entry top = heap.back();
+      heap.pop_back();
+      const int32_t i = top.i;
+      const int32_t fresh = (int32_t)picks.size();
+      if (seen[i] < fresh) {
+        // sim(i, pick) for the picks token i has not seen; x̂_i · x̂_pick and x̂_pick · x̂_i
+        // are the same bits (commuted products, same lanes, same summation order)
+        const int64_t todo = fresh - seen[i];
+        J.dots(J.xn + (int64_t)i * J.D, J.xn, J.D, J.D, picks.data() + seen[i], todo, sim);
+        for (int64_t u = 0; u < todo; ++u) m[i] = std::max(m[i], sim[u]);
+        seen[i] = fresh;
+        top.score = lam * imp[i] - one_minus_lam * m[i];
+      }
+      if (heap.empty() || !below(top, heap.front())) {
+        J.out[t] = i;
+        picks.push_back(i);
+        break;
+      }
+      heap.push_back(top);
+      std::push_heap(heap.begin(), heap.end(), below);
     }
   }
 }
@@ -307,7 +353,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
     return;
   }
   ws.xn.resize((size_t)n * (size_t)D);
-  load_normalized<T>(a, start, n, ws.xn.data());
+  load_normalized<T>(a, start, n, ws.xn.data(), dots);
   J.xn = ws.xn.data();
   ws.sim.resize(n);
   ws.m.resize(n);
