@@ -212,24 +212,30 @@ def select_dpp(x, w, k: int) -> np.ndarray:
     ``d_i^2`` starts at ``L_ii``; each step picks ``j = argmax_{i not in S} d_i^2``,
     then for every token ``e_i = (L_ji - <c_j, c_i>) / d_j``, ``c_i <- [c_i, e_i]``,
     ``d_i^2 <- d_i^2 - e_i^2``.  Exactly ``k`` tokens come back: once the best
-    gain is below :data:`DPP_EPS` all remaining gains are set to 0 and the
-    budget is filled in index order.
+    remaining gain is below :data:`DPP_EPS` (checked before the step's argmax)
+    all gains are set to 0 and the rest of the budget is filled in index order.
+    ``d_i^2`` starts at exactly ``q_i^2`` for a non-zero token, so equal
+    qualities tie exactly.
     """
     xh = normalize_rows(x)
     n = xh.shape[0]
     q = dpp_quality(w, n)
     picked = np.zeros(n, dtype=bool)
-    d2 = q * q * (xh * xh).sum(axis=1)
+    # L_ii = q_i^2 * sim(i, i): exactly q_i^2 for a non-zero token (not 1 +- rounding,
+    # so equal q tie exactly and go to the lowest index), 0 for a zero vector
+    d2 = q * q * (np.abs(xh).sum(axis=1) > 0)
     cis = np.zeros((k, n))
     order = []
     for step in range(k):
-        score = d2.copy()
-        score[picked] = -np.inf
+        score = np.where(picked, -np.inf, d2)
+        exhausted = score.max() < DPP_EPS
+        if exhausted:  # no gain left: the rest of the budget goes in index order
+            d2[:] = 0.0
+            score = np.where(picked, -np.inf, 0.0)
         j = int(np.argmax(score))
         order.append(j)
         picked[j] = True
-        if d2[j] < DPP_EPS:
-            d2[:] = 0.0
+        if exhausted:
             continue
         dj = np.sqrt(d2[j])
         l_j = q[j] * (xh @ xh[j]) * q

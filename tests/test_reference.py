@@ -129,11 +129,6 @@ def test_dpp_by_hand_span_then_fill():
     assert sel("dpp", 3, x=x3, w=None) == [0, 2, 1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reference.select_dpp picks the step at which the best d^2 first drops below DPP_EPS by "
-    "argmax of float noise and only zeroes the gains afterwards, so that one pick is not in index "
-    "order (documented: 'once the best gain is below DPP_EPS ... filled in index order'). Fix: test "
-    "score.max() < DPP_EPS before the argmax and zero d2 then (same in torch_backend._dpp)."))
 def test_dpp_fill_is_index_order():
     # rank 1: after the first pick every gain is ~0 (float noise), the rest comes in index order
     x = np.ones((6, 3)) * np.arange(1, 7)[:, None]
@@ -141,11 +136,6 @@ def test_dpp_fill_is_index_order():
     assert sel("dpp", 6, x=x, w=w) == [2, 0, 1, 3, 4, 5]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with None/constant importance (q = 1) every initial DPP gain L_ii = q_i^2 sim(i, i) is 1, a tie "
-    "that must go to token 0, but select_dpp computes d2 = q*q*(xh*xh).sum(1), i.e. 1 +- 1 ulp, so the first "
-    "pick is the argmax of rounding noise. Fix: d2 = q*q*(norm > 0) (exactly 1 for non-zero tokens, 0 for "
-    "zero vectors), same in torch_backend._dpp."))
 def test_dpp_constant_quality_first_pick_is_token_0():
     x = C.gaussian_tokens(16, 8, seed=8)
     assert R.select_one(x, None, 1, "dpp").tolist() == [0]

@@ -90,15 +90,18 @@ def _dpp(xn, q, valid, ks, k_max):
     bsz, n, _ = xn.shape
     out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
     cis = torch.zeros((bsz, k_max, n), dtype=xn.dtype, device=xn.device)
-    d2 = q * q * (xn * xn).sum(dim=2)
+    # L_ii: exactly q^2 for a non-zero token (so equal qualities tie exactly), 0 for a zero vector
+    d2 = q * q * (xn.abs().amax(dim=2) > 0).to(xn.dtype)
     taken = ~valid
     ar = torch.arange(bsz, device=xn.device)
     for t in range(k_max):
+        # no gain left (best < DPP_EPS): zero every gain, the rest goes in index order
+        dead = (d2.masked_fill(taken, NEG_INF).amax(dim=1) < DPP_EPS)[:, None]
+        d2 = torch.where(dead, 0.0, d2)
         pick = torch.argmax(d2.masked_fill(taken, NEG_INF), dim=1)
         out[:, t] = torch.where(t < ks, pick, -1)
         taken = _mark(taken, pick)
         d2_pick = d2[ar, pick]
-        dead = (d2_pick < DPP_EPS)[:, None]
         l_pick = q[ar, pick][:, None] * _sim_to(xn, pick) * q                # L_{j, i}
         proj = torch.bmm(cis[ar, :t, pick].unsqueeze(1), cis[:, :t]).squeeze(1) if t else 0.0  # <c_j, c_i>
         e = (l_pick - proj) / torch.sqrt(d2_pick.clamp_min(DPP_EPS))[:, None]
