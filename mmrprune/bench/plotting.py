@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+DPI_MASKS = 80  # the token-mask figure holds photos: keep the PNG small
 MISSING = "matplotlib is not installed: `pip install matplotlib` (or `pip install -e .[bench]`) to write plots"
 
 
@@ -22,9 +23,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str, dpi: int = 130) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
 def plot_speed(records: list, path: str) -> None:
@@ -119,5 +120,5 @@ def plot_token_masks(result: dict, path: str) -> None:
     fig.suptitle(f"kept patches ({result['keep_ratio']:.0%}, 32x32 grid), importance = last-layer [CLS] attention",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=DPI_MASKS)
     plt.close(fig)
