@@ -1,0 +1,147 @@
+"""CPU targets of the C++ backend: real DINOv2 tokens and one large random image.
+
+    python bench/cpu_targets.py [--repeats 10] [--threads 2] [--out bench/results/cpu_targets.json]
+
+Case 1: the 8 DINOv2 ViT-S/14 images (B=8 x N=1024 x D=384), k=256, lam=0.5, float32.
+Case 2: B=1 x N=2691 x D=3584 clustered random tokens (a Qwen2-VL-sized image), keep 25%.
+Each case times (1 warm-up, then the median of --repeats; numpy gets fewer):
+  cpu     mmrprune.select(..., backend="cpu")      (the C++ extension)
+  torch   mmrprune.select(..., backend="torch")
+  anchor  mmrprune.baselines.anchor_mmr            (published-style per-image loop)
+  bmm     one float32 torch.bmm computing the B N x N similarity matrices (normalised input)
+  numpy   mmrprune.reference.select_mmr per image  (float64 ground truth)
+Targets: cpu >= 3x faster than anchor, faster than the bmm alone, >= 3x faster than numpy.
+Records follow SPEC.md "Benchmark records".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mmrprune  # noqa: E402
+from mmrprune import reference as R  # noqa: E402
+from mmrprune.baselines import anchor_mmr  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def timeit(fn, repeats: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+
+
+def clustered(n, d, seed=0, centres=16):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(d)
+    cs = base + 0.6 * rng.standard_normal((centres, d))
+    x = cs[rng.integers(0, centres, size=n)] + 0.05 * np.linalg.norm(base) / np.sqrt(d) * rng.standard_normal((n, d))
+    return x.astype(np.float32)
+
+
+def run_case(name, x, w, k, lam, repeats, numpy_repeats, common):
+    """x [B, N, D] float32, w [B, N] float32."""
+    b, n, d = x.shape
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    x64, w64 = x.double().numpy(), w.double().numpy()
+    cases = {
+        "cpu": (lambda: mmrprune.select(x, w, k=k, lam=lam, method="mmr", backend="cpu"), repeats),
+        "torch": (lambda: mmrprune.select(x, w, k=k, lam=lam, method="mmr", backend="torch"), repeats),
+        "anchor": (lambda: anchor_mmr(x, w, k, lam), repeats),
+        "bmm": (lambda: torch.bmm(xn, xn.transpose(1, 2)), repeats),
+        "numpy": (lambda: [R.select_mmr(x64[i], w64[i], k, lam) for i in range(b)], numpy_repeats),
+    }
+    # sanity: the timed backends agree with the reference on this input's picks count
+    assert mmrprune.select(x, w, k=k, lam=lam, backend="cpu").shape == (b, k)
+    records = []
+    for backend, (fn, reps) in cases.items():
+        med, p20, p80 = timeit(fn, reps)
+        records.append({**common, "case": name, "backend": backend, "method": "mmr" if backend != "bmm" else "bmm",
+                        "batch": b, "tokens": n, "dim": d, "k": k, "lam": lam, "dtype": "float32",
+                        "median_ms": round(med, 3), "p20_ms": round(p20, 3), "p80_ms": round(p80, 3),
+                        "us_per_step": round(med * 1e3 / k, 3) if backend != "bmm" else None,
+                        "repeats": reps})
+        print(f"{name:>10} {backend:>7}: median {med:9.2f} ms  (p20 {p20:.2f}, p80 {p80:.2f}, {reps} runs)", flush=True)
+    by = {r["backend"]: r["median_ms"] for r in records}
+    print(f"{name:>10} cpu speed-up: {by['anchor'] / by['cpu']:.1f}x vs anchor, {by['bmm'] / by['cpu']:.2f}x vs bmm, "
+          f"{by['numpy'] / by['cpu']:.1f}x vs numpy, {by['torch'] / by['cpu']:.1f}x vs torch")
+    return records
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--numpy-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu_targets.json"))
+    ap.add_argument("--note", default="", help="free text stored in every record (e.g. 'shared machine, under load')")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ok, detail = mmrprune.dispatch.status("cpu")
+    if not ok:
+        raise SystemExit(f"cpu backend not available: {detail}")
+    common = {"device": cpu_model(), "commit": commit(), "torch": torch.__version__, "triton": triton_version(),
+              "threads": args.threads, "cpu_backend": detail, "note": args.note,
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}
+
+    from mmrprune.data import load_dinov2
+    d = load_dinov2()
+    x1 = torch.from_numpy(np.asarray(d["tokens"])).float().contiguous()
+    w1 = torch.from_numpy(np.asarray(d["cls_attention"])).float().contiguous()
+    records = run_case("dinov2", x1, w1, 256, 0.5, args.repeats, args.numpy_repeats, common)
+
+    n2, d2 = 2691, 3584
+    x2 = torch.from_numpy(clustered(n2, d2))[None].contiguous()
+    w2 = torch.from_numpy(np.random.default_rng(1).random(n2).astype(np.float32))[None]
+    k2 = R.budget(n2, keep_ratio=0.25)
+    records += run_case("large", x2, w2, k2, 0.5, max(3, args.repeats // 3), max(1, args.numpy_repeats - 1), common)
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
