@@ -288,13 +288,14 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
 }
 
 // Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
-//   d2_i starts at q_i^2 ||x̂_i||^2; each step picks argmax d2 over untaken tokens;
-//   the pick p at step s then gives e_i = (q_p sim(p, i) q_i - <c_p, c_i>) / sqrt(d2_p),
-//   c_i[s] = e_i, d2_i -= e_i^2.  Once d2_p < DPP_EPS every gain is 0 from then on
-//   and the rest of the budget goes to the lowest untaken indices.
+//   d2_i starts at exactly q_i^2 for a non-zero token (0 for a zero vector); each step
+//   picks argmax d2 over untaken tokens; the pick p at step s then gives
+//   e_i = (q_p sim(p, i) q_i - <c_p, c_i>) / sqrt(d2_p), c_i[s] = e_i, d2_i -= e_i^2.
+//   Once the best untaken gain is below DPP_EPS (checked before the pick) every gain
+//   is 0 from then on and the rest of the budget goes to the lowest untaken indices.
 // c_g is token-major [rows, k_max]: a token's Cholesky row is contiguous (coalesced).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kGreedyThreads) greedy_dpp_kernel(
+__global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
     const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
     const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_dpp_kernel(
   int bi = kNoPick;
   for (int i = tid; i < n; i += blockDim.x) {
     const float qi = q_b[i];
-    const float v = qi * qi * sqn[start + i];
+    const float v = sqn[start + i] > 0.f ? qi * qi : 0.f;  // exact q^2: equal qualities tie exactly
     d2[i] = v;
     taken[i] = 0;
     consider(v, i, bs, bi);
@@ -335,6 +336,18 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_dpp_kernel(
   bool dead = false;  // identical in every thread: derived from the same d2[p] reads
   std::int64_t t = 0;
   while (true) {
+    // Rank exhausted: the best untaken gain d2[p] is below DPP_EPS.  From then on every
+    // gain is 0, so this step and the rest take the lowest untaken index.  The test is
+    // uniform across the block (every thread reads the same d2[p] after the barriers of
+    // block_argmax), so all threads reach the barriers of the second block_argmax.
+    if (!dead && p != kNoPick && !(d2[p] >= kDppEps)) {
+      dead = true;
+      bs = -INFINITY;
+      bi = kNoPick;
+      for (int i = tid; i < n; i += blockDim.x)
+        if (!taken[i]) consider(0.f, i, bs, bi);
+      p = block_argmax(bs, bi, red_s, red_i);
+    }
     if (p == kNoPick) {
       for (std::int64_t u = t + tid; u < kb; u += blockDim.x) out_b[u] = -1;
       break;
@@ -347,7 +360,6 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_dpp_kernel(
     const std::int64_t s = t - 1;  // Cholesky column written by this update
 
     const float d2p = d2[p];  // written before the last barrier; p is taken, so nobody writes it now
-    if (!dead && !(d2p >= kDppEps)) dead = true;
     float dj = 1.f, qp = 0.f;
     const float* cp = c + static_cast<std::int64_t>(p) * k_max;
     if (!dead) {
@@ -468,7 +480,7 @@ std::string run_dpp(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm,
   const std::int64_t smem = greedy_smem_bytes(dim);
   std::string err = prepare_smem(kernel, smem);
   if (!err.empty()) return err;
-  kernel<<<static_cast<unsigned>(batch), kGreedyThreads, static_cast<size_t>(smem), stream>>>(
+  kernel<<<static_cast<unsigned>(batch), kDppThreads, static_cast<size_t>(smem), stream>>>(
       reinterpret_cast<const T*>(x), dim, reinterpret_cast<const float*>(inv_norm),
       reinterpret_cast<const float*>(sqn), reinterpret_cast<const float*>(q),
       reinterpret_cast<const std::int64_t*>(starts), reinterpret_cast<const std::int64_t*>(lengths),

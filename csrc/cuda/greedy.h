@@ -17,6 +17,9 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Threads per block of the greedy kernels (one block per image).
 constexpr int kGreedyThreads = 1024;
+// The DPP kernel carries the Cholesky projection and the rank-exhausted rescan:
+// at 1024 threads (64 registers) it spilled on sm_90, so it runs 512 threads.
+constexpr int kDppThreads = 512;
 
 // inv_norm[r] = 1 / max(||x_r||, 1e-12) in fp32 for r < rows;
 // sqn[r] = ||x_r||^2 * inv_norm[r]^2 (= ||x̂_r||^2) when sqn != 0.
