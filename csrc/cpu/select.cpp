@@ -247,29 +247,31 @@ void dpp(const ImageJob<T>& J, Workspace<T>& ws) {
   ws.cis.assign((size_t)n * (size_t)std::max<int64_t>(k, 1), (T)0);
   T* cis = ws.cis.data();  // c_i = cis[i*k .. i*k + t)
   std::vector<T> proj(n);
-  for (int64_t i = 0; i < n; ++i) {  // L_ii = q_i^2 ||x̂_i||^2 (0 for a zero token)
+  for (int64_t i = 0; i < n; ++i) {
+    // L_ii = q_i^2 sim(i, i): exactly q_i^2 for a non-zero token (so equal q tie exactly), 0 for a zero one
     const T* xi = J.xn + i * J.D;
-    J.dots(xi, xi, J.D, J.D, nullptr, 1, d2 + i);
-    d2[i] = J.q[i] * J.q[i] * d2[i];
+    bool nonzero = false;
+    for (int64_t d = 0; d < J.D && !nonzero; ++d) nonzero = xi[d] != (T)0;
+    d2[i] = nonzero ? J.q[i] * J.q[i] : (T)0;
   }
   bool dead = false;
   for (int64_t t = 0; t < k; ++t) {
     int32_t pick = -1;
     T best = -std::numeric_limits<T>::infinity();
-    for (int32_t i : active) {
-      const T score = dead ? (T)0 : d2[i];
-      if (pick < 0 || score > best) {
-        best = score;
-        pick = i;
+    if (!dead) {
+      for (int32_t i : active) {
+        if (pick < 0 || d2[i] > best) {
+          best = d2[i];
+          pick = i;
+        }
       }
+      // no gain left (checked before the pick): the rest of the budget goes in index order
+      dead = best < (T)DPP_EPS;
     }
+    if (dead) pick = active.front();
     J.out[t] = pick;
     remove_sorted(active, pick);
-    // once the best gain is numerically zero, the rest of the budget is filled in index order
-    if (dead || d2[pick] < (T)DPP_EPS) {
-      dead = true;
-      continue;
-    }
+    if (dead) continue;
     if (t + 1 == k) break;
     const T dj = std::sqrt(d2[pick]);
     const int64_t na = (int64_t)active.size();
