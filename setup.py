@@ -303,7 +303,7 @@ setup(
         "test": ["pytest", "pytest-benchmark"],
         "realdata": ["onnx", "onnxruntime", "pillow", "scikit-image"],
         "bench": ["matplotlib"],
-        "hf": ["transformers>=5.0,<6"],
+        "hf": ["transformers>=5.23,<6"],
     },
     entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"]},
 )
