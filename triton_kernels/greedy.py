@@ -253,6 +253,15 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
 
 
 @triton.jit
+def _dpp_pick(best_v, best_i, low_i, n):
+    """DPP step pick: ``argmax d^2`` (ties lowest) unless the best gain is below
+    ``DPP_EPS`` (rank exhausted), then the lowest untaken index ``min(low_i)``."""
+    v = tl.max(best_v, axis=0)
+    j = tl.min(tl.where(best_v == v, best_i, n), axis=0)
+    return tl.where(v < DPP_EPS_C, tl.min(low_i, axis=0), j)
+
+
+@triton.jit
 def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
                 starts_ptr, lengths_ptr, ks_ptr, out_ptr, D, n_pad, k_max, R,
                 USE_GRAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -260,8 +269,9 @@ def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
 
     ``state[r] = d_r^2`` enters as ``q_r^2 ||x̂_r||^2`` (``-inf`` on tokens that are
     not eligible) and becomes ``-inf`` once picked.  ``c [k_max, R]`` holds the
-    Cholesky rows.  Step t: ``j = argmax d^2`` (ties lowest); if ``d_j^2 < DPP_EPS``
-    every remaining gain becomes 0, else for every token
+    Cholesky rows.  Step t: ``j = argmax d^2`` (ties lowest); if that best gain is
+    below ``DPP_EPS`` the rank is exhausted: ``j`` is the lowest untaken index and
+    every remaining gain becomes 0 (so the rest follows in index order), else for every token
     ``e_i = (q_j sim(j, i) q_i - sum_{s<t} c_s[j] c_s[i]) / d_j``, ``c_t <- e``,
     ``d_i^2 <- d_i^2 - e_i^2``.  The update of step t and the argmax of step t+1
     share one pass over the tokens.
@@ -275,23 +285,27 @@ def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
 
     best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+    low_i = tl.full([BLOCK_N], n, dtype=tl.int32)     # lowest untaken index per lane
     for n0 in range(0, n, BLOCK_N):
         i = n0 + lanes
         mi = i < n
         d2 = tl.load(state_ptr + start + i, mask=mi, other=float("-inf"))
         best_v, best_i = _lane_best(best_v, best_i, d2, i)
-    pick = _block_argmax(best_v, best_i, n)
+        low_i = tl.minimum(low_i, tl.where(d2 != float("-inf"), i, n))
+    pick = _dpp_pick(best_v, best_i, low_i, n)
     tl.store(out_row, pick.to(tl.int64), mask=kb > 0)
 
     for t in range(1, kb):
         s_row = t - 1                                  # Cholesky row written by this update
         c_out = c_ptr + tl.cast(s_row, tl.int64) * R + start
         d2_pick = tl.load(state_ptr + start + pick)
+        # the pick had the best gain, so d2_pick < DPP_EPS exactly when the rank was exhausted
         dead = d2_pick < DPP_EPS_C
         inv_dj = 1.0 / tl.sqrt(tl.maximum(d2_pick, DPP_EPS_C))
         q_pick = tl.load(q_ptr + start + pick)
         best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
+        low_i = tl.full([BLOCK_N], n, dtype=tl.int32)
         for n0 in range(0, n, BLOCK_N):
             i = n0 + lanes
             mi = i < n
@@ -309,8 +323,9 @@ def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
             d2 = tl.where(gone, float("-inf"), tl.where(dead, 0.0, d2 - e * e))
             tl.store(state_ptr + start + i, d2, mask=mi)
             best_v, best_i = _lane_best(best_v, best_i, d2, i)
+            low_i = tl.minimum(low_i, tl.where(d2 != float("-inf"), i, n))
         tl.debug_barrier()
-        pick = _block_argmax(best_v, best_i, n)
+        pick = _dpp_pick(best_v, best_i, low_i, n)
         tl.store(out_row + t, pick.to(tl.int64))
 
 

@@ -16,7 +16,6 @@ import os
 import torch
 
 from ..batch import SelectionBatch
-from ..reference import NORM_EPS
 from . import Backend
 
 METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp")
@@ -86,11 +85,10 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     use_gram = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
     if method == "dpp":
         q = batch.dpp_quality().reshape(-1).to(torch.float32)
-        # ||x̂||^2 is exactly 1 for a row of norm >= 1e-12 (0 for a zero row); the reference's
-        # float64 sum differs from 1 by rounding noise only
-        norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-        sq_norm = torch.where(norm >= NORM_EPS, 1.0, (norm / NORM_EPS) ** 2)
-        state = torch.where(valid, q * q * sq_norm, -inf)
+        # L_ii = q_i^2 exactly for a non-zero token, 0 for a zero vector (reference.select_dpp):
+        # equal qualities then tie exactly and go to the lowest index
+        nonzero = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) > 0
+        state = torch.where(valid, q * q * nonzero, -inf)
         return _kernels.triton_greedy(x, q, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
                                       n_pad, 0.0, _kernels.MODE_DPP, use_gram)
     imp = batch.importance().reshape(-1).to(torch.float32)
