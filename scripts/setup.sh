@@ -21,7 +21,7 @@ $PIP numpy pybind11 ninja pytest pytest-benchmark "setuptools>=64" wheel
 $PY -c "import triton" 2>/dev/null || $PIP triton || echo "[setup] triton unavailable: its tests will be skipped"
 
 echo "[setup] building the extensions (MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-auto})"
-$PIP --no-build-isolation --no-deps -e .
+$PIP --no-build-isolation --use-pep517 --no-deps -e .
 
 # optional extras: plots (matplotlib) and the transformers integration tests
 $PIP matplotlib 2>/dev/null || echo "[setup] matplotlib unavailable (offline?): plots are skipped"
