@@ -16,6 +16,7 @@ from .backends import Backend
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+NOT_INSTALLED = "not part of this installation"
 HOW_TO_GET = {
     "cpu": "build the C++ extension: `pip install -e .` or `python setup.py build_ext --inplace`",
     "cuda": "rebuild with nvcc on PATH and MMRPRUNE_CUDA=1: `MMRPRUNE_CUDA=1 python setup.py build_ext --inplace`",
@@ -34,7 +35,7 @@ def load(name: str) -> tuple[Backend | None, str]:
         module = importlib.import_module(f"mmrprune.backends.{name}_backend")
     except ModuleNotFoundError as exc:
         if exc.name == f"mmrprune.backends.{name}_backend":
-            return None, "not part of this installation"
+            return None, NOT_INSTALLED
         return None, f"import failed: {exc}"
     except Exception as exc:  # a broken build must not break `import mmrprune`
         return None, f"import failed: {type(exc).__name__}: {exc}"

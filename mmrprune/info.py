@@ -19,8 +19,10 @@ def info() -> dict:
     backends = {}
     for name in dispatch.BACKENDS:
         ok, detail = dispatch.status(name)
-        backends[name] = {"available": ok, "detail": detail if ok else
-                          detail + (f" — to get it, {dispatch.HOW_TO_GET[name]}" if dispatch.HOW_TO_GET[name] else "")}
+        # a backend whose module is missing gets the generic how-to; a present one says why itself
+        missing = detail == dispatch.NOT_INSTALLED or detail.startswith("import failed")
+        hint = dispatch.HOW_TO_GET[name] if (not ok and missing) else ""
+        backends[name] = {"available": ok, "detail": detail + (f" — to get it, {hint}" if hint else "")}
     return {
         "mmrprune": __version__,
         "python": platform.python_version(),
