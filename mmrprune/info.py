@@ -19,9 +19,7 @@ def info() -> dict:
     backends = {}
     for name in dispatch.BACKENDS:
         ok, detail = dispatch.status(name)
-        # a backend whose module is missing gets the generic how-to; a present one says why itself
-        missing = detail == dispatch.NOT_INSTALLED or detail.startswith("import failed")
-        hint = dispatch.HOW_TO_GET[name] if (not ok and missing) else ""
+        hint = "" if ok else dispatch.how_to_get(name, detail)
         backends[name] = {"available": ok, "detail": detail + (f" — to get it, {hint}" if hint else "")}
     return {
         "mmrprune": __version__,
