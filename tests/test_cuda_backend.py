@@ -8,10 +8,15 @@ Runs everywhere:
 * the torch-side preparation in segment form (hybrid pool, DivPrune first score,
   Imp / q layout, padded and packed) against the float64 reference, on CPU tensors;
 * the workspace formula and its 2 GiB bound at N = 32,768;
-* the custom op's fake implementation under FakeTensorMode.
+* the custom op's fake implementation under FakeTensorMode;
+* Gram mode's pure-Python side: the MMRPRUNE_CUDA_GRAM setting, the use_gram heuristic
+  and its workspace at the issue-4 sizes (N = 32,768 stays under 2 GiB), the fp32 Gram
+  and the DivPrune first score from it, the padded/packed Gram layout, fake tracing with
+  the Gram arguments.
 Needs a CUDA GPU (skipped otherwise, with the reason): the kernel itself against
 the reference certificate and exact reference indices, padded and varlen batches,
-determinism, poisoned outputs, CUDA-graph capture with check_finite=False.
+determinism, poisoned outputs, CUDA-graph capture with check_finite=False — in row
+mode and in Gram mode (shared-memory and global token state).
 """
 from __future__ import annotations
 
@@ -59,6 +64,17 @@ def test_compile_check_builds_and_is_spill_free(compiled):
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and kernel in ln]
             assert len(lines) == 6, f"{arch} {kernel}: expected 3 dtypes x 2 load widths, got {lines}"
             assert all("spill_st=0 spill_ld=0" in ln and "stack=0" in ln for ln in lines), lines
+
+
+def test_compile_check_gram_kernels_are_spill_free(compiled):
+    proc, _ = compiled
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
+    for arch in ("sm_80", "sm_90"):
+        maxsim = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_maxsim_gram_kernel" in ln]
+        dpp = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_dpp_gram_kernel" in ln]
+        assert len(maxsim) == 2, f"{arch}: expected the smem and global-state instantiations, got {maxsim}"
+        assert len(dpp) == 1, dpp
+        assert all("spill_st=0 spill_ld=0" in ln and "stack=0" in ln for ln in maxsim + dpp)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +136,48 @@ def test_extension_dpp_and_norm_checks(ext):
         ext.inv_norms(x=256, dtype=1, rows=4, dim=8, inv_norm=0, sqn=0, stream=0)
 
 
+def _gram_args(**over):
+    a = dict(gram=128, ld=10, inv_norm=512, imp=1024, first_score=0, eligible=0, starts=2048, lengths=4096,
+             ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536, smem_state=-1,
+             stream=0)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over, needle", [
+    (dict(gram=0), "gram must be a non-null"),
+    (dict(gram=130), "gram must be 4-byte aligned"),
+    (dict(ld=0), "ld (the Gram's padded image length) must be >= 1"),
+    (dict(ld=1 << 40), "ld must fit in int32"),
+    (dict(smem_state=2), "smem_state must be -1, 0 or 1"),
+    (dict(lam=-0.1), "lam must be in [0, 1]"),
+    (dict(inv_norm=0), "inv_norm must be a non-null"),
+    (dict(out=65540), "8-byte aligned"),
+])
+def test_extension_gram_rejects_bad_arguments(ext, over, needle):
+    with pytest.raises(ValueError, match="mmrprune._cuda") as info:
+        ext.greedy_maxsim_gram(**_gram_args(**over))
+    assert needle in str(info.value)
+
+
+def test_extension_gram_dpp_checks_and_smem_size(ext):
+    assert ext.gram_state_smem_bytes(2691) == 5 * 2691
+    with pytest.raises(ValueError, match="sqn must be a non-null"):
+        ext.greedy_dpp_gram(gram=128, ld=4, inv_norm=512, sqn=0, q=2048, starts=4096, lengths=8192, ks=16384,
+                            batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=131072,
+                            out=262144, stream=0)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (fake pointers must not reach a real GPU)")
+def test_extension_gram_launch_without_gpu_raises_runtime_error(ext):
+    with pytest.raises(RuntimeError, match="mmrprune._cuda: "):
+        ext.greedy_maxsim_gram(**_gram_args())
+    with pytest.raises(RuntimeError, match="mmrprune._cuda: greedy_dpp_gram_kernel launch"):
+        ext.greedy_dpp_gram(gram=128, ld=4, inv_norm=512, sqn=640, q=2048, starts=4096, lengths=8192, ks=16384,
+                            batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=131072,
+                            out=262144, stream=0)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (fake pointers must not reach a real GPU)")
 def test_extension_launch_without_gpu_raises_runtime_error(ext):
     with pytest.raises(RuntimeError, match="mmrprune._cuda: inv_norm_kernel launch"):
@@ -160,6 +218,97 @@ def test_workspace_bounds():
     assert cb.workspace_bytes("mmr", 1, n, d, 1, n) == 13 * n + 8
     # issue 4 (d): B=1, N=16384, D=3584
     assert cb.workspace_bytes("divprune", 1, 16384, 3584, 4096, 16384) <= cb.WORKSPACE_LIMIT_BYTES
+
+
+# ----------------------------------------------------------------------------- Gram mode: heuristic, workspace
+def test_gram_setting_parsing(monkeypatch):
+    assert cb.gram_setting("") == "auto" and cb.gram_setting("auto") == "auto"
+    assert cb.gram_setting("0") == "0" and cb.gram_setting(" 1 ") == "1"
+    with pytest.raises(ValueError, match="MMRPRUNE_CUDA_GRAM must be 0, 1 or auto"):
+        cb.gram_setting("yes")
+    monkeypatch.setenv(cb.GRAM_ENV, "0")
+    assert cb.gram_setting() == "0"
+    monkeypatch.delenv(cb.GRAM_ENV)
+    assert cb.gram_setting() == "auto"
+
+
+ISSUE4 = {  # name: (batch, n, dim, k)
+    "a": (1, 576, 4096, 64),
+    "b": (1, 2691, 3584, 673),
+    "c": (64, 2691, 3584, 673),
+    "d": (1, 16384, 3584, 4096),
+}
+
+
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune"])
+@pytest.mark.parametrize("target", sorted(ISSUE4))
+def test_use_gram_picks_gram_for_issue4_targets(method, target):
+    b, n, d, k = ISSUE4[target]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert cb.use_gram(method, b, b * n, d, k, n, dtype, setting="auto"), (method, target)
+        ws = cb.workspace_bytes(method, b, b * n, d, k, n, gram=True)
+        assert ws <= cb.WORKSPACE_LIMIT_BYTES
+        assert ws >= cb.gram_bytes(b, n)
+
+
+def test_use_gram_dpp_only_when_cholesky_rows_fit():
+    b, n, d, k = ISSUE4["b"]
+    assert cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, setting="auto")
+    b, n, d, k = ISSUE4["c"]   # Gram 1.85 GB + Cholesky rows 0.46 GB > 2 GiB: row mode
+    assert not cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, setting="auto")
+
+
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_n32768_stays_in_row_mode_under_2gib(method, packed):
+    n, d, k = 32768, 4096, 32768 // 4
+    assert cb.gram_bytes(1, n) == 4 << 30
+    assert not cb.use_gram(method, 1, n, d, k, n, torch.bfloat16, packed=packed, setting="auto")
+    assert cb.workspace_bytes(method, 1, n, d, k, n, gram=False) <= cb.WORKSPACE_LIMIT_BYTES
+
+
+def test_use_gram_override_and_precision_rule(monkeypatch):
+    b, n, d, k = 1, 32768, 4096, 64
+    assert cb.use_gram("mmr", b, n, d, k, n, torch.bfloat16, setting="1")      # forced past the cap
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, setting="0")
+    assert not cb.use_gram("topk", 1, 576, d, k, 576, torch.bfloat16, setting="1")
+    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, setting="auto")
+    monkeypatch.setattr(cb, "tf32_matmul_enabled", lambda: True)
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, setting="1")   # TF32: never for fp32
+    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, setting="auto")
+    monkeypatch.setenv(cb.GRAM_ENV, "0")
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16)
+
+
+def test_use_gram_cap_is_a_workspace_bound():
+    b, n, d, k = 8, 1000, 256, 10
+    ws = cb.workspace_bytes("mmr", b, b * n, d, k, n, gram=True)
+    assert cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, setting="auto", cap=ws)
+    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, setting="auto", cap=ws - 1)
+    # packed input counts its padded copy
+    wp = cb.workspace_bytes("mmr", b, b * n, d, k, n, gram=True, packed_elem_bytes=2)
+    assert wp == ws + b * n * d * 2
+    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, packed=True, setting="auto", cap=ws)
+
+
+def test_gram_matrix_fp32_accumulation():
+    x = torch.randn(2, 7, 33, dtype=torch.float64)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dt)
+        g = cb.gram_matrix(xd)
+        assert g.dtype == torch.float32 and g.shape == (2, 7, 7)
+        want = xd.double() @ xd.double().transpose(1, 2)
+        torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_matrix_meta_and_row_inv_norms():
+    a = torch.empty(3, 5, 16, dtype=torch.bfloat16, device="meta")
+    assert cb.gram_matrix(a).dtype == torch.float32 and cb.gram_matrix(a).shape == (3, 5, 5)
+    x = torch.randn(6, 10)
+    x[2] = 0
+    inv, sqn = cb.row_inv_norms(x)
+    torch.testing.assert_close(inv[[0, 1, 3]], 1 / x[[0, 1, 3]].norm(dim=1))
+    assert inv[2] == 1e12 and sqn[2] == 0 and torch.allclose(sqn[[0, 1, 3]], torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- torch-side preparation (CPU)
@@ -251,6 +400,47 @@ def test_prepare_segment_form(make, method):
         np.testing.assert_allclose(a["score"][s:s + n].numpy(), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [_padded_request, _packed_request])
+@pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
+def test_prepare_gram_mode_layout(make, method):
+    batch = make(method)
+    row = cb.prepare(batch, setting="0")
+    gm = cb.prepare(batch, setting="1")
+    assert row["gram"] is None and row["inv_norm"] is None and row["sqn"] is None
+    g, inv = gm["gram"], gm["inv_norm"]
+    n_max = max(batch.lengths.tolist()) if batch.packed else batch.features.shape[1]
+    assert g.dtype == torch.float32 and g.shape == (batch.batch_size, n_max, n_max) and g.is_contiguous()
+    assert inv.shape == (batch.rows().shape[0],) and (gm["sqn"] is not None) == (method == "dpp")
+    for b, (s, n, x, _) in enumerate(_images(batch)):
+        if n == 0:
+            continue
+        np.testing.assert_allclose(g[b, :n, :n].double().numpy(), x @ x.T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(inv[s:s + n].double().numpy(), 1 / np.linalg.norm(x, axis=1), rtol=1e-6)
+    for key in ("score", "eligible"):
+        if row[key] is not None:
+            assert torch.equal(row[key], gm[key])
+    if method == "divprune":   # the first score from the Gram equals the row-mode one
+        a, b_ = row["first_score"].numpy(), gm["first_score"].numpy()
+        fin = np.isfinite(a)
+        assert np.array_equal(fin, np.isfinite(b_))
+        np.testing.assert_allclose(b_[fin], a[fin], atol=2e-6)
+
+
+def test_divprune_first_from_gram_masks_padding_and_diagonal():
+    x = torch.randn(2, 5, 8)
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    x[1, 2:] = 100.0                                   # padding is never a neighbour
+    inv, _ = cb.row_inv_norms(x.reshape(-1, 8))
+    first = cb.divprune_first_from_gram(cb.gram_matrix(x), inv.view(2, 5), valid)
+    for b, n in ((0, 5), (1, 2)):
+        xh = R.normalize_rows(x[b, :n].double().numpy())
+        g = xh @ xh.T
+        np.fill_diagonal(g, -np.inf)
+        np.testing.assert_allclose(first[b, :n].numpy(), 1 - g.max(axis=1), atol=2e-6)
+    one = cb.divprune_first_from_gram(cb.gram_matrix(x[:1, :1]), inv[:1].view(1, 1), valid[:1, :1])
+    assert one.item() == float("inf")
+
+
 def test_prepare_rejects_non_kernel_method():
     with pytest.raises(ValueError, match="no kernel"):
         cb.prepare(_padded_request("topk"))
@@ -281,6 +471,31 @@ def test_custom_op_traces_into_fx_graph():
             torch.zeros(2, dtype=torch.int64, device="meta"))
     gm = make_fx(f, tracing_mode="fake")(*args)
     assert "mmrprune.cuda_greedy" in str(gm.graph)
+
+
+def test_custom_op_fake_with_gram_arguments():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with FakeTensorMode():
+        rows = torch.empty(12, 8, dtype=torch.bfloat16)
+        score, seg = torch.empty(12), torch.zeros(3, dtype=torch.int64)
+        gram = torch.empty(3, 4, 4)
+        out = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False,
+                                             gram, score, None)
+        assert out.shape == (3, 5) and out.dtype == torch.int64
+
+    def f(x, score, starts, lengths, ks):          # Gram computed by torch ops, then the op: one graph
+        inv, sqn = cb.row_inv_norms(x.reshape(-1, x.shape[-1]))
+        g = cb.gram_matrix(x)
+        return torch.ops.mmrprune.cuda_greedy(x.reshape(-1, x.shape[-1]), score, None, None, starts, lengths, ks,
+                                              4, 0.0, True, g, inv, sqn)
+
+    args = (torch.empty(2, 5, 8, dtype=torch.bfloat16, device="meta"), torch.empty(10, device="meta"),
+            torch.zeros(2, dtype=torch.int64, device="meta"), torch.zeros(2, dtype=torch.int64, device="meta"),
+            torch.zeros(2, dtype=torch.int64, device="meta"))
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    text = str(gm.graph)
+    assert "mmrprune.cuda_greedy" in text and "bmm" in text
 
 
 def test_launch_rejects_cpu_tensors():
@@ -375,6 +590,104 @@ def test_gpu_cuda_graph_capture_without_host_sync():
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         mmrprune.select(x, w, **kw)   # warm-up on the side stream
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = mmrprune.select(x, w, **kw)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
+def sim_mode(request, monkeypatch):
+    """Runs a GPU test once in row mode and once in Gram mode (MMRPRUNE_CUDA_GRAM)."""
+    monkeypatch.setenv(cb.GRAM_ENV, request.param)
+    return request.param
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_modes_certificate(sim_mode, method, dtype):
+    b, n, k, d = 3, 700, 90, 96           # n > 512 threads per block: several tokens per thread in dpp
+    xs = certify.clustered_tokens(n, d, batch=b, seed=11)
+    ws = certify.distinct_importance(n, batch=b, seed=11)
+    x = torch.from_numpy(xs).to(dtype).cuda()
+    w = torch.from_numpy(ws).to(torch.float32).cuda()
+    lengths = torch.tensor([n, 333, 2], device="cuda")
+    out = _cuda_select(x, w, method, k=k, lengths=lengths, lam=0.4).cpu()
+    for i, ln in enumerate(lengths.tolist()):
+        certify.check_certificate(x[i, :ln], w[i, :ln], out[i], method=method, lam=0.4, tol=certify.tol_for(dtype),
+                                  k=min(k, ln))
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
+def test_gpu_gram_and_row_modes_match_reference_on_clear_margins(monkeypatch, method):
+    n, d, k = 1500, 64, 40                # n > 1024: tokens per thread > 1 in the Gram kernel
+    checked = 0
+    for seed in range(4):
+        x = certify.gaussian_tokens(n, d, seed=seed)
+        w = certify.distinct_importance(n, seed=seed)
+        if certify.reference_margin(x, w, k, method, lam=0.5) <= 1e-4:
+            continue
+        want = R.select_one(x, w, k, method, 0.5)
+        for mode in ("0", "1"):
+            monkeypatch.setenv(cb.GRAM_ENV, mode)
+            got = _cuda_select(torch.from_numpy(x).float().cuda(), torch.from_numpy(w).float().cuda(), method,
+                               k=k, lam=0.5).cpu().numpy()
+            np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+        checked += 1
+    assert checked, "no seed with a clear reference margin"
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["mmr", "divprune", "hybrid"])
+def test_gpu_gram_state_in_global_memory_matches_shared(monkeypatch, method):
+    x = torch.randn(3, 1300, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(3, 1300, device="cuda")
+    lengths = torch.tensor([1300, 700, 1], device="cuda")
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    smem = _cuda_select(x, w, method, k=100, lengths=lengths)
+    monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
+    glob = _cuda_select(x, w, method, k=100, lengths=lengths)
+    assert torch.equal(smem, glob)
+    o = smem.cpu()
+    assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["mmr", "divprune", "dpp"])
+def test_gpu_gram_varlen(sim_mode, method):
+    import mmrprune
+    lens = [50, 0, 17, 1, 64]
+    d = 40
+    xs = [torch.from_numpy(certify.gaussian_tokens(max(n, 1), d, seed=i))[:n].float() for i, n in enumerate(lens)]
+    ws = [torch.from_numpy(certify.distinct_importance(max(n, 1), seed=i))[:n].float() for i, n in enumerate(lens)]
+    packed, wp = torch.cat(xs).cuda(), torch.cat(ws).cuda()
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device="cuda")
+    flat, cu_k = mmrprune.select_varlen(packed, wp, cu, k=10, method=method, backend="cuda", order="selection")
+    for i, n in enumerate(lens):
+        got = flat[cu_k[i]:cu_k[i + 1]].cpu() - int(cu[i])
+        if n == 0:
+            assert got.numel() == 0
+            continue
+        certify.check_certificate(xs[i], ws[i], got, method=method, lam=0.5, tol=1e-4, k=min(10, n))
+
+
+@needs_gpu
+def test_gpu_gram_mode_cuda_graph_capture_without_host_sync(monkeypatch):
+    import mmrprune
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    x = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(2, 256, device="cuda")
+    kw = dict(k=16, method="divprune", backend="cuda", order="selection", check_finite=False)
+    eager = mmrprune.select(x, w, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mmrprune.select(x, w, **kw)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

@@ -112,6 +112,51 @@ void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim
                                                    stream));
 }
 
+void check_gram(std::uintptr_t gram, std::int64_t ld, std::int64_t batch) {
+  CHECK_PTR(gram);
+  CHECK_ALIGNED(gram, 4);
+  MMRPRUNE_CHECK(ld >= 1, "ld (the Gram's padded image length) must be >= 1, got " << ld);
+  MMRPRUNE_CHECK(ld <= INT_MAX, "ld must fit in int32 (local token indices are int32), got " << ld);
+  MMRPRUNE_CHECK(batch <= 0 || ld <= INT64_MAX / ld / batch, "batch * ld * ld overflows int64");
+}
+
+void greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm, std::uintptr_t imp,
+                        std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
+                        std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max,
+                        double lam, std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                        int smem_state, std::uintptr_t stream) {
+  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+  check_gram(gram, ld, batch);
+  MMRPRUNE_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
+  MMRPRUNE_CHECK(smem_state >= -1 && smem_state <= 1, "smem_state must be -1, 0 or 1, got " << smem_state);
+  CHECK_PTR(inv_norm);
+  CHECK_PTR(imp);
+  CHECK_PTR(m_scratch);
+  for (std::uintptr_t p : {inv_norm, imp, first_score, m_scratch})
+    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, imp, first_score and m_scratch are float32 and must be 4-byte aligned");
+  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim_gram(gram, ld, inv_norm, imp, first_score, eligible, starts,
+                                                           lengths, ks, batch, k_max, lam, m_scratch,
+                                                           taken_scratch, out, smem_state, stream));
+}
+
+void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm, std::uintptr_t sqn,
+                     std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                     std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                     std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
+                     std::uintptr_t stream) {
+  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+  check_gram(gram, ld, batch);
+  CHECK_PTR(inv_norm);
+  CHECK_PTR(sqn);
+  CHECK_PTR(q);
+  CHECK_PTR(d2_scratch);
+  CHECK_PTR(c_scratch);
+  for (std::uintptr_t p : {inv_norm, sqn, q, d2_scratch, c_scratch})
+    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, sqn, q, d2_scratch and c_scratch are float32 and must be 4-byte aligned");
+  raise_if_failed(mmrprune_cuda::launch_greedy_dpp_gram(gram, ld, inv_norm, sqn, q, starts, lengths, ks, batch,
+                                                        k_max, d2_scratch, taken_scratch, c_scratch, out, stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -131,6 +176,17 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("lengths"), py::arg("ks"), py::arg("batch"), py::arg("k_max"), py::arg("lam"),
         py::arg("m_scratch"), py::arg("taken_scratch"), py::arg("out"), py::arg("stream"),
         "MMR / FPS / hybrid / DivPrune greedy, one block per image, one launch");
+  m.def("gram_state_smem_bytes", &mmrprune_cuda::gram_state_smem_bytes, py::arg("ld"),
+        "dynamic shared memory (bytes) of the Gram-mode maxsim kernel's token state for padded length `ld`");
+  m.def("greedy_maxsim_gram", &greedy_maxsim_gram, py::arg("gram"), py::arg("ld"), py::arg("inv_norm"),
+        py::arg("imp"), py::arg("first_score"), py::arg("eligible"), py::arg("starts"), py::arg("lengths"),
+        py::arg("ks"), py::arg("batch"), py::arg("k_max"), py::arg("lam"), py::arg("m_scratch"),
+        py::arg("taken_scratch"), py::arg("out"), py::arg("smem_state"), py::arg("stream"),
+        "MMR / FPS / hybrid / DivPrune greedy, similarity rows read from a precomputed fp32 Gram [B, ld, ld]");
+  m.def("greedy_dpp_gram", &greedy_dpp_gram, py::arg("gram"), py::arg("ld"), py::arg("inv_norm"), py::arg("sqn"),
+        py::arg("q"), py::arg("starts"), py::arg("lengths"), py::arg("ks"), py::arg("batch"), py::arg("k_max"),
+        py::arg("d2_scratch"), py::arg("taken_scratch"), py::arg("c_scratch"), py::arg("out"), py::arg("stream"),
+        "conditional-DPP greedy MAP, similarity rows read from a precomputed fp32 Gram [B, ld, ld]");
   m.def("greedy_dpp", &greedy_dpp, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
         py::arg("inv_norm"), py::arg("sqn"), py::arg("q"), py::arg("starts"), py::arg("lengths"), py::arg("ks"),
         py::arg("batch"), py::arg("k_max"), py::arg("d2_scratch"), py::arg("taken_scratch"), py::arg("c_scratch"),

@@ -294,13 +294,16 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
 //   Once the best untaken gain is below DPP_EPS (checked before the pick) every gain
 //   is 0 from then on and the rest of the budget goes to the lowest untaken indices.
 // c_g is token-major [rows, k_max]: a token's Cholesky row is contiguous (coalesced).
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
-    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
-    const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
-    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
-    float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
-  extern __shared__ float xs[];  // [dim]
+// kGram: sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i] from the precomputed raw
+// Gram [batch, ld, ld] (fp32) instead of the dot product over D (x is then unused).
+template <typename T, bool kVec, bool kGram>
+__device__ __forceinline__ void dpp_body(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
+    const float* __restrict__ inv_norm, const float* __restrict__ sqn, const float* __restrict__ q,
+    const std::int64_t* __restrict__ starts, const std::int64_t* __restrict__ lengths,
+    const std::int64_t* __restrict__ ks, std::int64_t k_max, float* d2_g, std::uint8_t* taken_g, float* c_g,
+    std::int64_t* __restrict__ out) {
+  extern __shared__ float xs[];  // [dim] (row mode only)
   __shared__ float red_s[32];
   __shared__ int red_i[33];
 
@@ -310,12 +313,14 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
   const int nwarps = blockDim.x >> 5;
   const std::int64_t b = blockIdx.x;
   const std::int64_t start = starts[b];
-  const std::int64_t len = lengths[b];
+  std::int64_t len = lengths[b];
+  if (kGram && len > ld) len = ld;  // a segment never leaves its Gram block (garbage lengths)
   const int n = len > 0 ? static_cast<int>(len) : 0;
   const std::int64_t kb = image_budget(len, ks[b], k_max);
   std::int64_t* out_b = out + b * k_max;
   for (std::int64_t t = kb + tid; t < k_max; t += blockDim.x) out_b[t] = -1;
   if (kb == 0) return;
+  const float* gram_b = kGram ? gram + b * ld * ld : nullptr;
 
   float* d2 = d2_g + start;
   std::uint8_t* taken = taken_g + start;
@@ -360,15 +365,18 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
     const std::int64_t s = t - 1;  // Cholesky column written by this update
 
     const float d2p = d2[p];  // written before the last barrier; p is taken, so nobody writes it now
-    float dj = 1.f, qp = 0.f;
+    float dj = 1.f, qp = 0.f, ip = 0.f;
     const float* cp = c + static_cast<std::int64_t>(p) * k_max;
+    const float* gp = kGram ? gram_b + static_cast<std::int64_t>(p) * ld : nullptr;
     if (!dead) {
       dj = sqrtf(d2p);
       qp = q_b[p];
       const std::int64_t prow = start + p;
-      const float ip = inv_norm[prow];
-      const T* xp = x + prow * dim;
-      for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
+      ip = inv_norm[prow];
+      if (!kGram) {
+        const T* xp = x + prow * dim;
+        for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
+      }
     }
     __syncthreads();  // xs and taken[p] visible
 
@@ -380,7 +388,8 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
         if (lane == 0) consider(0.f, i, bs, bi);
         continue;
       }
-      const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      // row mode: x_i . (x_p * ip); Gram mode: G[p][i] * ip (every lane reads the same word)
+      const float dot = kGram ? __ldg(gp + i) * ip : warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
       float* ci = c + static_cast<std::int64_t>(i) * k_max;
       float proj = 0.f;
       for (std::int64_t u = lane; u < s; u += 32) proj = fmaf(ci[u], cp[u], proj);
@@ -394,6 +403,98 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
         d2[i] = nd;
         consider(nd, i, bs, bi);
       }
+    }
+    p = block_argmax(bs, bi, red_s, red_i);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
+    const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
+  dpp_body<T, kVec, false>(x, dim, nullptr, 0, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g, c_g,
+                           out);
+}
+
+// DPP with the similarity row read from the precomputed Gram (no feature reads in the loop).
+__global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
+    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
+    const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
+  dpp_body<float, false, true>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
+                               c_g, out);
+}
+
+// MMR / FPS / hybrid / DivPrune, Gram mode: same steps as greedy_maxsim_kernel, but
+// sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i] is one contiguous fp32 read per
+// token from the raw Gram [batch, ld, ld] (computed by torch on tensor cores, fp32 output).
+// Thread-per-token: token i belongs to thread i % blockDim.x for the whole launch, so its
+// state (m_i, taken_i) is private to that thread and needs no barrier between steps (the
+// owner marks its own token taken when it is picked).  kSmem: the state lives in dynamic
+// shared memory (ld * 5 bytes), else in the global scratch indexed by row.
+template <bool kSmem>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
+    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
+    const float* __restrict__ imp, const float* __restrict__ first_score,
+    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+  extern __shared__ float state_s[];  // kSmem: m[ld] fp32, then taken[ld] bytes
+  __shared__ float red_s[32];
+  __shared__ int red_i[33];
+
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const std::int64_t b = blockIdx.x;
+  const std::int64_t start = starts[b];
+  std::int64_t len = lengths[b];
+  if (len > ld) len = ld;  // a segment never leaves its Gram block (garbage lengths)
+  const int n = len > 0 ? static_cast<int>(len) : 0;
+  const std::int64_t kb = image_budget(len, ks[b], k_max);
+  std::int64_t* out_b = out + b * k_max;
+  for (std::int64_t t = kb + tid; t < k_max; t += nthreads) out_b[t] = -1;
+  if (kb == 0) return;  // uniform over the block
+
+  float* m = kSmem ? state_s : m_g + start;
+  std::uint8_t* taken = kSmem ? reinterpret_cast<std::uint8_t*>(state_s + ld) : taken_g + start;
+  const float* imp_b = imp + start;
+  const float* inv_b = inv_norm + start;
+  const float* gram_b = gram + b * ld * ld;
+
+  float bs = -INFINITY;
+  int bi = kNoPick;
+  for (int i = tid; i < n; i += nthreads) {
+    m[i] = -INFINITY;
+    const bool ok = eligible == nullptr || eligible[start + i] != 0;
+    taken[i] = ok ? 0 : 1;
+    if (ok) consider(first_score != nullptr ? first_score[start + i] : imp_b[i], i, bs, bi);
+  }
+  int p = block_argmax(bs, bi, red_s, red_i);
+
+  std::int64_t t = 0;
+  while (true) {
+    if (p == kNoPick) {
+      for (std::int64_t u = t + tid; u < kb; u += nthreads) out_b[u] = -1;
+      break;
+    }
+    if (tid == 0) out_b[t] = p;
+    if (p % nthreads == tid) taken[p] = 1;  // the owner of token p: read again only by itself
+    if (++t >= kb) break;
+
+    const float ip = inv_b[p];
+    const float* g = gram_b + static_cast<std::int64_t>(p) * ld;
+    bs = -INFINITY;
+    bi = kNoPick;
+    for (int i = tid; i < n; i += nthreads) {
+      if (taken[i]) continue;
+      const float sim = __fmul_rn(__ldg(g + i) * ip, inv_b[i]);
+      const float mi = fmaxf(m[i], sim);
+      m[i] = mi;
+      const float s = __fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi));
+      consider(s, i, bs, bi);
     }
     p = block_argmax(bs, bi, red_s, red_i);
   }
@@ -490,6 +591,25 @@ std::string run_dpp(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm,
   return check_launch("greedy_dpp_kernel launch");
 }
 
+// Largest dynamic shared memory (bytes) a block of this device may opt in to.
+std::string max_optin_smem(int* optin) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
+  err = cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)", err);
+  return "";
+}
+
+// Threads of the Gram-mode maxsim block: one per token up to 1024 (fewer warps = cheaper
+// barriers in the per-step argmax when every image is short, e.g. N = 576 -> 576 threads).
+int gram_threads(std::int64_t ld) {
+  std::int64_t t = ((ld + 31) / 32) * 32;
+  if (t < 64) t = 64;
+  if (t > kGreedyThreads) t = kGreedyThreads;
+  return static_cast<int>(t);
+}
+
 // Calls F<T, kVec>::run(args...) for the runtime dtype code and alignment.
 #define MMRPRUNE_DISPATCH(DTYPE, X, DIM, FN, ...)                                                   \
   do {                                                                                              \
@@ -511,6 +631,68 @@ std::string run_dpp(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm,
 }  // namespace
 
 std::int64_t greedy_smem_bytes(std::int64_t dim) { return dim * static_cast<std::int64_t>(sizeof(float)); }
+
+std::int64_t gram_state_smem_bytes(std::int64_t ld) {
+  return ld * static_cast<std::int64_t>(sizeof(float) + sizeof(std::uint8_t));
+}
+
+std::string launch_greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
+                                      std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible,
+                                      std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                                      std::int64_t batch, std::int64_t k_max, double lam,
+                                      std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                                      int smem_state, std::uintptr_t stream) {
+  if (batch == 0) return "";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  int optin = 0;
+  std::string err = max_optin_smem(&optin);
+  if (!err.empty()) return err;
+  const std::int64_t smem = gram_state_smem_bytes(ld);
+  // 1 KiB of headroom for the static shared memory (red_s, red_i: 260 bytes)
+  const bool fits = smem + 1024 <= optin;
+  const bool use_smem = smem_state < 0 ? fits : (smem_state > 0 && fits);
+  const int threads = gram_threads(ld);
+  const float* g = reinterpret_cast<const float*>(gram);
+  const float* inv = reinterpret_cast<const float*>(inv_norm);
+  const float* im = reinterpret_cast<const float*>(imp);
+  const float* fs = reinterpret_cast<const float*>(first_score);
+  const std::uint8_t* el = reinterpret_cast<const std::uint8_t*>(eligible);
+  const std::int64_t* st = reinterpret_cast<const std::int64_t*>(starts);
+  const std::int64_t* le = reinterpret_cast<const std::int64_t*>(lengths);
+  const std::int64_t* kk = reinterpret_cast<const std::int64_t*>(ks);
+  float* m = reinterpret_cast<float*>(m_scratch);
+  std::uint8_t* tk = reinterpret_cast<std::uint8_t*>(taken_scratch);
+  std::int64_t* o = reinterpret_cast<std::int64_t*>(out);
+  const float fl = static_cast<float>(lam), om = static_cast<float>(1.0 - lam);
+  if (use_smem) {
+    auto kernel = greedy_maxsim_gram_kernel<true>;
+    err = prepare_smem(kernel, smem);
+    if (!err.empty()) return err;
+    kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(smem), s>>>(
+        g, ld, inv, im, fs, el, st, le, kk, k_max, fl, om, m, tk, o);
+  } else {
+    greedy_maxsim_gram_kernel<false><<<static_cast<unsigned>(batch), threads, 0, s>>>(
+        g, ld, inv, im, fs, el, st, le, kk, k_max, fl, om, m, tk, o);
+  }
+  return check_launch("greedy_maxsim_gram_kernel launch");
+}
+
+std::string launch_greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
+                                   std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts,
+                                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
+                                   std::int64_t k_max, std::uintptr_t d2_scratch, std::uintptr_t taken_scratch,
+                                   std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
+  if (batch == 0) return "";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  greedy_dpp_gram_kernel<<<static_cast<unsigned>(batch), kDppThreads, 0, s>>>(
+      reinterpret_cast<const float*>(gram), ld, reinterpret_cast<const float*>(inv_norm),
+      reinterpret_cast<const float*>(sqn), reinterpret_cast<const float*>(q),
+      reinterpret_cast<const std::int64_t*>(starts), reinterpret_cast<const std::int64_t*>(lengths),
+      reinterpret_cast<const std::int64_t*>(ks), k_max, reinterpret_cast<float*>(d2_scratch),
+      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<float*>(c_scratch),
+      reinterpret_cast<std::int64_t*>(out));
+  return check_launch("greedy_dpp_gram_kernel launch");
+}
 
 std::string launch_inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
                              std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t stream) {

@@ -46,4 +46,28 @@ std::string launch_greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, st
 // Dynamic shared memory (bytes) the greedy kernels need for feature dim `dim`.
 std::int64_t greedy_smem_bytes(std::int64_t dim);
 
+// ---- Gram mode: the similarity row of a pick is read from a precomputed raw Gram.
+// gram is [batch, ld, ld] fp32, contiguous: gram[b][i][j] = x_{starts[b]+i} . x_{starts[b]+j}
+// (unnormalised; the kernels scale by inv_norm[p] * inv_norm[i]).  ld >= every lengths[b]
+// (the kernels clamp lengths to ld).  inv_norm, imp/q, first_score, eligible, sqn and the
+// scratch stay in segment form (indexed by row starts[b] + i), as in row mode.
+
+// Dynamic shared memory (bytes) of the Gram maxsim kernel's per-token state (m fp32 + taken u8).
+std::int64_t gram_state_smem_bytes(std::int64_t ld);
+
+// smem_state: -1 = state in shared memory when gram_state_smem_bytes(ld) fits the device's
+// opt-in limit (else global scratch), 0 = always global scratch, 1 = shared when it fits.
+std::string launch_greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
+                                      std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible,
+                                      std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
+                                      std::int64_t batch, std::int64_t k_max, double lam,
+                                      std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                                      int smem_state, std::uintptr_t stream);
+
+std::string launch_greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
+                                   std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts,
+                                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
+                                   std::int64_t k_max, std::uintptr_t d2_scratch, std::uintptr_t taken_scratch,
+                                   std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream);
+
 }  // namespace mmrprune_cuda
