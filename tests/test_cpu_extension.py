@@ -198,3 +198,54 @@ def test_bfloat16_input_certificate():
     got = mmrprune.select(x, w, k=40, method="mmr", order="selection", backend="cpu")
     for b in range(2):
         certify.check_certificate(x[b], w[b], got[b].numpy(), method="mmr", lam=0.5, tol=4e-3, k=40)
+
+
+def _first_step_case(n, d, seed, kind):
+    """Normalised float64 rows whose smallest max-off-diagonal sim is separated from the next by > 1e-4."""
+    for s in range(seed, seed + 50):
+        rng = np.random.default_rng(s)
+        if kind == "gaussian":
+            x = rng.standard_normal((n, d))
+        elif kind == "far_pairs":  # near-duplicates n/2 apart, nothing alike nearby: the band bound is
+            x = rng.standard_normal((n, d))  # useless and the pruned search falls back to the full pass
+            h = n // 2  # n odd: the last token is unpaired, the one to find
+            x[h:2 * h] = x[:h] + 0.2 * rng.standard_normal((h, d))
+        else:  # clustered, neighbours in sequence order alike (like patch tokens): the band bound prunes
+            c = rng.standard_normal((-(-n // 40), d))
+            x = np.repeat(c, 40, axis=0)[:n] + 0.3 * rng.standard_normal((n, d))
+            x[rng.integers(0, n)] += 3.0 * rng.standard_normal(d)  # one outlier to find
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        g = x @ x.T
+        np.fill_diagonal(g, -np.inf)
+        best = g.max(axis=1)
+        srt = np.sort(best)
+        if n <= 2 or srt[1] - srt[0] > 1e-4:
+            return x, best
+    raise AssertionError("no well-separated first step found")
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d,kind", [(1, 8, "gaussian"), (2, 8, "gaussian"), (7, 37, "gaussian"),
+                                      (61, 24, "gaussian"), (250, 37, "clustered"), (403, 64, "gaussian"), (401, 64, "far_pairs"),
+                                      (1000, 40, "clustered")])
+def test_divprune_first_step_tiled_and_pruned(isa, dtype, n, d, kind):
+    """DivPrune step 1: the register-tiled triangular pass gives max_{j != i} sim(i, j) of the float64
+    computation (N not a multiple of any tile or block), and the pruned search used by select() returns
+    its exact argmin, with and without a second thread, on every SIMD path."""
+    if not ops._cpu.isa_supported(isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    x64, ref = _first_step_case(n, d, seed=n, kind=kind)
+    xn = np.ascontiguousarray(x64.astype(dtype))
+    for threads in (1, 2):
+        best = np.empty(n, dtype=dtype)
+        pick = ops._cpu.divprune_first_step(xn.ctypes.data, dtype == np.float64, n, d, threads,
+                                            best.ctypes.data, isa)
+        if n == 1:
+            assert pick == 0 and best[0] == -np.inf
+            continue
+        np.testing.assert_allclose(best, ref, atol=1e-5 if dtype == np.float32 else 1e-12)
+        assert pick == int(np.argmin(ref)) == int(np.argmin(best))
+    # and select() picks it first
+    got = mmrprune.select(torch.from_numpy(xn), k=1, method="divprune", order="selection", backend="cpu")
+    assert got.tolist() == [int(np.argmin(ref)) if n > 1 else 0]

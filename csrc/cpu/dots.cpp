@@ -65,15 +65,90 @@ static inline __attribute__((always_inline)) void dots_body(const T* p, const T*
   }
 }
 
+// One MR x NR tile of a Gram block: C[a][b] = A_a · B_b.
+//
+// Why a tile: the 1 x 4 dots kernel loads 5 vectors per 4 FMAs, so a full
+// Gram pass (DivPrune's first step) is bound by loads, not FMAs.  An MR x NR
+// tile loads MR + NR vectors per MR * NR FMAs (4 x 4: 8 per 16), with the
+// MR * NR accumulators held in registers across the whole D loop.
+//
+// Exactness: every entry is computed exactly as dots_body computes one
+// (a, b) pair: one vector accumulator stepping over D by W lanes, summed
+// lane 0..W-1 by hsum, then the scalar tail; products commute and FMA(a, b, c)
+// == FMA(b, a, c).  So every tile shape (including the edge tiles below)
+// gives the same bits as dots(A_a, B_b), and sim(i, j) == sim(j, i).
+template <class T, int VB, int MR, int NR>
+static inline __attribute__((always_inline)) void gram_tile(const T* A, const T* B, int64_t ld, int64_t D, T* C,
+                                                            int64_t ldc) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int W = VB / sizeof(T);
+  const int64_t dv = D / W * W;
+  V acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) acc[r][c] = V{};
+  for (int64_t d = 0; d < dv; d += W) {
+    V av[MR], bv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) av[r] = load<V>(A + r * ld + d);
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) bv[c] = load<V>(B + c * ld + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NR; ++c) acc[r][c] += av[r] * bv[c];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) {
+      const T* a = A + r * ld;
+      const T* b = B + c * ld;
+      T t = hsum<V, T, W>(acc[r][c]);
+      for (int64_t d = dv; d < D; ++d) t += a[d] * b[d];
+      C[r * ldc + c] = t;
+    }
+}
+
+// C[a * ldc + b] = A_a · B_b for a < na, b < nb: full MR x NR tiles, then
+// narrower tiles for the edges (same bits either way, see gram_tile).
+template <class T, int VB, int MR, int NR>
+static inline __attribute__((always_inline)) void gram_body(const T* A, int64_t na, const T* B, int64_t nb,
+                                                            int64_t ld, int64_t D, T* C, int64_t ldc) {
+  int64_t a = 0;
+  for (; a + MR <= na; a += MR) {
+    int64_t b = 0;
+    for (; b + NR <= nb; b += NR) gram_tile<T, VB, MR, NR>(A + a * ld, B + b * ld, ld, D, C + a * ldc + b, ldc);
+    for (; b < nb; ++b) gram_tile<T, VB, MR, 1>(A + a * ld, B + b * ld, ld, D, C + a * ldc + b, ldc);
+  }
+  for (; a < na; ++a) {
+    int64_t b = 0;
+    for (; b + NR <= nb; b += NR) gram_tile<T, VB, 1, NR>(A + a * ld, B + b * ld, ld, D, C + a * ldc + b, ldc);
+    for (; b < nb; ++b) gram_tile<T, VB, 1, 1>(A + a * ld, B + b * ld, ld, D, C + a * ldc + b, ldc);
+  }
+}
+
+
 #define MMRPRUNE_DOTS(NAME, T, VB, TARGET)                                                            \
   TARGET void NAME(const T* p, const T* rows, int64_t ld, int64_t D, const int32_t* idx, int64_t n, \
                    T* out) {                                                                         \
     dots_body<T, VB>(p, rows, ld, D, idx, n, out);                                                   \
   }
 
+// Tile shapes: MR * NR accumulators + MR + NR operands must fit the register
+// file, 16 vector registers for SSE2/AVX2 (3 x 4: 12 + 7, a few spills of the
+// operands are cheap) and 32 for AVX-512 (4 x 4: 16 + 8).
+#define MMRPRUNE_GRAM(NAME, T, VB, MR, NR, TARGET)                                                        \
+  TARGET void NAME(const T* A, int64_t na, const T* B, int64_t nb, int64_t ld, int64_t D, T* C, int64_t ldc) { \
+    gram_body<T, VB, MR, NR>(A, na, B, nb, ld, D, C, ldc);                                                 \
+  }
+
 #define NO_TARGET
 MMRPRUNE_DOTS(dots_f32_base, float, 16, NO_TARGET)
 MMRPRUNE_DOTS(dots_f64_base, double, 16, NO_TARGET)
+MMRPRUNE_GRAM(gram_f32_base, float, 16, 3, 4, NO_TARGET)
+MMRPRUNE_GRAM(gram_f64_base, double, 16, 3, 4, NO_TARGET)
 #if defined(__x86_64__) || defined(__i386__)
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
@@ -81,14 +156,18 @@ MMRPRUNE_DOTS(dots_f32_avx2, float, 32, AVX2_TARGET)
 MMRPRUNE_DOTS(dots_f64_avx2, double, 32, AVX2_TARGET)
 MMRPRUNE_DOTS(dots_f32_avx512, float, 64, AVX512_TARGET)
 MMRPRUNE_DOTS(dots_f64_avx512, double, 64, AVX512_TARGET)
+MMRPRUNE_GRAM(gram_f32_avx2, float, 32, 3, 4, AVX2_TARGET)
+MMRPRUNE_GRAM(gram_f64_avx2, double, 32, 3, 4, AVX2_TARGET)
+MMRPRUNE_GRAM(gram_f32_avx512, float, 64, 4, 4, AVX512_TARGET)
+MMRPRUNE_GRAM(gram_f64_avx512, double, 64, 4, 4, AVX512_TARGET)
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
-const DotKernels kBase = {dots_f32_base, dots_f64_base, "sse2"};
-const DotKernels kAvx2 = {dots_f32_avx2, dots_f64_avx2, "avx2"};
-const DotKernels kAvx512 = {dots_f32_avx512, dots_f64_avx512, "avx512"};
+const DotKernels kBase = {dots_f32_base, dots_f64_base, gram_f32_base, gram_f64_base, "sse2"};
+const DotKernels kAvx2 = {dots_f32_avx2, dots_f64_avx2, gram_f32_avx2, gram_f64_avx2, "avx2"};
+const DotKernels kAvx512 = {dots_f32_avx512, dots_f64_avx512, gram_f32_avx512, gram_f64_avx512, "avx512"};
 #else
-const DotKernels kBase = {dots_f32_base, dots_f64_base, "generic"};
+const DotKernels kBase = {dots_f32_base, dots_f64_base, gram_f32_base, gram_f64_base, "generic"};
 #endif
 
 bool cpu_has(const std::string& isa) {

@@ -52,6 +52,17 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("alpha"), py::arg("tau"), py::arg("radius"), py::arg("grid_w"), py::arg("num_threads"),
         py::arg("out"), py::arg("isa") = "",
         "Run the selection; every pointer is a raw address owned by the caller.  Writes out [batch, k_max].");
+  m.def(
+      "divprune_first_step",
+      [](uintptr_t xn, bool f64, int64_t n, int64_t dim, int num_threads, uintptr_t best, const std::string& isa) {
+        py::gil_scoped_release no_gil;
+        return divprune_first_step(reinterpret_cast<const void*>(xn), f64, n, dim, num_threads,
+                                   isa.empty() ? nullptr : isa.c_str(), reinterpret_cast<void*>(best));
+      },
+      py::arg("xn"), py::arg("f64"), py::arg("n"), py::arg("dim"), py::arg("num_threads"), py::arg("best"),
+      py::arg("isa") = "",
+      "Test hook: DivPrune step 1 on normalised rows [n, dim]; fills best[i] = max_{j != i} sim(i, j) (full "
+      "tiled pass) and returns the pruned search's first pick.");
   m.def("isa", [] { return std::string(dot_kernels().isa); }, "SIMD kernels chosen for this CPU at load time");
   m.def("isa_supported", [](const std::string& isa) {
     try {

@@ -5,8 +5,10 @@
 // (n_active x D, from the per-thread cache) instead of materialising the N x N
 // Gram matrix up front: K*N*D instead of N^2*D work, and the working set is the
 // normalised image (N*D) rather than N^2.  DivPrune's first step needs
-// max_{j != i} sim(i, j) for every token, which is a triangular Gram pass
-// streamed row by row (never stored).  See csrc/README.md for the measurement.
+// max_{j != i} sim(i, j) only for its argmin: a band lower bound prunes the
+// tokens that cannot win, the rest get exact rows (fallback: the triangular
+// Gram pass in cache-sized blocks with a register-tiled kernel, never
+// stored).  See csrc/README.md for the measurement.
 #include "select.h"
 
 #include <algorithm>
@@ -128,6 +130,7 @@ struct ImageJob {
   const T* q;
   int64_t* out;
   DotsFn<T> dots;
+  GramFn<T> gram;
 };
 
 void remove_sorted(std::vector<int32_t>& v, int32_t x) {
@@ -148,15 +151,16 @@ void remove_sorted(std::vector<int32_t>& v, int32_t x) {
 // order-free, so the picks are bit-identical to computing all N sims per step;
 // most tokens are never refreshed against most picks.
 template <class T>
-void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const T* first_score) {
+void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const T* first_score,
+                           int32_t first_pick = -1) {
   auto& active = ws.active;
   T* m = ws.m.data();
   T* sim = ws.sim.data();
   const T* imp = J.imp;
   const T one_minus_lam = (T)1 - lam;
-  // step 1: plain argmax of first_score, then every eligible token sees the first pick
-  int32_t first = -1;
-  {
+  // step 1: first_pick if given, else plain argmax of first_score; then every eligible token sees it
+  int32_t first = first_pick;
+  if (first < 0) {
     const T* s0 = first_score ? first_score : imp;
     T best = -std::numeric_limits<T>::infinity();
     for (int32_t i : active) {
@@ -214,25 +218,164 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const 
   }
 }
 
-// DivPrune's first step: 1 - max_{j != i} sim(i, j), as -max_{j != i} sim(i, j)
-// (same argmax), over the upper triangle of the Gram matrix, one row at a time.
+// max_{j != i} sim(i, j) for every token of an image, max-merged into best[]
+// (reference.select_divprune, step 1), restricted to the row blocks this
+// caller takes from `next_block`.
+//
+// The upper triangle of the Gram matrix, in bs x bs blocks: row block ib
+// against column blocks jb >= ib.  A column block (bs rows of x̂) is sized to
+// stay in L2 while the register-tiled gram kernel sweeps the row block over
+// it; each block lands in the small buffer C and is folded into best[] on
+// both sides of the diagonal (sim(i, j) == sim(j, i) bit for bit), then
+// dropped -- the N x N Gram is never stored.  In a diagonal block only
+// strips at or above the diagonal are computed.  Every sim has the same bits
+// as the 1 x 4 dots kernel gives and max is order-free, so the result does
+// not depend on bs, on the tile shape, or on how blocks are split over threads.
 template <class T>
-void divprune_first_score(const ImageJob<T>& J, Workspace<T>& ws, T* score) {
-  const int64_t n = J.n;
-  std::vector<T>& best = ws.m;  // reused as max-sim accumulator before the greedy loop
-  std::fill(best.begin(), best.begin() + n, -std::numeric_limits<T>::infinity());
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    const int64_t rest = n - i - 1;
-    J.dots(J.xn + i * J.D, J.xn + (i + 1) * J.D, J.D, J.D, nullptr, rest, ws.sim.data());
-    T bi = best[i];
-    for (int64_t a = 0; a < rest; ++a) {
-      const T s = ws.sim[a];
-      bi = std::max(bi, s);
-      best[i + 1 + a] = std::max(best[i + 1 + a], s);
+void gram_max_blocks(const T* xn, int64_t n, int64_t D, GramFn<T> gram, int64_t bs, std::atomic<int64_t>& next_block,
+                     T* best) {
+  constexpr int64_t STRIP = 12;  // a multiple of every tile height (3, 4): full tiles along the diagonal
+  std::vector<T> C((size_t)bs * (size_t)bs);
+  const int64_t nblk = (n + bs - 1) / bs;
+  for (int64_t ib; (ib = next_block.fetch_add(1)) < nblk;) {
+    const int64_t i0 = ib * bs, ni = std::min(bs, n - i0);
+    for (int64_t jb = ib; jb < nblk; ++jb) {
+      const int64_t j0 = jb * bs, nj = std::min(bs, n - j0);
+      if (jb == ib) {
+        for (int64_t a = 0; a < ni; a += STRIP)  // rows a.. against columns a..: C[a][a..] onwards
+          gram(xn + (i0 + a) * D, std::min(STRIP, ni - a), xn + (i0 + a) * D, ni - a, D, D, C.data() + a * bs + a, bs);
+      } else {
+        gram(xn + i0 * D, ni, xn + j0 * D, nj, D, D, C.data(), bs);
+      }
+      T* bj = best + j0;
+      for (int64_t a = 0; a < ni; ++a) {
+        const T* c = C.data() + a * bs;
+        const int64_t b0 = jb == ib ? a + 1 : 0;  // diagonal block: pairs j > i only
+        T bi = best[i0 + a];
+        for (int64_t b = b0; b < nj; ++b) {
+          bi = std::max(bi, c[b]);
+          bj[b] = std::max(bj[b], c[b]);
+        }
+        best[i0 + a] = bi;
+      }
     }
-    best[i] = bi;
   }
-  for (int64_t i = 0; i < n; ++i) score[i] = -best[i];  // N = 1: +inf, token 0
+}
+
+// Column block of the triangular pass: ~256 KiB of x̂ (stays in L2 next to the
+// row strip being swept), 12..240 rows.
+template <class T>
+int64_t gram_block_rows(int64_t D) {
+  return std::max<int64_t>(12, std::min<int64_t>(240, (256 << 10) / (D * (int64_t)sizeof(T)) / 12 * 12));
+}
+
+// best[i] = max_{j != i} sim(i, j) for all i: the full triangular pass.
+// `threads` > 1 (an image with idle threads beside it, e.g. B = 1) splits the
+// row blocks over that many threads, each with its own max accumulator,
+// max-merged at the end (exact: max is order-free).
+template <class T>
+void max_offdiag_sim(const ImageJob<T>& J, int threads, T* best) {
+  const int64_t n = J.n, D = J.D, bs = gram_block_rows<T>(D);
+  const int64_t nblk = (n + bs - 1) / bs;
+  threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, nblk));
+  constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
+  std::fill(best, best + n, NEG_INF);
+  std::atomic<int64_t> next_block{0};
+  if (threads == 1) {
+    gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, best);
+    return;
+  }
+  std::vector<std::vector<T>> part(threads - 1, std::vector<T>(n, NEG_INF));
+  std::vector<std::thread> pool;
+  std::exception_ptr error;
+  std::mutex error_mu;
+  for (int t = 0; t + 1 < threads; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, part[t].data());
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mu);
+        if (!error) error = std::current_exception();
+      }
+    });
+  gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, best);
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+  for (const auto& p : part)
+    for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], p[i]);
+}
+
+// DivPrune's first pick: argmax_i 1 - max_{j != i} sim(i, j) = argmin_i best_i,
+// best_i = max_{j != i} sim(i, j), ties to the lowest index (N = 1: token 0).
+//
+// Only this argmin is needed (step 1 uses nothing else), so most of the
+// N^2 D / 2 triangle can be skipped, exactly:
+//  1. lb_i = max of sim(i, j) over a band |i - j| <= BAND (tokens close in
+//     sequence order, i.e. spatial neighbours for patch tokens) is a lower
+//     bound of best_i, for N * BAND * D work.
+//  2. Tokens in increasing (lb, index) order get their exact best_i from a
+//     full row, 4 at a time with the tiled kernel; v = the smallest exact
+//     best so far.  A token with lb_i > v has best_i >= lb_i > v and cannot
+//     win, and neither can any token after it in that order: stop.
+// Every sim is bit-identical to the full pass (same kernel arithmetic), so the
+// pick is exactly the full pass's argmin.  Where the bound prunes badly
+// (near-uniform sims: e.g. isotropic random tokens), fall back to the full
+// triangle once the exact rows would cost more than half of it.
+template <class T>
+int32_t divprune_first_pick(const ImageJob<T>& J, Workspace<T>& ws, int threads) {
+  const int64_t n = J.n, D = J.D;
+  if (n == 1) return 0;
+  constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
+  T* best = ws.m.data();  // reused as max-sim accumulator before the greedy loop
+  auto full_pass = [&] {
+    max_offdiag_sim<T>(J, threads, best);
+    return (int32_t)(std::min_element(best, best + n) - best);  // first minimum: lowest index
+  };
+  constexpr int64_t BAND = 48, STRIP = 12, GROUP = 4;
+  if (n <= 4 * BAND) return full_pass();
+  // 1. band lower bounds (the same strip-above-the-diagonal sweep as a diagonal block)
+  std::vector<T> C((size_t)STRIP * (STRIP + BAND));
+  std::fill(best, best + n, NEG_INF);
+  for (int64_t i0 = 0; i0 < n; i0 += STRIP) {
+    const int64_t ni = std::min(STRIP, n - i0), nj = std::min(STRIP + BAND, n - i0);
+    const int64_t ldc = STRIP + BAND;
+    J.gram(J.xn + i0 * D, ni, J.xn + i0 * D, nj, D, D, C.data(), ldc);
+    for (int64_t a = 0; a < ni; ++a)
+      for (int64_t b = a + 1; b < nj; ++b) {
+        const T s = C[a * ldc + b];
+        best[i0 + a] = std::max(best[i0 + a], s);
+        best[i0 + b] = std::max(best[i0 + b], s);
+      }
+  }
+  // 2. exact rows in (lb, index) order until the bound rules out the rest
+  std::vector<int32_t>& order = ws.order;
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [best](int32_t x, int32_t y) { return best[x] < best[y]; });
+  std::vector<T> rows((size_t)GROUP * D), row_best(GROUP);
+  std::vector<T>& sims = ws.cis;
+  sims.resize((size_t)GROUP * n);
+  T v = std::numeric_limits<T>::infinity();
+  int32_t pick = -1;
+  const int64_t max_rows = n / 2;  // n / 2 full rows ~ the whole triangle's work
+  for (int64_t o = 0; o < n && best[order[o]] <= v; o += GROUP) {
+    if (o >= max_rows) return full_pass();
+    const int64_t g = std::min(GROUP, n - o);
+    for (int64_t r = 0; r < g; ++r) std::memcpy(&rows[r * D], J.xn + (int64_t)order[o + r] * D, D * sizeof(T));
+    J.gram(rows.data(), g, J.xn, n, D, D, sims.data(), n);
+    for (int64_t r = 0; r < g; ++r) {
+      const int32_t i = order[o + r];
+      const T* srow = sims.data() + r * n;
+      T bi = NEG_INF;
+      for (int64_t j = 0; j < n; ++j)
+        if (j != i) bi = std::max(bi, srow[j]);
+      if (bi < v || (bi == v && i < pick)) {
+        v = bi;
+        pick = i;
+      }
+    }
+  }
+  return pick;
 }
 
 // reference.select_dpp: greedy MAP by incremental Cholesky, kernel L_ij = q_i sim(i, j) q_j.
@@ -340,14 +483,15 @@ void d2pruner(const ImageJob<T>& J, Workspace<T>& ws, const SelectArgs& a) {
 }
 
 template <class T>
-void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> dots) {
+void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> dots, GramFn<T> gram,
+                  int gram_threads) {
   const int64_t n = a.lengths[b], k = a.ks[b], D = a.dim, start = a.starts[b];
   int64_t* out = a.out + b * a.k_max;
   std::fill(out, out + a.k_max, (int64_t)-1);
   if (k == 0) return;
   const T* imp = static_cast<const T*>(a.importance) + start;
   const T* q = a.quality ? static_cast<const T*>(a.quality) + start : nullptr;
-  ImageJob<T> J{nullptr, n, D, k, imp, q, out, dots};
+  ImageJob<T> J{nullptr, n, D, k, imp, q, out, dots, gram};
 
   if (a.method == Method::TOPK) {
     importance_order(imp, n, ws.order);
@@ -378,13 +522,12 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       break;
     }
     case Method::DIVPRUNE: {
-      std::vector<T> first(n);
-      divprune_first_score<T>(J, ws, first.data());
+      const int32_t first = divprune_first_pick<T>(J, ws, gram_threads);
       std::vector<T> zeros(n, (T)0);
       J.imp = zeros.data();
       ws.active.resize(n);
       std::iota(ws.active.begin(), ws.active.end(), 0);
-      greedy_max_similarity<T>(J, ws, (T)0, first.data());
+      greedy_max_similarity<T>(J, ws, (T)0, nullptr, first);
       break;
     }
     case Method::DPP:
@@ -399,16 +542,18 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
 }
 
 template <class T>
-void run_batch(const SelectArgs& a, DotsFn<T> dots) {
+void run_batch(const SelectArgs& a, DotsFn<T> dots, GramFn<T> gram) {
   const int64_t B = a.batch;
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B));
+  // fewer images than threads: the spare threads help with DivPrune's Gram pass
+  const int gram_threads = (int)std::max<int64_t>(1, a.num_threads / std::max<int64_t>(B, 1));
   std::atomic<int64_t> next{0};
   std::exception_ptr error;
   std::mutex error_mu;
   auto worker = [&] {
     Workspace<T> ws;
     try {
-      for (int64_t b; (b = next.fetch_add(1)) < B;) select_image<T>(a, b, ws, dots);
+      for (int64_t b; (b = next.fetch_add(1)) < B;) select_image<T>(a, b, ws, dots, gram, gram_threads);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mu);
       if (!error) error = std::current_exception();
@@ -430,7 +575,28 @@ void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("mmrprune._cpu.select: " + msg);
 }
 
+template <class T>
+int64_t first_step_hook(const T* xn, int64_t n, int64_t D, int threads, DotsFn<T> dots, GramFn<T> gram, T* best) {
+  Workspace<T> ws;
+  ws.m.resize(n);
+  ImageJob<T> J{xn, n, D, 1, nullptr, nullptr, nullptr, dots, gram};
+  const int32_t pick = divprune_first_pick<T>(J, ws, threads);
+  max_offdiag_sim<T>(J, threads, best);
+  return pick;
+}
+
 }  // namespace
+
+int64_t divprune_first_step(const void* xn, bool f64, int64_t n, int64_t D, int threads, const char* isa,
+                            void* best) {
+  check(xn && best && n >= 1 && D >= 1, "divprune_first_step: bad arguments");
+  const DotKernels& kern = isa ? dot_kernels_for(isa) : dot_kernels();
+  if (f64)
+    return first_step_hook<double>(static_cast<const double*>(xn), n, D, threads, kern.f64, kern.gram_f64,
+                                   static_cast<double*>(best));
+  return first_step_hook<float>(static_cast<const float*>(xn), n, D, threads, kern.f32, kern.gram_f32,
+                                static_cast<float*>(best));
+}
 
 void select_batch(const SelectArgs& a) {
   check(a.rows && a.importance && a.starts && a.lengths && a.ks && a.out, "null pointer argument");
@@ -449,9 +615,9 @@ void select_batch(const SelectArgs& a) {
   }
   const DotKernels& kern = a.isa ? dot_kernels_for(a.isa) : dot_kernels();
   if (a.dtype == DType::F64)
-    run_batch<double>(a, kern.f64);
+    run_batch<double>(a, kern.f64, kern.gram_f64);
   else
-    run_batch<float>(a, kern.f32);
+    run_batch<float>(a, kern.f32, kern.gram_f32);
 }
 
 }  // namespace mmrprune

@@ -36,4 +36,11 @@ struct SelectArgs {
 // Checks the arguments (std::invalid_argument on bad ones) and runs the selection.
 void select_batch(const SelectArgs& args);
 
+// Test hook for DivPrune's first step on already-normalised rows xn [n, D]
+// (float64 if f64, else float32): writes best[i] = max_{j != i} sim(i, j) from
+// the full tiled triangular pass (-inf for n = 1) and returns the first pick of
+// the pruned search that select_batch uses.  isa: null for the best one.
+int64_t divprune_first_step(const void* xn, bool f64, int64_t n, int64_t D, int threads, const char* isa,
+                            void* best);
+
 }  // namespace mmrprune
