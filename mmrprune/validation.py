@@ -1,11 +1,12 @@
 """Argument checks shared by every backend (SPEC.md, "Bad input").
 
 Every message names the argument, what was expected and what was received.
-Shape, dtype and device checks never touch tensor values.  Value checks
-(NaN/Inf, ``lengths``/``cu_seqlens`` ranges) read the data: they always run on
-CPU input, and on accelerator input only while ``check_finite=True`` — with
-``check_finite=False`` the call makes no host sync and can be captured in a
-CUDA graph.
+Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan
+runs only with ``check_finite=True``.  Range checks of ``lengths`` /
+``cu_seqlens`` (which keep the kernels' memory accesses in bounds) always run
+on CPU input, where they cost no device sync, and on accelerator input only
+with ``check_finite=True``: with ``check_finite=False`` an accelerator call
+makes no host sync and can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -210,10 +211,13 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
     if x.shape[-1] == 0 or (x.ndim == 3 and x.shape[0] == 0):
         raise ValueError(f"features: every dimension must be non-empty, got shape {tuple(x.shape)}")
     device = x.device
+    # ranges of lengths / cu_seqlens guard the kernels' memory accesses: always checked
+    # where that costs no device sync (CPU); NaN/Inf only when asked (check_finite)
     check_values = check_finite or device.type == "cpu"
+    check_nan = check_finite
     # value checks on accelerator input force a host sync: skip them while tracing
     if torch.compiler.is_compiling():
-        check_values = False
+        check_values = check_nan = False
 
     w = None
     if importance is not None:
@@ -259,7 +263,7 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
                     raise ValueError(f"lengths: expected values in [0, N={n}], got {lh.tolist() if bsz <= 16 else 'out-of-range values'}")
         starts = torch.arange(bsz, dtype=torch.int64, device=device) * n
 
-    if check_values:
+    if check_nan:
         _check_finite(x, "features")
         if w is not None:
             _check_finite(w, "importance")

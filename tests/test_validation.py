@@ -9,6 +9,7 @@ import torch
 
 import mmrprune
 from mmrprune import dispatch
+from mmrprune import reference as R
 
 X = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
 W = torch.rand(2, 8, generator=torch.Generator().manual_seed(1))
@@ -200,3 +201,26 @@ def test_cuda_device_mismatch_and_unchecked_call():
     out = mmrprune.select(torch.full_like(xc, math.nan), wc, k=3, check_finite=False)
     torch.cuda.synchronize()
     assert out.shape == (2, 3) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_unchecked_non_finite_input_gives_in_range_distinct_picks(method):
+    """check_finite=False skips the NaN/Inf scan (also on CPU); undefined input must still
+    give k distinct in-range, non-padding picks per image, never a crash or hang."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 40, 16), torch.rand(3, 40)
+    x[0, 5] = math.nan
+    x[1] = math.nan
+    w[2, 3] = math.inf
+    lengths = [40, 33, 40]
+    params = {"alpha": 1.0} if method == "d2pruner" else {}
+    for name in dispatch.BACKENDS:
+        ok, _ = dispatch.status(name)
+        backend, _ = dispatch.load(name)
+        if not ok or "cpu" not in backend.device_types or method not in backend.methods:
+            continue
+        out = mmrprune.select(x, w, k=7, method=method, backend=name, lengths=lengths,
+                              check_finite=False, order="selection", **params)
+        assert out.shape == (3, 7) and out.dtype == torch.int64
+        for row, n in zip(out.tolist(), lengths):
+            assert all(0 <= i < n for i in row) and len(set(row)) == 7, (name, row)
