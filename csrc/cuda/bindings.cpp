@@ -94,12 +94,9 @@ void greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t 
                                                       taken_scratch, out, stream));
 }
 
-void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
-                std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths,
-                std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
-                std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
-  check_features(x, dtype, rows, dim);
-  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+// The DPP kernels' float32 inputs and scratch (row-mode and Gram-mode launches alike).
+void check_dpp_state(std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t d2_scratch,
+                     std::uintptr_t c_scratch) {
   CHECK_PTR(inv_norm);
   CHECK_PTR(sqn);
   CHECK_PTR(q);
@@ -107,6 +104,15 @@ void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim
   CHECK_PTR(c_scratch);
   for (std::uintptr_t p : {inv_norm, sqn, q, d2_scratch, c_scratch})
     MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, sqn, q, d2_scratch and c_scratch are float32 and must be 4-byte aligned");
+}
+
+void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+                std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths,
+                std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
+                std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
+  check_features(x, dtype, rows, dim);
+  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+  check_dpp_state(inv_norm, sqn, q, d2_scratch, c_scratch);
   raise_if_failed(mmrprune_cuda::launch_greedy_dpp(x, dtype, rows, dim, inv_norm, sqn, q, starts, lengths, ks,
                                                    batch, k_max, d2_scratch, taken_scratch, c_scratch, out,
                                                    stream));
@@ -146,13 +152,7 @@ void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_no
                      std::uintptr_t stream) {
   check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
   check_gram(gram, ld, batch);
-  CHECK_PTR(inv_norm);
-  CHECK_PTR(sqn);
-  CHECK_PTR(q);
-  CHECK_PTR(d2_scratch);
-  CHECK_PTR(c_scratch);
-  for (std::uintptr_t p : {inv_norm, sqn, q, d2_scratch, c_scratch})
-    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, sqn, q, d2_scratch and c_scratch are float32 and must be 4-byte aligned");
+  check_dpp_state(inv_norm, sqn, q, d2_scratch, c_scratch);
   raise_if_failed(mmrprune_cuda::launch_greedy_dpp_gram(gram, ld, inv_norm, sqn, q, starts, lengths, ks, batch,
                                                         k_max, d2_scratch, taken_scratch, c_scratch, out, stream));
 }
