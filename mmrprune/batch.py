@@ -123,6 +123,32 @@ class SelectionBatch:
             self._cache["seg"] = torch.repeat_interleave(ids, self.lengths, output_size=t)
         return self._cache["seg"]
 
+    def row_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(seg, local, valid)`` ``[rows]`` of :meth:`rows`: image id, position within the
+        image and whether the row is a token (False on padding).  No host sync."""
+        rows = self.features.numel() // self.dim
+        row = torch.arange(rows, device=self.device)
+        seg = self.segment_ids() if self.packed else row // self.features.shape[1]
+        local = row - self.starts[seg]
+        valid = (local >= 0) & (local < self.lengths[seg])
+        return seg, local, valid
+
+    def max_length(self) -> int:
+        """The padded length ``N`` (at least 1): ``features.shape[1]`` for padded input,
+        ``max(lengths)`` for packed input (one host sync)."""
+        if not self.packed:
+            return int(self.features.shape[1])
+        if "n" not in self._cache:
+            self._cache["n"] = max(1, int(self.lengths.max().item())) if self.batch_size else 1
+        return self._cache["n"]
+
+    def padded_index(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row index [B, n], valid [B, n])``: the padded layout as rows of :meth:`rows`
+        (padding points at row 0, so a gathered copy stays finite)."""
+        pos = torch.arange(n, device=self.device)
+        valid = pos[None, :] < self.lengths[:, None]
+        return torch.where(valid, self.starts[:, None] + pos[None, :], 0), valid
+
     def padded(self):
         """``(features [B, N, D], importance [B, N], dpp_quality [B, N], valid [B, N])``.
 
@@ -130,11 +156,7 @@ class SelectionBatch:
         if not self.packed:
             q = self.dpp_quality() if self.method == "dpp" else None
             return self.features, self.importance(), q, self.valid_mask()
-        n = int(self.lengths.max().item()) if self.batch_size else 0
-        n = max(n, 1)
-        pos = torch.arange(n, device=self.device)
-        valid = pos[None, :] < self.lengths[:, None]
-        rows = torch.where(valid, self.starts[:, None] + pos[None, :], 0)
+        rows, valid = self.padded_index(self.max_length())
         feats = self.features[rows]                             # [B, N, D] copy
         imp = torch.where(valid, self.importance()[rows], 0.0)
         q = torch.where(valid, self.dpp_quality()[rows], 0.0) if self.method == "dpp" else None

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from ..batch import SelectionBatch
+from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows
 from ..reference import NORM_EPS
 from . import Backend
 from . import torch_backend as _tb
@@ -99,7 +100,7 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     Per row: inv_norm (4), running state m or d^2 (4), taken flag (1), fp32 Imp/q (4);
     hybrid adds the pool mask and its ranking (1 + 3 * 8); divprune adds its first
     score (4) plus, in row mode, torch's fp32 normalised copy [B, n_max, D] and one Gram
-    row block (torch_backend.GRAM_CHUNK_BYTES), in Gram mode one scaled row block of the
+    row block (prepare.GRAM_CHUNK_BYTES), in Gram mode one scaled row block of the
     Gram; dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
     adds the Gram [B, n_max, n_max] fp32 and the row norms (4 per row), and for packed
     input (``packed_elem_bytes`` = the feature element size) the padded copy
@@ -114,7 +115,7 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
         per_row += 4
         if not gram:
             extra += batch * n_max * dim * 4
-        extra += min(_tb.GRAM_CHUNK_BYTES, full_gram)
+        extra += min(GRAM_CHUNK_BYTES, full_gram)
     elif method == "dpp":
         per_row += 4 + 4 * k_max
     if gram:
@@ -201,10 +202,10 @@ def row_inv_norms(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def divprune_first_from_gram(gram: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[B, n]`` ``1 - max_{j != i} sim(i, j)`` from the raw Gram ``[B, n, n]`` and the padded
     inverse norms ``[B, n]`` (+inf for a lone token), over row blocks of at most
-    ``torch_backend.GRAM_CHUNK_BYTES`` (the Gram itself is not modified)."""
+    ``prepare.GRAM_CHUNK_BYTES`` (the Gram itself is not modified)."""
     bsz, n, _ = gram.shape
     best = torch.empty((bsz, n), dtype=torch.float32, device=gram.device)
-    rows_per_block = max(1, _tb.GRAM_CHUNK_BYTES // max(1, bsz * n * 4))
+    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * 4))
     padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
@@ -215,76 +216,12 @@ def divprune_first_from_gram(gram: torch.Tensor, inv: torch.Tensor, valid: torch
     return 1.0 - best
 
 
-def _segment_ids(batch: SelectionBatch) -> torch.Tensor:
-    """``[rows]`` image id of every row of ``batch.rows()``."""
-    if batch.packed:
-        return batch.segment_ids()
-    n = batch.features.shape[1]
-    return torch.arange(batch.batch_size * n, device=batch.device) // n
-
-
-def _valid_rows(batch: SelectionBatch) -> torch.Tensor:
-    """``[rows]`` bool: True on the rows that are tokens of an image (False on padding)."""
-    if batch.packed:
-        return torch.ones(batch.features.shape[0], dtype=torch.bool, device=batch.device)
-    return batch.valid_mask().reshape(-1)
-
-
-def hybrid_pool_rows(batch: SelectionBatch) -> torch.Tensor:
-    """``[rows]`` bool pool of the naive hybrid: the ``c_b`` most important tokens of each
-    image (ties to the lowest index), ``c_b = N_b`` if lam = 0 else
-    ``min(N_b, max(k_b, round_half_even(k_b / lam)))``.  No host sync."""
-    imp = batch.importance().reshape(-1)
-    valid = _valid_rows(batch)
-    seg = _segment_ids(batch)
-    rows = imp.shape[0]
-    key = torch.where(valid, imp, float("-inf"))
-    by_imp = torch.sort(key, descending=True, stable=True).indices            # ties: lower row first
-    order = by_imp[torch.sort(seg[by_imp], stable=True).indices]               # grouped by image
-    rank = torch.empty(rows, dtype=torch.int64, device=imp.device)
-    rank[order] = torch.arange(rows, device=imp.device) - batch.starts[seg[order]]
-    lengths, ks = batch.lengths, batch.ks
-    if batch.lam == 0.0:
-        pool_size = lengths
-    else:
-        wanted = torch.round(ks.to(torch.float64) / batch.lam).to(torch.int64)   # half to even
-        pool_size = torch.minimum(lengths, torch.maximum(ks, wanted))
-    return valid & (rank < pool_size[seg])
-
-
-def divprune_first_rows(batch: SelectionBatch) -> torch.Tensor:
-    """``[rows]`` fp32: ``1 - max_{j != i} sim(i, j)`` per token (+inf for a lone token).
-    Computed with torch's matmul in fp32 over row blocks (torch_backend)."""
-    if not batch.packed:
-        xn = _tb.normalize_rows(batch.features, torch.float32)
-        first = _tb._divprune_first_score(xn, batch.valid_mask())
-        return first.reshape(-1).contiguous()
-    feats, _, _, valid = batch.padded()                                        # one host sync
-    xn = _tb.normalize_rows(feats, torch.float32)
-    first = _tb._divprune_first_score(xn, valid)
-    pos = torch.arange(valid.shape[1], device=valid.device)
-    rows_of = batch.starts[:, None] + pos[None, :]
-    out = torch.full((batch.features.shape[0],), float("inf"), dtype=torch.float32, device=batch.device)
-    out[rows_of[valid]] = first[valid]
-    return out
-
-
-def _packed_gather_index(batch: SelectionBatch, n_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed input: ``(row index [B, n_max], valid [B, n_max])`` of the padded layout
-    (padding points at row 0, so the gathered copy stays finite)."""
-    pos = torch.arange(n_max, device=batch.device)
-    valid = pos[None, :] < batch.lengths[:, None]
-    return torch.where(valid, batch.starts[:, None] + pos[None, :], 0), valid
-
-
 def gram_n_max(batch: SelectionBatch, setting: Optional[str] = None) -> Optional[int]:
     """The Gram's padded length for this batch, or None when Gram mode is off by setting.
     Padded input: ``features.shape[1]`` (no sync); packed: ``max(lengths)`` (one host sync)."""
     if gram_setting(setting) == "0":
         return None
-    if not batch.packed:
-        return int(batch.features.shape[1])
-    return max(1, int(batch.lengths.max().item())) if batch.batch_size else 1
+    return batch.max_length()
 
 
 def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> dict:
@@ -302,7 +239,7 @@ def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> dict:
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, int(batch.k_max), n_max,
                                       batch.features.dtype, packed=batch.packed, setting=setting):
         if batch.packed:
-            idx, valid = _packed_gather_index(batch, n_max)
+            idx, valid = batch.padded_index(n_max)
             feats = rows[idx]                                                  # [B, n_max, D] copy
         else:
             feats, valid = rows.view(batch.batch_size, n_max, batch.dim), batch.valid_mask()
@@ -320,12 +257,7 @@ def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> dict:
             first = divprune_first_rows(batch)
         else:
             inv_p = inv[idx] if batch.packed else inv.view(batch.batch_size, n_max)
-            first_p = divprune_first_from_gram(gram, inv_p, valid)
-            if batch.packed:
-                first = torch.full((rows.shape[0],), float("inf"), dtype=torch.float32, device=rows.device)
-                first[idx[valid]] = first_p[valid]
-            else:
-                first = first_p.reshape(-1).contiguous()
+            first = from_padded(batch, divprune_first_from_gram(gram, inv_p, valid), float("inf"))
     else:
         score = batch.importance()
         if method == "mmr":

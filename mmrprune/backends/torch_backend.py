@@ -11,17 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..batch import SelectionBatch
-from ..reference import DPP_EPS, METHODS, NORM_EPS
+from ..prepare import (MAXSIM_METHODS, NEG_INF, divprune_first_score, hybrid_pool_rows, maxsim_plan,
+                       normalize_rows, to_padded)
+from ..reference import DPP_EPS, METHODS
 from . import Backend
-
-NEG_INF = float("-inf")
-GRAM_CHUNK_BYTES = 256 << 20  # divprune's first step streams the Gram in row blocks of this size
-
-
-def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x̂ = x / max(||x||, 1e-12)`` in ``dtype`` (float32 or float64)."""
-    x = x.to(dtype)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -62,21 +55,6 @@ def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
         taken = _mark(taken, pick)
         m = torch.maximum(m, _sim_to(xn, pick))
     return out
-
-
-def _divprune_first_score(xn, valid):
-    """``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``, streamed over row blocks of the Gram."""
-    bsz, n, _ = xn.shape
-    best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
-    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
-    padding = ~valid[:, None, :]
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
-        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N], our own buffer
-        g.diagonal(offset=r0, dim1=1, dim2=2).fill_(NEG_INF)              # j == i
-        g.masked_fill_(padding, NEG_INF)
-        best[:, r0:r1] = g.amax(dim=2)
-    return 1.0 - best  # +inf when the image has a single token
 
 
 def _topk(imp, valid, ks, k_max):
@@ -146,22 +124,13 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     if method == "topk":
         return _topk(imp, valid, ks, k_max)
     xn = normalize_rows(x, batch.compute_dtype)
-    if method in ("mmr", "fps"):
-        return _greedy_max_similarity(xn, imp, valid, ks, k_max, lam if method == "mmr" else 0.0)
-    if method == "hybrid":
-        n_valid = valid.sum(dim=1)
-        if lam == 0.0:
-            pool_size = n_valid
-        else:
-            pool_size = torch.minimum(n_valid, torch.maximum(ks, torch.round(ks.to(torch.float64) / lam).to(torch.int64)))
-        rank_of = torch.empty_like(valid, dtype=torch.int64).scatter_(
-            1, _importance_rank(imp, valid), torch.arange(valid.shape[1], device=valid.device).expand_as(valid).contiguous())
-        pool = valid & (rank_of < pool_size[:, None])
-        return _greedy_max_similarity(xn, imp, pool, ks, k_max, 0.0)
-    if method == "divprune":
-        zeros = torch.zeros_like(imp)
-        return _greedy_max_similarity(xn, zeros, valid, ks, k_max, 0.0,
-                                      first_score=_divprune_first_score(xn, valid))
+    if method in MAXSIM_METHODS:
+        plan = maxsim_plan(method, lam)
+        eligible = to_padded(batch, hybrid_pool_rows(batch), False) if plan.pooled else valid
+        if plan.divprune:
+            return _greedy_max_similarity(xn, torch.zeros_like(imp), eligible, ks, k_max, plan.lam,
+                                          first_score=divprune_first_score(xn, valid))
+        return _greedy_max_similarity(xn, imp, eligible, ks, k_max, plan.lam)
     if method == "dpp":
         return _dpp(xn, q.to(xn.dtype), valid, ks, k_max)
     if method == "d2pruner":

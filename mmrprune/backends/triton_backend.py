@@ -16,6 +16,7 @@ import os
 import torch
 
 from ..batch import SelectionBatch
+from ..prepare import hybrid_pool_rows, maxsim_plan
 from . import Backend
 
 METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp")
@@ -40,33 +41,6 @@ def status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-def _row_layout(batch: SelectionBatch):
-    """``(seg, valid)`` of every row of ``batch.rows()``: image id and whether the row is a token."""
-    r = batch.features.numel() // batch.dim
-    row = torch.arange(r, device=batch.device)
-    seg = (torch.searchsorted(batch.starts, row, right=True) - 1).clamp_min(0)
-    local = row - batch.starts[seg]
-    valid = (local >= 0) & (local < batch.lengths[seg])
-    return seg, local, valid
-
-
-def _hybrid_pool(batch: SelectionBatch, imp: torch.Tensor, seg, local, valid) -> torch.Tensor:
-    """Rows in their image's pool: the ``c_b`` most important tokens, ties to the lowest index."""
-    lam, ks, n = batch.lam, batch.ks, batch.lengths
-    if lam == 0.0:
-        size = n
-    else:
-        size = torch.minimum(n, torch.maximum(ks, torch.round(ks.to(torch.float64) / lam).to(torch.int64)))
-    key = torch.where(valid, imp, float("-inf"))
-    by_imp = torch.sort(key, descending=True, stable=True).indices          # global importance order
-    grouped = by_imp[torch.sort(seg[by_imp], stable=True).indices]          # per image, importance order kept
-    rank = torch.empty_like(local)
-    # position within the image's group = overall position - rows of earlier images
-    first_of_image = torch.cumsum(torch.bincount(seg, minlength=batch.batch_size), 0) - torch.bincount(seg, minlength=batch.batch_size)
-    rank[grouped] = torch.arange(grouped.shape[0], device=imp.device) - first_of_image[seg[grouped]]
-    return valid & (rank < size[seg])
-
-
 def select(batch: SelectionBatch) -> torch.Tensor:
     """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
     method = batch.method
@@ -75,13 +49,9 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     x = batch.rows()
     if x.dtype == torch.float64:
         x = x.to(torch.float32)
-    seg, local, valid = _row_layout(batch)
-    if batch.packed:
-        n_pad = int(batch.lengths.max().item()) if batch.batch_size else 0   # one host sync
-    else:
-        n_pad = int(batch.features.shape[1])
+    _, _, valid = batch.row_layout()
+    n_pad = batch.max_length()                                             # packed input: one host sync
     inf = float("inf")
-    lam = batch.lam
     use_gram = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
     if method == "dpp":
         q = batch.dpp_quality().reshape(-1).to(torch.float32)
@@ -91,20 +61,13 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         state = torch.where(valid, q * q * nonzero, -inf)
         return _kernels.triton_greedy(x, q, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
                                       n_pad, 0.0, _kernels.MODE_DPP, use_gram)
+    plan = maxsim_plan(method, batch.lam)
     imp = batch.importance().reshape(-1).to(torch.float32)
-    if method == "hybrid":
-        eligible = _hybrid_pool(batch, imp, seg, local, valid)
-        lam = 0.0
-    else:
-        eligible = valid
-    if method == "topk":
-        lam = 1.0
-    elif method == "fps":
-        lam = 0.0
-    mode = _kernels.MODE_DIVPRUNE if method == "divprune" else _kernels.MODE_MMR
+    eligible = hybrid_pool_rows(batch) if plan.pooled else valid
+    mode = _kernels.MODE_DIVPRUNE if plan.divprune else _kernels.MODE_MMR
     state = torch.where(eligible, -inf, inf).to(torch.float32)
     return _kernels.triton_greedy(x, imp, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
-                                  n_pad, float(lam), mode, use_gram)
+                                  n_pad, plan.lam, mode, use_gram)
 
 
 BACKEND = Backend(
