@@ -12,18 +12,11 @@ import importlib
 
 import torch
 
-from .backends import Backend
+from .backends import BUILD_HINTS, Backend
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 NOT_INSTALLED = "not part of this installation"
-HOW_TO_GET = {
-    "cpu": "build the C++ extension: `pip install -e .` or `python setup.py build_ext --inplace`",
-    "cuda": "rebuild with nvcc on PATH and MMRPRUNE_CUDA=1: `MMRPRUNE_CUDA=1 python setup.py build_ext --inplace`",
-    "triton": "install triton (`pip install triton`) on a machine with a CUDA GPU",
-    "torch": "",
-    "numpy": "",
-}
 
 
 _LOADED: dict = {}  # name -> Backend, filled by load()
@@ -33,7 +26,7 @@ def how_to_get(name: str, detail: str) -> str:
     """The generic build hint, for a backend whose module is missing or failed to import
     (a present backend's status detail already says what it lacks)."""
     missing = detail == NOT_INSTALLED or detail.startswith("import failed")
-    return HOW_TO_GET.get(name, "") if missing else ""
+    return BUILD_HINTS.get(name, "") if missing else ""
 
 
 def load(name: str) -> tuple[Backend | None, str]:
@@ -87,7 +80,9 @@ def resolve(name: str, device_type: str, method: str) -> Backend:
         raise RuntimeError(f"no backend can run method {method!r} on {device_type} tensors")
     ok, detail = status(name)
     if not ok:
-        hint = HOW_TO_GET.get(name, "")  # the contract: say why *and* how to build it
+        hint = BUILD_HINTS.get(name, "")  # the contract: say why *and* how to build it
+        if hint in detail:                 # the status already quotes it
+            hint = ""
         raise RuntimeError(f"backend {name!r} is not available: {detail}" + (f"; to get it, {hint}" if hint else ""))
     backend, _ = load(name)
     if device_type not in backend.device_types:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .backends import BUILD_HINTS
 from .reference import METHODS
 
 try:
@@ -25,10 +26,16 @@ except ImportError as exc:  # not built: the cpu backend reports why
     _cpu = None
     CPU_IMPORT_ERROR = str(exc)
 
-METHOD_CODES = {name: i for i, name in enumerate(METHODS)}   # same order as csrc/cpu/select.h Method
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # select.h DType
-# the C++ enum was written against this order; fail at import rather than pick the wrong method
-assert METHODS == ("mmr", "divprune", "topk", "fps", "hybrid", "dpp", "d2pruner"), METHODS
+# The codes of csrc/cpu/select.h's Method and DType enums, as the compiled module exports them
+# (no copy of the numbering lives in Python).
+METHOD_CODES = dict(_cpu.METHOD_CODES) if _cpu is not None else {}
+CPU_DTYPE_CODES = ({getattr(torch, name): code for name, code in _cpu.DTYPE_CODES.items()}
+                   if _cpu is not None else {})
+if _cpu is not None and set(METHOD_CODES) != set(METHODS):
+    # a method added on one side only: make the cpu backend unavailable, saying why
+    CPU_IMPORT_ERROR = (f"mmrprune._cpu implements methods {sorted(METHOD_CODES)}, the package "
+                        f"{sorted(METHODS)}: rebuild the extension")
+    _cpu = None
 
 
 def _check_tensor(t: torch.Tensor, name: str, dtypes, ndim: int):
@@ -48,12 +55,11 @@ def cpu_select(rows: torch.Tensor, importance: torch.Tensor, quality: Optional[t
                method: str, lam: float, pivot_ratio: float, alpha: float, tau: float,
                radius: int, grid_w: int) -> torch.Tensor:
     if _cpu is None:
-        raise RuntimeError(f"mmrprune::cpu_select: the C++ extension mmrprune._cpu is not built "
-                           f"({CPU_IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .` "
-                           "or `python setup.py build_ext --inplace`")
+        raise RuntimeError(f"mmrprune::cpu_select: the C++ extension mmrprune._cpu is not usable "
+                           f"({CPU_IMPORT_ERROR}); {BUILD_HINTS['cpu']}")
     if method not in METHOD_CODES:
         raise ValueError(f"mmrprune::cpu_select: unknown method {method!r}")
-    _check_tensor(rows, "rows", tuple(DTYPE_CODES), 2)
+    _check_tensor(rows, "rows", tuple(CPU_DTYPE_CODES), 2)
     compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
     _check_tensor(importance, "importance", (compute,), 1)
     if importance.shape[0] != rows.shape[0]:
@@ -70,7 +76,7 @@ def cpu_select(rows: torch.Tensor, importance: torch.Tensor, quality: Optional[t
             raise ValueError(f"mmrprune::cpu_select: {name} has {t.shape[0]} entries, starts {starts.shape[0]}")
     bsz = starts.shape[0]
     out = torch.empty((bsz, k_max), dtype=torch.int64)
-    _cpu.select(rows.data_ptr(), DTYPE_CODES[rows.dtype], rows.shape[0], rows.shape[1],
+    _cpu.select(rows.data_ptr(), CPU_DTYPE_CODES[rows.dtype], rows.shape[0], rows.shape[1],
                 starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
                 importance.data_ptr(), quality.data_ptr() if quality is not None else 0,
                 METHOD_CODES[method], lam, pivot_ratio, alpha, tau, radius, grid_w,

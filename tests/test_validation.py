@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mmrprune
+from mmrprune.backends import BUILD_HINTS
 from mmrprune import dispatch
 from mmrprune import reference as R
 
@@ -132,8 +133,8 @@ def test_unavailable_backend_is_runtime_error_with_how_to():
             mmrprune.select(X, W, k=3, backend=name)
         msg = str(info.value)
         assert name in msg and "not available" in msg
-        if dispatch.HOW_TO_GET.get(name):
-            assert dispatch.HOW_TO_GET[name] in msg
+        if BUILD_HINTS.get(name):
+            assert BUILD_HINTS[name] in msg
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

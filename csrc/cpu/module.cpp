@@ -72,6 +72,21 @@ PYBIND11_MODULE(_cpu, m) {
       return false;
     }
   });
-  m.attr("METHODS") = py::make_tuple("mmr", "divprune", "topk", "fps", "hybrid", "dpp", "d2pruner");
-  m.attr("DTYPES") = py::make_tuple("float32", "float64", "float16", "bfloat16");
+  // The codes Python passes for `method` and `dtype`, read from the enums themselves so that
+  // mmrprune/ops.py never keeps its own copy of the numbering.
+  py::dict methods;
+  methods["mmr"] = static_cast<int>(Method::MMR);
+  methods["divprune"] = static_cast<int>(Method::DIVPRUNE);
+  methods["topk"] = static_cast<int>(Method::TOPK);
+  methods["fps"] = static_cast<int>(Method::FPS);
+  methods["hybrid"] = static_cast<int>(Method::HYBRID);
+  methods["dpp"] = static_cast<int>(Method::DPP);
+  methods["d2pruner"] = static_cast<int>(Method::D2PRUNER);
+  m.attr("METHOD_CODES") = methods;
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(DType::F32);
+  dtypes["float64"] = static_cast<int>(DType::F64);
+  dtypes["float16"] = static_cast<int>(DType::F16);
+  dtypes["bfloat16"] = static_cast<int>(DType::BF16);
+  m.attr("DTYPE_CODES") = dtypes;
 }

@@ -15,9 +15,7 @@ import torch
 from .. import ops
 from ..batch import SelectionBatch
 from ..reference import METHODS
-from . import Backend
-
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+from . import BUILD_HINTS, Backend
 
 
 def build_facts() -> dict:
@@ -31,7 +29,7 @@ def build_facts() -> dict:
 
 def status() -> tuple[bool, str]:
     if ops._cpu is None:
-        return False, f"C++ extension mmrprune._cpu is not built ({ops.CPU_IMPORT_ERROR}); {BUILD_HINT}"
+        return False, f"C++ extension mmrprune._cpu is not built ({ops.CPU_IMPORT_ERROR}); {BUILD_HINTS['cpu']}"
     facts = build_facts()
     detail = (f"C++ extension, {ops._cpu.isa()} kernels, {torch.get_num_threads()} thread(s) over images; "
               f"built with {facts.get('cpu_compiler', 'unknown compiler')} [{facts.get('cpu_flags', '?')}], "

@@ -45,7 +45,7 @@ import torch
 from ..batch import SelectionBatch
 from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows
 from ..reference import NORM_EPS
-from . import Backend
+from . import BUILD_HINTS, Backend
 from . import torch_backend as _tb
 
 try:  # the extension is optional: built only with MMRPRUNE_CUDA=1 and nvcc
@@ -65,13 +65,11 @@ GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, un
 # B=1, N=32768 (4 GiB of Gram) stays in row mode with O(N) workspace.
 GRAM_WORKSPACE_CAP_BYTES = WORKSPACE_LIMIT_BYTES
 _GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
-BUILD_HINT = ("rebuild with MMRPRUNE_CUDA=1 and nvcc on PATH: "
-              "`MMRPRUNE_CUDA=1 python setup.py build_ext --inplace` (or `MMRPRUNE_CUDA=1 pip install -e .`)")
 
 
 def status() -> tuple[bool, str]:
     if _ext is None:
-        return False, f"extension mmrprune._cuda not built ({_IMPORT_ERROR}) — {BUILD_HINT}"
+        return False, f"extension mmrprune._cuda not built ({_IMPORT_ERROR}) — {BUILD_HINTS['cuda']}"
     if not torch.cuda.is_available():
         return False, (f"torch.cuda is not available (torch {torch.__version__}, "
                        f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
