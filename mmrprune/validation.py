@@ -34,7 +34,6 @@ class Request:
     numpy_in: bool
     single_image: bool
     order: str
-    check_values: bool
 
 
 def _describe(x) -> str:
@@ -278,4 +277,4 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
     ks, k_max = _budgets(lens, k, keep_ratio, n_padded, lengths is not None)
     batch = SelectionBatch(features=x, weights=w, lengths=lens, starts=starts, ks=ks, k_max=k_max,
                            packed=packed, method=method, lam=lam, params=params)
-    return Request(batch=batch, numpy_in=numpy_in, single_image=single, order=order, check_values=check_values)
+    return Request(batch=batch, numpy_in=numpy_in, single_image=single, order=order)

@@ -330,8 +330,9 @@ def _dpp_kernel(x_ptr, inv_ptr, g_ptr, q_ptr, state_ptr, c_ptr,
 
 
 # =========================================================================== launchers
-def _input_precision(x: torch.Tensor) -> str:
-    return "ieee"  # fp32 in: exact fp32 FMA (no TF32); fp16/bf16 products are exact in fp32
+# tl.dot precision of every launch: fp32 in runs exact fp32 FMA (no TF32); fp16/bf16 products
+# are exact in fp32 anyway
+INPUT_PRECISION = "ieee"
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -356,7 +357,7 @@ def launch_gram(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
     bm = bk = 64
     grid = (bsz, triton.cdiv(n_pad, bm), triton.cdiv(n_pad, bk))
     triton_wrap(_gram_kernel)[grid](x, inv, starts, lengths, g, x.shape[1], n_pad,
-                                    BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32, INPUT_PRECISION=_input_precision(x), UPCAST=_upcast(x))
+                                    BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32, INPUT_PRECISION=INPUT_PRECISION, UPCAST=_upcast(x))
     return g
 
 
@@ -368,7 +369,7 @@ def launch_max_offdiag_sim(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
     grid = (bsz, triton.cdiv(max(n_pad, 1), bm))
     triton_wrap(_max_offdiag_sim_kernel)[grid](x, inv, starts, lengths, first, x.shape[1],
                                                BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32,
-                                               INPUT_PRECISION=_input_precision(x), UPCAST=_upcast(x))
+                                               INPUT_PRECISION=INPUT_PRECISION, UPCAST=_upcast(x))
     return first
 
 

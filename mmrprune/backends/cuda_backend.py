@@ -21,7 +21,7 @@ Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
   (fp16/bf16 operands, fp32 accumulation and output; fp32 input: full-fp32 matmul,
   only while TF32 is off) and each step reads one contiguous fp32 Gram row, scaled by
   ``inv_norm[p] · inv_norm[i]``.  :func:`use_gram` picks it when the whole call's
-  workspace with the ``[B, Nmax, Nmax]`` Gram stays under ``GRAM_WORKSPACE_CAP_BYTES``;
+  workspace with the ``[B, Nmax, Nmax]`` Gram stays under ``WORKSPACE_LIMIT_BYTES``;
   ``MMRPRUNE_CUDA_GRAM=0/1`` overrides.
 
 ``topk`` (a sort) and float64 input go to the torch backend (exact and already
@@ -58,12 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 KERNEL_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
 METHODS = KERNEL_METHODS + ("topk",)          # topk: torch sort (no kernel needed)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/cuda/greedy.h DType
-WORKSPACE_LIMIT_BYTES = 2 << 30               # issue 4: workspace <= 2 GiB at N = 32,768
+# issue 4: workspace <= 2 GiB at N = 32,768.  Gram mode is used when the call's whole workspace
+# (Gram included) stays within it: B=64, N=2691 (target c: 1.85 GB of Gram) and B=1, N=16384
+# (target d: 1 GiB) take Gram mode, B=1, N=32768 (4 GiB of Gram) stays in row mode.
+WORKSPACE_LIMIT_BYTES = 2 << 30
 GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, unset/"auto": use_gram()
-# Gram mode when the call's whole workspace (Gram included) stays within the issue-4 bound:
-# B=64, N=2691 (target c: 1.85 GB of Gram) and B=1, N=16384 (target d: 1 GiB) take Gram mode,
-# B=1, N=32768 (4 GiB of Gram) stays in row mode with O(N) workspace.
-GRAM_WORKSPACE_CAP_BYTES = WORKSPACE_LIMIT_BYTES
 _GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
 
 
@@ -140,7 +139,7 @@ def gram_setting(env: Optional[str] = None) -> str:
 
 def use_gram(method: str, batch: int, rows: int, dim: int, k_max: int, n_max: int, dtype: torch.dtype,
              packed: bool = False, setting: Optional[str] = None,
-             cap: int = GRAM_WORKSPACE_CAP_BYTES) -> bool:
+             cap: int = WORKSPACE_LIMIT_BYTES) -> bool:
     """The similarity source of a kernel call: True = Gram mode, False = row mode.
 
     Heuristic (documented in csrc/cuda/NOTES.md): Gram mode whenever the call's whole
