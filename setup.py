@@ -290,7 +290,7 @@ setup(
     package_data={"mmrprune.data": ["*.npz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt, "check_cuda": CheckCuda},
-    install_requires=["numpy", "torch>=2.3"],
+    install_requires=["numpy", "torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark"],

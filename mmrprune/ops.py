@@ -1,23 +1,97 @@
-"""torch.library registration of the compiled selection kernels.
+"""The one module that registers mmrprune's custom ops, and how every backend calls them.
 
-``torch.ops.mmrprune.cpu_select`` wraps the C++ extension ``mmrprune._cpu`` as
-a custom op, so :func:`mmrprune.select` traces under
-``torch.compile(fullgraph=True)``: the op is opaque to the compiler, and its
-fake implementation tells it the output is an int64 ``[B, k_max]`` tensor.
+Each compiled kernel is a ``torch.library`` custom op with a fake implementation, so
+:func:`mmrprune.select` traces under ``torch.compile(fullgraph=True)``: the op is opaque
+to the compiler, and its fake says the output is an int64 ``[B, k_max]`` tensor.
 
-The op takes the segment form of a :class:`mmrprune.batch.SelectionBatch`
-(``rows [R, D]``, per-row ``importance``/``quality`` in the compute dtype,
-``starts``/``lengths``/``ks`` ``[B]`` int64) and returns local indices in
-selection order, -1 past ``ks[b]``.
+* ``mmrprune::cpu_select``: the C++ extension ``mmrprune._cpu`` (implemented below);
+* ``mmrprune::cuda_greedy``: the CUDA launch (:mod:`mmrprune.backends.cuda_backend`);
+* ``mmrprune::triton_greedy``: the Triton launch (``triton_kernels/greedy.py``), through
+  :func:`register_triton_op`.
+
+Each op takes the segment form of a :class:`mmrprune.batch.SelectionBatch`
+(``rows [R, D]``, per-row scores, ``starts``/``lengths``/``ks`` ``[B]`` int64) and
+returns local indices in selection order, -1 past ``ks[b]``.
+
+Version floor: ``torch.library.custom_op`` arrived in torch 2.4 and ``triton_op`` /
+``wrap_triton`` in 2.6, so setup.py requires ``torch>=2.6`` and nothing here needs a
+fallback for older versions.
+
+Eager calls skip the dispatcher.  Going through ``torch.ops`` costs a fixed amount of
+Python per call.  ``bench/op_overhead.py`` measures it on CPU (``cpu_select`` on one 16x8
+image, k=4, median of 30 runs); on the shared 2-core build machine, torch 2.13, two runs
+gave: the registered op 75-92 us, the plain implementation 26-38 us, i.e. ~45-50 us of
+dispatch per call (the issue's quieter measurement: ~31 vs ~5 us), against a whole
+``mmrprune.select`` of ~550-650 us there.  A kernel with a <= 50 us GPU target cannot spend
+that in the dispatcher, and eager mode gains nothing from it (each implementation checks its
+own arguments), so :class:`KernelOp` calls the implementation directly (measured: +2 us over
+the plain call) unless the call is being traced (``torch.compile``/``torch.export``, a fake or
+meta tensor, an active dispatch mode), where the registered op is what the tracer must see.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .backends import BUILD_HINTS
 from .reference import METHODS
+
+
+def _tracing(first: torch.Tensor) -> bool:
+    """True when the call must go through the registered op: under torch.compile/export,
+    inside a torch dispatch mode (make_fx, FakeTensorMode), or when the first tensor argument
+    (the rows; the others share its kind) is a fake, meta or subclass tensor.  Kept to a few
+    attribute reads: it runs on every eager call."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(first) is not torch.Tensor or first.is_meta)
+
+
+class KernelOp:
+    """A registered custom op and its plain implementation (see the module docstring)."""
+
+    def __init__(self, op, impl: Callable):
+        self.op = op          # torch.ops.mmrprune.<name>: what tracers see
+        self.impl = impl      # the Python function behind it: what eager calls run
+
+    def __call__(self, *args):
+        if _tracing(args[0]):
+            return self.op(*args)
+        return self.impl(*args)
+
+    def register_fake(self, fake: Callable):
+        self.op.register_fake(fake)
+        return fake
+
+
+def _existing(name: str):
+    """The op ``mmrprune::name`` if this process registered it already (a module imported
+    under two names, or reloaded), else None."""
+    try:
+        return getattr(torch.ops.mmrprune, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def register_op(name: str, impl: Callable, fake: Callable, device_types) -> KernelOp:
+    """Register ``impl`` as the custom op ``mmrprune::name`` (no mutated arguments) with
+    its fake implementation; returns the :class:`KernelOp` the backends call."""
+    existing = _existing(name)
+    if existing is not None:
+        return KernelOp(existing, impl)
+    op = torch.library.custom_op(f"mmrprune::{name}", mutates_args=(), device_types=device_types)(impl)
+    op.register_fake(fake)
+    return KernelOp(op, impl)
+
+
+def register_triton_op(name: str, impl: Callable) -> KernelOp:
+    """Register ``impl`` (which launches through ``torch.library.wrap_triton``) as
+    ``mmrprune::name``; torch derives its fake from the traced launches."""
+    existing = _existing(name)
+    if existing is not None:
+        return KernelOp(existing, impl)
+    return KernelOp(torch.library.triton_op(f"mmrprune::{name}", mutates_args=())(impl), impl)
+
 
 try:
     from . import _cpu
@@ -49,8 +123,7 @@ def _check_tensor(t: torch.Tensor, name: str, dtypes, ndim: int):
         raise ValueError(f"mmrprune::cpu_select: {name} must be contiguous")
 
 
-@torch.library.custom_op("mmrprune::cpu_select", mutates_args=(), device_types="cpu")
-def cpu_select(rows: torch.Tensor, importance: torch.Tensor, quality: Optional[torch.Tensor],
+def _cpu_select(rows: torch.Tensor, importance: torch.Tensor, quality: Optional[torch.Tensor],
                starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor, k_max: int,
                method: str, lam: float, pivot_ratio: float, alpha: float, tau: float,
                radius: int, grid_w: int) -> torch.Tensor:
@@ -84,6 +157,9 @@ def cpu_select(rows: torch.Tensor, importance: torch.Tensor, quality: Optional[t
     return out
 
 
-@cpu_select.register_fake
-def _(rows, importance, quality, starts, lengths, ks, k_max, method, lam, pivot_ratio, alpha, tau, radius, grid_w):
+def _cpu_select_fake(rows, importance, quality, starts, lengths, ks, k_max, method, lam, pivot_ratio, alpha, tau,
+                     radius, grid_w):
     return rows.new_empty((starts.shape[0], k_max), dtype=torch.int64)
+
+
+cpu_select = register_op("cpu_select", _cpu_select, _cpu_select_fake, "cpu")

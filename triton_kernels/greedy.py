@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmrprune import ops as _ops
 from mmrprune.reference import DPP_EPS, NORM_EPS
 
 __all__ = [
@@ -405,9 +406,8 @@ def launch_dpp(x, inv, g, q, state, starts, lengths, ks, k_max: int, use_gram: b
 
 
 def triton_wrap(kernel):
-    """``torch.library.wrap_triton`` (so ``torch.compile`` traces the launch), or the kernel itself on old torch."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
+    """``torch.library.wrap_triton``: ``torch.compile`` traces the launch (torch >= 2.6, setup.py's floor)."""
+    return torch.library.wrap_triton(kernel)
 
 
 # =========================================================================== public function
@@ -446,17 +446,5 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
                          bool(use_gram and diversity), diversity)
 
 
-def _register():
-    triton_op = getattr(torch.library, "triton_op", None)
-    if triton_op is None:   # torch < 2.6: plain function, torch.compile graph-breaks around it
-        return _triton_greedy_impl, False
-    try:
-        op = triton_op("mmrprune::triton_greedy", mutates_args=())(_triton_greedy_impl)
-    except RuntimeError as exc:   # module imported twice (e.g. reloaded): reuse the registered op
-        if "already" not in str(exc):
-            raise
-        op = torch.ops.mmrprune.triton_greedy
-    return op, True
-
-
-triton_greedy, REGISTERED_AS_OP = _register()
+# registered (with every other op) through mmrprune.ops: one version floor, one eager fast path
+triton_greedy = _ops.register_triton_op("triton_greedy", _triton_greedy_impl)

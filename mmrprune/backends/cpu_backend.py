@@ -5,7 +5,7 @@ normalises one image's rows into a float32 scratch buffer (converting
 float16/bfloat16 on the way, never upcasting the whole batch) and runs the
 greedy loop Gram-free, with AVX-512/AVX2/SSE2 dot kernels picked at load time.
 float64 input is handled natively in float64.  The call goes through the
-custom op ``torch.ops.mmrprune.cpu_select`` (:mod:`mmrprune.ops`) so it traces
+custom op ``mmrprune::cpu_select`` (:mod:`mmrprune.ops`) so it traces
 under ``torch.compile``.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     p = batch.params
     alpha = float(p.get("alpha", 1.0)) if batch.method == "d2pruner" else 1.0
     grid = p.get("grid") if batch.method == "d2pruner" else None
-    return torch.ops.mmrprune.cpu_select(
+    return ops.cpu_select(
         rows, imp, q, batch.starts.contiguous(), batch.lengths.contiguous(), batch.ks.contiguous(), batch.k_max,
         batch.method, float(batch.lam), float(p.get("pivot_ratio", 0.5)), alpha, float(p.get("tau", 0.5)),
         int(p.get("radius", 1)), int(grid[1]) if grid is not None else 0)

@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from .. import ops
 from ..batch import SelectionBatch
 from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows
 from ..reference import NORM_EPS
@@ -339,11 +340,7 @@ def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, d
     return rows.new_empty((starts.shape[0], k_max), dtype=torch.int64)
 
 
-if hasattr(torch.library, "custom_op"):
-    cuda_greedy = torch.library.custom_op("mmrprune::cuda_greedy", mutates_args=(), device_types="cuda")(_launch)
-    cuda_greedy.register_fake(_fake)
-else:  # pragma: no cover - torch < 2.4: plain call, not traceable
-    cuda_greedy = _launch
+cuda_greedy = ops.register_op("cuda_greedy", _launch, _fake, "cuda")
 
 
 def select(batch: SelectionBatch) -> torch.Tensor:
