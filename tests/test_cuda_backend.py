@@ -101,7 +101,11 @@ def _maxsim_args(**over):
 
 
 def test_extension_constants(ext):
-    assert (ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16) == tuple(cb.DTYPE_CODES.values())
+    # the backend takes its dtype codes from the module it launches
+    kernels = cb.FusedGreedy("test_constants", ext, "", "cuda", "test_constants_greedy", cb._gpu_ready)
+    assert kernels.dtype_code(torch.float16) == ext.DTYPE_FLOAT16
+    assert kernels.dtype_code(torch.bfloat16) == ext.DTYPE_BFLOAT16
+    assert len({ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16}) == 3
     assert ext.smem_bytes(4096) == 4096 * 4
 
 
@@ -198,11 +202,12 @@ def test_backend_contract():
         assert ok
 
 
-def test_dtype_codes():
-    assert cb.dtype_code(torch.float32) == 0 and cb.dtype_code(torch.float16) == 1
-    assert cb.dtype_code(torch.bfloat16) == 2
+def test_float64_has_no_kernel_dtype():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         cb.dtype_code(torch.float64)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        cb.prepare(validate(torch.randn(4, 3, dtype=torch.float64), None, k=2, keep_ratio=None, lam=0.5,
+                            method="mmr").batch)
 
 
 def test_workspace_bounds():
@@ -381,12 +386,12 @@ def test_prepare_segment_form(make, method):
     batch = make(method, lam=0.4)
     a = cb.prepare(batch)
     rows = batch.rows()
-    assert a["rows"].shape == rows.shape and a["rows"].is_contiguous()
-    assert a["score"].dtype == torch.float32 and a["score"].shape == (rows.shape[0],)
-    assert a["k_max"] == batch.k_max and a["dpp"] == (method == "dpp")
-    assert a["lam"] == {"mmr": 0.4}.get(method, 0.0)
-    assert (a["eligible"] is not None) == (method == "hybrid")
-    assert (a["first_score"] is not None) == (method == "divprune")
+    assert a.rows.shape == rows.shape and a.rows.is_contiguous()
+    assert a.score.dtype == torch.float32 and a.score.shape == (rows.shape[0],)
+    assert a.k_max == batch.k_max and a.dpp == (method == "dpp")
+    assert a.lam == {"mmr": 0.4}.get(method, 0.0)
+    assert (a.eligible is not None) == (method == "hybrid")
+    assert (a.first_score is not None) == (method == "divprune")
     for s, n, _, w in _images(batch):
         if n == 0:
             continue
@@ -396,7 +401,7 @@ def test_prepare_segment_form(make, method):
             want = np.zeros(n)
         else:
             want = R.normalized_importance(w, n)
-        np.testing.assert_allclose(a["score"][s:s + n].numpy(), want, atol=1e-6)
+        np.testing.assert_allclose(a.score[s:s + n].numpy(), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [_padded_request, _packed_request])
@@ -405,21 +410,21 @@ def test_prepare_gram_mode_layout(make, method):
     batch = make(method)
     row = cb.prepare(batch, setting="0")
     gm = cb.prepare(batch, setting="1")
-    assert row["gram"] is None and row["inv_norm"] is None and row["sqn"] is None
-    g, inv = gm["gram"], gm["inv_norm"]
+    assert row.gram is None and row.inv_norm is None and row.sqn is None
+    g, inv = gm.gram, gm.inv_norm
     n_max = max(batch.lengths.tolist()) if batch.packed else batch.features.shape[1]
     assert g.dtype == torch.float32 and g.shape == (batch.batch_size, n_max, n_max) and g.is_contiguous()
-    assert inv.shape == (batch.rows().shape[0],) and (gm["sqn"] is not None) == (method == "dpp")
+    assert inv.shape == (batch.rows().shape[0],) and (gm.sqn is not None) == (method == "dpp")
     for b, (s, n, x, _) in enumerate(_images(batch)):
         if n == 0:
             continue
         np.testing.assert_allclose(g[b, :n, :n].double().numpy(), x @ x.T, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(inv[s:s + n].double().numpy(), 1 / np.linalg.norm(x, axis=1), rtol=1e-6)
     for key in ("score", "eligible"):
-        if row[key] is not None:
-            assert torch.equal(row[key], gm[key])
+        if getattr(row, key) is not None:
+            assert torch.equal(getattr(row, key), getattr(gm, key))
     if method == "divprune":   # the first score from the Gram equals the row-mode one
-        a, b_ = row["first_score"].numpy(), gm["first_score"].numpy()
+        a, b_ = row.first_score.numpy(), gm.first_score.numpy()
         fin = np.isfinite(a)
         assert np.array_equal(fin, np.isfinite(b_))
         np.testing.assert_allclose(b_[fin], a[fin], atol=2e-6)
@@ -581,8 +586,7 @@ def test_gpu_deterministic_and_writes_every_output():
     lengths = torch.tensor([1000, 10, 0, 999], device="cuda")
     batch = validate(x, w, k=64, keep_ratio=None, lam=0.5, method="mmr", lengths=lengths, method_params={}).batch
     a = cb.prepare(batch)
-    outs = [cb.cuda_greedy(a["rows"], a["score"], None, None, a["starts"], a["lengths"], a["ks"], a["k_max"],
-                           a["lam"], False) for _ in range(3)]
+    outs = [cb.cuda_greedy(*a.args()) for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     o = outs[0].cpu()
     assert (o[1, 10:] == -1).all() and (o[2] == -1).all() and (o[1, :10] >= 0).all() and (o[0] >= 0).all()
@@ -711,3 +715,21 @@ def test_gpu_gram_mode_cuda_graph_capture_without_host_sync(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (CPU pointers must not reach a real GPU)")
+@pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_both_launch_paths_reach_the_extension(ext, method, setting, monkeypatch):
+    """The row and Gram launch paths call the module with the keywords its bindings declare:
+    on a machine without a GPU the call gets past the bindings' argument checks and fails
+    at the CUDA launch (a wrong keyword would be a TypeError, a bad pointer a ValueError)."""
+    monkeypatch.setenv(cb.GRAM_ENV, setting)
+    kernels = cb.FusedGreedy("cpu_test", ext, "", "cpu", "test_launch_paths_greedy", lambda: (True, ""))
+    x = torch.randn(2, 9, 16, dtype=torch.float16)
+    batch = validate(x, torch.rand(2, 9), k=3, keep_ratio=None, lam=0.5, method=method,
+                     lengths=torch.tensor([9, 4])).batch
+    call = cb.prepare(batch)
+    assert (call.gram is not None) == (setting == "1")
+    with pytest.raises(RuntimeError, match="mmrprune._cuda: (cudaGetDevice|.*launch)"):
+        kernels.launch(call)

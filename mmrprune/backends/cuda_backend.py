@@ -37,14 +37,16 @@ mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from .. import ops
 from ..batch import SelectionBatch
-from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows
+from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows, maxsim_plan
 from ..reference import NORM_EPS
 from . import BUILD_HINTS, Backend
 from . import torch_backend as _tb
@@ -58,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 KERNEL_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
 METHODS = KERNEL_METHODS + ("topk",)          # topk: torch sort (no kernel needed)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/cuda/greedy.h DType
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes to the torch backend
 # issue 4: workspace <= 2 GiB at N = 32,768.  Gram mode is used when the call's whole workspace
 # (Gram included) stays within it: B=64, N=2691 (target c: 1.85 GB of Gram) and B=1, N=16384
 # (target d: 1 GiB) take Gram mode, B=1, N=32768 (4 GiB of Gram) stays in row mode.
@@ -67,25 +69,7 @@ GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, un
 _GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
 
 
-def status() -> tuple[bool, str]:
-    if _ext is None:
-        return False, f"extension mmrprune._cuda not built ({_IMPORT_ERROR}) — {BUILD_HINTS['cuda']}"
-    if not torch.cuda.is_available():
-        return False, (f"torch.cuda is not available (torch {torch.__version__}, "
-                       f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
-    return True, ("fused CUDA kernel: one block per image, all greedy steps in one launch "
-                  f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)")
-
-
 # ----------------------------------------------------------------------------- pure helpers
-def dtype_code(dtype: torch.dtype) -> int:
-    """Kernel dtype code of a feature dtype (float64 never reaches the kernel)."""
-    try:
-        return DTYPE_CODES[dtype]
-    except KeyError:
-        raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {dtype}") from None
-
-
 def gram_bytes(batch: int, n_max: int) -> int:
     """Bytes of the fp32 Gram ``[B, n_max, n_max]`` of Gram mode."""
     return batch * n_max * n_max * 4
@@ -222,65 +206,87 @@ def gram_n_max(batch: SelectionBatch, setting: Optional[str] = None) -> Optional
     return batch.max_length()
 
 
-def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> dict:
-    """Arguments of :func:`cuda_greedy` for a kernel method, in segment form (torch ops only).
+# ----------------------------------------------------------------------------- preparation
+@dataclass
+class KernelCall:
+    """Everything one fused-kernel call reads, in segment form (see :func:`prepare`)."""
+    rows: torch.Tensor                    # [R, D] features, contiguous, a kernel dtype
+    score: torch.Tensor                   # [R] fp32: Imp (mmr family, zeros for divprune) or DPP q
+    first_score: Optional[torch.Tensor]   # [R] fp32 DivPrune first-step score, else None
+    eligible: Optional[torch.Tensor]      # [R] uint8 hybrid pool, else None (every valid token)
+    starts: torch.Tensor                  # [B] int64
+    lengths: torch.Tensor                 # [B] int64
+    ks: torch.Tensor                      # [B] int64
+    k_max: int
+    lam: float                            # trade-off of steps 2..k (0 except for mmr)
+    dpp: bool
+    gram: Optional[torch.Tensor] = None   # Gram mode: [B, n_max, n_max] fp32 raw Gram
+    inv_norm: Optional[torch.Tensor] = None   # Gram mode: [R] fp32
+    sqn: Optional[torch.Tensor] = None        # Gram-mode dpp: [R] fp32 ||x̂||^2
 
-    Gram mode (``use_gram``) adds ``gram`` ``[B, n_max, n_max]`` fp32 (raw, unnormalised),
-    ``inv_norm`` ``[rows]`` and, for dpp, ``sqn`` ``[rows]``; row mode leaves them None."""
+    def args(self) -> tuple:
+        """Positional arguments of the custom op, in its schema's order."""
+        return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
+                self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn)
+
+
+def _gram_inputs(batch: SelectionBatch, rows: torch.Tensor, n_max: int):
+    """Gram mode: ``(gram [B, n_max, n_max], inv_norm [R], sqn [R], index [B, n_max] or None,
+    valid [B, n_max])``; packed input is gathered into a padded copy first."""
+    if batch.packed:
+        idx, valid = batch.padded_index(n_max)
+        feats = rows[idx]                                                      # [B, n_max, D] copy
+    else:
+        idx, valid = None, batch.valid_mask()
+        feats = rows.view(batch.batch_size, n_max, batch.dim)
+    inv, sqn = row_inv_norms(rows)
+    return gram_matrix(feats), inv, sqn, idx, valid
+
+
+def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> KernelCall:
+    """The :class:`KernelCall` of a kernel method (torch ops only, any device).
+
+    Gram mode (``use_gram``) adds ``gram``, ``inv_norm`` and, for dpp, ``sqn``; row mode
+    leaves them None (the launch computes the norms itself)."""
     method = batch.method
     if method not in KERNEL_METHODS:
         raise ValueError(f"cuda kernel: method {method!r} has no kernel (kernel methods: {list(KERNEL_METHODS)})")
-    dtype_code(batch.features.dtype)
+    if batch.features.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {batch.features.dtype}")
     rows = batch.rows()
-    gram = inv = sqn = None
+    call = KernelCall(rows=rows, score=rows, first_score=None, eligible=None, starts=batch.starts.contiguous(),
+                      lengths=batch.lengths.contiguous(), ks=batch.ks.contiguous(), k_max=int(batch.k_max),
+                      lam=0.0, dpp=method == "dpp")
     n_max = gram_n_max(batch, setting)
-    if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, int(batch.k_max), n_max,
+    if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
                                       batch.features.dtype, packed=batch.packed, setting=setting):
-        if batch.packed:
-            idx, valid = batch.padded_index(n_max)
-            feats = rows[idx]                                                  # [B, n_max, D] copy
-        else:
-            feats, valid = rows.view(batch.batch_size, n_max, batch.dim), batch.valid_mask()
-        gram = gram_matrix(feats)
-        inv, sqn = row_inv_norms(rows)
-        if method != "dpp":
-            sqn = None
-    first = eligible = None
-    lam = 0.0
-    if method == "dpp":
+        call.gram, call.inv_norm, sqn, idx, valid = _gram_inputs(batch, rows, n_max)
+        call.sqn = sqn if call.dpp else None
+    if call.dpp:
         score = batch.dpp_quality()
-    elif method == "divprune":
-        score = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # importance ignored
-        if gram is None:
-            first = divprune_first_rows(batch)
-        else:
-            inv_p = inv[idx] if batch.packed else inv.view(batch.batch_size, n_max)
-            first = from_padded(batch, divprune_first_from_gram(gram, inv_p, valid), float("inf"))
     else:
+        plan = maxsim_plan(method, batch.lam)
+        call.lam = plan.lam
         score = batch.importance()
-        if method == "mmr":
-            lam = batch.lam
-        elif method == "hybrid":
-            eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
-    return dict(rows=rows, score=score.reshape(-1).to(torch.float32).contiguous(), first_score=first,
-                eligible=eligible, starts=batch.starts.contiguous(), lengths=batch.lengths.contiguous(),
-                ks=batch.ks.contiguous(), k_max=int(batch.k_max), lam=float(lam), dpp=method == "dpp",
-                gram=gram, inv_norm=inv, sqn=sqn)
+        if plan.pooled:
+            call.eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
+        if plan.divprune:
+            score = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # importance ignored
+            if call.gram is None:
+                call.first_score = divprune_first_rows(batch)
+            else:
+                inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
+                first = divprune_first_from_gram(call.gram, inv_p, valid)
+                call.first_score = from_padded(batch, first, float("inf"))
+    call.score = score.reshape(-1).to(torch.float32).contiguous()
+    return call
 
 
 # ----------------------------------------------------------------------------- the launch
-def _launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch.Tensor],
-            eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
-            k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
-            inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if _ext is None:
-        raise RuntimeError(f"backend 'cuda' is not available: {status()[1]}")
+def _check_call(rows, score, starts, lengths, ks, dpp, gram, inv_norm, sqn):
+    """Shapes, dtypes, devices and contiguity of a launch's tensors (values are the kernel's)."""
     dev = rows.device
-    if dev.type != "cuda":
-        raise RuntimeError(f"cuda kernel: expected CUDA tensors, got {dev}")
-    n_rows, dim = rows.shape
-    bsz = starts.shape[0]
-    code = dtype_code(rows.dtype)
+    n_rows, bsz = rows.shape[0], starts.shape[0]
     checks = [("score", score, torch.float32), ("starts", starts, torch.int64),
               ("lengths", lengths, torch.int64), ("ks", ks, torch.int64)]
     if gram is not None:
@@ -298,41 +304,133 @@ def _launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch
             raise ValueError(f"cuda kernel: {name} must be a contiguous {dt} tensor on {dev}")
     if not rows.is_contiguous():
         raise ValueError("cuda kernel: rows must be contiguous")
-    out = torch.empty((bsz, k_max), dtype=torch.int64, device=dev)
-    if bsz == 0 or k_max == 0 or n_rows == 0:
-        return out.fill_(-1)
-    fs = first_score.data_ptr() if first_score is not None else 0
-    el = eligible.data_ptr() if eligible is not None else 0
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        state = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
-        chol = torch.empty((n_rows, k_max), dtype=torch.float32, device=dev) if dpp else None
-        if gram is not None:                     # Gram mode: no feature reads in the greedy loop
-            ld = gram.shape[1]
-            if dpp:
-                _ext.greedy_dpp_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), sqn.data_ptr(), score.data_ptr(),
-                                     starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
-                                     state.data_ptr(), taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+class FusedGreedy:
+    """The fused greedy kernels of one compiled module, as a backend.
+
+    ``ext`` is ``mmrprune._cuda`` (device ``"cuda"``) or any module built from the same
+    ``csrc/cuda`` sources with the same bindings (for instance a CPU emulation, device
+    ``"cpu"``): preparation (:func:`prepare`), argument checks and the two launch paths are
+    shared, only the module, the tensors' device type and the op name differ."""
+
+    def __init__(self, name: str, ext, import_error: str, device_type: str, op_name: str,
+                 ready: Callable[[], tuple[bool, str]]):
+        self.name, self.ext, self.import_error, self.device_type = name, ext, import_error, device_type
+        self._ready = ready       # () -> (ok, why not): e.g. "is a GPU there"
+        # codes of csrc/cuda/greedy.h's DType, as the module exports them
+        self.dtype_codes = ({} if ext is None else
+                            {torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
+                             torch.bfloat16: ext.DTYPE_BFLOAT16})
+        self.op = ops.register_op(op_name, self._make_launch(), _fake, device_type)
+        self.backend = Backend(name=name, methods=METHODS, device_types=(device_type,), select=self.select,
+                               status=self.status)
+
+    def status(self) -> tuple[bool, str]:
+        if self.ext is None:
+            return False, f"extension {self.module_name} not built ({self.import_error}) — {BUILD_HINTS['cuda']}"
+        ok, why = self._ready()
+        if not ok:
+            return False, why
+        return True, ("fused CUDA kernel: one block per image, all greedy steps in one launch "
+                      f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)")
+
+    @property
+    def module_name(self) -> str:
+        return getattr(self.ext, "__name__", "mmrprune._cuda") if self.ext is not None else "mmrprune._cuda"
+
+    def dtype_code(self, dtype: torch.dtype) -> int:
+        """Kernel dtype code of a feature dtype (float64 never reaches the kernel)."""
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {dtype}")
+        return self.dtype_codes[dtype]
+
+    def select(self, batch: SelectionBatch) -> torch.Tensor:
+        """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
+        if batch.method not in KERNEL_METHODS or batch.features.dtype not in KERNEL_DTYPES:
+            return _tb.select(batch)   # topk (a sort), float64 input
+        return self.op(*prepare(batch).args())
+
+    # ------------------------------------------------------------------ launch paths
+    def _make_launch(self):
+        kernels = self
+
+        def launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch.Tensor],
+                   eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
+                   k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
+                   inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None) -> torch.Tensor:
+            return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
+                                             dpp, gram, inv_norm, sqn))
+        return launch
+
+    def launch(self, c: KernelCall) -> torch.Tensor:
+        """Check the call, allocate the output and scratch, run the Gram or the row path."""
+        if self.ext is None:
+            raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
+        dev = c.rows.device
+        if dev.type != self.device_type:
+            raise RuntimeError(f"{self.name} kernel: expected {self.device_type} tensors, got {dev}")
+        self.dtype_code(c.rows.dtype)
+        _check_call(c.rows, c.score, c.starts, c.lengths, c.ks, c.dpp, c.gram, c.inv_norm, c.sqn)
+        bsz, n_rows = c.starts.shape[0], c.rows.shape[0]
+        out = torch.empty((bsz, c.k_max), dtype=torch.int64, device=dev)
+        if bsz == 0 or c.k_max == 0 or n_rows == 0:
+            return out.fill_(-1)
+        with self._device(dev):
+            state = torch.empty(n_rows, dtype=torch.float32, device=dev)
+            taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
+            chol = torch.empty((n_rows, c.k_max), dtype=torch.float32, device=dev) if c.dpp else None
+            if c.gram is not None:
+                self._launch_gram(c, state, taken, chol, out, self._stream(dev))
             else:
-                _ext.greedy_maxsim_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), score.data_ptr(), fs, el,
-                                        starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
-                                        float(lam), state.data_ptr(), taken.data_ptr(), out.data_ptr(),
-                                        int(_GRAM_SMEM_STATE), stream)
-            return out
-        inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        sq = torch.empty(n_rows, dtype=torch.float32, device=dev) if dpp else None
-        _ext.inv_norms(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(),
-                       sq.data_ptr() if sq is not None else 0, stream)
-        if dpp:
-            _ext.greedy_dpp(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), sq.data_ptr(), score.data_ptr(),
-                            starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, state.data_ptr(),
-                            taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
+                self._launch_rows(c, state, taken, chol, out, self._stream(dev))
+        return out
+
+    def _device(self, dev: torch.device):
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+    @staticmethod
+    def _stream(dev: torch.device) -> int:
+        return torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+
+    def _launch_gram(self, c: KernelCall, state, taken, chol, out, stream: int) -> None:
+        """Gram mode: similarity rows come from ``c.gram``; no feature reads in the greedy loop."""
+        common = dict(gram=c.gram.data_ptr(), ld=c.gram.shape[1], inv_norm=c.inv_norm.data_ptr(),
+                      starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), ks=c.ks.data_ptr(),
+                      batch=c.starts.shape[0], k_max=c.k_max, taken_scratch=taken.data_ptr(),
+                      out=out.data_ptr(), stream=stream)
+        if c.dpp:
+            self.ext.greedy_dpp_gram(sqn=c.sqn.data_ptr(), q=c.score.data_ptr(), d2_scratch=state.data_ptr(),
+                                     c_scratch=chol.data_ptr(), **common)
         else:
-            _ext.greedy_maxsim(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), score.data_ptr(), fs, el,
-                               starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, float(lam),
-                               state.data_ptr(), taken.data_ptr(), out.data_ptr(), stream)
-    return out
+            self.ext.greedy_maxsim_gram(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
+                                        eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
+                                        smem_state=int(_GRAM_SMEM_STATE), **common)
+
+    def _launch_rows(self, c: KernelCall, state, taken, chol, out, stream: int) -> None:
+        """Row mode: inverse norms first, then each step recomputes ``sim(p, ·)`` from the rows."""
+        n_rows, dim = c.rows.shape
+        dev = c.rows.device
+        code = self.dtype_code(c.rows.dtype)
+        inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        sq = torch.empty(n_rows, dtype=torch.float32, device=dev) if c.dpp else None
+        self.ext.inv_norms(x=c.rows.data_ptr(), dtype=code, rows=n_rows, dim=dim, inv_norm=inv.data_ptr(),
+                           sqn=_ptr(sq), stream=stream)
+        common = dict(x=c.rows.data_ptr(), dtype=code, rows=n_rows, dim=dim, inv_norm=inv.data_ptr(),
+                      starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), ks=c.ks.data_ptr(),
+                      batch=c.starts.shape[0], k_max=c.k_max, taken_scratch=taken.data_ptr(),
+                      out=out.data_ptr(), stream=stream)
+        if c.dpp:
+            self.ext.greedy_dpp(sqn=sq.data_ptr(), q=c.score.data_ptr(), d2_scratch=state.data_ptr(),
+                                c_scratch=chol.data_ptr(), **common)
+        else:
+            self.ext.greedy_maxsim(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
+                                   eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
+                                   **common)
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
@@ -340,22 +438,16 @@ def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, d
     return rows.new_empty((starts.shape[0], k_max), dtype=torch.int64)
 
 
-cuda_greedy = ops.register_op("cuda_greedy", _launch, _fake, "cuda")
+def _gpu_ready() -> tuple[bool, str]:
+    if torch.cuda.is_available():
+        return True, ""
+    return False, (f"torch.cuda is not available (torch {torch.__version__}, "
+                   f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
 
 
-def select(batch: SelectionBatch) -> torch.Tensor:
-    """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
-    if batch.method not in KERNEL_METHODS or batch.features.dtype not in DTYPE_CODES:
-        return _tb.select(batch)   # topk (a sort), float64 input
-    a = prepare(batch)
-    return cuda_greedy(a["rows"], a["score"], a["first_score"], a["eligible"], a["starts"], a["lengths"],
-                       a["ks"], a["k_max"], a["lam"], a["dpp"], a["gram"], a["inv_norm"], a["sqn"])
-
-
-BACKEND = Backend(
-    name="cuda",
-    methods=METHODS,
-    device_types=("cuda",),
-    select=select,
-    status=status,
-)
+KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready)
+BACKEND = KERNELS.backend
+cuda_greedy = KERNELS.op
+status = KERNELS.status
+select = KERNELS.select
+dtype_code = KERNELS.dtype_code
