@@ -4,6 +4,8 @@
 // (0 float32, 1 float16, 2 bfloat16) and the CUDA stream as an int
 // (torch.cuda.current_stream().cuda_stream).  Nothing here synchronises.
 // Argument errors raise ValueError (std::invalid_argument), CUDA errors RuntimeError.
+// Each entry point checks its arguments while packing them into the parameter structs of
+// greedy.h (Features / GramRows, Segments, MaxSimState / DppState) the launchers take.
 // No torch headers: mmrprune/backends/cuda_backend.py owns the tensors.
 
 #include <pybind11/pybind11.h>
@@ -46,17 +48,29 @@ void raise_if_failed(const std::string& err) {
   if (!err.empty()) throw std::runtime_error("mmrprune._cuda: " + err);
 }
 
-void check_features(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim) {
+using mmrprune_cuda::DppState;
+using mmrprune_cuda::Features;
+using mmrprune_cuda::GramRows;
+using mmrprune_cuda::MaxSimState;
+using mmrprune_cuda::Segments;
+
+Features check_features(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim) {
   CHECK_DTYPE(dtype);
   CHECK_PTR(x);
   CHECK_ALIGNED(x, elem_size(dtype));
   CHECK_NONNEG(rows);
   MMRPRUNE_CHECK(rows <= INT_MAX, "rows must fit in int32 (local token indices are int32), got " << rows);
   MMRPRUNE_CHECK(dim >= 1, "dim must be >= 1, got " << dim);
+  Features f;
+  f.x = x;
+  f.dtype = dtype;
+  f.rows = rows;
+  f.dim = dim;
+  return f;
 }
 
-void check_segments(std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
-                    std::int64_t k_max, std::uintptr_t taken, std::uintptr_t out) {
+Segments check_segments(std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
+                        std::int64_t k_max, std::uintptr_t taken, std::uintptr_t out, std::uintptr_t stream) {
   CHECK_NONNEG(batch);
   MMRPRUNE_CHECK(batch <= INT_MAX, "batch must fit in one grid dimension (<= 2^31 - 1), got " << batch);
   CHECK_NONNEG(k_max);
@@ -65,38 +79,41 @@ void check_segments(std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_
     MMRPRUNE_CHECK(p % 8 == 0, "starts, lengths, ks and out are int64 and must be 8-byte aligned");
   }
   CHECK_PTR(taken);
+  Segments seg;
+  seg.starts = starts;
+  seg.lengths = lengths;
+  seg.ks = ks;
+  seg.batch = batch;
+  seg.k_max = k_max;
+  seg.out = out;
+  seg.stream = stream;
+  return seg;
 }
 
-void inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
-               std::uintptr_t sqn, std::uintptr_t stream) {
-  check_features(x, dtype, rows, dim);
-  CHECK_PTR(inv_norm);
-  CHECK_ALIGNED(inv_norm, 4);
-  CHECK_ALIGNED(sqn, 4);  // 0 (no output) passes
-  raise_if_failed(mmrprune_cuda::launch_inv_norms(x, dtype, rows, dim, inv_norm, sqn, stream));
-}
-
-void greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
-                   std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
-                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
-                   std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                   std::uintptr_t stream) {
-  check_features(x, dtype, rows, dim);
-  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
+// The maxsim kernels' float32 inputs and scratch (row-mode and Gram-mode launches alike).
+MaxSimState check_maxsim_state(std::uintptr_t inv_norm, std::uintptr_t imp, std::uintptr_t first_score,
+                               std::uintptr_t eligible, double lam, std::uintptr_t m_scratch,
+                               std::uintptr_t taken_scratch) {
   MMRPRUNE_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
   CHECK_PTR(inv_norm);
   CHECK_PTR(imp);
   CHECK_PTR(m_scratch);
   for (std::uintptr_t p : {inv_norm, imp, first_score, m_scratch})
     MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, imp, first_score and m_scratch are float32 and must be 4-byte aligned");
-  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim(x, dtype, rows, dim, inv_norm, imp, first_score, eligible,
-                                                      starts, lengths, ks, batch, k_max, lam, m_scratch,
-                                                      taken_scratch, out, stream));
+  MaxSimState st;
+  st.inv_norm = inv_norm;
+  st.imp = imp;
+  st.first_score = first_score;
+  st.eligible = eligible;
+  st.lam = lam;
+  st.m_scratch = m_scratch;
+  st.taken_scratch = taken_scratch;
+  return st;
 }
 
 // The DPP kernels' float32 inputs and scratch (row-mode and Gram-mode launches alike).
-void check_dpp_state(std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t d2_scratch,
-                     std::uintptr_t c_scratch) {
+DppState check_dpp_state(std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t d2_scratch,
+                         std::uintptr_t taken_scratch, std::uintptr_t c_scratch) {
   CHECK_PTR(inv_norm);
   CHECK_PTR(sqn);
   CHECK_PTR(q);
@@ -104,26 +121,59 @@ void check_dpp_state(std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t
   CHECK_PTR(c_scratch);
   for (std::uintptr_t p : {inv_norm, sqn, q, d2_scratch, c_scratch})
     MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, sqn, q, d2_scratch and c_scratch are float32 and must be 4-byte aligned");
+  DppState st;
+  st.inv_norm = inv_norm;
+  st.sqn = sqn;
+  st.q = q;
+  st.d2_scratch = d2_scratch;
+  st.taken_scratch = taken_scratch;
+  st.c_scratch = c_scratch;
+  return st;
+}
+
+GramRows check_gram(std::uintptr_t gram, std::int64_t ld, std::int64_t batch) {
+  CHECK_PTR(gram);
+  CHECK_ALIGNED(gram, 4);
+  MMRPRUNE_CHECK(ld >= 1, "ld (the Gram's padded image length) must be >= 1, got " << ld);
+  MMRPRUNE_CHECK(ld <= INT_MAX, "ld must fit in int32 (local token indices are int32), got " << ld);
+  MMRPRUNE_CHECK(batch <= 0 || ld <= INT64_MAX / ld / batch, "batch * ld * ld overflows int64");
+  GramRows g;
+  g.gram = gram;
+  g.ld = ld;
+  return g;
+}
+
+// Python entry points: keyword arguments in, checked parameter structs to the launchers.
+// The checks run in the same order as the launch's arguments are listed.
+
+void inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+               std::uintptr_t sqn, std::uintptr_t stream) {
+  const Features f = check_features(x, dtype, rows, dim);
+  CHECK_PTR(inv_norm);
+  CHECK_ALIGNED(inv_norm, 4);
+  CHECK_ALIGNED(sqn, 4);  // 0 (no output) passes
+  raise_if_failed(mmrprune_cuda::launch_inv_norms(f, inv_norm, sqn, stream));
+}
+
+void greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
+                   std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
+                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
+                   std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
+                   std::uintptr_t stream) {
+  const Features f = check_features(x, dtype, rows, dim);
+  const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
+  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch);
+  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim(f, st, seg));
 }
 
 void greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
                 std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths,
                 std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
                 std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
-  check_features(x, dtype, rows, dim);
-  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
-  check_dpp_state(inv_norm, sqn, q, d2_scratch, c_scratch);
-  raise_if_failed(mmrprune_cuda::launch_greedy_dpp(x, dtype, rows, dim, inv_norm, sqn, q, starts, lengths, ks,
-                                                   batch, k_max, d2_scratch, taken_scratch, c_scratch, out,
-                                                   stream));
-}
-
-void check_gram(std::uintptr_t gram, std::int64_t ld, std::int64_t batch) {
-  CHECK_PTR(gram);
-  CHECK_ALIGNED(gram, 4);
-  MMRPRUNE_CHECK(ld >= 1, "ld (the Gram's padded image length) must be >= 1, got " << ld);
-  MMRPRUNE_CHECK(ld <= INT_MAX, "ld must fit in int32 (local token indices are int32), got " << ld);
-  MMRPRUNE_CHECK(batch <= 0 || ld <= INT64_MAX / ld / batch, "batch * ld * ld overflows int64");
+  const Features f = check_features(x, dtype, rows, dim);
+  const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
+  const DppState st = check_dpp_state(inv_norm, sqn, q, d2_scratch, taken_scratch, c_scratch);
+  raise_if_failed(mmrprune_cuda::launch_greedy_dpp(f, st, seg));
 }
 
 void greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm, std::uintptr_t imp,
@@ -131,18 +181,11 @@ void greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv
                         std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max,
                         double lam, std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
                         int smem_state, std::uintptr_t stream) {
-  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
-  check_gram(gram, ld, batch);
-  MMRPRUNE_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
+  const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
+  const GramRows g = check_gram(gram, ld, batch);
+  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch);
   MMRPRUNE_CHECK(smem_state >= -1 && smem_state <= 1, "smem_state must be -1, 0 or 1, got " << smem_state);
-  CHECK_PTR(inv_norm);
-  CHECK_PTR(imp);
-  CHECK_PTR(m_scratch);
-  for (std::uintptr_t p : {inv_norm, imp, first_score, m_scratch})
-    MMRPRUNE_CHECK(p % 4 == 0, "inv_norm, imp, first_score and m_scratch are float32 and must be 4-byte aligned");
-  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim_gram(gram, ld, inv_norm, imp, first_score, eligible, starts,
-                                                           lengths, ks, batch, k_max, lam, m_scratch,
-                                                           taken_scratch, out, smem_state, stream));
+  raise_if_failed(mmrprune_cuda::launch_greedy_maxsim_gram(g, st, seg, smem_state));
 }
 
 void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm, std::uintptr_t sqn,
@@ -150,11 +193,10 @@ void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_no
                      std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
                      std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
                      std::uintptr_t stream) {
-  check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out);
-  check_gram(gram, ld, batch);
-  check_dpp_state(inv_norm, sqn, q, d2_scratch, c_scratch);
-  raise_if_failed(mmrprune_cuda::launch_greedy_dpp_gram(gram, ld, inv_norm, sqn, q, starts, lengths, ks, batch,
-                                                        k_max, d2_scratch, taken_scratch, c_scratch, out, stream));
+  const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
+  const GramRows g = check_gram(gram, ld, batch);
+  const DppState st = check_dpp_state(inv_norm, sqn, q, d2_scratch, taken_scratch, c_scratch);
+  raise_if_failed(mmrprune_cuda::launch_greedy_dpp_gram(g, st, seg));
 }
 
 }  // namespace

@@ -538,56 +538,51 @@ std::string check_launch(const char* name) {
   return "";
 }
 
+template <typename P>
+const P* in(std::uintptr_t address) {
+  return reinterpret_cast<const P*>(address);
+}
+template <typename P>
+P* inout(std::uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+cudaStream_t stream_of(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
 template <typename T, bool kVec>
-std::string run_inv_norms(std::uintptr_t x, std::int64_t rows, std::int64_t dim, std::uintptr_t inv_norm,
-                          std::uintptr_t sqn, cudaStream_t stream) {
+std::string run_inv_norms(const Features& f, std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t stream) {
   constexpr int kThreads = 256;
   const std::int64_t warps = kThreads / 32;
-  std::int64_t blocks = (rows + warps - 1) / warps;
+  std::int64_t blocks = (f.rows + warps - 1) / warps;
   if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride loop covers the rest
-  inv_norm_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x), rows, dim, reinterpret_cast<float*>(inv_norm),
-      reinterpret_cast<float*>(sqn));
+  inv_norm_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream_of(stream)>>>(
+      in<T>(f.x), f.rows, f.dim, inout<float>(inv_norm), inout<float>(sqn));
   return check_launch("inv_norm_kernel launch");
 }
 
 template <typename T, bool kVec>
-std::string run_maxsim(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm, std::uintptr_t imp,
-                       std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
-                       std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max,
-                       double lam, std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                       cudaStream_t stream) {
+std::string run_maxsim(const Features& f, const MaxSimState& st, const Segments& seg) {
   auto kernel = greedy_maxsim_kernel<T, kVec>;
-  const std::int64_t smem = greedy_smem_bytes(dim);
+  const std::int64_t smem = greedy_smem_bytes(f.dim);
   std::string err = prepare_smem(kernel, smem);
   if (!err.empty()) return err;
-  kernel<<<static_cast<unsigned>(batch), kGreedyThreads, static_cast<size_t>(smem), stream>>>(
-      reinterpret_cast<const T*>(x), dim, reinterpret_cast<const float*>(inv_norm),
-      reinterpret_cast<const float*>(imp), reinterpret_cast<const float*>(first_score),
-      reinterpret_cast<const std::uint8_t*>(eligible), reinterpret_cast<const std::int64_t*>(starts),
-      reinterpret_cast<const std::int64_t*>(lengths), reinterpret_cast<const std::int64_t*>(ks), k_max,
-      static_cast<float>(lam), static_cast<float>(1.0 - lam), reinterpret_cast<float*>(m_scratch),
-      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<std::int64_t*>(out));
+  kernel<<<static_cast<unsigned>(seg.batch), kGreedyThreads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
+      in<T>(f.x), f.dim, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
+      in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
+      in<std::int64_t>(seg.ks), seg.k_max, static_cast<float>(st.lam), static_cast<float>(1.0 - st.lam),
+      inout<float>(st.m_scratch), inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
   return check_launch("greedy_maxsim_kernel launch");
 }
 
 template <typename T, bool kVec>
-std::string run_dpp(std::uintptr_t x, std::int64_t dim, std::uintptr_t inv_norm, std::uintptr_t sqn,
-                    std::uintptr_t q, std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
-                    std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
-                    std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
-                    cudaStream_t stream) {
+std::string run_dpp(const Features& f, const DppState& st, const Segments& seg) {
   auto kernel = greedy_dpp_kernel<T, kVec>;
-  const std::int64_t smem = greedy_smem_bytes(dim);
+  const std::int64_t smem = greedy_smem_bytes(f.dim);
   std::string err = prepare_smem(kernel, smem);
   if (!err.empty()) return err;
-  kernel<<<static_cast<unsigned>(batch), kDppThreads, static_cast<size_t>(smem), stream>>>(
-      reinterpret_cast<const T*>(x), dim, reinterpret_cast<const float*>(inv_norm),
-      reinterpret_cast<const float*>(sqn), reinterpret_cast<const float*>(q),
-      reinterpret_cast<const std::int64_t*>(starts), reinterpret_cast<const std::int64_t*>(lengths),
-      reinterpret_cast<const std::int64_t*>(ks), k_max, reinterpret_cast<float*>(d2_scratch),
-      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<float*>(c_scratch),
-      reinterpret_cast<std::int64_t*>(out));
+  kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
+      in<T>(f.x), f.dim, in<float>(st.inv_norm), in<float>(st.sqn), in<float>(st.q), in<std::int64_t>(seg.starts),
+      in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max, inout<float>(st.d2_scratch),
+      inout<std::uint8_t>(st.taken_scratch), inout<float>(st.c_scratch), inout<std::int64_t>(seg.out));
   return check_launch("greedy_dpp_kernel launch");
 }
 
@@ -636,95 +631,63 @@ std::int64_t gram_state_smem_bytes(std::int64_t ld) {
   return ld * static_cast<std::int64_t>(sizeof(float) + sizeof(std::uint8_t));
 }
 
-std::string launch_greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
-                                      std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible,
-                                      std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
-                                      std::int64_t batch, std::int64_t k_max, double lam,
-                                      std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                                      int smem_state, std::uintptr_t stream) {
-  if (batch == 0) return "";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, const Segments& seg,
+                                      int smem_state) {
+  if (seg.batch == 0) return "";
   int optin = 0;
   std::string err = max_optin_smem(&optin);
   if (!err.empty()) return err;
-  const std::int64_t smem = gram_state_smem_bytes(ld);
+  const std::int64_t smem = gram_state_smem_bytes(g.ld);
   // 1 KiB of headroom for the static shared memory (red_s, red_i: 260 bytes)
   const bool fits = smem + 1024 <= optin;
   const bool use_smem = smem_state < 0 ? fits : (smem_state > 0 && fits);
-  const int threads = gram_threads(ld);
-  const float* g = reinterpret_cast<const float*>(gram);
-  const float* inv = reinterpret_cast<const float*>(inv_norm);
-  const float* im = reinterpret_cast<const float*>(imp);
-  const float* fs = reinterpret_cast<const float*>(first_score);
-  const std::uint8_t* el = reinterpret_cast<const std::uint8_t*>(eligible);
-  const std::int64_t* st = reinterpret_cast<const std::int64_t*>(starts);
-  const std::int64_t* le = reinterpret_cast<const std::int64_t*>(lengths);
-  const std::int64_t* kk = reinterpret_cast<const std::int64_t*>(ks);
-  float* m = reinterpret_cast<float*>(m_scratch);
-  std::uint8_t* tk = reinterpret_cast<std::uint8_t*>(taken_scratch);
-  std::int64_t* o = reinterpret_cast<std::int64_t*>(out);
-  const float fl = static_cast<float>(lam), om = static_cast<float>(1.0 - lam);
+  const int threads = gram_threads(g.ld);
+  const float fl = static_cast<float>(st.lam), om = static_cast<float>(1.0 - st.lam);
+  const unsigned blocks = static_cast<unsigned>(seg.batch);
   if (use_smem) {
     auto kernel = greedy_maxsim_gram_kernel<true>;
     err = prepare_smem(kernel, smem);
     if (!err.empty()) return err;
-    kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(smem), s>>>(
-        g, ld, inv, im, fs, el, st, le, kk, k_max, fl, om, m, tk, o);
+    kernel<<<blocks, threads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
+        in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
+        in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
+        in<std::int64_t>(seg.ks), seg.k_max, fl, om, inout<float>(st.m_scratch),
+        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
   } else {
-    greedy_maxsim_gram_kernel<false><<<static_cast<unsigned>(batch), threads, 0, s>>>(
-        g, ld, inv, im, fs, el, st, le, kk, k_max, fl, om, m, tk, o);
+    greedy_maxsim_gram_kernel<false><<<blocks, threads, 0, stream_of(seg.stream)>>>(
+        in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
+        in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
+        in<std::int64_t>(seg.ks), seg.k_max, fl, om, inout<float>(st.m_scratch),
+        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
   }
   return check_launch("greedy_maxsim_gram_kernel launch");
 }
 
-std::string launch_greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_norm,
-                                   std::uintptr_t sqn, std::uintptr_t q, std::uintptr_t starts,
-                                   std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch,
-                                   std::int64_t k_max, std::uintptr_t d2_scratch, std::uintptr_t taken_scratch,
-                                   std::uintptr_t c_scratch, std::uintptr_t out, std::uintptr_t stream) {
-  if (batch == 0) return "";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  greedy_dpp_gram_kernel<<<static_cast<unsigned>(batch), kDppThreads, 0, s>>>(
-      reinterpret_cast<const float*>(gram), ld, reinterpret_cast<const float*>(inv_norm),
-      reinterpret_cast<const float*>(sqn), reinterpret_cast<const float*>(q),
-      reinterpret_cast<const std::int64_t*>(starts), reinterpret_cast<const std::int64_t*>(lengths),
-      reinterpret_cast<const std::int64_t*>(ks), k_max, reinterpret_cast<float*>(d2_scratch),
-      reinterpret_cast<std::uint8_t*>(taken_scratch), reinterpret_cast<float*>(c_scratch),
-      reinterpret_cast<std::int64_t*>(out));
+std::string launch_greedy_dpp_gram(const GramRows& g, const DppState& st, const Segments& seg) {
+  if (seg.batch == 0) return "";
+  greedy_dpp_gram_kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, 0, stream_of(seg.stream)>>>(
+      in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.sqn), in<float>(st.q),
+      in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max,
+      inout<float>(st.d2_scratch), inout<std::uint8_t>(st.taken_scratch), inout<float>(st.c_scratch),
+      inout<std::int64_t>(seg.out));
   return check_launch("greedy_dpp_gram_kernel launch");
 }
 
-std::string launch_inv_norms(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
-                             std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t stream) {
-  if (rows == 0) return "";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  MMRPRUNE_DISPATCH(dtype, x, dim, run_inv_norms, x, rows, dim, inv_norm, sqn, s);
+std::string launch_inv_norms(const Features& f, std::uintptr_t inv_norm, std::uintptr_t sqn,
+                             std::uintptr_t stream) {
+  if (f.rows == 0) return "";
+  MMRPRUNE_DISPATCH(f.dtype, f.x, f.dim, run_inv_norms, f, inv_norm, sqn, stream);
 }
 
-std::string launch_greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
-                                 std::uintptr_t inv_norm, std::uintptr_t imp, std::uintptr_t first_score,
-                                 std::uintptr_t eligible, std::uintptr_t starts, std::uintptr_t lengths,
-                                 std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
-                                 std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                                 std::uintptr_t stream) {
-  (void)rows;  // bounds are checked in bindings.cpp; the kernel reads only rows of its segments
-  if (batch == 0) return "";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  MMRPRUNE_DISPATCH(dtype, x, dim, run_maxsim, x, dim, inv_norm, imp, first_score, eligible, starts, lengths,
-                    ks, batch, k_max, lam, m_scratch, taken_scratch, out, s);
+// f.rows: bounds are checked in bindings.cpp; the kernels read only rows of their segments.
+std::string launch_greedy_maxsim(const Features& f, const MaxSimState& st, const Segments& seg) {
+  if (seg.batch == 0) return "";
+  MMRPRUNE_DISPATCH(f.dtype, f.x, f.dim, run_maxsim, f, st, seg);
 }
 
-std::string launch_greedy_dpp(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t dim,
-                              std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t q,
-                              std::uintptr_t starts, std::uintptr_t lengths, std::uintptr_t ks,
-                              std::int64_t batch, std::int64_t k_max, std::uintptr_t d2_scratch,
-                              std::uintptr_t taken_scratch, std::uintptr_t c_scratch, std::uintptr_t out,
-                              std::uintptr_t stream) {
-  (void)rows;
-  if (batch == 0) return "";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  MMRPRUNE_DISPATCH(dtype, x, dim, run_dpp, x, dim, inv_norm, sqn, q, starts, lengths, ks, batch, k_max,
-                    d2_scratch, taken_scratch, c_scratch, out, s);
+std::string launch_greedy_dpp(const Features& f, const DppState& st, const Segments& seg) {
+  if (seg.batch == 0) return "";
+  MMRPRUNE_DISPATCH(f.dtype, f.x, f.dim, run_dpp, f, st, seg);
 }
 
 }  // namespace mmrprune_cuda
