@@ -11,7 +11,7 @@ Each case times (1 warm-up, then the median of --repeats; numpy gets fewer):
   bmm     one float32 torch.bmm computing the B N x N similarity matrices (normalised input)
   numpy   mmrprune.reference.select_mmr per image  (float64 ground truth)
 Targets: cpu >= 3x faster than anchor, faster than the bmm alone, >= 3x faster than numpy.
-Records follow SPEC.md "Benchmark records".
+Records follow docs/contract.md, "Benchmark records".
 """
 from __future__ import annotations
 

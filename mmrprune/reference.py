@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of every selection method in the contract (SPEC.md).
+"""Float64 NumPy reference of every selection method in the contract (docs/contract.md).
 
 This module is the ground truth of the test suite.  It is written for clarity,
 one image at a time and one plain loop over the greedy steps, so that each

@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend (SPEC.md, "Bad input").
+"""Argument checks shared by every backend (docs/contract.md, "Bad input").
 
 Every message names the argument, what was expected and what was received.
 Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan
@@ -166,7 +166,7 @@ def _index_tensor(x, name: str, numpy_in: bool, device, length: int | None):
 
 
 def _budgets(lengths: torch.Tensor, k, keep_ratio, n_padded: int | None, lengths_given: bool):
-    """Per-image budgets ``ks`` and the output width ``k_max`` (see SPEC "Inputs").
+    """Per-image budgets ``ks`` and the output width ``k_max`` (see docs/contract.md, "Inputs").
 
     The width is known without reading ``lengths`` for padded input with ``k``
     (``min(k, N)``) or without ``lengths``; otherwise it is ``max_b ks[b]``,
@@ -185,7 +185,7 @@ def _budgets(lengths: torch.Tensor, k, keep_ratio, n_padded: int | None, lengths
 
 def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, cu_seqlens=None,
              order="position", check_finite=True, method_params=None) -> Request:
-    """Check every argument and build the :class:`Request` (see SPEC.md)."""
+    """Check every argument and build the :class:`Request` (see docs/contract.md)."""
     method = check_method(method)
     order = check_order(order)
     lam = check_lam(lam)

@@ -1,7 +1,7 @@
 """The spec's step certificate, plus token generators shared by the tests.
 
 A backend's selection is correct when each of its steps is an argmax of that
-step's score *given its own earlier picks*, within a tolerance (SPEC.md,
+step's score *given its own earlier picks*, within a tolerance (docs/contract.md,
 "Precision").  :func:`check_certificate` replays a selection in float64 and
 raises ``AssertionError`` naming the first step that is not such an argmax.
 

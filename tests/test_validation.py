@@ -1,4 +1,4 @@
-"""Bad input (SPEC.md, "Bad input"): the right exception type, with a message naming the argument."""
+"""Bad input (docs/contract.md, "Bad input"): the right exception type, with a message naming the argument."""
 from __future__ import annotations
 
 import math

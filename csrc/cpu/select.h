@@ -1,4 +1,4 @@
-// Batched greedy token selection on the CPU: every method of SPEC.md.
+// Batched greedy token selection on the CPU: every method of docs/contract.md.
 // Read side by side with mmrprune/reference.py.
 #pragma once
 #include <cstdint>

@@ -1,7 +1,7 @@
 """Benchmarks: ``mmrprune-bench speed`` (timings) and ``mmrprune-bench quality`` (IDPruner Sec. 3).
 
 Run ``mmrprune-bench --help`` or ``python -m mmrprune.bench --help``.  Records
-follow SPEC.md "Benchmark records" (see :mod:`mmrprune.bench.records`).
+follow docs/contract.md, "Benchmark records" (see :mod:`mmrprune.bench.records`).
 """
 from .cli import main
 

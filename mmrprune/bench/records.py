@@ -1,6 +1,6 @@
 """Benchmark records: the environment fields, JSON / CSV files and the terminal table.
 
-A record is a flat ``dict`` (SPEC.md, "Benchmark records").  Every record
+A record is a flat ``dict`` (docs/contract.md, "Benchmark records").  Every record
 carries :data:`REQUIRED_FIELDS`; speed records add ``images_per_s``,
 ``speedup_vs_torch`` and ``speedup_vs_anchor`` (``None`` where the baseline
 was not run).
