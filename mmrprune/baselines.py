@@ -12,13 +12,28 @@ from __future__ import annotations
 
 import torch
 
-IMP_EPS = 1e-6
+from .reference import IMP_EPS, NORM_EPS
 
 
 def _cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     return x @ x.T
+
+
+def _anchor_steps(first: int, n: int, k: int, state: torch.Tensor, score_of, update) -> torch.Tensor:
+    """Steps 2..k of a greedy selection, one ``.item()`` host sync per step: pick
+    ``argmax score_of(state)`` over untaken tokens, then ``state = update(state, pick)``."""
+    chosen = [first]
+    taken = torch.zeros(n, dtype=torch.bool, device=state.device)
+    taken[first] = True
+    for _ in range(min(k, n) - 1):
+        score = score_of(state).masked_fill(taken, float("-inf"))
+        j = int(torch.argmax(score).item())
+        chosen.append(j)
+        taken[j] = True
+        state = update(state, j)
+    return torch.tensor(chosen, dtype=torch.int64)
 
 
 def anchor_mmr(features: torch.Tensor, importance: torch.Tensor | None, k: int, lam: float = 0.5) -> list:
@@ -32,18 +47,9 @@ def anchor_mmr(features: torch.Tensor, importance: torch.Tensor | None, k: int, 
         else:
             w = importance[b].float()
             imp = (w - w.min()) / (w.max() - w.min() + IMP_EPS)
-        chosen = [int(torch.argmax(imp).item())]
-        taken = torch.zeros(n, dtype=torch.bool, device=sim.device)
-        taken[chosen[0]] = True
-        max_sim = sim[chosen[0]].clone()
-        for _ in range(min(k, n) - 1):
-            score = lam * imp - (1 - lam) * max_sim
-            score = score.masked_fill(taken, float("-inf"))
-            j = int(torch.argmax(score).item())
-            chosen.append(j)
-            taken[j] = True
-            max_sim = torch.maximum(max_sim, sim[j])
-        picks.append(torch.tensor(chosen, dtype=torch.int64))
+        first = int(torch.argmax(imp).item())
+        picks.append(_anchor_steps(first, n, k, sim[first].clone(), lambda m: lam * imp - (1 - lam) * m,
+                                   lambda m, j: torch.maximum(m, sim[j])))
     return picks
 
 
@@ -58,17 +64,8 @@ def anchor_divprune(features: torch.Tensor, k: int) -> list:
         else:
             off = dist + torch.diag(torch.full((n,), float("inf"), device=dist.device))
             first = int(torch.argmax(off.min(dim=1).values).item())
-        chosen = [first]
-        taken = torch.zeros(n, dtype=torch.bool, device=dist.device)
-        taken[first] = True
-        min_dist = dist[first].clone()
-        for _ in range(min(k, n) - 1):
-            score = min_dist.masked_fill(taken, float("-inf"))
-            j = int(torch.argmax(score).item())
-            chosen.append(j)
-            taken[j] = True
-            min_dist = torch.minimum(min_dist, dist[j])
-        picks.append(torch.tensor(chosen, dtype=torch.int64))
+        picks.append(_anchor_steps(first, n, k, dist[first].clone(), lambda d: d,
+                                   lambda d, j: torch.minimum(d, dist[j])))
     return picks
 
 

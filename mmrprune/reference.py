@@ -125,18 +125,22 @@ def select_mmr(x, w, k: int, lam: float = 0.5) -> np.ndarray:
     xh = normalize_rows(x)
     n = xh.shape[0]
     imp = normalized_importance(w, n)
-    picked = np.zeros(n, dtype=bool)
-    m = np.full(n, -np.inf)
+    return _greedy_max_similarity(xh, imp, k, np.ones(n, dtype=bool), lambda m: lam * imp - (1.0 - lam) * m)
+
+
+def _greedy_max_similarity(xh, imp, k: int, eligible, later_score) -> np.ndarray:
+    """The greedy loop of mmr and hybrid: step 1 picks ``argmax Imp``, step t picks
+    ``argmax later_score(m)``, both over eligible tokens not picked yet, with
+    ``m_i = max_{j in S} sim(i, j)``."""
+    available = eligible.copy()
+    m = np.full(xh.shape[0], -np.inf)
     order = []
     for step in range(k):
-        if step == 0:
-            score = imp.copy()
-        else:
-            score = lam * imp - (1.0 - lam) * m
-        score[picked] = -np.inf
+        score = imp.copy() if step == 0 else later_score(m)
+        score[~available] = -np.inf
         j = int(np.argmax(score))
         order.append(j)
-        picked[j] = True
+        available[j] = False
         m = np.maximum(m, xh @ xh[j])
     return np.asarray(order, dtype=np.int64)
 
@@ -165,16 +169,7 @@ def select_hybrid(x, w, k: int, lam: float = 0.5) -> np.ndarray:
     c = hybrid_pool_size(n, k, lam)
     pool = np.zeros(n, dtype=bool)
     pool[_importance_order(imp)[:c]] = True
-    m = np.full(n, -np.inf)
-    order = []
-    for step in range(k):
-        score = imp.copy() if step == 0 else -m
-        score[~pool] = -np.inf
-        j = int(np.argmax(score))
-        order.append(j)
-        pool[j] = False
-        m = np.maximum(m, xh @ xh[j])
-    return np.asarray(order, dtype=np.int64)
+    return _greedy_max_similarity(xh, imp, k, pool, lambda m: -m)
 
 
 def select_divprune(x, w, k: int) -> np.ndarray:

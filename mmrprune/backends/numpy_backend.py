@@ -22,10 +22,6 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     return torch.from_numpy(out).to(batch.device)
 
 
-BACKEND = Backend(
-    name="numpy",
-    methods=METHODS,
-    device_types=("cpu", "cuda"),
-    select=select,
-    status=lambda: (True, "float64 NumPy reference, one image at a time; always available"),
-)
+# always available: its status never changes
+BACKEND = Backend(name="numpy", methods=METHODS, device_types=("cpu", "cuda"), select=select,
+                  status=lambda: (True, "float64 NumPy reference, one image at a time; always available"))

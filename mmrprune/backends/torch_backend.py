@@ -138,10 +138,6 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     raise AssertionError(method)
 
 
-BACKEND = Backend(
-    name="torch",
-    methods=METHODS,
-    device_types=("cpu", "cuda"),
-    select=select,
-    status=lambda: (True, "pure PyTorch ops; always available"),
-)
+# always available: its status never changes
+BACKEND = Backend(name="torch", methods=METHODS, device_types=("cpu", "cuda"), select=select,
+                  status=lambda: (True, "pure PyTorch ops; always available"))
