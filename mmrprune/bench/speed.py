@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import dispatch
+from ..backends import BUILD_HINTS
 from ..reference import budget
 
 # --------------------------------------------------------------------------- shapes
@@ -254,8 +255,8 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         if b != "anchor":
             ok, detail = dispatch.status(b)
             if not ok:
-                hint = dispatch.HOW_TO_GET.get(b, "")
-                unavailable[b] = detail + (f" (to get it, {hint})" if hint else "")
+                hint = BUILD_HINTS.get(b, "")
+                unavailable[b] = detail + (f" (to get it, {hint})" if hint and hint not in detail else "")
     for b, why in unavailable.items():
         skipped.append(f"{b}: {why}")
     backends = [b for b in cfg.backends if b not in unavailable]
