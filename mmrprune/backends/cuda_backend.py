@@ -2,9 +2,12 @@
 
 The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
-csrc/cuda/NOTES.md).  This module does the cheap per-image preparation with
-torch ops, in the *segment form* the kernel reads (row ``starts[b] + i`` of
-``batch.rows()`` is token ``i`` of image ``b``, padded and packed alike):
+csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` with
+torch ops (the shared steps come from :mod:`mmrprune.prepare`), in the *segment form*
+the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
+``b``, padded and packed alike); :class:`FusedGreedy` checks and launches it on one
+compiled module (``mmrprune._cuda`` here; a CPU-emulated build of the same sources
+plugs in with its own module, device type and op name):
 
 * ``mmr``/``fps``: ``Imp`` per row, ``lam`` (0 for ``fps``);
 * ``hybrid``: the candidate pool as a per-row mask (sync-free segmented ranking),
