@@ -599,9 +599,12 @@ int64_t divprune_first_step(const void* xn, bool f64, int64_t n, int64_t D, int 
 }
 
 void select_batch(const SelectArgs& a) {
+  check(a.batch >= 0 && a.k_max >= 0, "batch and k_max must be >= 0");
+  // an empty output (every image empty, e.g. keep_ratio with all lengths 0) has nothing to
+  // write, and its buffer may have no address at all (data_ptr() of a [B, 0] tensor is 0)
+  if (a.batch == 0 || a.k_max == 0) return;
   check(a.rows && a.importance && a.starts && a.lengths && a.ks && a.out, "null pointer argument");
   check(a.dim >= 1, "dim must be >= 1");
-  check(a.batch >= 0 && a.k_max >= 0, "batch and k_max must be >= 0");
   check((int)a.method >= 0 && (int)a.method <= 6, "unknown method code " + std::to_string((int)a.method));
   check((int)a.dtype >= 0 && (int)a.dtype <= 3, "unknown dtype code " + std::to_string((int)a.dtype));
   check(a.method != Method::DPP || a.quality, "dpp needs the quality array");
