@@ -513,8 +513,10 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       break;
     }
     case Method::HYBRID: {
-      // pool = the c most important tokens, c = N if lam = 0 else min(N, max(k, rint(k / lam)))
-      const int64_t c = a.lam == 0.0 ? n : std::min<int64_t>(n, std::max<int64_t>(k, (int64_t)std::nearbyint((double)k / a.lam)));
+      // pool = the c most important tokens, c = N if lam = 0 else min(N, max(k, rint(k / lam))),
+      // clamped to N in double before the conversion: k / lam overflows int64 for tiny lam (UB)
+      const int64_t c = a.lam == 0.0 ? n
+                                     : std::max<int64_t>(k, (int64_t)std::min((double)n, std::nearbyint((double)k / a.lam)));
       importance_order(imp, n, ws.order);
       ws.active.assign(ws.order.begin(), ws.order.begin() + c);
       std::sort(ws.active.begin(), ws.active.end());

@@ -247,8 +247,9 @@ def hybrid_pool_rows(batch: SelectionBatch) -> torch.Tensor:
     if batch.lam == 0.0:
         pool_size = lengths
     else:
-        wanted = torch.round(ks.to(torch.float64) / batch.lam).to(torch.int64)   # half to even
-        pool_size = torch.minimum(lengths, torch.maximum(ks, wanted))
+        wanted = torch.round(ks.to(torch.float64) / batch.lam)                   # half to even
+        # clamp to N in float64 before converting: k / lam overflows int64 for tiny lam
+        pool_size = torch.maximum(ks, torch.minimum(wanted, lengths.to(torch.float64)).to(torch.int64))
     return valid & (rank < pool_size[seg])
 
 

@@ -153,7 +153,9 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         if lam == 0.0:
             pool_size = n_valid
         else:
-            pool_size = torch.minimum(n_valid, torch.maximum(ks, torch.round(ks.to(torch.float64) / lam).to(torch.int64)))
+            # clamp to N in float64 before converting: k / lam overflows int64 for tiny lam
+            wanted = torch.minimum(torch.round(ks.to(torch.float64) / lam), n_valid.to(torch.float64))
+            pool_size = torch.maximum(ks, wanted.to(torch.int64))
         rank_of = torch.empty_like(valid, dtype=torch.int64).scatter_(
             1, _importance_rank(imp, valid), torch.arange(valid.shape[1], device=valid.device).expand_as(valid).contiguous())
         pool = valid & (rank_of < pool_size[:, None])

@@ -56,7 +56,9 @@ def _hybrid_pool(batch: SelectionBatch, imp: torch.Tensor, seg, local, valid) ->
     if lam == 0.0:
         size = n
     else:
-        size = torch.minimum(n, torch.maximum(ks, torch.round(ks.to(torch.float64) / lam).to(torch.int64)))
+        # clamp to N in float64 before converting: k / lam overflows int64 for tiny lam
+        wanted = torch.minimum(torch.round(ks.to(torch.float64) / lam), n.to(torch.float64))
+        size = torch.maximum(ks, wanted.to(torch.int64))
     key = torch.where(valid, imp, float("-inf"))
     by_imp = torch.sort(key, descending=True, stable=True).indices          # global importance order
     grouped = by_imp[torch.sort(seg[by_imp], stable=True).indices]          # per image, importance order kept
