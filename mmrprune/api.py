@@ -77,6 +77,9 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqle
     in ``indices[cu_k[b]:cu_k[b+1]]``; ``cu_k [B+1]`` int64.  Reading the budgets
     back makes this call synchronise with the device once.
     """
+    if cu_seqlens is None:  # else validate() would take the packed [T, D] tensor for one image
+        raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None; "
+                        "for one image or a padded batch call mmrprune.select")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch

@@ -73,3 +73,11 @@ def test_hybrid_pool_of_gpu_backends_clamps_before_converting(lam):
     seg, local, valid = triton_backend._row_layout(batch)
     np.testing.assert_array_equal(triton_backend._hybrid_pool(batch, batch.importance().reshape(-1), seg, local,
                                                               valid).numpy(), want)
+
+
+def test_select_varlen_requires_cu_seqlens():
+    x, w = torch.randn(10, 4), torch.rand(10)
+    with pytest.raises(TypeError, match=r"cu_seqlens: select_varlen needs .* got None"):
+        mmrprune.select_varlen(x, w, None, k=3)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        mmrprune.select_varlen(x.numpy(), w.numpy(), None, k=3)
