@@ -81,3 +81,150 @@ def test_select_varlen_requires_cu_seqlens():
         mmrprune.select_varlen(x, w, None, k=3)
     with pytest.raises(TypeError, match="cu_seqlens"):
         mmrprune.select_varlen(x.numpy(), w.numpy(), None, k=3)
+
+
+# ---------------------------------------------------------------------------- large values (item 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_features_whose_norm_would_overflow_are_rejected(dtype):
+    from mmrprune.validation import feature_limit
+    d = 64
+    limit = feature_limit(dtype, d)
+    assert limit == pytest.approx(np.sqrt(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+                                          / d) / 2)
+    x = torch.randn(32, d, dtype=torch.float64)
+    x[3, 5] = 2.0 * limit
+    with pytest.raises(ValueError, match=r"features: largest \|value\| is .* above the accepted .* divide"):
+        mmrprune.select(x.to(dtype), torch.rand(32), k=4)
+    with pytest.raises(ValueError, match=r"features: largest \|value\|"):
+        mmrprune.select(x.to(dtype).numpy() if dtype != torch.bfloat16 else x.float().numpy(), None, k=4)
+
+
+def test_the_issue_reproducer_is_rejected_not_degraded():
+    """|x| ~ 4e18 in float32 used to normalise to zero rows (MMR became top-k, DPP index order)."""
+    x = torch.randn(64, 64) * 4e18
+    for method in ("mmr", "dpp"):
+        with pytest.raises(ValueError, match="features: largest"):
+            mmrprune.select(x, torch.rand(64), k=8, method=method)
+
+
+@pytest.mark.parametrize("method", ["mmr", "dpp", "fps", "divprune"])
+def test_large_features_below_the_limit_match_unscaled(backend_device, method):
+    """Near the limit (scaled by 2**58, exactly, so the normalised rows have the same bits),
+    every backend picks what it picks unscaled, and float64 picks match the reference."""
+    bd = backend_device
+    bd.require(method)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.rand(40, generator=g, dtype=torch.float64)
+    big = x * 2.0**58
+    for dtype in (torch.float64, torch.float32):
+        a = bd.select(bd.tensor(big, dtype), bd.tensor(w, dtype), k=10, method=method, order="selection")
+        b = bd.select(bd.tensor(x, dtype), bd.tensor(w, dtype), k=10, method=method, order="selection")
+        np.testing.assert_array_equal(a.cpu().numpy(), b.cpu().numpy())
+    got64 = bd.select(bd.tensor(big), bd.tensor(w), k=10, method=method, order="selection")
+    np.testing.assert_array_equal(got64.cpu().numpy(), R.select_one(big.numpy(), w.numpy(), 10, method))
+
+
+def test_importance_whose_span_overflows_is_rejected():
+    x = torch.randn(16, 8)
+    w = torch.tensor([-3e38, 3e38] * 8)
+    with pytest.raises(ValueError, match=r"importance: max - min over an image overflows torch.float32"):
+        mmrprune.select(x, w, k=4)
+    w64 = torch.tensor([-1.5e308, 1.5e308] * 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"importance: max - min over an image overflows torch.float64"):
+        mmrprune.select(x.double(), w64, k=4)
+
+
+def test_importance_span_is_checked_per_image(backend_device):
+    """Two images whose spans are each finite in float32 are accepted, even though the batch's
+    overall span is not, and every backend agrees with the reference."""
+    bd = backend_device
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, 8, generator=g)
+    w = torch.rand(2, 20, generator=g) * 3e38
+    w[1] = -w[1]
+    out = bd.select(bd.tensor(x), bd.tensor(w), k=5, method="mmr", order="selection").cpu().numpy()
+    for b in range(2):
+        want = R.select_mmr(x[b].double().numpy(), w[b].double().numpy(), 5)
+        np.testing.assert_array_equal(out[b], want)
+
+
+# ---------------------------------------------------------------------------- messages (item 6)
+def test_huge_radius_is_capped_not_crashed(backend_device):
+    bd = backend_device
+    bd.require("d2pruner")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(16, 8, generator=g), torch.rand(16, generator=g)
+    kw = dict(k=6, method="d2pruner", alpha=0.5, grid=(4, 4), order="selection")
+    want = bd.select(bd.tensor(x), bd.tensor(w), radius=1000, **kw).cpu()
+    for radius in (2**40, 2**63, 2**70):
+        torch.testing.assert_close(bd.select(bd.tensor(x), bd.tensor(w), radius=radius, **kw).cpu(), want)
+
+
+def test_huge_k_means_every_token(backend_device):
+    bd = backend_device
+    x, w = bd.tensor(torch.randn(2, 12, 4)), bd.tensor(torch.rand(2, 12))
+    want = bd.select(x, w, k=12, lengths=bd.tensor(torch.tensor([12, 5])))
+    for k in (2**63 - 1, 2**63, 2**64, 10**30):
+        torch.testing.assert_close(bd.select(x, w, k=k, lengths=bd.tensor(torch.tensor([12, 5]))), want)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.longdouble, np.complex64])
+def test_numpy_dtypes_are_named_as_numpy(dtype):
+    x = np.ones((8, 4), dtype=dtype)
+    with pytest.raises(TypeError, match=rf"features: expected a float16, float32 or float64 array, got dtype "
+                                        rf"{np.dtype(dtype).name}") as info:
+        mmrprune.select(x, None, k=3)
+    assert "torch" not in str(info.value) and "bfloat16" not in str(info.value)
+    with pytest.raises(TypeError, match=rf"importance: expected .* array, got dtype {np.dtype(dtype).name}"):
+        mmrprune.select(np.ones((8, 4), np.float32), np.ones(8, dtype=dtype), k=3)
+
+
+def test_big_endian_and_read_only_numpy_indices():
+    g = np.random.default_rng(6)
+    x, w = g.standard_normal((2, 16, 8)).astype(np.float32), g.random((2, 16)).astype(np.float32)
+    want = mmrprune.select(x, w, k=3, lengths=np.array([3, 16]))
+    ro = np.array([3, 16])
+    ro.flags.writeable = False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about non-writable arrays it is given
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=ro), want)
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=">i8")), want)
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=">i4")), want)
+        packed = x.reshape(32, 8)
+        cu = np.array([0, 16, 32])
+        flat, cu_k = mmrprune.select_varlen(packed, w.reshape(32), cu, k=3)
+        for cu_other in (cu.astype(">i8"), cu.astype(">i4")):
+            got = mmrprune.select_varlen(packed, w.reshape(32), cu_other, k=3)
+            np.testing.assert_array_equal(got[0], flat)
+            np.testing.assert_array_equal(got[1], cu_k)
+    with pytest.raises(TypeError, match="lengths: expected an int32 or int64 array, got dtype uint8"):
+        mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=np.uint8))
+
+
+def test_sparse_nested_and_meta_tensors_are_named():
+    import warnings
+    x, w = torch.randn(16, 8), torch.rand(16)
+    with pytest.raises(TypeError, match=r"features: expected a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        mmrprune.select(x.to_sparse(), w, k=3)
+    with pytest.raises(TypeError, match=r"importance: expected a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        mmrprune.select(x, w.to_sparse(), k=3, method="topk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "nested tensors are a prototype" warning
+        nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)])
+    with pytest.raises(TypeError, match="features: nested tensors are not supported"):
+        mmrprune.select(nested, None, k=3)
+    with pytest.raises(TypeError, match=r"lengths: expected a dense \(strided\) tensor"):
+        mmrprune.select(torch.randn(2, 16, 8), None, k=3, lengths=torch.tensor([3, 16]).to_sparse())
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="features: is on the meta device"):
+            mmrprune.select(torch.empty(16, 8, device="meta"), None, k=3, check_finite=check_finite)
+
+
+def test_huge_list_is_not_printed_whole():
+    x = torch.randn(400, 64).tolist()
+    with pytest.raises(TypeError, match=r"features: expected a torch.Tensor or numpy.ndarray, got list \[\[") as info:
+        mmrprune.select(x, None, k=3)
+    assert len(str(info.value)) < 300 and "400 items" in str(info.value)
+    with pytest.raises(TypeError, match=r"lengths: expected a list of int64 values"):
+        mmrprune.select(torch.randn(2, 16, 8), None, k=3, lengths=[2**70, 1])
