@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import dispatch
+from . import dispatch, workspace
 from .validation import Request, validate
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -19,6 +19,8 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 def _run(request: Request, backend: str) -> torch.Tensor:
     batch = request.batch
     chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
+    if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
+        workspace.check(chosen.name, batch)
     out = chosen.select(batch)
     if request.order == "position":
         # -1 padding sorts last: order by (index if kept else +inf)

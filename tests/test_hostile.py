@@ -228,3 +228,80 @@ def test_huge_list_is_not_printed_whole():
     assert len(str(info.value)) < 300 and "400 items" in str(info.value)
     with pytest.raises(TypeError, match=r"lengths: expected a list of int64 values"):
         mmrprune.select(torch.randn(2, 16, 8), None, k=3, lengths=[2**70, 1])
+
+
+# ---------------------------------------------------------------------------- workspace (item 5)
+def test_dpp_workspace_past_the_limit_fails_up_front(backend_device, monkeypatch):
+    """N = 100,000, D = 64, k = 25,000: dpp's N x k Cholesky rows are ~10 GB (float32); the call
+    must fail before allocating, with the bytes and the way out."""
+    from mmrprune import workspace
+    monkeypatch.delenv(workspace.ENV_VAR, raising=False)
+    bd = backend_device
+    x = bd.tensor(torch.randn(100_000, 64))
+    with pytest.raises(workspace.WorkspaceLimitError,
+                       match=r"workspace: backend .* would need about .* GiB \(\d+ bytes\) .* 'dpp' .* "
+                             r"MMRPRUNE_MAX_WORKSPACE") as info:
+        bd.select(x, None, k=25_000, method="dpp")
+    need = int(str(info.value).split("(")[1].split(" bytes")[0])
+    assert need >= 100_000 * 25_000 * 4            # the Cholesky rows alone
+    assert isinstance(info.value, MemoryError)
+
+
+def test_workspace_limit_from_the_environment(monkeypatch):
+    from mmrprune import workspace
+    x, w = torch.randn(64, 16), torch.rand(64)
+    monkeypatch.setenv(workspace.ENV_VAR, "1K")
+    for backend in ("torch", "numpy"):
+        with pytest.raises(workspace.WorkspaceLimitError, match=r"above the limit of 1.0 KiB \(1024 bytes\)"):
+            mmrprune.select(x, w, k=8, method="dpp", backend=backend)
+    monkeypatch.setenv(workspace.ENV_VAR, "unlimited")
+    assert mmrprune.select(x, w, k=8, method="dpp", backend="torch").shape == (8,)
+    monkeypatch.setenv(workspace.ENV_VAR, "16G")
+    assert workspace.limit_bytes() == 16 << 30
+    monkeypatch.setenv(workspace.ENV_VAR, "lots")
+    with pytest.raises(ValueError, match="MMRPRUNE_MAX_WORKSPACE: expected a positive byte count"):
+        mmrprune.select(x, w, k=8)
+    monkeypatch.delenv(workspace.ENV_VAR)
+    assert workspace.limit_bytes() == workspace.DEFAULT_LIMIT_BYTES
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "numpy"])
+def test_workspace_estimate_covers_the_measured_peak(backend):
+    """The estimate is an upper bound of the memory the call really takes (peak resident-size
+    growth of a fresh process, sampled while it runs), and not wildly above it."""
+    import json
+    import subprocess
+    import sys
+    from mmrprune import dispatch
+    if not dispatch.status(backend)[0]:
+        pytest.skip(f"backend {backend!r} not available: {dispatch.status(backend)[1]}")
+    code = f"""
+import json, os, threading, time, torch, mmrprune
+from mmrprune import workspace
+from mmrprune.validation import validate
+torch.set_num_threads(1)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+x = torch.randn(20000, 160)   # D > k: the DPP never runs out of rank, every Cholesky row is written
+mmrprune.select(x[:64], None, k=4, method="dpp", backend={backend!r})   # warm-up: code paths, allocator
+peak, done = [0], threading.Event()
+def sample():                  # the peak resident size while the call runs (it releases the GIL)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+base = rss()
+t = threading.Thread(target=sample)
+t.start()
+mmrprune.select(x, None, k=150, method="dpp", backend={backend!r})
+done.set()
+t.join()
+req = validate(x, None, k=150, keep_ratio=None, lam=0.5, method="dpp")
+print(json.dumps({{"grew": peak[0] - base, "estimate": workspace.estimate_bytes({backend!r}, req.batch)}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["grew"] <= got["estimate"] * 1.1 + (8 << 20), got
+    assert got["estimate"] <= 4 * got["grew"] + (16 << 20), got
