@@ -305,3 +305,14 @@ print(json.dumps({{"grew": peak[0] - base, "estimate": workspace.estimate_bytes(
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["grew"] <= got["estimate"] * 1.1 + (8 << 20), got
     assert got["estimate"] <= 4 * got["grew"] + (16 << 20), got
+
+
+def test_hostile_fuzz_short():
+    """A short run of the seeded fuzz the sanitizer job runs at length (.ci/sanitize.sh)."""
+    from mmrprune import dispatch
+    if not dispatch.status("cpu")[0]:
+        pytest.skip("the cpu backend is not built: python setup.py build_ext --inplace")
+    import hostile_fuzz
+    counts = hostile_fuzz.run(seed=17, cases=60)
+    assert sum(counts.values()) == 60
+    assert counts.get("rejected", 0) < 30, counts   # most cases must run, not just be rejected
