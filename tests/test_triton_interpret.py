@@ -192,3 +192,16 @@ def inner_keep_ratio_and_position_order():
     got = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="triton")
     want = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="numpy")
     assert torch.equal(got, torch.as_tensor(want))
+
+
+@inner
+def inner_float64_features_beyond_float32_range():
+    """float64 rows far past float32's range (accepted: below float64's norm limit) pick what
+    the unscaled rows pick; converting them straight to float32 gave inf and garbage."""
+    import mmrprune
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(2, 24, 8, generator=g, dtype=torch.float64), torch.rand(2, 24, generator=g, dtype=torch.float64)
+    for method in ("mmr", "dpp", "divprune"):
+        want = mmrprune.select(x, w, k=6, method=method, backend="triton", order="selection")
+        got = mmrprune.select(x * 2.0**300, w, k=6, method=method, backend="triton", order="selection")
+        torch.testing.assert_close(got, want)
