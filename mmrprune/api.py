@@ -51,7 +51,8 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         lengths: ``[B]`` valid tokens per image of a padded batch (positions ``>= lengths[b]`` are never picked).
         order: ``"position"`` (ascending token index) or ``"selection"`` (greedy order).
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``"numpy"``.
-        check_finite: reject NaN/Inf (and out-of-range ``lengths``) on accelerator input;
+        check_finite: reject NaN/Inf, features whose squared norms would overflow, importance whose
+            per-image range overflows (and out-of-range ``lengths`` on accelerator input);
             ``False`` keeps the call free of host syncs (CUDA-graph capture).
         **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
 
