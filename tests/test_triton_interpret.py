@@ -32,7 +32,12 @@ inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 sub
 # ----------------------------------------------------------------------------- parent
 def test_interpreter_suite():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1")
+    import mmrprune
+    # the child runs from tests/: point it at the mmrprune this process imported (a worktree's
+    # in-place build, not whichever checkout is installed)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(mmrprune.__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     here = os.path.abspath(__file__)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-o", "python_functions=inner_*", here],
