@@ -62,7 +62,7 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
     n = _n_max(batch)
     c = 8 if batch.compute_dtype == torch.float64 else 4       # bytes of the compute dtype
     if backend == "numpy":       # float64, one image at a time, plus a float64 copy of every row
-        per_image = n * dim * 8 + 4 * n * 8
+        per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
         if method == "dpp":
             per_image += k * n * 8
         elif method == "divprune":
