@@ -21,6 +21,10 @@ Objects are compiled by ninja when it is installed (incremental rebuilds with
 header dependencies), else by a pool of ``MAX_JOBS`` (default 2) compiler
 processes.  The build facts go to the generated ``mmrprune/_build_config.py``.
 
+``MMRPRUNE_SANITIZE`` (e.g. ``address,undefined``) builds ``mmrprune._cpu`` with
+``-fsanitize=<value>`` for the sanitizer CI job (``.ci/sanitize.sh``); ``CXXFLAGS`` and
+``LDFLAGS`` are appended to the C++ compile and link lines of ``mmrprune._cpu``.
+
 ``python setup.py check_cuda`` compiles every CUDA source to object files for
 each arch (no link), the CI check for machines without a GPU.
 """
@@ -114,6 +118,24 @@ def _nvcc_version(nvcc):
         return f"unknown ({exc})"
 
 
+def _cpu_user_flags():
+    """(compile, link) flags for mmrprune._cpu from MMRPRUNE_SANITIZE, CXXFLAGS and LDFLAGS."""
+    compile_flags, link_flags = [], []
+    sanitize = os.environ.get("MMRPRUNE_SANITIZE", "").strip()
+    if sanitize:
+        if not all(part.strip().isidentifier() for part in sanitize.split(",")):
+            raise SystemExit(f"MMRPRUNE_SANITIZE: expected sanitizer names such as 'address,undefined', got {sanitize!r}")
+        # -fno-sanitize-recover: a UBSan finding aborts (and fails the job) instead of printing and going on
+        san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"]
+        # -O1 (after CXX_FLAGS' -O3, so it wins): the usual sanitizer level, and the build's
+        # slowest part (dots.cpp compiled per ISA) takes a fraction of the -O3 time
+        compile_flags += san + ["-O1", "-fno-omit-frame-pointer", "-g"]
+        link_flags += san
+    compile_flags += shlex.split(os.environ.get("CXXFLAGS", ""))
+    link_flags += shlex.split(os.environ.get("LDFLAGS", ""))
+    return compile_flags, link_flags
+
+
 def _cxx():
     return os.environ.get("CXX") or sysconfig.get_config_var("CXX").split()[0] or "g++"
 
@@ -196,10 +218,11 @@ class BuildExt(build_ext):
         tmp = os.path.join(os.path.abspath(self.build_temp), ext.name.replace(".", "_"))
         cxx = _cxx()
         if ext.name == "mmrprune._cpu":
-            jobs = [_cxx_job(cxx, s, os.path.join(tmp, os.path.basename(s) + ".o"), []) for s in ext.sources]
+            user_compile, user_link = _cpu_user_flags()
+            jobs = [_cxx_job(cxx, s, os.path.join(tmp, os.path.basename(s) + ".o"), user_compile) for s in ext.sources]
             _compile_all(jobs, tmp)
-            link_extra = ["-pthread"]
-            self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS),
+            link_extra = ["-pthread", *user_link]
+            self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS + user_compile),
                               cpu_simd=SIMD_TARGETS, cpu_threads="std::thread over images (no OpenMP)")
         else:  # mmrprune._cuda
             nvcc, archs = ext._nvcc, ext._archs

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import dispatch
+from . import dispatch, workspace
 from .validation import Request, validate
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -19,6 +19,8 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 def _run(request: Request, backend: str) -> torch.Tensor:
     batch = request.batch
     chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
+    if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
+        workspace.check(chosen.name, batch)
     out = chosen.select(batch)
     if request.order == "position":
         # -1 padding sorts last: order by (index if kept else +inf)
@@ -49,7 +51,8 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         lengths: ``[B]`` valid tokens per image of a padded batch (positions ``>= lengths[b]`` are never picked).
         order: ``"position"`` (ascending token index) or ``"selection"`` (greedy order).
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``"numpy"``.
-        check_finite: reject NaN/Inf (and out-of-range ``lengths``) on accelerator input;
+        check_finite: reject NaN/Inf, features whose squared norms would overflow, importance whose
+            per-image range overflows (and out-of-range ``lengths`` on accelerator input);
             ``False`` keeps the call free of host syncs (CUDA-graph capture).
         **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
 
@@ -77,6 +80,9 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqle
     in ``indices[cu_k[b]:cu_k[b+1]]``; ``cu_k [B+1]`` int64.  Reading the budgets
     back makes this call synchronise with the device once.
     """
+    if cu_seqlens is None:  # else validate() would take the packed [T, D] tensor for one image
+        raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None; "
+                        "for one image or a padded batch call mmrprune.select")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch

@@ -90,7 +90,10 @@ def hybrid_pool_size(n: int, k: int, lam: float) -> int:
     """Candidate pool of the naive hybrid: ``N`` if lam = 0 else ``min(N, max(k, round_half_even(k / lam)))``."""
     if lam == 0:
         return n
-    return min(n, max(k, round_half_even(np.float64(k) / np.float64(lam))))
+    # clamp to N in floating point first: k / lam overflows int64 (or is inf) for tiny lam
+    with np.errstate(over="ignore"):
+        wanted = min(np.float64(n), np.rint(np.float64(k) / np.float64(lam)))
+    return max(k, int(wanted))
 
 
 def d2pruner_pivot_count(k: int, pivot_ratio: float) -> int:

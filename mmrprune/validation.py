@@ -1,8 +1,10 @@
 """Argument checks shared by every backend (docs/contract.md, "Bad input").
 
 Every message names the argument, what was expected and what was received.
-Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan
-runs only with ``check_finite=True``.  Range checks of ``lengths`` /
+Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan,
+and the magnitude checks that keep the norms and the importance normalisation
+from overflowing (:func:`feature_limit`; README, "Size and value limits"), run
+only with ``check_finite=True``.  Range checks of ``lengths`` /
 ``cu_seqlens`` (which keep the kernels' memory accesses in bounds) always run
 on CPU input, where they cost no device sync, and on accelerator input only
 with ``check_finite=True``: with ``check_finite=False`` an accelerator call
@@ -23,6 +25,11 @@ from .reference import D2PRUNER_DEFAULTS, METHODS, budget
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 ORDERS = ("position", "selection")
+# k beyond any token count means "keep every token" (k_b = min(k, N_b)); capping it keeps the
+# int64 arithmetic of the budgets exact for k = 2**63 and beyond
+K_CAP = 2**62
+# d2pruner: a radius beyond any grid side links every pair of tokens; capped to what int64 kernels take
+RADIUS_CAP = 2**31 - 1
 METHOD_PARAMS = {m: {} for m in METHODS}
 METHOD_PARAMS["d2pruner"] = dict(D2PRUNER_DEFAULTS)
 
@@ -36,12 +43,19 @@ class Request:
     order: str
 
 
+DESCRIBE_CHARS = 80  # a message quotes at most this much of a value's repr
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"torch.Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
     if isinstance(x, np.ndarray):
         return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
-    return f"{type(x).__name__} {x!r}"
+    text = repr(x)
+    if len(text) > DESCRIBE_CHARS:  # a list of features would otherwise print whole (~100 KB)
+        size = f", {len(x)} items" if isinstance(x, (list, tuple, dict, set)) else ""
+        text = f"{text[:DESCRIBE_CHARS]}... ({len(text)} characters{size})"
+    return f"{type(x).__name__} {text}"
 
 
 # ---------------------------------------------------------------------------- scalars
@@ -74,7 +88,7 @@ def check_budget(k, keep_ratio) -> tuple[int | None, float | None]:
             raise TypeError(f"k: expected an int >= 1, got {_describe(k)}")
         if k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k}")
-        return int(k), None
+        return min(int(k), K_CAP), None
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
         raise TypeError(f"keep_ratio: expected a float in (0, 1], got {_describe(keep_ratio)}")
     r = float(keep_ratio)
@@ -103,7 +117,7 @@ def check_method_params(method: str, params: dict) -> dict:
         radius = merged["radius"]
         if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
             raise ValueError(f"radius: expected an int >= 0, got {radius!r}")
-        merged["radius"] = int(radius)
+        merged["radius"] = min(int(radius), RADIUS_CAP)
         grid = merged["grid"]
         if grid is not None:
             ok = (isinstance(grid, (tuple, list)) and len(grid) == 2
@@ -118,16 +132,35 @@ def check_method_params(method: str, params: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- tensors
+NUMPY_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _check_dense(t: torch.Tensor, name: str):
+    """Strided tensors with data only: nested, sparse and meta tensors are named, not crashed on."""
+    if t.is_nested:
+        raise TypeError(f"{name}: nested tensors are not supported; pass a padded [B, N, D] tensor with lengths, "
+                        "or a packed [T, D] tensor to select_varlen")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device, which holds no values; pass a CPU or CUDA tensor")
+
+
 def _as_tensor(x, name: str, numpy_in: bool):
+    """A float features/importance argument as a torch tensor (NumPy input: a zero-copy view
+    when it can be one), with its dtype checked under the caller's own dtype names."""
     if isinstance(x, torch.Tensor):
         if numpy_in:
             raise TypeError(f"{name}: features is a numpy array, so {name} must be one too; got {_describe(x)}")
+        _check_dense(x, name)
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
         return x
     if isinstance(x, np.ndarray):
         if not numpy_in:
             raise TypeError(f"{name}: features is a torch.Tensor, so {name} must be one too; got {_describe(x)}")
-        if x.dtype.kind not in "fiub":
-            raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}")
+        if x.dtype.type not in NUMPY_FLOAT_DTYPES:  # numpy has no bfloat16; float128 etc. torch cannot take
+            raise TypeError(f"{name}: expected a float16, float32 or float64 array, got dtype {x.dtype}")
         if not x.flags.writeable or not x.flags.c_contiguous or x.dtype.byteorder == ">":
             x = np.array(x, dtype=x.dtype.newbyteorder("="), copy=True, order="C")
         return torch.from_numpy(x)
@@ -139,18 +172,57 @@ def _check_float(t: torch.Tensor, name: str):
         raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got dtype {t.dtype}")
 
 
-def _check_finite(t: torch.Tensor, name: str):
-    if not bool(torch.isfinite(t).all()):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # as SelectionBatch.compute_dtype
+
+
+def feature_limit(dtype: torch.dtype, dim: int) -> float:
+    """Largest accepted ``|x|`` of features: ``sqrt(max / D) / 2`` of the compute dtype
+    (float64 for float64 input, float32 otherwise), so that ``||x||^2`` cannot overflow
+    (it stays below a quarter of the dtype's maximum).  Cosine similarity does not depend
+    on scale, so larger inputs lose nothing by being divided down before the call."""
+    return math.sqrt(torch.finfo(_compute_dtype(dtype)).max / dim) / 2
+
+
+def _check_values(t: torch.Tensor, name: str, limit: float | None = None):
+    """NaN/Inf (and, with ``limit``, magnitude) scan: one pass, one host sync."""
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # NaN anywhere makes both NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False "
                          "to skip this check (results on non-finite input are then undefined)")
+    big = max(-lo, hi)
+    if limit is not None and big > limit:
+        raise ValueError(f"{name}: largest |value| is {big:.3g}, above the accepted {limit:.3g} "
+                         f"(sqrt(max / D) / 2 of {_compute_dtype(t.dtype)}, D={t.shape[-1]}): the squared norms "
+                         "would overflow; divide the features by a constant first (cosine similarity, and so "
+                         "the selection, does not change)")
+
+
+def _check_importance_span(batch: SelectionBatch):
+    """Per image, ``max w - min w`` must be finite in the compute dtype, or ``Imp`` is NaN."""
+    _, lo, hi = batch._importance_range()
+    span = (hi - lo)[batch.lengths > 0]
+    if not bool(torch.isfinite(span).all()):
+        raise ValueError(f"importance: max - min over an image overflows {batch.compute_dtype} "
+                         f"(largest span {float((hi.double() - lo.double())[batch.lengths > 0].max()):.3g}), "
+                         "so it cannot be normalised; shift or scale the importance first (only its order "
+                         "within each image matters to Imp)")
 
 
 def _index_tensor(x, name: str, numpy_in: bool, device, length: int | None):
     if isinstance(x, (list, tuple)):
-        x = torch.as_tensor(x) if len(x) else torch.zeros(0, dtype=torch.int64)
-    elif isinstance(x, np.ndarray) or isinstance(x, torch.Tensor):
-        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        try:
+            x = torch.as_tensor(x) if len(x) else torch.zeros(0, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"{name}: expected a list of int64 values, got {_describe(x)} ({exc})") from None
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind != "i" or x.dtype.itemsize not in (4, 8):
+            raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {x.dtype}")
+        # native byte order, contiguous and writable: torch takes nothing else without a copy or a warning
+        x = torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="), copy=True, order="C"))
+    elif isinstance(x, torch.Tensor):
+        _check_dense(x, name)
     else:
         raise TypeError(f"{name}: expected an int32/int64 tensor, array or list, got {_describe(x)}")
     if x.dtype not in INDEX_DTYPES:
@@ -183,23 +255,16 @@ def _budgets(lengths: torch.Tensor, k, keep_ratio, n_padded: int | None, lengths
     return ks, width
 
 
-def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, cu_seqlens=None,
-             order="position", check_finite=True, method_params=None) -> Request:
-    """Check every argument and build the :class:`Request` (see docs/contract.md)."""
-    method = check_method(method)
-    order = check_order(order)
-    lam = check_lam(lam)
-    k, keep_ratio = check_budget(k, keep_ratio)
-    params = check_method_params(method, dict(method_params or {}))
+def _check_flag(check_finite) -> bool:
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite: expected a bool, got {_describe(check_finite)}")
+    return check_finite
 
+
+def _features(features, packed: bool):
+    """``(x, numpy_in)``: the features as a tensor, with dtype and shape checked."""
     numpy_in = isinstance(features, np.ndarray)
     x = _as_tensor(features, "features", numpy_in)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"features: expected a float16, bfloat16, float32 or float64 "
-                        f"{'array' if numpy_in else 'tensor'}, got dtype {x.dtype}")
-    packed = cu_seqlens is not None
     if packed:
         if x.ndim != 2:
             raise ValueError(f"features: select_varlen expects packed [T, D] features, got shape {tuple(x.shape)}")
@@ -209,25 +274,84 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
         raise ValueError(f"features: needs at least one token (N >= 1), got shape {tuple(x.shape)}")
     if x.shape[-1] == 0 or (x.ndim == 3 and x.shape[0] == 0):
         raise ValueError(f"features: every dimension must be non-empty, got shape {tuple(x.shape)}")
-    device = x.device
-    # ranges of lengths / cu_seqlens guard the kernels' memory accesses: always checked
-    # where that costs no device sync (CPU); NaN/Inf only when asked (check_finite)
-    check_values = check_finite or device.type == "cpu"
-    check_nan = check_finite
-    # value checks on accelerator input force a host sync: skip them while tracing
-    if torch.compiler.is_compiling():
-        check_values = check_nan = False
+    return x, numpy_in
 
-    w = None
-    if importance is not None:
-        w = _as_tensor(importance, "importance", numpy_in)
-        _check_float(w, "importance")
-        want = tuple(x.shape[:-1])
-        if tuple(w.shape) != want:
-            raise ValueError(f"importance: expected shape {list(want)} to match features {tuple(x.shape)}, "
-                             f"got {tuple(w.shape)}")
-        if w.device != device:
-            raise ValueError(f"importance: on {w.device}, but features are on {device}")
+
+def _importance(importance, x: torch.Tensor, numpy_in: bool):
+    """The importance as a tensor shaped like ``features[..., 0]`` on its device, or None."""
+    if importance is None:
+        return None
+    w = _as_tensor(importance, "importance", numpy_in)
+    _check_float(w, "importance")
+    want = tuple(x.shape[:-1])
+    if tuple(w.shape) != want:
+        raise ValueError(f"importance: expected shape {list(want)} to match features {tuple(x.shape)}, "
+                         f"got {tuple(w.shape)}")
+    if w.device != x.device:
+        raise ValueError(f"importance: on {w.device}, but features are on {x.device}")
+    return w
+
+
+def _value_checks(device: torch.device, check_finite: bool) -> tuple[bool, bool]:
+    """``(check_ranges, check_nan)``: ranges of lengths / cu_seqlens guard the kernels' memory
+    accesses, so they are always checked where that costs no device sync (CPU); NaN/Inf and
+    magnitudes only when asked (check_finite).  Value checks on accelerator input force a host
+    sync: none while tracing."""
+    if torch.compiler.is_compiling():
+        return False, False
+    return check_finite or device.type == "cpu", check_finite
+
+
+def _packed_segments(x, cu_seqlens, numpy_in: bool, check_ranges: bool):
+    """``(lengths, starts)`` of a packed batch from its offsets ``cu_seqlens``."""
+    cu = _index_tensor(cu_seqlens, "cu_seqlens", numpy_in, x.device, None)
+    if cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens: expected [B + 1] entries with B >= 1, got {cu.shape[0]}")
+    if check_ranges:
+        cu_host = cu.cpu()
+        total = x.shape[0]
+        if int(cu_host[0]) != 0 or int(cu_host[-1]) != total or bool((cu_host[1:] < cu_host[:-1]).any()):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={total}, "
+                             f"got {cu_host.tolist() if cu_host.numel() <= 16 else 'a tensor that is not'}")
+    return (cu[1:] - cu[:-1]).contiguous(), cu[:-1].contiguous()
+
+
+def _padded_segments(x, lengths, numpy_in: bool, check_ranges: bool):
+    """``(lengths, starts)`` of a padded ``[B, N, D]`` batch (all N when ``lengths`` is None)."""
+    bsz, n = x.shape[0], x.shape[1]
+    if lengths is None:
+        lens = torch.full((bsz,), n, dtype=torch.int64, device=x.device)
+    else:
+        lens = _index_tensor(lengths, "lengths", numpy_in, x.device, bsz)
+        if check_ranges:
+            lh = lens.cpu()
+            if bool(((lh < 0) | (lh > n)).any()):
+                raise ValueError(f"lengths: expected values in [0, N={n}], got {lh.tolist() if bsz <= 16 else 'out-of-range values'}")
+    return lens, torch.arange(bsz, dtype=torch.int64, device=x.device) * n
+
+
+def _check_grid(params: dict, lens: torch.Tensor):
+    """d2pruner's ``grid=(h, w)`` must cover every non-empty image exactly."""
+    h, gw = params["grid"]
+    bad = [int(v) for v in lens.cpu().tolist() if v > 0 and v != h * gw]
+    if bad:
+        raise ValueError(f"grid: (h, w)={params['grid']} covers {h * gw} tokens, but images have {sorted(set(bad))} valid tokens")
+
+
+def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, cu_seqlens=None,
+             order="position", check_finite=True, method_params=None) -> Request:
+    """Check every argument and build the :class:`Request` (see docs/contract.md)."""
+    method = check_method(method)
+    order = check_order(order)
+    lam = check_lam(lam)
+    k, keep_ratio = check_budget(k, keep_ratio)
+    params = check_method_params(method, dict(method_params or {}))
+    check_finite = _check_flag(check_finite)
+
+    packed = cu_seqlens is not None
+    x, numpy_in = _features(features, packed)
+    w = _importance(importance, x, numpy_in)
+    check_ranges, check_nan = _value_checks(x.device, check_finite)
 
     single = (not packed) and x.ndim == 2
     if single:
@@ -236,45 +360,24 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
         if lengths is not None:
             raise ValueError("lengths: only valid with batched [B, N, D] features")
 
-    n_padded = None
     if packed:
-        cu = _index_tensor(cu_seqlens, "cu_seqlens", numpy_in, device, None)
-        if cu.shape[0] < 2:
-            raise ValueError(f"cu_seqlens: expected [B + 1] entries with B >= 1, got {cu.shape[0]}")
-        if check_values:
-            cu_host = cu.cpu()
-            total = x.shape[0]
-            if int(cu_host[0]) != 0 or int(cu_host[-1]) != total or bool((cu_host[1:] < cu_host[:-1]).any()):
-                raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={total}, "
-                                 f"got {cu_host.tolist() if cu_host.numel() <= 16 else 'a tensor that is not'}")
-        starts = cu[:-1].contiguous()
-        lens = (cu[1:] - cu[:-1]).contiguous()
+        lens, starts = _packed_segments(x, cu_seqlens, numpy_in, check_ranges)
+        n_padded = None
     else:
-        bsz, n = x.shape[0], x.shape[1]
-        n_padded = n
-        if lengths is None:
-            lens = torch.full((bsz,), n, dtype=torch.int64, device=device)
-        else:
-            lens = _index_tensor(lengths, "lengths", numpy_in, device, bsz)
-            if check_values:
-                lh = lens.cpu()
-                if bool(((lh < 0) | (lh > n)).any()):
-                    raise ValueError(f"lengths: expected values in [0, N={n}], got {lh.tolist() if bsz <= 16 else 'out-of-range values'}")
-        starts = torch.arange(bsz, dtype=torch.int64, device=device) * n
+        lens, starts = _padded_segments(x, lengths, numpy_in, check_ranges)
+        n_padded = x.shape[1]
 
     if check_nan:
-        _check_finite(x, "features")
+        _check_values(x, "features", feature_limit(x.dtype, x.shape[-1]))
         if w is not None:
-            _check_finite(w, "importance")
+            _check_values(w, "importance")
 
-    if method == "d2pruner" and params["grid"] is not None and check_values:
-        h, gw = params["grid"]
-        lh = lens.cpu()
-        bad = [int(v) for v in lh.tolist() if v > 0 and v != h * gw]
-        if bad:
-            raise ValueError(f"grid: (h, w)={params['grid']} covers {h * gw} tokens, but images have {sorted(set(bad))} valid tokens")
+    if method == "d2pruner" and params["grid"] is not None and check_ranges:
+        _check_grid(params, lens)
 
     ks, k_max = _budgets(lens, k, keep_ratio, n_padded, lengths is not None)
     batch = SelectionBatch(features=x, weights=w, lengths=lens, starts=starts, ks=ks, k_max=k_max,
                            packed=packed, method=method, lam=lam, params=params)
+    if check_nan and w is not None:
+        _check_importance_span(batch)
     return Request(batch=batch, numpy_in=numpy_in, single_image=single, order=order)

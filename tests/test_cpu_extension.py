@@ -157,8 +157,10 @@ def test_extension_rejects_inconsistent_segments():
         ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), 1, 11,
                         imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
     with pytest.raises(ValueError, match="out of range"):
-        bad_len = torch.tensor([12])
-        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), bad_len.data_ptr(), torch.tensor([2]).data_ptr(),
+        # every tensor whose address is passed stays bound: a temporary's
+        # data_ptr() is freed before the extension reads it (ASan: use-after-free)
+        bad_len, two = torch.tensor([12]), torch.tensor([2])
+        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), bad_len.data_ptr(), two.data_ptr(),
                         1, 11, imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
 
 

@@ -32,7 +32,12 @@ inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 sub
 # ----------------------------------------------------------------------------- parent
 def test_interpreter_suite():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1")
+    import mmrprune
+    # the child runs from tests/: point it at the mmrprune this process imported (a worktree's
+    # in-place build, not whichever checkout is installed)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(mmrprune.__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     here = os.path.abspath(__file__)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-o", "python_functions=inner_*", here],
@@ -192,3 +197,16 @@ def inner_keep_ratio_and_position_order():
     got = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="triton")
     want = mmrprune.select(x, w, keep_ratio=0.25, lengths=lengths, backend="numpy")
     assert torch.equal(got, torch.as_tensor(want))
+
+
+@inner
+def inner_float64_features_beyond_float32_range():
+    """float64 rows far past float32's range (accepted: below float64's norm limit) pick what
+    the unscaled rows pick; converting them straight to float32 gave inf and garbage."""
+    import mmrprune
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(2, 24, 8, generator=g, dtype=torch.float64), torch.rand(2, 24, generator=g, dtype=torch.float64)
+    for method in ("mmr", "dpp", "divprune"):
+        want = mmrprune.select(x, w, k=6, method=method, backend="triton", order="selection")
+        got = mmrprune.select(x * 2.0**300, w, k=6, method=method, backend="triton", order="selection")
+        torch.testing.assert_close(got, want)

@@ -513,8 +513,10 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       break;
     }
     case Method::HYBRID: {
-      // pool = the c most important tokens, c = N if lam = 0 else min(N, max(k, rint(k / lam)))
-      const int64_t c = a.lam == 0.0 ? n : std::min<int64_t>(n, std::max<int64_t>(k, (int64_t)std::nearbyint((double)k / a.lam)));
+      // pool = the c most important tokens, c = N if lam = 0 else min(N, max(k, rint(k / lam))),
+      // clamped to N in double before the conversion: k / lam overflows int64 for tiny lam (UB)
+      const int64_t c = a.lam == 0.0 ? n
+                                     : std::max<int64_t>(k, (int64_t)std::min((double)n, std::nearbyint((double)k / a.lam)));
       importance_order(imp, n, ws.order);
       ws.active.assign(ws.order.begin(), ws.order.begin() + c);
       std::sort(ws.active.begin(), ws.active.end());
@@ -599,9 +601,12 @@ int64_t divprune_first_step(const void* xn, bool f64, int64_t n, int64_t D, int 
 }
 
 void select_batch(const SelectArgs& a) {
+  check(a.batch >= 0 && a.k_max >= 0, "batch and k_max must be >= 0");
+  // an empty output (every image empty, e.g. keep_ratio with all lengths 0) has nothing to
+  // write, and its buffer may have no address at all (data_ptr() of a [B, 0] tensor is 0)
+  if (a.batch == 0 || a.k_max == 0) return;
   check(a.rows && a.importance && a.starts && a.lengths && a.ks && a.out, "null pointer argument");
   check(a.dim >= 1, "dim must be >= 1");
-  check(a.batch >= 0 && a.k_max >= 0, "batch and k_max must be >= 0");
   check((int)a.method >= 0 && (int)a.method <= 6, "unknown method code " + std::to_string((int)a.method));
   check((int)a.dtype >= 0 && (int)a.dtype <= 3, "unknown dtype code " + std::to_string((int)a.dtype));
   check(a.method != Method::DPP || a.quality, "dpp needs the quality array");

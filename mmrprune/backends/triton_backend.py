@@ -48,7 +48,11 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         raise RuntimeError(f"backend 'triton' does not implement method {method!r}")
     x = batch.rows()
     if x.dtype == torch.float64:
-        x = x.to(torch.float32)
+        # float64 input is accepted up to float64's norm limit, far past float32's range: scale
+        # each row by a power of two first (exact, and cosine-neutral: the float32 rows and so
+        # the picks are those of the unscaled input wherever it fits float32), then convert
+        exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True)).exponent.to(x.dtype)  # float: 2.0 ** -e
+        x = torch.ldexp(x, -exponent).to(torch.float32)
     _, _, valid = batch.row_layout()
     n_pad = batch.max_length()                                             # packed input: one host sync
     inf = float("inf")

@@ -1,0 +1,120 @@
+"""Workspace estimate and limit: a call that would need more scratch memory than the
+limit fails up front with the bytes it needs, instead of being OOM-killed half way.
+
+The dominant buffer is DPP's greedy-MAP state, ``N x k`` Cholesky rows per image
+(inherent to the incremental Cholesky): at N = 100,000 and k = 25,000 that is
+10 GB in float32, from a 25 MB input.  Every backend's estimate below counts the
+buffers it allocates beyond the input and the output, per call.
+
+The limit is ``DEFAULT_LIMIT_BYTES`` (4 GiB) unless the environment variable
+``MMRPRUNE_MAX_WORKSPACE`` says otherwise: a byte count with an optional binary
+suffix (``512M``, ``16G``, ``1T``) or ``unlimited``.  It is read at every call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .batch import SelectionBatch
+
+ENV_VAR = "MMRPRUNE_MAX_WORKSPACE"
+DEFAULT_LIMIT_BYTES = 4 << 30
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class WorkspaceLimitError(MemoryError):
+    """The call would need more scratch memory than the workspace limit allows."""
+
+
+def limit_bytes() -> int | None:
+    """The workspace limit in bytes (None: unlimited), from ``MMRPRUNE_MAX_WORKSPACE``."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return DEFAULT_LIMIT_BYTES
+    if raw.lower() == "unlimited":
+        return None
+    text = raw.upper().removesuffix("B").removesuffix("I")
+    suffix = text[-1] if text and text[-1] in _SUFFIX else ""
+    number = text[:-1] if suffix else text
+    try:
+        value = float(number) * _SUFFIX[suffix]
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{ENV_VAR}: expected a positive byte count such as 8589934592, 512M or 16G, "
+                         f"or 'unlimited'; got {raw!r}")
+    return int(value)
+
+
+def _n_max(batch: SelectionBatch) -> int:
+    """Longest image: the padded width, or (packed) the longest segment (the backends read it too)."""
+    if not batch.packed:
+        return int(batch.features.shape[1])
+    return max(1, int(batch.lengths.max().item())) if batch.batch_size else 1
+
+
+def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
+    """Scratch bytes ``backend`` allocates for ``batch`` beyond its input and output (an upper
+    estimate of the large buffers; per-call constants of a few KB are left out)."""
+    method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
+    rows = batch.features.numel() // dim
+    n = _n_max(batch)
+    c = 8 if batch.compute_dtype == torch.float64 else 4       # bytes of the compute dtype
+    if backend == "numpy":       # float64, one image at a time, plus a float64 copy of every row
+        per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
+        if method == "dpp":
+            per_image += k * n * 8
+        elif method == "divprune":
+            per_image += 2 * n * n * 8                     # xh @ xh.T and 1 - it
+        elif method == "d2pruner":
+            per_image += 3 * n * n * 8 + n * n             # sims, near, their sum, the edge mask
+        return rows * dim * 8 + per_image
+    if backend == "cpu":         # per-thread scratch, one image at a time per thread
+        threads = max(1, min(torch.get_num_threads(), bsz))
+        per_image = n * dim * c + 6 * n * 8
+        if method == "dpp":
+            per_image += n * k * c
+        return 2 * rows * c + threads * per_image
+    if backend == "torch":       # batched [B, N] state; the normalised copy [B, N, D] and its transpose
+        padded = bsz * n
+        total = 2 * padded * dim * c + 8 * padded * 8
+        if batch.packed:
+            total += padded * dim * batch.features.element_size()
+        if method == "dpp":
+            total += bsz * k * n * c
+        elif method == "divprune":
+            from .backends.torch_backend import GRAM_CHUNK_BYTES
+            total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
+        return total
+    if backend == "cuda":        # row mode; Gram mode is chosen only under its own cap
+        from .backends.cuda_backend import workspace_bytes
+        return workspace_bytes(method, bsz, rows, dim, k, n)
+    if backend == "triton":      # per-row fp32 state, the fp32 rows of float64 input, dpp's Cholesky rows
+        total = rows * 6 * 4 + (rows * dim * 4 if batch.features.dtype == torch.float64 else 0)
+        if method == "dpp":
+            total += max(k - 1, 1) * rows * 4
+        return total
+    return 0
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def check(backend: str, batch: SelectionBatch) -> None:
+    """Raise :class:`WorkspaceLimitError` when ``backend`` would need more than the limit."""
+    limit = limit_bytes()
+    if limit is None:
+        return
+    need = estimate_bytes(backend, batch)
+    if need > limit:
+        raise WorkspaceLimitError(
+            f"workspace: backend {backend!r} would need about {_human(need)} ({need} bytes) of scratch memory "
+            f"for method {batch.method!r} with B={batch.batch_size}, N={_n_max(batch)}, D={batch.dim}, "
+            f"k={batch.k_max}, above the limit of {_human(limit)} ({limit} bytes); raise the limit with the "
+            f"environment variable {ENV_VAR} (e.g. {ENV_VAR}=32G, or {ENV_VAR}=unlimited), or lower k, "
+            "or split the batch")

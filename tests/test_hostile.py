@@ -1,0 +1,315 @@
+"""Regression tests for the hostile-input defects of issue 17, on every
+(backend, device) pair this machine runs, plus a short run of the seeded
+hostile fuzz (the sanitizer job, .ci/sanitize.sh, runs a longer one)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmrprune
+from mmrprune import reference as R
+
+METHODS = R.METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_image_empty_gives_empty_width(backend_device, method):
+    """keep_ratio with every length 0: output [B, 0] (the cpu extension once got a null pointer)."""
+    bd = backend_device
+    bd.require(method)
+    x, w = bd.tensor(torch.randn(2, 16, 8)), bd.tensor(torch.rand(2, 16))
+    params = {"alpha": 1.0} if method == "d2pruner" else {}
+    out = bd.select(x, w, keep_ratio=0.5, lengths=bd.tensor(torch.tensor([0, 0])), method=method, **params)
+    assert out.shape == (2, 0) and out.dtype == torch.int64
+    kept, idx = mmrprune.prune(x, w, keep_ratio=0.5, lengths=bd.tensor(torch.tensor([0, 0])), method=method,
+                               backend=bd.name, **params)
+    assert kept.shape == (2, 0, 8) and idx.shape == (2, 0)
+
+
+@pytest.mark.parametrize("lam", [1e-19, 1e-300, 5e-324, 1e-3])
+def test_hybrid_tiny_lam_pools_the_whole_image(backend_device, lam):
+    """k / lam beyond int64 (or inf) must clamp the pool to N, as the reference does: FPS over
+    the whole image, not top-k (the pool size once overflowed on cpu, torch and in C++)."""
+    bd = backend_device
+    bd.require("hybrid")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.rand(64, generator=g, dtype=torch.float64)
+    assert R.hybrid_pool_size(64, 10, lam) == 64
+    want = R.select_hybrid(x.numpy(), w.numpy(), 10, lam)
+    got = bd.select(bd.tensor(x), bd.tensor(w), k=10, method="hybrid", lam=lam, order="selection")
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
+    # and it is FPS over the whole image, which top-k is not here
+    np.testing.assert_array_equal(want, R.select_hybrid(x.numpy(), w.numpy(), 10, 0.0))
+    assert set(want.tolist()) != set(R.select_topk(x.numpy(), w.numpy(), 10).tolist())
+
+
+def test_hybrid_pool_size_reference():
+    assert R.hybrid_pool_size(100, 10, 0.5) == 20
+    assert R.hybrid_pool_size(100, 10, 1.0) == 10
+    assert R.hybrid_pool_size(100, 10, 0.0) == 100
+    assert R.hybrid_pool_size(100, 10, 5e-324) == 100   # k / lam = inf
+
+
+@pytest.mark.parametrize("lam", [1e-19, 5e-324, 0.25])
+def test_hybrid_pool_of_gpu_backends_clamps_before_converting(lam):
+    """The cuda, triton and torch backends build the pool with torch ops (prepare.py) on the
+    host side of the call: check it on CPU tensors against the reference's pool."""
+    from mmrprune.prepare import hybrid_pool_rows
+    from mmrprune.validation import validate
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 50, 4, generator=g), torch.rand(2, 50, generator=g)
+    lengths = torch.tensor([50, 31])
+    batch = validate(x, w, k=4, keep_ratio=None, lam=lam, method="hybrid", lengths=lengths).batch
+    want = []
+    for b, n in enumerate(lengths.tolist()):
+        c = R.hybrid_pool_size(n, 4, lam)
+        ranked = np.argsort(-R.normalized_importance(w[b, :n].double().numpy(), n), kind="stable")
+        mask = np.zeros(50, dtype=bool)
+        mask[ranked[:c]] = True
+        want.append(mask)
+    want = np.concatenate(want)
+    np.testing.assert_array_equal(hybrid_pool_rows(batch).numpy(), want)
+
+
+def test_select_varlen_requires_cu_seqlens():
+    x, w = torch.randn(10, 4), torch.rand(10)
+    with pytest.raises(TypeError, match=r"cu_seqlens: select_varlen needs .* got None"):
+        mmrprune.select_varlen(x, w, None, k=3)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        mmrprune.select_varlen(x.numpy(), w.numpy(), None, k=3)
+
+
+# ---------------------------------------------------------------------------- large values (item 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_features_whose_norm_would_overflow_are_rejected(dtype):
+    from mmrprune.validation import feature_limit
+    d = 64
+    limit = feature_limit(dtype, d)
+    assert limit == pytest.approx(np.sqrt(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+                                          / d) / 2)
+    x = torch.randn(32, d, dtype=torch.float64)
+    x[3, 5] = 2.0 * limit
+    with pytest.raises(ValueError, match=r"features: largest \|value\| is .* above the accepted .* divide"):
+        mmrprune.select(x.to(dtype), torch.rand(32), k=4)
+    with pytest.raises(ValueError, match=r"features: largest \|value\|"):
+        mmrprune.select(x.to(dtype).numpy() if dtype != torch.bfloat16 else x.float().numpy(), None, k=4)
+
+
+def test_the_issue_reproducer_is_rejected_not_degraded():
+    """|x| ~ 4e18 in float32 used to normalise to zero rows (MMR became top-k, DPP index order)."""
+    x = torch.randn(64, 64) * 4e18
+    for method in ("mmr", "dpp"):
+        with pytest.raises(ValueError, match="features: largest"):
+            mmrprune.select(x, torch.rand(64), k=8, method=method)
+
+
+@pytest.mark.parametrize("method", ["mmr", "dpp", "fps", "divprune"])
+def test_large_features_below_the_limit_match_unscaled(backend_device, method):
+    """Near the limit (scaled by 2**58, exactly, so the normalised rows have the same bits),
+    every backend picks what it picks unscaled, and float64 picks match the reference."""
+    bd = backend_device
+    bd.require(method)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.rand(40, generator=g, dtype=torch.float64)
+    big = x * 2.0**58
+    for dtype in (torch.float64, torch.float32):
+        a = bd.select(bd.tensor(big, dtype), bd.tensor(w, dtype), k=10, method=method, order="selection")
+        b = bd.select(bd.tensor(x, dtype), bd.tensor(w, dtype), k=10, method=method, order="selection")
+        np.testing.assert_array_equal(a.cpu().numpy(), b.cpu().numpy())
+    got64 = bd.select(bd.tensor(big), bd.tensor(w), k=10, method=method, order="selection")
+    np.testing.assert_array_equal(got64.cpu().numpy(), R.select_one(big.numpy(), w.numpy(), 10, method))
+
+
+def test_importance_whose_span_overflows_is_rejected():
+    x = torch.randn(16, 8)
+    w = torch.tensor([-3e38, 3e38] * 8)
+    with pytest.raises(ValueError, match=r"importance: max - min over an image overflows torch.float32"):
+        mmrprune.select(x, w, k=4)
+    w64 = torch.tensor([-1.5e308, 1.5e308] * 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"importance: max - min over an image overflows torch.float64"):
+        mmrprune.select(x.double(), w64, k=4)
+
+
+def test_importance_span_is_checked_per_image(backend_device):
+    """Two images whose spans are each finite in float32 are accepted, even though the batch's
+    overall span is not, and every backend agrees with the reference."""
+    bd = backend_device
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, 8, generator=g)
+    w = torch.rand(2, 20, generator=g) * 3e38
+    w[1] = -w[1]
+    out = bd.select(bd.tensor(x), bd.tensor(w), k=5, method="mmr", order="selection").cpu().numpy()
+    for b in range(2):
+        want = R.select_mmr(x[b].double().numpy(), w[b].double().numpy(), 5)
+        np.testing.assert_array_equal(out[b], want)
+
+
+# ---------------------------------------------------------------------------- messages (item 6)
+def test_huge_radius_is_capped_not_crashed(backend_device):
+    bd = backend_device
+    bd.require("d2pruner")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(16, 8, generator=g), torch.rand(16, generator=g)
+    kw = dict(k=6, method="d2pruner", alpha=0.5, grid=(4, 4), order="selection")
+    want = bd.select(bd.tensor(x), bd.tensor(w), radius=1000, **kw).cpu()
+    for radius in (2**40, 2**63, 2**70):
+        torch.testing.assert_close(bd.select(bd.tensor(x), bd.tensor(w), radius=radius, **kw).cpu(), want)
+
+
+def test_huge_k_means_every_token(backend_device):
+    bd = backend_device
+    x, w = bd.tensor(torch.randn(2, 12, 4)), bd.tensor(torch.rand(2, 12))
+    want = bd.select(x, w, k=12, lengths=bd.tensor(torch.tensor([12, 5])))
+    for k in (2**63 - 1, 2**63, 2**64, 10**30):
+        torch.testing.assert_close(bd.select(x, w, k=k, lengths=bd.tensor(torch.tensor([12, 5]))), want)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.longdouble, np.complex64])
+def test_numpy_dtypes_are_named_as_numpy(dtype):
+    x = np.ones((8, 4), dtype=dtype)
+    with pytest.raises(TypeError, match=rf"features: expected a float16, float32 or float64 array, got dtype "
+                                        rf"{np.dtype(dtype).name}") as info:
+        mmrprune.select(x, None, k=3)
+    assert "torch" not in str(info.value) and "bfloat16" not in str(info.value)
+    with pytest.raises(TypeError, match=rf"importance: expected .* array, got dtype {np.dtype(dtype).name}"):
+        mmrprune.select(np.ones((8, 4), np.float32), np.ones(8, dtype=dtype), k=3)
+
+
+def test_big_endian_and_read_only_numpy_indices():
+    g = np.random.default_rng(6)
+    x, w = g.standard_normal((2, 16, 8)).astype(np.float32), g.random((2, 16)).astype(np.float32)
+    want = mmrprune.select(x, w, k=3, lengths=np.array([3, 16]))
+    ro = np.array([3, 16])
+    ro.flags.writeable = False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about non-writable arrays it is given
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=ro), want)
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=">i8")), want)
+        np.testing.assert_array_equal(mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=">i4")), want)
+        packed = x.reshape(32, 8)
+        cu = np.array([0, 16, 32])
+        flat, cu_k = mmrprune.select_varlen(packed, w.reshape(32), cu, k=3)
+        for cu_other in (cu.astype(">i8"), cu.astype(">i4")):
+            got = mmrprune.select_varlen(packed, w.reshape(32), cu_other, k=3)
+            np.testing.assert_array_equal(got[0], flat)
+            np.testing.assert_array_equal(got[1], cu_k)
+    with pytest.raises(TypeError, match="lengths: expected an int32 or int64 array, got dtype uint8"):
+        mmrprune.select(x, w, k=3, lengths=np.array([3, 16], dtype=np.uint8))
+
+
+def test_sparse_nested_and_meta_tensors_are_named():
+    import warnings
+    x, w = torch.randn(16, 8), torch.rand(16)
+    with pytest.raises(TypeError, match=r"features: expected a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        mmrprune.select(x.to_sparse(), w, k=3)
+    with pytest.raises(TypeError, match=r"importance: expected a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        mmrprune.select(x, w.to_sparse(), k=3, method="topk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "nested tensors are a prototype" warning
+        nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)])
+    with pytest.raises(TypeError, match="features: nested tensors are not supported"):
+        mmrprune.select(nested, None, k=3)
+    with pytest.raises(TypeError, match=r"lengths: expected a dense \(strided\) tensor"):
+        mmrprune.select(torch.randn(2, 16, 8), None, k=3, lengths=torch.tensor([3, 16]).to_sparse())
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="features: is on the meta device"):
+            mmrprune.select(torch.empty(16, 8, device="meta"), None, k=3, check_finite=check_finite)
+
+
+def test_huge_list_is_not_printed_whole():
+    x = torch.randn(400, 64).tolist()
+    with pytest.raises(TypeError, match=r"features: expected a torch.Tensor or numpy.ndarray, got list \[\[") as info:
+        mmrprune.select(x, None, k=3)
+    assert len(str(info.value)) < 300 and "400 items" in str(info.value)
+    with pytest.raises(TypeError, match=r"lengths: expected a list of int64 values"):
+        mmrprune.select(torch.randn(2, 16, 8), None, k=3, lengths=[2**70, 1])
+
+
+# ---------------------------------------------------------------------------- workspace (item 5)
+def test_dpp_workspace_past_the_limit_fails_up_front(backend_device, monkeypatch):
+    """N = 100,000, D = 64, k = 25,000: dpp's N x k Cholesky rows are ~10 GB (float32); the call
+    must fail before allocating, with the bytes and the way out."""
+    from mmrprune import workspace
+    monkeypatch.delenv(workspace.ENV_VAR, raising=False)
+    bd = backend_device
+    x = bd.tensor(torch.randn(100_000, 64))
+    with pytest.raises(workspace.WorkspaceLimitError,
+                       match=r"workspace: backend .* would need about .* GiB \(\d+ bytes\) .* 'dpp' .* "
+                             r"MMRPRUNE_MAX_WORKSPACE") as info:
+        bd.select(x, None, k=25_000, method="dpp")
+    need = int(str(info.value).split("(")[1].split(" bytes")[0])
+    assert need >= 100_000 * 25_000 * 4            # the Cholesky rows alone
+    assert isinstance(info.value, MemoryError)
+
+
+def test_workspace_limit_from_the_environment(monkeypatch):
+    from mmrprune import workspace
+    x, w = torch.randn(64, 16), torch.rand(64)
+    monkeypatch.setenv(workspace.ENV_VAR, "1K")
+    for backend in ("torch", "numpy"):
+        with pytest.raises(workspace.WorkspaceLimitError, match=r"above the limit of 1.0 KiB \(1024 bytes\)"):
+            mmrprune.select(x, w, k=8, method="dpp", backend=backend)
+    monkeypatch.setenv(workspace.ENV_VAR, "unlimited")
+    assert mmrprune.select(x, w, k=8, method="dpp", backend="torch").shape == (8,)
+    monkeypatch.setenv(workspace.ENV_VAR, "16G")
+    assert workspace.limit_bytes() == 16 << 30
+    monkeypatch.setenv(workspace.ENV_VAR, "lots")
+    with pytest.raises(ValueError, match="MMRPRUNE_MAX_WORKSPACE: expected a positive byte count"):
+        mmrprune.select(x, w, k=8)
+    monkeypatch.delenv(workspace.ENV_VAR)
+    assert workspace.limit_bytes() == workspace.DEFAULT_LIMIT_BYTES
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "numpy"])
+def test_workspace_estimate_covers_the_measured_peak(backend):
+    """The estimate is an upper bound of the memory the call really takes (peak resident-size
+    growth of a fresh process, sampled while it runs), and not wildly above it."""
+    import json
+    import subprocess
+    import sys
+    from mmrprune import dispatch
+    if not dispatch.status(backend)[0]:
+        pytest.skip(f"backend {backend!r} not available: {dispatch.status(backend)[1]}")
+    code = f"""
+import json, os, threading, time, torch, mmrprune
+from mmrprune import workspace
+from mmrprune.validation import validate
+torch.set_num_threads(1)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+x = torch.randn(20000, 160)   # D > k: the DPP never runs out of rank, every Cholesky row is written
+mmrprune.select(x[:64], None, k=4, method="dpp", backend={backend!r})   # warm-up: code paths, allocator
+peak, done = [0], threading.Event()
+def sample():                  # the peak resident size while the call runs (it releases the GIL)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+base = rss()
+t = threading.Thread(target=sample)
+t.start()
+mmrprune.select(x, None, k=150, method="dpp", backend={backend!r})
+done.set()
+t.join()
+req = validate(x, None, k=150, keep_ratio=None, lam=0.5, method="dpp")
+print(json.dumps({{"grew": peak[0] - base, "estimate": workspace.estimate_bytes({backend!r}, req.batch)}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["grew"] <= got["estimate"] * 1.1 + (8 << 20), got
+    assert got["estimate"] <= 4 * got["grew"] + (16 << 20), got
+
+
+def test_hostile_fuzz_short():
+    """A short run of the seeded fuzz the sanitizer job runs at length (.ci/sanitize.sh)."""
+    from mmrprune import dispatch
+    if not dispatch.status("cpu")[0]:
+        pytest.skip("the cpu backend is not built: python setup.py build_ext --inplace")
+    import hostile_fuzz
+    counts = hostile_fuzz.run(seed=17, cases=60)
+    assert sum(counts.values()) == 60
+    assert counts.get("rejected", 0) < 30, counts   # most cases must run, not just be rejected
