@@ -84,7 +84,7 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
         if method == "dpp":
             total += bsz * k * n * c
         elif method == "divprune":
-            from .backends.torch_backend import GRAM_CHUNK_BYTES
+            from .prepare import GRAM_CHUNK_BYTES
             total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
         return total
     if backend == "cuda":        # row mode; Gram mode is chosen only under its own cap

@@ -1,4 +1,4 @@
-"""Imports stay one-way: api -> dispatch -> backends -> prepare/validation -> batch -> reference.
+"""Imports stay one-way: api -> dispatch/workspace -> backends -> prepare/validation -> batch -> reference.
 
 The check parses every module's source (imports inside functions included) without
 importing anything, so it also covers backends whose dependencies are not installed.
@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {
     "mmrprune.api": 5,
     "mmrprune.dispatch": 4,
+    "mmrprune.workspace": 4,         # per-backend workspace estimates, checked by api before dispatch
     "mmrprune.backends": 3,          # the package and every backend module in it
     "mmrprune.ops": 3,               # op registration, used by the backends and the Triton kernels
     "mmrprune.triton_kernels": 3,
