@@ -19,9 +19,9 @@ Tasks:
   ``bench/train_probe.py``); pruned accuracy and its share of the unpruned
   accuracy, with paired bootstrap standard errors over the test images.
 * **Photos** (scikit-image, label-free): cosine of pruned vs unpruned [CLS], and
-  crop retrieval R@1: each photo gives 5 crops (its 4 quadrants and the centre,
-  half the side each); a pruned crop's nearest unpruned crop (cosine, itself
-  excluded) must come from the same photo.
+  crop retrieval R@1: each photo gives 4 crops (the quadrants of its centre
+  square, which do not overlap); a pruned crop's nearest unpruned crop (cosine,
+  itself excluded) must come from the same photo.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ PROBE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "fmnist_probe_dinov2_vits14_224.npz")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
           "immunohistochemistry", "retina", "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
-CROPS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
+CROPS = ("top-left", "top-right", "bottom-left", "bottom-right")
 PRUNE_LAYERS = (3, 6, 9)
 BUDGETS = (64, 32, 16)
 RANDOM_SEED = 0
@@ -76,9 +76,9 @@ class Method:
 def default_methods(grid=(SIDE // 14, SIDE // 14)) -> list:
     """Every selector at its documented defaults (not tuned here), mmr's lam sweep, and two baselines."""
     return [Method("topk", "topk"),
-            Method("mmr lam=0.2", "mmr", (("lam", 0.2),)),
-            Method("mmr lam=0.5", "mmr", (("lam", 0.5),)),
-            Method("mmr lam=0.8", "mmr", (("lam", 0.8),)),
+            Method("mmr-0.2", "mmr", (("lam", 0.2),)),
+            Method("mmr-0.5", "mmr", (("lam", 0.5),)),
+            Method("mmr-0.8", "mmr", (("lam", 0.8),)),
             Method("divprune", "divprune"),
             Method("fps", "fps"),
             Method("hybrid", "hybrid"),
@@ -137,12 +137,16 @@ def prefix(model: ViTS14, images: torch.Tensor, layers: Sequence[int]):
     return cls, {p: (saved[p], saved[("imp", p)]) for p in layers}
 
 
-def finish(model: ViTS14, hidden: torch.Tensor, idx: torch.Tensor, layer: int) -> torch.Tensor:
-    """[CLS] + kept patches ``idx [B, k]`` of the block-``layer`` input, through the remaining
-    blocks and the final LayerNorm. Returns the [CLS] output ``[B, D]``."""
-    d = hidden.shape[-1]
-    kept = hidden[:, 1:].gather(1, idx.to(torch.int64).unsqueeze(-1).expand(-1, -1, d))
-    h = torch.cat([hidden[:, :1], kept], dim=1)
+def finish(model: ViTS14, hidden: torch.Tensor, idx: torch.Tensor, layer: int,
+           image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[CLS] + kept patches ``idx [R, k]`` of the block-``layer`` input ``hidden [B, 1+N, D]`` (row r
+    from image ``image[r]``, default r), through the remaining blocks and the final LayerNorm.
+    Returns the [CLS] outputs ``[R, D]``."""
+    if image is None:
+        image = torch.arange(hidden.shape[0])
+    idx = idx.to(torch.int64)
+    image = image.to(torch.int64)
+    h = torch.cat([hidden[image, :1], hidden[image[:, None], idx + 1]], dim=1)
     for i in range(layer, DEPTH):
         h, _ = model.block(i, h, cls_only=(i == DEPTH - 1))
     return model.norm(h[:, 0]).float()
@@ -164,7 +168,7 @@ def encode(model: ViTS14, images: torch.Tensor, methods: Sequence[Method], layer
                 image = torch.arange(hidden.shape[0]).repeat(len(methods))
                 rows, inverse = torch.unique(torch.cat([image[:, None], idx], dim=1), dim=0,
                                              return_inverse=True)
-                done = finish(model, hidden[rows[:, 0]], rows[:, 1:], p)[inverse]
+                done = finish(model, hidden, rows[:, 1:], p, image=rows[:, 0])[inverse]
                 for m, part in zip(methods, done.split(hidden.shape[0])):
                     out[(m.name, p, k)] = part
     return cls, out
@@ -200,9 +204,9 @@ def fmnist_input(images: np.ndarray) -> torch.Tensor:
     return ViTS14.preprocess(x.expand(-1, 3, -1, -1))
 
 
-def photo_crops() -> tuple:
-    """``(inputs [15 * 5, 3, 224, 224], photo id per crop, names)``: the 4 quadrants and the centre of
-    each photo's centre square, half its side each, PIL-bicubic resized to 224 px."""
+def photo_crops(photos: Sequence[str] = PHOTOS) -> tuple:
+    """``(inputs [4 * len(photos), 3, 224, 224], photo id per crop)``: the 4 quadrants of each photo's
+    centre square, PIL-bicubic resized to 224 px."""
     try:
         import skimage.data
         from PIL import Image
@@ -210,7 +214,7 @@ def photo_crops() -> tuple:
         raise MissingData(f"the photo task needs scikit-image and pillow: `pip install scikit-image pillow` "
                           f"({exc})") from exc
     crops, owner = [], []
-    for pid, name in enumerate(PHOTOS):
+    for pid, name in enumerate(photos):
         img = getattr(skimage.data, name)()
         if isinstance(img, tuple):     # stereo_motorcycle -> (left, right, disparity)
             img = img[0]
@@ -221,12 +225,12 @@ def photo_crops() -> tuple:
         top, left = (h - s) // 2, (w - s) // 2
         sq = img[top:top + s, left:left + s]
         half = s // 2
-        for y, x in ((0, 0), (0, s - half), (s - half, 0), (s - half, s - half), ((s - half) // 2, (s - half) // 2)):
+        for y, x in ((0, 0), (0, s - half), (s - half, 0), (s - half, s - half)):
             patch = Image.fromarray(np.ascontiguousarray(sq[y:y + half, x:x + half]))
             crops.append(np.asarray(patch.resize((SIDE, SIDE), Image.BICUBIC), dtype=np.float32) / 255.0)
             owner.append(pid)
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
-    return ViTS14.preprocess(x), np.array(owner), list(PHOTOS)
+    return ViTS14.preprocess(x), np.array(owner)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -285,7 +289,7 @@ class DownstreamConfig:
     methods: Sequence[Method] = field(default_factory=default_methods)
     batch: int = 50
     dtype: str = "bfloat16"
-    photos: bool = True
+    photos: Sequence[str] = PHOTOS
     fmnist_dir: Optional[str] = None
     bootstrap: int = BOOTSTRAP
 
@@ -357,7 +361,7 @@ def run_downstream(cfg: DownstreamConfig, env: dict, progress: Optional[Callable
         records.append(_record(env, m, layer, k, "fashion-mnist", "accuracy_retained", ret, se, n, **common))
 
     if cfg.photos:
-        inputs, owner, _ = photo_crops()
+        inputs, owner = photo_crops(cfg.photos)
         full, pruned = _run_batches(model, inputs, cfg, "photos", progress)
         boot = bootstrap_indices(len(owner), cfg.bootstrap, seed=1)
         hits, se = mean_and_se(retrieval_hits(full, full, owner), boot)
@@ -369,3 +373,161 @@ def run_downstream(cfg: DownstreamConfig, env: dict, progress: Optional[Callable
             c, se = mean_and_se(cosine(cls, full), boot)
             records.append(_record(env, m, layer, k, "photos", "cls_cosine", c, se, len(owner), **common))
     return records
+
+
+# --------------------------------------------------------------------------- tables
+def _cell(r: dict, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{r['value'] * scale:.{digits}f} ± {r['stderr'] * scale:.{digits}f}"
+
+
+def summary_table(records: list, task: str, metric: str, scale: float = 1.0, digits: int = 1) -> str:
+    """Markdown table: one row per method, one column per (P, k)."""
+    rows = [r for r in records if r["task"] == task and r["metric"] == metric and r["P"] is not None]
+    if not rows:
+        return ""
+    cols = sorted({(r["P"], r["k"]) for r in rows}, key=lambda c: (c[0], -c[1]))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    at = {(r["method"], r["P"], r["k"]): r for r in rows}
+    best = {c: max(at[(m, *c)]["value"] for m in methods if (m, *c) in at) for c in cols}
+    lines = ["| method | " + " | ".join(f"P={p} k={k}" for p, k in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for c in cols:
+            r = at.get((m, *c))
+            if r is None:
+                cells.append("-")
+                continue
+            text = _cell(r, scale, digits)
+            cells.append(f"**{text}**" if r["value"] == best[c] else text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_downstream(records: list) -> str:
+    out = []
+    for r in records:
+        if r["method"] == "unpruned":
+            scale = 100.0 if r["metric"] in ("accuracy", "crop_R@1") else 1.0
+            out.append(f"unpruned {r['task']} {r['metric']}: {_cell(r, scale, 2)} (n={r['n']})")
+    for task, metric, scale, digits, title in (
+            ("fashion-mnist", "accuracy_retained", 100.0, 1, "Fashion-MNIST accuracy retained, % of unpruned"),
+            ("fashion-mnist", "accuracy", 100.0, 1, "Fashion-MNIST accuracy, %"),
+            ("photos", "cls_cosine", 1.0, 3, "photos: cosine of pruned vs unpruned [CLS]"),
+            ("photos", "crop_R@1", 100.0, 0, "photos: crop retrieval R@1, %")):
+        table = summary_table(records, task, metric, scale, digits)
+        if table:
+            out += ["", f"{title} (± bootstrap standard error; best per column in bold)", table]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- command line
+QUICK = {"test_images": 24, "layers": (6,), "budgets": (32,), "photos": PHOTOS[:3], "batch": 24}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: {QUICK['test_images']} test images, P=6, k=32, "
+                        f"{len(QUICK['photos'])} photos (the tests use it); writes files only with --out-dir")
+    p.add_argument("--test-images", type=int, help="Fashion-MNIST test images (default 1000, --quick 24)")
+    p.add_argument("--layers", help="comma list of pruning layers P in 1..11 (default 3,6,9)")
+    p.add_argument("--budgets", help="comma list of kept patches k in 1..256 (default 64,32,16)")
+    p.add_argument("--methods", help="comma list of method names (default all: "
+                                     + ",".join(m.name for m in default_methods()) + ")")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="matmul dtype of the model (default bfloat16, about 2x faster on CPU than float32)")
+    p.add_argument("--batch", type=int, help="images per forward (default 50)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--fmnist-dir", help=f"folder of the Fashion-MNIST *-ubyte.gz files (default {FMNIST_DIR} "
+                                        "or $MMRPRUNE_FMNIST_DIR)")
+    p.add_argument("--no-photos", action="store_true", help="skip the photo task")
+    p.add_argument("--out-dir", help="writes downstream.json and downstream.csv here (full run default: "
+                                     "bench/results)")
+    p.add_argument("--plot", help="accuracy-retained figure (full run default: bench/figures/downstream.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _ints_in(text: str, name: str, lo: int, hi: int, parser) -> tuple:
+    try:
+        vals = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        parser.error(f"--{name}: expected a comma list of integers, got {text!r}")
+    if not vals or any(not lo <= v <= hi for v in vals):
+        parser.error(f"--{name}: expected integers in {lo}..{hi}, got {text!r}")
+    return vals
+
+
+def config_from_args(args, parser) -> DownstreamConfig:
+    cfg = DownstreamConfig()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(cfg, key, value)
+    if args.test_images is not None:
+        if args.test_images < 2:
+            parser.error("--test-images must be >= 2")
+        cfg.test_images = args.test_images
+    if args.layers:
+        cfg.layers = _ints_in(args.layers, "layers", 1, DEPTH - 1, parser)
+    if args.budgets:
+        cfg.budgets = _ints_in(args.budgets, "budgets", 1, (SIDE // 14) ** 2, parser)
+    if args.methods:
+        known = {m.name: m for m in default_methods()}
+        names = [t.strip() for t in args.methods.split(",") if t.strip()]
+        bad = [t for t in names if t not in known]
+        if bad or not names:
+            parser.error(f"--methods: unknown {bad}; choose from {list(known)}")
+        cfg.methods = [known[t] for t in names]
+    if args.batch is not None:
+        if args.batch < 1:
+            parser.error("--batch must be >= 1")
+        cfg.batch = args.batch
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    cfg.dtype = args.dtype
+    cfg.fmnist_dir = args.fmnist_dir
+    if args.no_photos:
+        cfg.photos = ()
+    return cfg
+
+
+def run_cli(args, argv, parser) -> int:
+    import sys
+
+    from .records import environment, write_csv, write_json
+    cfg = config_from_args(args, parser)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        check_inputs(cfg)
+    except MissingData as exc:
+        print(f"downstream: cannot run:\n{exc}", file=sys.stderr)
+        return 2
+    env = environment("cpu", argv)
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"downstream: {cfg.test_images} Fashion-MNIST test images, {len(cfg.photos)} photos x {len(CROPS)} crops, "
+          f"P={list(cfg.layers)}, k={list(cfg.budgets)}, {len(cfg.methods)} methods, {cfg.dtype}, "
+          f"{torch.get_num_threads()} threads, commit {env['commit']}", flush=True)
+    t0 = time.perf_counter()
+    records = run_downstream(cfg, env, progress)
+    wall = time.perf_counter() - t0
+    for r in records:
+        r["wall_s"] = round(wall, 1)
+    print(format_downstream(records))
+    print(f"downstream run: {wall:.0f} s")
+    out_dir, plot = args.out_dir, args.plot
+    if not args.quick:
+        out_dir = out_dir or "bench/results"
+        plot = plot or "bench/figures/downstream.png"
+    if out_dir:
+        fields = ("task", "method", "params", "P", "k", "metric", "value", "stderr", "n", "commit", "command")
+        write_json(os.path.join(out_dir, "downstream.json"), records)
+        write_csv(os.path.join(out_dir, "downstream.csv"), records, fields)
+        print(f"wrote {out_dir}/downstream.json and downstream.csv")
+    if plot:
+        from .plotting import PlotUnavailable, plot_downstream
+        try:
+            plot_downstream(records, plot)
+            print(f"wrote {plot}")
+        except PlotUnavailable as exc:
+            print(f"no plot: {exc}", file=sys.stderr)
+            return 1
+    return 0
