@@ -83,7 +83,7 @@ def main():
                   f"python {platform.python_version()}; commit {git_commit()}; command: {cmd}")
     np.savez_compressed(args.out, weight=weight.astype(np.float32), bias=bias.astype(np.float32),
                         mean=mean.astype(np.float32), std=std.astype(np.float32),
-                        train_rows=order.astype(np.int32), provenance=np.array(provenance))
+                        provenance=np.array(provenance))
     print(f"train accuracy {train_acc:.4f}; {time.perf_counter() - t0:.0f} s; wrote {args.out} "
           f"({os.path.getsize(args.out) / 1e3:.1f} KB)")
 
