@@ -11,24 +11,19 @@ from mmrprune.bench import cli, dinov2
 from mmrprune.bench import downstream as ds
 
 
-def _missing_model():
+def _why_missing(check, error):
+    """The install hint ``check()`` raises as ``error``, or None when the thing is there."""
     try:
-        dinov2.onnx_path()
-    except dinov2.MissingModel as exc:
+        check()
+    except error as exc:
         return str(exc)
     return None
 
 
-def _missing_fmnist():
-    try:
-        ds.fmnist_dir()
-    except ds.MissingData as exc:
-        return str(exc)
-    return None
-
-
-needs_model = pytest.mark.skipif(_missing_model() is not None, reason=str(_missing_model()))
-needs_fmnist = pytest.mark.skipif(_missing_fmnist() is not None, reason=str(_missing_fmnist()))
+MISSING_MODEL = _why_missing(dinov2.onnx_path, dinov2.MissingModel)
+MISSING_FMNIST = _why_missing(ds.fmnist_dir, ds.MissingData)
+needs_model = pytest.mark.skipif(MISSING_MODEL is not None, reason=str(MISSING_MODEL))
+needs_fmnist = pytest.mark.skipif(MISSING_FMNIST is not None, reason=str(MISSING_FMNIST))
 
 
 @pytest.fixture(scope="module")
