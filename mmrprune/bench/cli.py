@@ -4,6 +4,7 @@
                                          #   mmr/divprune/topk on every backend this machine has
     mmrprune-bench speed --preset llava,qwen1080p --dtype bfloat16 --json out.json --plot out.png
     mmrprune-bench quality               # IDPruner Sec. 3 retention-vs-Hopkins on the real tokens
+    mmrprune-bench downstream            # accuracy a real ViT keeps when pruned inside (see downstream.py)
 
 Unavailable backends (not built, no GPU, method not implemented) are listed as
 ``skipped: ...`` lines; nothing a backend raises escapes as a traceback.
@@ -18,7 +19,7 @@ import torch
 
 from ..reference import METHODS
 
-SUBCOMMANDS = ("speed", "quality")
+SUBCOMMANDS = ("speed", "quality", "downstream")
 
 
 def _csv_list(kind, choices=None):
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--no-figure", action="store_true", help="skip the token-mask figure")
     qp.add_argument("--mask-lam", type=float, default=0.5, help="mmr lam of the token-mask figure (default 0.5)")
     qp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    from . import downstream
+    downstream.add_arguments(sub.add_parser(
+        "downstream", help="task accuracy kept when pruning inside DINOv2 ViT-S/14 (Fashion-MNIST probe, photos)",
+        description=downstream.__doc__.split("\n\n")[0]))
     return parser
 
 
@@ -143,6 +149,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(_argv_with_default(raw))
     if args.command == "quality":
         return _quality(args, argv, parser)
+    if args.command == "downstream":
+        from . import downstream
+        return downstream.run_cli(args, argv, parser)
     return _speed(args, argv, parser)
 
 

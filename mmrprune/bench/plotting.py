@@ -122,3 +122,37 @@ def plot_token_masks(result: dict, path: str) -> None:
     fig.tight_layout()
     _save(fig, path, dpi=DPI_MASKS)
     plt.close(fig)
+
+
+def plot_downstream(records: list, path: str) -> None:
+    """Fashion-MNIST accuracy retained (% of unpruned) vs kept patches k, one line per method
+    (bootstrap standard-error bars), one panel per pruning layer P."""
+    plt = _pyplot()
+    rows = [r for r in records if r["task"] == "fashion-mnist" and r["metric"] == "accuracy_retained"]
+    layers = sorted({r["P"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 4.4), squeeze=False, sharey=True)
+    styles = {"random": ":", "grid": ":"}
+    for ax, layer in zip(axes[0], layers):
+        for i, m in enumerate(methods):
+            pts = sorted((r["k"], r["value"], r["stderr"]) for r in rows if r["P"] == layer and r["method"] == m)
+            k, v, se = (np.array(t, dtype=float) for t in zip(*pts))
+            ax.errorbar(k * (1 + 0.015 * (i - len(methods) / 2)), 100 * v, yerr=100 * se, fmt="o" + styles.get(m, "-"),
+                        ms=3, lw=1, capsize=2, color=plt.cm.tab20(i % 20), label=m)
+        ax.set_xscale("log", base=2)
+        ks = sorted({r["k"] for r in rows})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.axhline(100, color="grey", lw=0.6)
+        ax.set_title(f"pruned after block {layer} (P={layer})", fontsize=9)
+        ax.set_xlabel(f"kept patches k (of {rows[0]['tokens']})")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("accuracy retained, % of unpruned")
+    base = next((r for r in records if r["task"] == "fashion-mnist" and r["method"] == "unpruned"), None)
+    title = "Fashion-MNIST linear probe on DINOv2 ViT-S/14 [CLS]"
+    if base:
+        title += f" (unpruned {100 * base['value']:.1f}% on n={base['n']}); bars: bootstrap standard error"
+    fig.suptitle(title, fontsize=9)
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
