@@ -14,7 +14,7 @@ import torch
 
 from .backends import Backend
 
-BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy", "cuda_emu")   # cuda_emu: tests only, never "auto"
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 NOT_INSTALLED = "not part of this installation"
 HOW_TO_GET = {
@@ -23,6 +23,8 @@ HOW_TO_GET = {
     "triton": "install triton (`pip install triton`) on a machine with a CUDA GPU",
     "torch": "",
     "numpy": "",
+    "cuda_emu": "install the CUDA toolkit headers (nvcc's include/ dir; no GPU needed) and rebuild: "
+                "`python setup.py build_ext --inplace`",
 }
 
 

@@ -37,6 +37,7 @@ mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -343,11 +344,20 @@ def _launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch
             eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
             k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
             inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if _ext is None:
+    return launch_with(_ext, "cuda", rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram,
+                       inv_norm, sqn)
+
+
+def launch_with(ext, device_type: str, rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp,
+                gram=None, inv_norm=None, sqn=None) -> torch.Tensor:
+    """The launch logic (checks, scratch, row/Gram kernels) with kernel module ``ext`` on
+    ``device_type`` tensors: ``mmrprune._cuda`` on "cuda", or the CPU emulator's
+    ``mmrprune._cuda_emu`` on "cpu" (backend ``cuda_emu``), which gets no stream (0)."""
+    if ext is None:
         raise RuntimeError(f"backend 'cuda' is not available: {status()[1]}")
     dev = rows.device
-    if dev.type != "cuda":
-        raise RuntimeError(f"cuda kernel: expected CUDA tensors, got {dev}")
+    if dev.type != device_type:
+        raise RuntimeError(f"cuda kernel: expected {device_type.upper()} tensors, got {dev}")
     n_rows, dim = rows.shape
     bsz = starts.shape[0]
     code = dtype_code(rows.dtype)
@@ -373,35 +383,35 @@ def _launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch
         return out.fill_(-1)
     fs = first_score.data_ptr() if first_score is not None else 0
     el = eligible.data_ptr() if eligible is not None else 0
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
         state = torch.empty(n_rows, dtype=torch.float32, device=dev)
         taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
         chol = torch.empty((n_rows, k_max), dtype=torch.float32, device=dev) if dpp else None
         if gram is not None:                     # Gram mode: no feature reads in the greedy loop
             ld = gram.shape[1]
             if dpp:
-                _ext.greedy_dpp_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), sqn.data_ptr(), score.data_ptr(),
-                                     starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
-                                     state.data_ptr(), taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
+                ext.greedy_dpp_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), sqn.data_ptr(), score.data_ptr(),
+                                    starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
+                                    state.data_ptr(), taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
             else:
-                _ext.greedy_maxsim_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), score.data_ptr(), fs, el,
-                                        starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
-                                        float(lam), state.data_ptr(), taken.data_ptr(), out.data_ptr(),
-                                        int(_GRAM_SMEM_STATE), stream)
+                ext.greedy_maxsim_gram(gram.data_ptr(), ld, inv_norm.data_ptr(), score.data_ptr(), fs, el,
+                                       starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max,
+                                       float(lam), state.data_ptr(), taken.data_ptr(), out.data_ptr(),
+                                       int(_GRAM_SMEM_STATE), stream)
             return out
         inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
         sq = torch.empty(n_rows, dtype=torch.float32, device=dev) if dpp else None
-        _ext.inv_norms(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(),
-                       sq.data_ptr() if sq is not None else 0, stream)
+        ext.inv_norms(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(),
+                      sq.data_ptr() if sq is not None else 0, stream)
         if dpp:
-            _ext.greedy_dpp(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), sq.data_ptr(), score.data_ptr(),
-                            starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, state.data_ptr(),
-                            taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
+            ext.greedy_dpp(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), sq.data_ptr(), score.data_ptr(),
+                           starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, state.data_ptr(),
+                           taken.data_ptr(), chol.data_ptr(), out.data_ptr(), stream)
         else:
-            _ext.greedy_maxsim(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), score.data_ptr(), fs, el,
-                               starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, float(lam),
-                               state.data_ptr(), taken.data_ptr(), out.data_ptr(), stream)
+            ext.greedy_maxsim(rows.data_ptr(), code, n_rows, dim, inv.data_ptr(), score.data_ptr(), fs, el,
+                              starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), bsz, k_max, float(lam),
+                              state.data_ptr(), taken.data_ptr(), out.data_ptr(), stream)
     return out
 
 
