@@ -6,7 +6,7 @@
 // and the flags of csrc/cuda_build.py (EMU_CXX_FLAGS: -ffp-contract=off, -fno-strict-aliasing).
 //
 // Execution model.  The blocks of a launch run one after another on the calling OS thread.
-// Inside a block, every CUDA thread is a ucontext fiber with its own stack; a fiber runs until
+// Inside a block, every CUDA thread is a fiber with its own stack; a fiber runs until
 // it reaches __syncthreads, a full-warp __shfl_*_sync or __syncwarp, where it hands control to
 // the block's scheduler.  A barrier opens once every live thread of the block (or warp) has
 // arrived; the scheduler then resumes the runnable fibers in the order CUDA_EMU_SCHED asks for.
@@ -78,7 +78,58 @@ extern "C" void AnnotateIgnoreWritesEnd(const char* f, int l);
 #define __launch_bounds__(...)
 #endif
 
+// ------------------------------------------------------------------ context switch
+// x86-64: a six-register switch (the System V callee-saved registers and the stack pointer).
+// glibc's swapcontext also saves the signal mask with a system call and the FPU environment,
+// which made it most of the emulator's run time; nothing here changes either.  Other
+// architectures (or -DCUDA_EMU_UCONTEXT) use ucontext.
+#if defined(__x86_64__) && !defined(CUDA_EMU_UCONTEXT)
+#define CUDA_EMU_FAST_SWITCH 1
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+__asm__(
+    ".text\n"
+    ".weak cuda_emu_switch\n"
+    ".hidden cuda_emu_switch\n"
+    ".type cuda_emu_switch, @function\n"
+    "cuda_emu_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size cuda_emu_switch, .-cuda_emu_switch\n");
+#endif
+
 namespace cuda_emu {
+
+#ifdef CUDA_EMU_FAST_SWITCH
+struct Context {
+  void* sp = nullptr;
+};
+inline void swap_to(Context& save, Context& load) { cuda_emu_switch(&save.sp, load.sp); }
+// A fresh stack that "returns" into entry(): six zero registers, then entry's address, then a
+// null return address for entry itself (it never returns), 16-byte aligned as after a call.
+inline void make_context(Context& c, char* stack, std::size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<std::uintptr_t>(stack + size) & ~std::uintptr_t(15);
+  auto* sp = reinterpret_cast<std::uintptr_t*>(top);
+  *--sp = 0;
+  *--sp = reinterpret_cast<std::uintptr_t>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = 0;
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void swap_to(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void make_context(Context& c, char* stack, std::size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
 
 [[noreturn]] inline void fail(const char* fmt, ...) {
   va_list ap;
@@ -132,7 +183,7 @@ struct Warp {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   uint3 tid;
   int linear = 0;
   std::atomic<int> state{kRunnable};
@@ -169,7 +220,7 @@ struct Block {
   void* tsan_sched = nullptr;
 #endif
   // scheduler
-  ucontext_t sched;
+  Context sched;
   std::atomic<Fiber*> cur{nullptr};  // atomic: written by the scheduler, read by the fibers
   const std::function<void()>* body = nullptr;
 #ifdef CUDA_EMU_ASAN
@@ -203,7 +254,7 @@ inline void switch_to_scheduler(Fiber& f, bool exiting) {
 #ifdef CUDA_EMU_TSAN
   __tsan_switch_to_fiber(b.tsan_sched, __tsan_switch_to_fiber_no_sync);
 #endif
-  swapcontext(&f.ctx, &b.sched);
+  swap_to(f.ctx, b.sched);
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &tl_block->sched_stack_bottom, &tl_block->sched_stack_size);
 #endif
@@ -221,7 +272,7 @@ inline void resume(Block& b, Fiber& f) {
   f.started = true;
   __tsan_switch_to_fiber(f.tsan_fiber, tsan_flags);
 #endif
-  swapcontext(&b.sched, &f.ctx);
+  swap_to(b.sched, f.ctx);
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -456,11 +507,7 @@ inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, st
     f.linear = i;
     f.tid = make_uint3(i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y));
     f.stack = get_stack(i, &f.stack_size);
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = f.stack_size;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, trampoline, 0);
+    make_context(f.ctx, f.stack, f.stack_size, trampoline);
 #ifdef CUDA_EMU_TSAN
     f.tsan_fiber = __tsan_create_fiber(0);
 #endif
