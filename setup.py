@@ -33,7 +33,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from glob import glob
 
@@ -45,9 +44,10 @@ CPU_SOURCES = sorted(glob(os.path.join("csrc", "cpu", "*.cpp")))
 CUDA_CU = sorted(glob(os.path.join("csrc", "cuda", "*.cu")))
 CUDA_CPP = sorted(glob(os.path.join("csrc", "cuda", "*.cpp")))
 
-CXX_FLAGS = ["-O3", "-std=gnu++17", "-fPIC", "-fvisibility=hidden", "-pthread",
-             # a*b+c contracted to FMA in the dot kernels; no other fast-math
-             "-ffp-contract=fast", "-Wall", "-Wno-psabi"]
+sys.path.insert(0, os.path.join(ROOT, "csrc"))
+import build_recipe as recipe  # noqa: E402  every flag and link line (csrc/build_recipe.py)
+
+CXX_FLAGS = recipe.CXX_FLAGS
 SIMD_TARGETS = "avx512f / avx2+fma / sse2 (x86-64), picked at load time from CPUID"
 
 
@@ -60,41 +60,17 @@ def _env_flag(name):
     return v.strip() == "1"
 
 
-def _find_nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return None
+_find_nvcc = recipe.find_nvcc
+_cuda_archs = recipe.cuda_archs
+_gencode = recipe.gencode
 
 
 def _cuda_home(nvcc):
     """The toolkit root (include/, lib64/) of this nvcc; nvcc on PATH may be a wrapper script."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    raise SystemExit(f"cannot find the CUDA toolkit (include/cuda_runtime.h) for {nvcc}; set CUDA_HOME")
-
-
-def _cuda_archs():
-    raw = os.environ.get("MMRPRUNE_CUDA_ARCHS", "80;90")
-    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
-    if not archs or not all(a.rstrip("af").isdigit() for a in archs):
-        raise SystemExit(f"MMRPRUNE_CUDA_ARCHS: expected e.g. '80;90', got {raw!r}")
-    return archs
-
-
-def _gencode(archs):
-    flags = []
-    for a in archs:
-        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    top = max(archs, key=lambda a: int(a.rstrip("af")))
-    flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]  # PTX for newer GPUs
-    return flags
+    home = recipe.cuda_home(nvcc)
+    if home is None:
+        raise SystemExit(f"cannot find the CUDA toolkit (include/cuda_runtime.h) for {nvcc}; set CUDA_HOME")
+    return home
 
 
 def _cuda_plan():
@@ -136,8 +112,8 @@ def _cpu_user_flags():
     return compile_flags, link_flags
 
 
-def _cxx():
-    return os.environ.get("CXX") or sysconfig.get_config_var("CXX").split()[0] or "g++"
+
+_cxx = recipe.cxx
 
 
 def _cxx_version(cxx):
@@ -147,9 +123,7 @@ def _cxx_version(cxx):
         return f"unknown ({exc})"
 
 
-def _includes():
-    import pybind11
-    return [pybind11.get_include(), sysconfig.get_paths()["include"]]
+_includes = recipe.python_includes
 
 
 def _jobs():
@@ -185,17 +159,25 @@ def _compile_all(jobs, build_dir):
 
 
 def _cxx_job(cxx, src, obj, extra):
-    dep = obj + ".d"
-    return ([cxx, "-c", os.path.join(ROOT, src), "-o", obj, "-MMD", "-MF", dep, *CXX_FLAGS,
-             *[f"-I{p}" for p in _includes()], *extra], obj, dep)
+    return (recipe.cxx_command(cxx, os.path.join(ROOT, src), obj, _includes(), extra), obj, obj + ".d")
 
 
 def _nvcc_job(nvcc, src, obj, archs):
-    cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", obj, "-O3", "-std=c++17",
-           "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *_gencode(archs),
-           *[f"-I{p}" for p in _includes()]]
-    dep = obj + ".d"
-    return (cmd + ["-MD", "-MF", dep], obj, dep)
+    return (recipe.nvcc_command(nvcc, os.path.join(ROOT, src), obj, archs, _includes()), obj, obj + ".d")
+
+
+def _emu_jobs(cxx, tmp, cuda_inc):
+    """mmrprune._cuda_emu: the same csrc/cuda sources, .cu rewritten for csrc/emu/cuda_emu.h."""
+    jobs = []
+    for s in CUDA_CU:
+        src = recipe.emu_rewrite(os.path.join(ROOT, s), tmp)
+        obj = os.path.join(tmp, os.path.basename(s) + ".o")
+        jobs.append((recipe.emu_command(cxx, src, obj, cuda_inc), obj, obj + ".d"))
+    for s in CUDA_CPP:
+        obj = os.path.join(tmp, os.path.basename(s) + ".o")
+        jobs.append((recipe.emu_host_command(cxx, os.path.join(ROOT, s), obj, cuda_inc, _includes(),
+                                             [recipe.EMU_MODULE_DEFINE]), obj, obj + ".d"))
+    return jobs
 
 
 class BuildExt(build_ext):
@@ -224,6 +206,16 @@ class BuildExt(build_ext):
             link_extra = ["-pthread", *user_link]
             self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS + user_compile),
                               cpu_simd=SIMD_TARGETS, cpu_threads="std::thread over images (no OpenMP)")
+        elif ext.name == "mmrprune._cuda_emu":
+            jobs = _emu_jobs(cxx, tmp, ext._cuda_inc)
+            try:
+                _compile_all(jobs, tmp)
+            except (SystemExit, subprocess.CalledProcessError) as exc:
+                # the headers are here, so a failure is a bug in csrc/ or csrc/emu/: never silent
+                raise SystemExit(f"mmrprune: building the CUDA emulator module mmrprune._cuda_emu failed ({exc}); "
+                                 "set MMRPRUNE_CUDA_EMU=0 to skip it") from exc
+            link_extra = ["-pthread"]
+            self.facts.update(cuda_emu_built=True, cuda_emu_flags=" ".join(recipe.EMU_CXX_FLAGS))
         else:  # mmrprune._cuda
             nvcc, archs = ext._nvcc, ext._archs
             cuda_home = _cuda_home(nvcc)
@@ -239,13 +231,11 @@ class BuildExt(build_ext):
                       "extension not linked", file=sys.stderr)
                 self.facts.update(cuda_built=False, cuda_status="kernels compiled, not linked (no csrc/cuda/*.cpp module)")
                 return
-            libdir = next((d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
-                           if os.path.isdir(d)), os.path.join(cuda_home, "lib64"))
             # static cudart: the module needs only the driver (libcuda.so) at run time
-            link_extra = [f"-L{libdir}", "-lcudart_static", "-ldl", "-lrt", "-pthread"]
+            link_extra = recipe.cuda_link_flags(cuda_home)
             self.facts.update(cuda_built=True)
         objs = [j[1] for j in jobs]
-        cmd = [cxx, "-shared", "-o", out, *objs, *link_extra]
+        cmd = recipe.link_command(cxx, out, objs, link_extra)
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
@@ -254,6 +244,8 @@ class BuildExt(build_ext):
         facts = dict(self.facts)
         facts.setdefault("cuda_built", False)
         facts.setdefault("cuda_status", reason)
+        facts.setdefault("cuda_emu_built", False)
+        facts.setdefault("cuda_emu_status", CUDA_EMU_PLAN[1])
         if nvcc and "cuda_nvcc" not in facts:
             facts["cuda_nvcc"] = _nvcc_version(nvcc)
         os.makedirs(pkg_dir, exist_ok=True)
@@ -299,10 +291,38 @@ def _extensions():
         exts.append(ext)
     else:
         print(f"mmrprune: CUDA extension {reason}", file=sys.stderr)
+    cuda_inc, emu_reason = CUDA_EMU_PLAN
+    if cuda_inc:
+        ext = Extension("mmrprune._cuda_emu", sources=CUDA_CU + CUDA_CPP)
+        ext._cuda_inc = cuda_inc
+        exts.append(ext)
+    else:
+        print(f"mmrprune: CUDA emulator module {emu_reason}", file=sys.stderr)
     return exts
 
 
+def _cuda_emu_plan():
+    """(CUDA include dir or None, status) of mmrprune._cuda_emu: built whenever the CUDA headers
+    are present (no GPU, driver or nvcc run needed); MMRPRUNE_CUDA_EMU=0 skips, =1 requires it."""
+    want = _env_flag("MMRPRUNE_CUDA_EMU")
+    if want is False:
+        return None, "skipped (MMRPRUNE_CUDA_EMU=0)"
+    if not CUDA_CU or not CUDA_CPP:
+        if want:
+            raise SystemExit("MMRPRUNE_CUDA_EMU=1 but csrc/cuda/ has no .cu sources or no .cpp binding module")
+        return None, "skipped (csrc/cuda/ has no .cu sources or no binding module)"
+    inc = recipe.cuda_include_dir()
+    if inc is None:
+        if want:
+            raise SystemExit("MMRPRUNE_CUDA_EMU=1 but the CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) "
+                             "were not found under CUDA_HOME, CUDA_PATH, nvcc's toolkit or /usr/local/cuda")
+        return None, ("skipped (CUDA headers not found: install the CUDA toolkit headers, e.g. nvcc's "
+                      "include/ dir, or set CUDA_HOME)")
+    return inc, f"built (CUDA headers {inc})"
+
+
 CUDA_PLAN = _cuda_plan()
+CUDA_EMU_PLAN = _cuda_emu_plan()
 setup(
     name="mmrprune",
     version="0.1.0",

@@ -7,7 +7,8 @@
 # MMRPRUNE_CUDA_ARCHS (default "80;90", plus PTX of the last one), prints the
 # ptxas resource report (registers, shared memory, stack, spills), fails if any
 # kernel spills or uses a stack frame, and links the pybind11 module
-# _cuda<ext-suffix> into BUILD_DIR (default: a fresh temporary directory).
+# _cuda<ext-suffix> into BUILD_DIR (default: a fresh temporary directory),
+# with exactly the flags and link line of setup.py (csrc/build_recipe.py).
 # Exit status 0 only when everything compiled, linked and was spill-free.
 # Exits 0 with a "SKIP" line when nvcc is absent.
 set -euo pipefail
@@ -22,37 +23,14 @@ fi
 BUILD="${1:-$(mktemp -d /tmp/mmrprune_cuda_check.XXXXXX)}"
 mkdir -p "$BUILD"
 
-ARCHS="${MMRPRUNE_CUDA_ARCHS:-80;90}"
-GENCODE=()
-last=""
-IFS=';' read -ra arch_list <<< "$ARCHS"
-for a in "${arch_list[@]}"; do
-  GENCODE+=("-gencode" "arch=compute_${a},code=sm_${a}")
-  last="$a"
-done
-GENCODE+=("-gencode" "arch=compute_${last},code=compute_${last}")   # PTX for newer GPUs
-
-PYINC="$("$PYTHON" -m pybind11 --includes)"
-EXT_SUFFIX="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-FLAGS=(-std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -Wall --expt-relaxed-constexpr "${GENCODE[@]}")
-
+# The build itself is setup.py's recipe (csrc/build_recipe.py: same nvcc and host flags, same
+# static-cudart link), run serially with ptxas's resource report.
 echo "nvcc: $("$NVCC" --version | tail -1)"
-echo "archs: $ARCHS (+ PTX compute_${last}); build dir: $BUILD"
-objs=()
+echo "archs: ${MMRPRUNE_CUDA_ARCHS:-80;90} (+ PTX of the highest); build dir: $BUILD"
 report="$BUILD/resource-usage.txt"
 : > "$report"
-for src in "$ROOT"/csrc/cuda/*.cu "$ROOT"/csrc/cuda/*.cpp; do
-  [ -e "$src" ] || continue
-  obj="$BUILD/$(basename "$src").o"
-  echo "compile $(basename "$src")"
-  # shellcheck disable=SC2086
-  "$NVCC" "${FLAGS[@]}" $PYINC -I"$ROOT/csrc/cuda" --resource-usage -c "$src" -o "$obj" 2>>"$report"
-  objs+=("$obj")
-done
-
-so="$BUILD/_cuda${EXT_SUFFIX}"
-echo "link $(basename "$so")"
-"$NVCC" -shared "${GENCODE[@]}" "${objs[@]}" -o "$so" -lcudart
+NVCC="$(command -v "$NVCC")" "$PYTHON" "$ROOT/csrc/build_recipe.py" cuda-module "$BUILD" --report "$report"
+so="$(ls "$BUILD"/_cuda*.so)"
 
 # Summary: one line per kernel and arch (demangled names shortened).
 echo "--- resource usage (ptxas) ---"

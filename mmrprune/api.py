@@ -50,7 +50,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         method: ``mmr``, ``divprune``, ``topk``, ``fps``, ``hybrid``, ``dpp`` or ``d2pruner``.
         lengths: ``[B]`` valid tokens per image of a padded batch (positions ``>= lengths[b]`` are never picked).
         order: ``"position"`` (ascending token index) or ``"selection"`` (greedy order).
-        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``"numpy"``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"``, ``"numpy"`` or ``"cuda_emu"`` (the CUDA kernels on CPU tensors through an emulator; tests only).
         check_finite: reject NaN/Inf, features whose squared norms would overflow, importance whose
             per-image range overflows (and out-of-range ``lengths`` on accelerator input);
             ``False`` keeps the call free of host syncs (CUDA-graph capture).

@@ -14,7 +14,7 @@ import torch
 
 from .backends import BUILD_HINTS, Backend
 
-BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "numpy", "cuda_emu")   # cuda_emu: tests only, never "auto"
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 NOT_INSTALLED = "not part of this installation"
 

@@ -40,6 +40,6 @@ def format_info(report: dict) -> str:
              f"cuda device: {report['cuda_device'] or 'none'}",
              "backends:"]
     for name, b in report["backends"].items():
-        lines.append(f"  {name:<7} {'yes' if b['available'] else 'no ':<4} {b['detail']}")
+        lines.append(f"  {name:<8} {'yes' if b['available'] else 'no ':<4} {b['detail']}")
     lines.append("auto picks: " + ", ".join(f"{dev} -> {b}" for dev, b in report["auto"].items()))
     return "\n".join(lines)

@@ -87,7 +87,7 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             from .prepare import GRAM_CHUNK_BYTES
             total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
         return total
-    if backend == "cuda":        # row mode; Gram mode is chosen only under its own cap
+    if backend in ("cuda", "cuda_emu"):   # row mode; Gram mode is chosen only under its own cap
         from .backends.cuda_backend import workspace_bytes
         return workspace_bytes(method, bsz, rows, dim, k, n)
     if backend == "triton":      # per-row fp32 state, the fp32 rows of float64 input, dpp's Cholesky rows

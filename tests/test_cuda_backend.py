@@ -13,10 +13,11 @@ Runs everywhere:
   and its workspace at the issue-4 sizes (N = 32,768 stays under 2 GiB), the fp32 Gram
   and the DivPrune first score from it, the padded/packed Gram layout, fake tracing with
   the Gram arguments.
-Needs a CUDA GPU (skipped otherwise, with the reason): the kernel itself against
-the reference certificate and exact reference indices, padded and varlen batches,
-determinism, poisoned outputs, CUDA-graph capture with check_finite=False — in row
-mode and in Gram mode (shared-memory and global token state).
+The kernels themselves, once per target (``KernelTarget``): on a GPU (``cuda``, skipped
+without one) and on CPU tensors through the emulator (``cuda_emu``, smaller sizes): the
+reference certificate and exact reference indices, padded and varlen batches,
+determinism, every output written — in row mode and in Gram mode (shared-memory and
+global token state).  GPU only: CUDA-graph capture with check_finite=False.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _maxsim_args(**over):
 
 def test_extension_constants(ext):
     # the backend takes its dtype codes from the module it launches
-    kernels = cb.FusedGreedy("test_constants", ext, "", "cuda", "test_constants_greedy", cb._gpu_ready)
+    kernels = cb.FusedGreedy("test_constants", ext, "", "cuda", "test_constants_greedy", cb._gpu_ready, summary="")
     assert kernels.dtype_code(torch.float16) == ext.DTYPE_FLOAT16
     assert kernels.dtype_code(torch.bfloat16) == ext.DTYPE_BFLOAT16
     assert len({ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16}) == 3
@@ -510,35 +511,67 @@ def test_launch_rejects_cpu_tensors():
         cb.cuda_greedy(torch.zeros(3, 4), torch.zeros(3), None, None, seg, seg, seg, 1, 0.5, False)
 
 
-# ----------------------------------------------------------------------------- GPU
-def _cuda_select(x, w, method, **kw):
+# ----------------------------------------------------------------------------- kernels: GPU or emulator
+class KernelTarget:
+    """Where the kernel tests run: ``cuda`` (the real kernels on a GPU) or ``cuda_emu`` (the same
+    csrc/cuda sources executed on CPU tensors by csrc/emu).  ``size(gpu, emu)`` picks the
+    problem size: the emulator runs every GPU thread as a fiber, so it gets smaller problems
+    that keep the property each test is about (e.g. more tokens than threads)."""
+
+    def __init__(self, backend, device):
+        self.backend, self.device = backend, device
+
+    def __repr__(self):
+        return self.backend
+
+    def size(self, gpu, emu):
+        return gpu if self.backend == "cuda" else emu
+
+    def greedy(self, *args):
+        if self.backend == "cuda":
+            return cb.cuda_greedy(*args)
+        from mmrprune.backends import cuda_emu_backend as emu
+        return emu.KERNELS.op(*args)
+
+
+@pytest.fixture(params=["cuda", "cuda_emu"])
+def target(request):
+    if request.param == "cuda" and not HAS_GPU:
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False (cuda_emu runs these kernels on CPU)")
+    if request.param == "cuda_emu":
+        from mmrprune.backends import cuda_emu_backend as emu
+        ok, why = emu.status()
+        if not ok:
+            pytest.skip(f"backend cuda_emu unavailable: {why}")
+    return KernelTarget(request.param, "cuda" if request.param == "cuda" else "cpu")
+
+
+def _cuda_select(target, x, w, method, **kw):
     import mmrprune
-    return mmrprune.select(x, w, method=method, backend="cuda", order="selection", **kw)
+    return mmrprune.select(x, w, method=method, backend=target.backend, order="selection", **kw)
 
 
 GPU_METHODS = ["mmr", "fps", "hybrid", "divprune", "dpp", "topk"]
 
 
-@needs_gpu
 @pytest.mark.parametrize("method", GPU_METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 70])       # 70: not a multiple of 8, scalar-load path
-def test_gpu_certificate_padded(method, dtype, dim):
+def test_kernel_certificate_padded(target, method, dtype, dim):
     b, n, k = 3, 300, 40
     xs = certify.clustered_tokens(n, dim, batch=b, seed=5)
     ws = certify.distinct_importance(n, batch=b, seed=5)
-    x = torch.from_numpy(xs).to(dtype).cuda()
-    w = torch.from_numpy(ws).to(torch.float32).cuda()
-    lengths = torch.tensor([n, 123, 1], device="cuda")
-    out = _cuda_select(x, w, method, k=k, lengths=lengths, lam=0.6).cpu()
+    x = torch.from_numpy(xs).to(dtype).to(target.device)
+    w = torch.from_numpy(ws).to(torch.float32).to(target.device)
+    lengths = torch.tensor([n, 123, 1], device=target.device)
+    out = _cuda_select(target, x, w, method, k=k, lengths=lengths, lam=0.6).cpu()
     for i, ln in enumerate(lengths.tolist()):
         certify.check_certificate(x[i, :ln], w[i, :ln], out[i], method=method, lam=0.6, tol=certify.tol_for(dtype),
                                   k=min(k, ln))
 
 
-@needs_gpu
 @pytest.mark.parametrize("method", GPU_METHODS)
-def test_gpu_exact_indices_when_margins_are_clear(method):
+def test_kernel_exact_indices_when_margins_are_clear(target, method):
     n, d, k = 200, 48, 30
     compared = 0
     for seed in range(6):
@@ -546,31 +579,32 @@ def test_gpu_exact_indices_when_margins_are_clear(method):
         w = certify.distinct_importance(n, seed=seed)
         if certify.reference_margin(x, w, k, method, lam=0.5) <= 1e-4:
             continue
-        got = _cuda_select(torch.from_numpy(x).float().cuda(), torch.from_numpy(w).float().cuda(), method,
-                           k=k, lam=0.5).cpu().numpy()
+        got = _cuda_select(target, torch.from_numpy(x).float().to(target.device),
+                           torch.from_numpy(w).float().to(target.device), method, k=k, lam=0.5).cpu().numpy()
         np.testing.assert_array_equal(got, R.select_one(x, w, k, method, 0.5))
         compared += 1
     assert compared >= 1, f"{method}: every seed had a margin <= 1e-4, so nothing was compared"
 
 
-@needs_gpu
 @pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
-def test_gpu_varlen_matches_padded(method):
+def test_kernel_varlen_matches_padded(target, sim_mode, method):
     import mmrprune
     lens = [50, 0, 17, 1, 64]
     d = 40
     xs = [torch.from_numpy(certify.gaussian_tokens(max(n, 1), d, seed=i))[:n].float() for i, n in enumerate(lens)]
     ws = [torch.from_numpy(certify.distinct_importance(max(n, 1), seed=i))[:n].float() for i, n in enumerate(lens)]
-    packed, wp = torch.cat(xs).cuda(), torch.cat(ws).cuda()
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device="cuda")
-    flat, cu_k = mmrprune.select_varlen(packed, wp, cu, k=10, method=method, backend="cuda", order="selection")
+    packed, wp = torch.cat(xs).to(target.device), torch.cat(ws).to(target.device)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=target.device)
+    flat, cu_k = mmrprune.select_varlen(packed, wp, cu, k=10, method=method, backend=target.backend,
+                                        order="selection")
     n_max = max(lens)
     xp = torch.zeros(len(lens), n_max, d)
     wpad = torch.zeros(len(lens), n_max)
     for i, n in enumerate(lens):
         xp[i, :n], wpad[i, :n] = xs[i], ws[i]
-    padded = mmrprune.select(xp.cuda(), wpad.cuda(), k=10, method=method, lengths=torch.tensor(lens).cuda(),
-                             backend="cuda", order="selection").cpu()
+    padded = mmrprune.select(xp.to(target.device), wpad.to(target.device), k=10, method=method,
+                             lengths=torch.tensor(lens, device=target.device), backend=target.backend,
+                             order="selection").cpu()
     for i, n in enumerate(lens):
         got = flat[cu_k[i]:cu_k[i + 1]].cpu() - int(cu[i])
         assert torch.equal(got, padded[i, :min(10, n)]), (method, i)
@@ -579,17 +613,76 @@ def test_gpu_varlen_matches_padded(method):
             certify.check_certificate(xs[i], ws[i], got, method=method, lam=0.5, tol=1e-4, k=min(10, n))
 
 
-@needs_gpu
-def test_gpu_deterministic_and_writes_every_output():
-    x = torch.randn(4, 1000, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.rand(4, 1000, device="cuda")
-    lengths = torch.tensor([1000, 10, 0, 999], device="cuda")
+def test_kernel_deterministic_and_writes_every_output(target):
+    n, d = target.size(1000, 400), target.size(256, 64)
+    torch.manual_seed(0)
+    x = torch.randn(4, n, d, device=target.device, dtype=torch.bfloat16)
+    w = torch.rand(4, n, device=target.device)
+    lengths = torch.tensor([n, 10, 0, n - 1], device=target.device)
     batch = validate(x, w, k=64, keep_ratio=None, lam=0.5, method="mmr", lengths=lengths, method_params={}).batch
     a = cb.prepare(batch)
-    outs = [cb.cuda_greedy(*a.args()) for _ in range(3)]
+    outs = [target.greedy(*a.args()) for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     o = outs[0].cpu()
     assert (o[1, 10:] == -1).all() and (o[2] == -1).all() and (o[1, :10] >= 0).all() and (o[0] >= 0).all()
+
+
+@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
+def sim_mode(request, monkeypatch):
+    """Runs a GPU test once in row mode and once in Gram mode (MMRPRUNE_CUDA_GRAM)."""
+    monkeypatch.setenv(cb.GRAM_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_modes_certificate(target, sim_mode, method, dtype):
+    # n > 512 threads per block: several tokens per thread in dpp
+    b, n, k, d = 3, target.size(700, 600), target.size(90, 30), 96
+    xs = certify.clustered_tokens(n, d, batch=b, seed=11)
+    ws = certify.distinct_importance(n, batch=b, seed=11)
+    x = torch.from_numpy(xs).to(dtype).to(target.device)
+    w = torch.from_numpy(ws).to(torch.float32).to(target.device)
+    lengths = torch.tensor([n, 333, 2], device=target.device)
+    out = _cuda_select(target, x, w, method, k=k, lengths=lengths, lam=0.4).cpu()
+    for i, ln in enumerate(lengths.tolist()):
+        certify.check_certificate(x[i, :ln], w[i, :ln], out[i], method=method, lam=0.4, tol=certify.tol_for(dtype),
+                                  k=min(k, ln))
+
+
+@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
+def test_kernel_gram_and_row_modes_match_reference_on_clear_margins(target, monkeypatch, method):
+    n, d, k = target.size(1500, 1100), 64, target.size(40, 20)   # n > 1024: tokens per thread > 1 in Gram mode
+    checked = 0
+    for seed in range(4):
+        x = certify.gaussian_tokens(n, d, seed=seed)
+        w = certify.distinct_importance(n, seed=seed)
+        if certify.reference_margin(x, w, k, method, lam=0.5) <= 1e-4:
+            continue
+        want = R.select_one(x, w, k, method, 0.5)
+        for mode in ("0", "1"):
+            monkeypatch.setenv(cb.GRAM_ENV, mode)
+            got = _cuda_select(target, torch.from_numpy(x).float().to(target.device),
+                               torch.from_numpy(w).float().to(target.device), method, k=k, lam=0.5).cpu().numpy()
+            np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+        checked += 1
+    assert checked, "no seed with a clear reference margin"
+
+
+@pytest.mark.parametrize("method", ["mmr", "divprune", "hybrid"])
+def test_kernel_gram_state_in_global_memory_matches_shared(target, monkeypatch, method):
+    n, k = target.size(1300, 1100), target.size(100, 40)
+    torch.manual_seed(0)
+    x = torch.randn(3, n, 128, device=target.device, dtype=torch.bfloat16)
+    w = torch.rand(3, n, device=target.device)
+    lengths = torch.tensor([n, 700, 1], device=target.device)
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    smem = _cuda_select(target, x, w, method, k=k, lengths=lengths)
+    monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
+    glob = _cuda_select(target, x, w, method, k=k, lengths=lengths)
+    assert torch.equal(smem, glob)
+    o = smem.cpu()
+    assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
 
 
 @needs_gpu
@@ -610,90 +703,6 @@ def test_gpu_cuda_graph_capture_without_host_sync():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
-
-
-@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
-def sim_mode(request, monkeypatch):
-    """Runs a GPU test once in row mode and once in Gram mode (MMRPRUNE_CUDA_GRAM)."""
-    monkeypatch.setenv(cb.GRAM_ENV, request.param)
-    return request.param
-
-
-@needs_gpu
-@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_modes_certificate(sim_mode, method, dtype):
-    b, n, k, d = 3, 700, 90, 96           # n > 512 threads per block: several tokens per thread in dpp
-    xs = certify.clustered_tokens(n, d, batch=b, seed=11)
-    ws = certify.distinct_importance(n, batch=b, seed=11)
-    x = torch.from_numpy(xs).to(dtype).cuda()
-    w = torch.from_numpy(ws).to(torch.float32).cuda()
-    lengths = torch.tensor([n, 333, 2], device="cuda")
-    out = _cuda_select(x, w, method, k=k, lengths=lengths, lam=0.4).cpu()
-    for i, ln in enumerate(lengths.tolist()):
-        certify.check_certificate(x[i, :ln], w[i, :ln], out[i], method=method, lam=0.4, tol=certify.tol_for(dtype),
-                                  k=min(k, ln))
-
-
-@needs_gpu
-@pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
-def test_gpu_gram_and_row_modes_match_reference_on_clear_margins(monkeypatch, method):
-    n, d, k = 1500, 64, 40                # n > 1024: tokens per thread > 1 in the Gram kernel
-    checked = 0
-    for seed in range(4):
-        x = certify.gaussian_tokens(n, d, seed=seed)
-        w = certify.distinct_importance(n, seed=seed)
-        if certify.reference_margin(x, w, k, method, lam=0.5) <= 1e-4:
-            continue
-        want = R.select_one(x, w, k, method, 0.5)
-        for mode in ("0", "1"):
-            monkeypatch.setenv(cb.GRAM_ENV, mode)
-            got = _cuda_select(torch.from_numpy(x).float().cuda(), torch.from_numpy(w).float().cuda(), method,
-                               k=k, lam=0.5).cpu().numpy()
-            np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
-        checked += 1
-    assert checked, "no seed with a clear reference margin"
-
-
-@needs_gpu
-@pytest.mark.parametrize("method", ["mmr", "divprune", "hybrid"])
-def test_gpu_gram_state_in_global_memory_matches_shared(monkeypatch, method):
-    x = torch.randn(3, 1300, 128, device="cuda", dtype=torch.bfloat16)
-    w = torch.rand(3, 1300, device="cuda")
-    lengths = torch.tensor([1300, 700, 1], device="cuda")
-    monkeypatch.setenv(cb.GRAM_ENV, "1")
-    smem = _cuda_select(x, w, method, k=100, lengths=lengths)
-    monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
-    glob = _cuda_select(x, w, method, k=100, lengths=lengths)
-    assert torch.equal(smem, glob)
-    o = smem.cpu()
-    assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
-
-
-@needs_gpu
-@pytest.mark.parametrize("method", ["mmr", "divprune", "dpp"])
-def test_gpu_gram_varlen(sim_mode, method):
-    import mmrprune
-    lens = [50, 0, 17, 1, 64]
-    d = 40
-    xs = [torch.from_numpy(certify.gaussian_tokens(max(n, 1), d, seed=i))[:n].float() for i, n in enumerate(lens)]
-    ws = [torch.from_numpy(certify.distinct_importance(max(n, 1), seed=i))[:n].float() for i, n in enumerate(lens)]
-    packed, wp = torch.cat(xs).cuda(), torch.cat(ws).cuda()
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device="cuda")
-    flat, cu_k = mmrprune.select_varlen(packed, wp, cu, k=10, method=method, backend="cuda", order="selection")
-    n_max = max(lens)
-    xp = torch.zeros(len(lens), n_max, d)
-    wpad = torch.zeros(len(lens), n_max)
-    for i, n in enumerate(lens):
-        xp[i, :n], wpad[i, :n] = xs[i], ws[i]
-    padded = mmrprune.select(xp.cuda(), wpad.cuda(), k=10, method=method, lengths=torch.tensor(lens).cuda(),
-                             backend="cuda", order="selection").cpu()
-    for i, n in enumerate(lens):
-        got = flat[cu_k[i]:cu_k[i + 1]].cpu() - int(cu[i])
-        assert torch.equal(got, padded[i, :min(10, n)]), (method, i)
-        assert (padded[i, min(10, n):] == -1).all()
-        if n:
-            certify.check_certificate(xs[i], ws[i], got, method=method, lam=0.5, tol=1e-4, k=min(10, n))
 
 
 @needs_gpu
@@ -725,7 +734,7 @@ def test_both_launch_paths_reach_the_extension(ext, method, setting, monkeypatch
     on a machine without a GPU the call gets past the bindings' argument checks and fails
     at the CUDA launch (a wrong keyword would be a TypeError, a bad pointer a ValueError)."""
     monkeypatch.setenv(cb.GRAM_ENV, setting)
-    kernels = cb.FusedGreedy("cpu_test", ext, "", "cpu", "test_launch_paths_greedy", lambda: (True, ""))
+    kernels = cb.FusedGreedy("cpu_test", ext, "", "cpu", "test_launch_paths_greedy", lambda: (True, ""), summary="")
     x = torch.randn(2, 9, 16, dtype=torch.float16)
     batch = validate(x, torch.rand(2, 9), k=3, keep_ratio=None, lam=0.5, method=method,
                      lengths=torch.tensor([9, 4])).batch

@@ -24,6 +24,7 @@ LAYERS = {
     "mmrprune.reference": 0,
     "mmrprune._cpu": 0,              # compiled extensions and the build record
     "mmrprune._cuda": 0,
+    "mmrprune._cuda_emu": 0,
     "mmrprune._build_config": 0,
 }
 

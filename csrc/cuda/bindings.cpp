@@ -201,7 +201,12 @@ void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_no
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+// The same source is also built as mmrprune._cuda_emu (kernels on the CPU emulator, csrc/emu/).
+#ifndef MMRPRUNE_CUDA_MODULE
+#define MMRPRUNE_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.doc() = "mmrprune fused CUDA greedy selection (raw device pointers; see csrc/cuda/NOTES.md)";
   m.attr("DTYPE_FLOAT32") = static_cast<int>(mmrprune_cuda::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(mmrprune_cuda::kFloat16);

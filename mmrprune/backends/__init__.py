@@ -19,6 +19,8 @@ BUILD_HINTS = {
     "cuda": ("rebuild with MMRPRUNE_CUDA=1 and nvcc on PATH: `MMRPRUNE_CUDA=1 python setup.py build_ext --inplace` "
              "(or `MMRPRUNE_CUDA=1 pip install --no-build-isolation -e .`)"),
     "triton": "install triton (`pip install triton`) on a machine with a CUDA GPU",
+    "cuda_emu": ("install the CUDA toolkit headers (nvcc's include/ dir; no GPU needed) and rebuild: "
+                 "`python setup.py build_ext --inplace`"),
 }
 
 

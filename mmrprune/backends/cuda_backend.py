@@ -322,9 +322,10 @@ class FusedGreedy:
     shared, only the module, the tensors' device type and the op name differ."""
 
     def __init__(self, name: str, ext, import_error: str, device_type: str, op_name: str,
-                 ready: Callable[[], tuple[bool, str]]):
+                 ready: Callable[[], tuple[bool, str]], summary: str):
         self.name, self.ext, self.import_error, self.device_type = name, ext, import_error, device_type
         self._ready = ready       # () -> (ok, why not): e.g. "is a GPU there"
+        self.summary = summary    # what info() says of the backend when it is available
         # codes of csrc/cuda/greedy.h's DType, as the module exports them
         self.dtype_codes = ({} if ext is None else
                             {torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
@@ -335,16 +336,15 @@ class FusedGreedy:
 
     def status(self) -> tuple[bool, str]:
         if self.ext is None:
-            return False, f"extension {self.module_name} not built ({self.import_error}) — {BUILD_HINTS['cuda']}"
+            return False, f"extension {self.module_name} not built ({self.import_error}) — {BUILD_HINTS[self.name]}"
         ok, why = self._ready()
         if not ok:
             return False, why
-        return True, ("fused CUDA kernel: one block per image, all greedy steps in one launch "
-                      f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)")
+        return True, self.summary
 
     @property
     def module_name(self) -> str:
-        return getattr(self.ext, "__name__", "mmrprune._cuda") if self.ext is not None else "mmrprune._cuda"
+        return f"mmrprune._{self.name}"
 
     def dtype_code(self, dtype: torch.dtype) -> int:
         """Kernel dtype code of a feature dtype (float64 never reaches the kernel)."""
@@ -448,7 +448,9 @@ def _gpu_ready() -> tuple[bool, str]:
                    f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
 
 
-KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready)
+KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready,
+                      summary=("fused CUDA kernel: one block per image, all greedy steps in one launch "
+                               f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)"))
 BACKEND = KERNELS.backend
 cuda_greedy = KERNELS.op
 status = KERNELS.status

@@ -1,0 +1,745 @@
+// cuda_emu.h: executes mmrprune's CUDA kernels (csrc/cuda/*.cu, unmodified) on the host CPU.
+//
+// Used only to build the test module mmrprune._cuda_emu and the C++ harness in tests/emu/;
+// see csrc/README.md ("CUDA emulator").  The .cu file first goes through csrc/emu/cu_rewrite.py
+// (kernel launches and __shared__ declarations), then g++ compiles it with `-include cuda_emu.h`
+// and the flags of csrc/cuda_build.py (EMU_CXX_FLAGS: -ffp-contract=off, -fno-strict-aliasing).
+//
+// Execution model.  The blocks of a launch run one after another on the calling OS thread.
+// Inside a block, every CUDA thread is a fiber with its own stack; a fiber runs until
+// it reaches __syncthreads, a full-warp __shfl_*_sync or __syncwarp, where it hands control to
+// the block's scheduler.  A barrier opens once every live thread of the block (or warp) has
+// arrived; the scheduler then resumes the runnable fibers in the order CUDA_EMU_SCHED asks for.
+//
+// What aborts (with the source line): threads of one barrier generation arriving from different
+// lines (divergent __syncthreads or shuffle), deadlock, a thread exiting while others wait,
+// shuffles with a partial mask or exited lanes.  Launch errors go through cudaGetLastError as on
+// a GPU: more than 1024 threads, dynamic shared memory above 48 KiB without the
+// cudaFuncSetAttribute opt-in, or above the opt-in limit.  Shared memory (static and dynamic)
+// is one heap allocation per block filled with a garbage byte (NaN for floats by default), so
+// AddressSanitizer reports out-of-bounds shared accesses and uninitialised reads show up.
+// Under ThreadSanitizer each CUDA thread is a TSan fiber and only barriers order memory, so two
+// threads touching one word between two barriers, one writing, is reported as a race.
+//
+// Environment: CUDA_EMU_SCHED=linear|reverse|random:SEED (resume order), CUDA_EMU_SMEM_FILL
+// (0..255, default 0xff), CUDA_EMU_SMEM_OPTIN (bytes, default 232448 as an H100),
+// CUDA_EMU_STACK_KB (fiber stack, default 256).
+#pragma once
+
+#include <cuda_runtime.h>  // real CUDA headers: types, enums and API declarations only
+#include <cuda_fp16.h>     // host-side __half / __half2 conversions (work without nvcc)
+#include <cuda_bf16.h>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define CUDA_EMU_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer as a race checker: each CUDA thread is a TSan fiber; switches carry no
+// happens-before; only __syncthreads (and __syncwarp) add one, so two CUDA threads touching the
+// same word (shared or global) in the same barrier interval, one of them writing, is reported.
+#include <sanitizer/tsan_interface.h>
+#define CUDA_EMU_TSAN 1
+extern "C" void AnnotateIgnoreReadsBegin(const char* f, int l);
+extern "C" void AnnotateIgnoreReadsEnd(const char* f, int l);
+extern "C" void AnnotateIgnoreWritesBegin(const char* f, int l);
+extern "C" void AnnotateIgnoreWritesEnd(const char* f, int l);
+#endif
+
+// ------------------------------------------------------------------ keywords
+// host_defines.h (no __CUDACC__) already maps __global__/__device__/__host__ to nothing and
+// __forceinline__ to always_inline.  __shared__ declarations must go through cu_rewrite.py: a
+// leftover one would silently become a per-thread variable, so it is a compile error here.
+#undef __shared__
+#define __shared__ CUDA_EMU_ERROR_shared_declaration_not_rewritten_by_cu2cpp
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+// ------------------------------------------------------------------ context switch
+// x86-64: a six-register switch (the System V callee-saved registers and the stack pointer).
+// glibc's swapcontext also saves the signal mask with a system call and the FPU environment,
+// which made it most of the emulator's run time; nothing here changes either.  Other
+// architectures (or -DCUDA_EMU_UCONTEXT) use ucontext.
+#if defined(__x86_64__) && !defined(CUDA_EMU_UCONTEXT)
+#define CUDA_EMU_FAST_SWITCH 1
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+__asm__(
+    ".text\n"
+    ".weak cuda_emu_switch\n"
+    ".hidden cuda_emu_switch\n"
+    ".type cuda_emu_switch, @function\n"
+    "cuda_emu_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size cuda_emu_switch, .-cuda_emu_switch\n");
+#endif
+
+namespace cuda_emu {
+
+#ifdef CUDA_EMU_FAST_SWITCH
+struct Context {
+  void* sp = nullptr;
+};
+inline void swap_to(Context& save, Context& load) { cuda_emu_switch(&save.sp, load.sp); }
+// A fresh stack that "returns" into entry(): six zero registers, then entry's address, then a
+// null return address for entry itself (it never returns), 16-byte aligned as after a call.
+inline void make_context(Context& c, char* stack, std::size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<std::uintptr_t>(stack + size) & ~std::uintptr_t(15);
+  auto* sp = reinterpret_cast<std::uintptr_t*>(top);
+  *--sp = 0;
+  *--sp = reinterpret_cast<std::uintptr_t>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = 0;
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void swap_to(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void make_context(Context& c, char* stack, std::size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+[[noreturn]] inline void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::fprintf(stderr, "cuda_emu: ");
+  std::vfprintf(stderr, fmt, ap);
+  std::fprintf(stderr, "\n");
+  va_end(ap);
+  std::fflush(stderr);
+  std::abort();
+}
+
+inline long env_long(const char* name, long dflt) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::strtol(v, nullptr, 0) : dflt;
+}
+
+enum FiberState : int { kRunnable, kWaitBlock, kWaitWarp, kDone };
+
+// The emulator's own bookkeeping is shared by all fibers of a block; TSan must not see it.
+struct Internal {
+#ifdef CUDA_EMU_TSAN
+  Internal() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
+  ~Internal() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
+#endif
+};
+inline void hb_release(void* a) {
+#ifdef CUDA_EMU_TSAN
+  __tsan_release(a);
+#else
+  (void)a;
+#endif
+}
+inline void hb_acquire(void* a) {
+#ifdef CUDA_EMU_TSAN
+  __tsan_acquire(a);
+#else
+  (void)a;
+#endif
+}
+
+struct Warp {
+  std::atomic<unsigned> gen{0};
+  int arrived = 0;
+  int expected = 0;    // live lanes
+  int lanes = 0;       // lanes that exist (blockDim may not be a multiple of 32)
+  const char* file = nullptr;
+  int line = 0;
+  char sync_obj[2];  // TSan happens-before objects of __syncwarp, alternating by generation
+  std::atomic<std::uint64_t> buf[2][32];  // shuffle exchange, double-buffered by generation parity
+};
+
+struct Fiber {
+  Context ctx;
+  uint3 tid;
+  int linear = 0;
+  std::atomic<int> state{kRunnable};
+  unsigned wait_gen = 0;
+  const char* file = nullptr;
+  int line = 0;
+  char* stack = nullptr;
+  std::size_t stack_size = 0;
+#ifdef CUDA_EMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+#ifdef CUDA_EMU_TSAN
+  void* tsan_fiber = nullptr;
+  bool started = false;
+#endif
+};
+
+struct Block {
+  uint3 block_idx;
+  dim3 block_dim, grid_dim;
+  Fiber* fibers = nullptr;
+  int nthreads = 0;
+  Warp* warps = nullptr;
+  int nwarps = 0;
+  int live = 0;
+  // block barrier
+  std::atomic<unsigned> bar_gen{0};
+  int bar_arrived = 0;
+  const char* bar_file = nullptr;
+  int bar_line = 0;
+  char bar_sync[2];           // TSan happens-before objects of __syncthreads, alternating by generation
+  void* exit_sync = nullptr;  // every thread's exit happens before the launch returns
+#ifdef CUDA_EMU_TSAN
+  void* tsan_sched = nullptr;
+#endif
+  // scheduler
+  Context sched;
+  std::atomic<Fiber*> cur{nullptr};  // atomic: written by the scheduler, read by the fibers
+  const std::function<void()>* body = nullptr;
+#ifdef CUDA_EMU_ASAN
+  const void* sched_stack_bottom = nullptr;
+  std::size_t sched_stack_size = 0;
+#endif
+  // shared memory
+  unsigned char* dyn_smem = nullptr;
+  std::size_t dyn_bytes = 0;
+  std::map<const void*, std::pair<void*, std::size_t>> static_smem;
+  std::size_t static_bytes = 0;
+  std::size_t smem_limit = 0;  // static + dynamic may not exceed this
+};
+
+inline thread_local Block* tl_block = nullptr;
+
+inline Block& block() {
+  if (!tl_block) fail("device code called outside a kernel launch");
+  return *tl_block;
+}
+inline Fiber& self() { return *block().cur.load(std::memory_order_relaxed); }
+
+// ------------------------------------------------------------------ fiber switching
+inline void switch_to_scheduler(Fiber& f, bool exiting) {
+  Block& b = *tl_block;
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &f.fake_stack, b.sched_stack_bottom, b.sched_stack_size);
+#else
+  (void)exiting;
+#endif
+#ifdef CUDA_EMU_TSAN
+  __tsan_switch_to_fiber(b.tsan_sched, __tsan_switch_to_fiber_no_sync);
+#endif
+  swap_to(f.ctx, b.sched);
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &tl_block->sched_stack_bottom, &tl_block->sched_stack_size);
+#endif
+}
+
+inline void resume(Block& b, Fiber& f) {
+  b.cur = &f;
+#ifdef CUDA_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_size);
+#endif
+#ifdef CUDA_EMU_TSAN
+  // only the first switch into a fiber synchronises: what the host wrote before the launch
+  const unsigned tsan_flags = f.started ? __tsan_switch_to_fiber_no_sync : 0;
+  f.started = true;
+  __tsan_switch_to_fiber(f.tsan_fiber, tsan_flags);
+#endif
+  swap_to(b.sched, f.ctx);
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  b.cur = nullptr;
+}
+
+// ------------------------------------------------------------------ barriers
+inline void syncthreads(const char* file, int line) {
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  if (b.live != b.nthreads)
+    fail("__syncthreads at %s:%d reached after %d thread(s) of block (%u,%u,%u) exited", file, line,
+         b.nthreads - b.live, b.block_idx.x, b.block_idx.y, b.block_idx.z);
+  if (b.bar_arrived == 0) {
+    b.bar_file = file;
+    b.bar_line = line;
+  } else if (b.bar_line != line || std::strcmp(b.bar_file, file) != 0) {
+    fail("divergent __syncthreads in block (%u,%u,%u): thread %d at %s:%d, another thread at %s:%d",
+         b.block_idx.x, b.block_idx.y, b.block_idx.z, f.linear, file, line, b.bar_file, b.bar_line);
+  }
+  const unsigned gen = b.bar_gen.load(std::memory_order_relaxed);
+  hb_release(&b.bar_sync[gen & 1]);
+  if (++b.bar_arrived == b.live) {  // last one opens the barrier, then yields like the others so
+    b.bar_arrived = 0;              // that the order after the barrier follows CUDA_EMU_SCHED
+    b.bar_gen.store(gen + 1, std::memory_order_relaxed);
+    f.state.store(kRunnable, std::memory_order_relaxed);
+  } else {
+    f.wait_gen = gen;
+    f.file = file;
+    f.line = line;
+    f.state.store(kWaitBlock, std::memory_order_relaxed);
+  }
+  switch_to_scheduler(f, false);
+  hb_acquire(&b.bar_sync[gen & 1]);
+}
+
+inline void warp_barrier(Warp& w, Fiber& f, const char* what, const char* file, int line, bool ordering) {
+  if (w.expected != w.lanes)
+    fail("%s at %s:%d (thread %d): %d lane(s) of the warp have exited or do not exist", what, file, line,
+         f.linear, w.lanes - w.expected);
+  if (w.arrived == 0) {
+    w.file = file;
+    w.line = line;
+  } else if (w.line != line || std::strcmp(w.file, file) != 0) {
+    fail("divergent %s: thread %d at %s:%d, another lane of its warp at %s:%d", what, f.linear, file, line,
+         w.file, w.line);
+  }
+  const unsigned gen = w.gen.load(std::memory_order_relaxed);
+  if (ordering) hb_release(&w.sync_obj[gen & 1]);  // __syncwarp orders memory; shuffles do not
+  if (++w.arrived == w.expected) {
+    w.arrived = 0;
+    w.gen.store(gen + 1, std::memory_order_relaxed);
+    if (ordering) hb_acquire(&w.sync_obj[gen & 1]);
+    return;
+  }
+  f.wait_gen = gen;
+  f.file = file;
+  f.line = line;
+  f.state.store(kWaitWarp, std::memory_order_relaxed);
+  switch_to_scheduler(f, false);
+  if (ordering) hb_acquire(&w.sync_obj[gen & 1]);
+}
+
+inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  Warp& w = b.warps[f.linear >> 5];
+  const unsigned want = w.lanes == 32 ? 0xffffffffu : ((1u << w.lanes) - 1u);
+  if (mask != want) fail("__syncwarp(0x%08x) at %s:%d: only full-warp masks are emulated", mask, file, line);
+  warp_barrier(w, f, "__syncwarp", file, line, true);
+}
+
+enum ShflMode { kIdx, kUp, kDown, kXor };
+
+template <typename T>
+inline T shfl(ShflMode mode, const char* file, int line, unsigned mask, T v, int arg, int width) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a type wider than 8 bytes");
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  Warp& w = b.warps[f.linear >> 5];
+  const unsigned want = w.lanes == 32 ? 0xffffffffu : ((1u << w.lanes) - 1u);
+  if (mask != want) fail("__shfl_*_sync(0x%08x) at %s:%d: only full-warp masks are emulated", mask, file, line);
+  if (width <= 0 || width > 32 || (width & (width - 1)))
+    fail("__shfl_*_sync at %s:%d: width %d is not a power of two <= 32", file, line, width);
+  const int lane = f.linear & 31;
+  const int parity = static_cast<int>(w.gen.load(std::memory_order_relaxed) & 1u);
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w.buf[parity][lane].store(bits, std::memory_order_relaxed);
+  warp_barrier(w, f, "__shfl_*_sync", file, line, false);
+  const int seg = lane & ~(width - 1);
+  int src = lane;
+  switch (mode) {
+    case kIdx: src = seg + (arg & (width - 1)); break;
+    case kUp: src = (lane - arg >= seg) ? lane - arg : lane; break;
+    case kDown: src = (lane + arg < seg + width) ? lane + arg : lane; break;
+    case kXor: src = ((lane ^ arg) < seg + width) ? (lane ^ arg) : lane; break;
+  }
+  if (src >= w.lanes) src = lane;
+  bits = w.buf[parity][src].load(std::memory_order_relaxed);
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+
+// ------------------------------------------------------------------ shared memory
+inline void fill_garbage(void* p, std::size_t n) { std::memset(p, static_cast<int>(env_long("CUDA_EMU_SMEM_FILL", 0xff)), n); }
+
+template <typename T>
+inline T* dynamic_smem() {
+  Block& b = block();
+  return reinterpret_cast<T*>(b.dyn_smem);
+}
+
+// One allocation per (declaration, instantiation) per block; `key` is the address of a static
+// object next to the declaration.
+template <typename A>
+inline A& static_smem(const void* key) {
+  Internal guard;  // allocation and garbage fill are not accesses of the kernel
+  Block& b = block();
+  auto it = b.static_smem.find(key);
+  if (it == b.static_smem.end()) {
+    void* p = std::malloc(sizeof(A));
+    fill_garbage(p, sizeof(A));
+    b.static_bytes += sizeof(A);
+    if (b.static_bytes + b.dyn_bytes > b.smem_limit)
+      fail("shared memory: %zu static + %zu dynamic bytes exceed the %zu-byte limit of this launch", b.static_bytes,
+           b.dyn_bytes, b.smem_limit);
+    it = b.static_smem.emplace(key, std::make_pair(p, sizeof(A))).first;
+  }
+  return *reinterpret_cast<A*>(it->second.first);
+}
+
+// ------------------------------------------------------------------ runtime state
+struct Runtime {
+  cudaError_t last_error = cudaSuccess;
+  std::map<const void*, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  std::vector<std::pair<char*, std::size_t>> stacks;  // reused across launches
+  long launches = 0;
+};
+inline Runtime& rt() {
+  static Runtime r;
+  return r;
+}
+inline int smem_optin() { return static_cast<int>(env_long("CUDA_EMU_SMEM_OPTIN", 232448)); }
+
+inline char* get_stack(int i, std::size_t* size) {
+  auto& st = rt().stacks;
+#ifdef CUDA_EMU_TSAN
+  if (i == 0) {  // a new block: unmap the previous block's stacks (munmap resets TSan's shadow)
+    const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    for (auto& s : st) munmap(s.first - page, s.second + page);
+    st.clear();
+  }
+#endif
+  const std::size_t want = static_cast<std::size_t>(env_long("CUDA_EMU_STACK_KB", 256)) * 1024;
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  while (static_cast<int>(st.size()) <= i) {
+    // guard page below the stack: an overflow faults instead of corrupting a neighbour
+    char* p = static_cast<char*>(mmap(nullptr, want + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (p == MAP_FAILED) fail("mmap of a fiber stack failed");
+    mprotect(p, page, PROT_NONE);
+    st.emplace_back(p + page, want);
+  }
+  *size = st[i].second;
+  return st[i].first;
+}
+
+inline void trampoline() {
+  Block& b = *tl_block;
+  Fiber& f = *b.cur;
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.sched_stack_bottom, &b.sched_stack_size);
+#endif
+  // Every thread starts (and synchronises with the host) before any runs kernel code, so an
+  // early exit of one thread cannot happen-before the start of another.
+  f.state.store(kRunnable, std::memory_order_relaxed);
+  switch_to_scheduler(f, false);
+  (*b.body)();
+  {
+    Internal guard;  // thread exit (the guard must end before the fiber does)
+    Warp& w = b.warps[f.linear >> 5];
+    --b.live;
+    --w.expected;
+    if (b.bar_arrived > 0)
+      fail("thread %d of block (%u,%u,%u) exited while others wait at __syncthreads (%s:%d)", f.linear, b.block_idx.x,
+           b.block_idx.y, b.block_idx.z, b.bar_file, b.bar_line);
+    if (w.arrived > 0) fail("thread %d exited while lanes of its warp wait at %s:%d", f.linear, w.file, w.line);
+    f.state.store(kDone, std::memory_order_relaxed);
+  }
+  hb_release(b.exit_sync);
+  switch_to_scheduler(f, true);
+  fail("a finished fiber was resumed");
+}
+
+inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, std::size_t smem_limit,
+                      const std::function<void()>& body, void* exit_sync) {
+  Internal guard;  // the scheduler's own accesses (it never runs kernel code) are not checked
+  const int n = static_cast<int>(bdim.x * bdim.y * bdim.z);
+  const int nw = (n + 31) / 32;
+  std::vector<Fiber> fibers(n);
+  std::vector<Warp> warps(nw);
+  // on the heap, not on this stack: exiting fibers read it after their last happens-before edge
+  std::unique_ptr<Block> block_holder(new Block);
+  Block& b = *block_holder;
+  b.block_idx = bid;
+  b.block_dim = bdim;
+  b.grid_dim = gdim;
+  b.fibers = fibers.data();
+  b.nthreads = n;
+  b.warps = warps.data();
+  b.nwarps = nw;
+  b.live = n;
+  b.body = &body;
+  b.dyn_bytes = dyn_bytes;
+  b.smem_limit = smem_limit;
+  b.exit_sync = exit_sync;
+#ifdef CUDA_EMU_TSAN
+  b.tsan_sched = __tsan_get_current_fiber();
+#endif
+  b.dyn_smem = static_cast<unsigned char*>(std::malloc(dyn_bytes ? dyn_bytes : 1));
+  fill_garbage(b.dyn_smem, dyn_bytes);
+  for (int w = 0; w < nw; ++w) {
+    warps[w].lanes = std::min(32, n - 32 * w);
+    warps[w].expected = warps[w].lanes;
+  }
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = fibers[i];
+    f.linear = i;
+    f.tid = make_uint3(i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y));
+    f.stack = get_stack(i, &f.stack_size);
+    make_context(f.ctx, f.stack, f.stack_size, trampoline);
+#ifdef CUDA_EMU_TSAN
+    f.tsan_fiber = __tsan_create_fiber(0);
+#endif
+  }
+  Block* prev = tl_block;
+  tl_block = &b;
+
+  // scheduling order
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  const char* sched = std::getenv("CUDA_EMU_SCHED");
+  std::string mode = sched ? sched : "linear";
+  std::mt19937_64 rng;
+  bool random = false;
+  if (mode == "reverse") {
+    std::reverse(order.begin(), order.end());
+  } else if (mode.rfind("random", 0) == 0) {
+    random = true;
+    const auto colon = mode.find(':');
+    rng.seed((colon == std::string::npos ? 1 : std::strtoull(mode.c_str() + colon + 1, nullptr, 0)) * 1000003u +
+             bid.x + 7919u * bid.y + 104729u * bid.z + 15485863u * static_cast<unsigned long long>(rt().launches));
+  } else if (mode != "linear") {
+    fail("CUDA_EMU_SCHED=%s: use linear, reverse or random:SEED", mode.c_str());
+  }
+
+  int done = 0;
+  while (done < n) {
+    if (random) std::shuffle(order.begin(), order.end(), rng);
+    bool progress = false;
+    for (int i : order) {
+      Fiber& f = fibers[i];
+      const int s = f.state.load(std::memory_order_relaxed);
+      if (s == kDone) continue;
+      if (s == kWaitBlock && b.bar_gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
+      if (s == kWaitWarp && warps[i >> 5].gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
+      f.state.store(kRunnable, std::memory_order_relaxed);
+      resume(b, f);
+      progress = true;
+      if (f.state.load(std::memory_order_relaxed) == kDone) ++done;
+    }
+    if (!progress && done < n) {
+      std::fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u); waiting threads:\n", bid.x, bid.y, bid.z);
+      int shown = 0;
+      for (int i = 0; i < n && shown < 16; ++i) {
+        const int s = fibers[i].state.load();
+        if (s == kDone) continue;
+        std::fprintf(stderr, "  thread %d: %s at %s:%d\n", i, s == kWaitBlock ? "__syncthreads" : "warp collective",
+                     fibers[i].file, fibers[i].line);
+        ++shown;
+      }
+      fail("deadlock (barrier divergence)");
+    }
+  }
+  tl_block = prev;
+#ifdef CUDA_EMU_TSAN
+  for (int i = 0; i < n; ++i) __tsan_destroy_fiber(fibers[i].tsan_fiber);
+  AnnotateIgnoreWritesBegin(__FILE__, __LINE__);  // freeing smem is not a kernel access
+#endif
+  for (auto& kv : b.static_smem) std::free(kv.second.first);
+  std::free(b.dyn_smem);
+#ifdef CUDA_EMU_TSAN
+  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+#endif
+}
+
+// ------------------------------------------------------------------ launch
+struct LaunchCfg {
+  dim3 grid, block;
+  std::size_t smem;
+  cudaStream_t stream;
+};
+
+template <typename... A>
+struct PendingLaunch {
+  LaunchCfg cfg;
+  std::tuple<A...> args;
+};
+
+struct CfgBuilder {
+  LaunchCfg cfg;
+  template <typename... A>
+  PendingLaunch<std::decay_t<A>...> args(A&&... a) const {
+    return {cfg, std::tuple<std::decay_t<A>...>(std::forward<A>(a)...)};
+  }
+};
+
+inline CfgBuilder launch_config(dim3 grid, dim3 block, std::size_t smem = 0, cudaStream_t stream = nullptr) {
+  return CfgBuilder{LaunchCfg{grid, block, smem, stream}};
+}
+
+template <typename... P>
+void launch(void (*kernel)(P...), const LaunchCfg& c, std::tuple<std::decay_t<P>...> params) {
+  Runtime& r = rt();
+  ++r.launches;
+  const unsigned long long threads = 1ull * c.block.x * c.block.y * c.block.z;
+  if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 ||
+      c.grid.y > 65535 || c.grid.z > 65535) {
+    r.last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  const auto it = r.max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
+  const std::size_t dyn_limit = it != r.max_dyn_smem.end() ? static_cast<std::size_t>(it->second) : 48 * 1024;
+  if (c.smem > dyn_limit) {
+    r.last_error = cudaErrorInvalidValue;  // what the runtime reports for too much dynamic smem
+    return;
+  }
+  const std::size_t limit = std::max<std::size_t>(48 * 1024, static_cast<std::size_t>(smem_optin()));
+  std::function<void()> body = [&]() { std::apply(kernel, params); };
+  // Blocks run one after another, but no happens-before joins them until the launch ends: a
+  // race between two blocks (e.g. overlapping scratch) is reported under TSan.
+  char exit_sync = 0;
+  for (unsigned z = 0; z < c.grid.z; ++z)
+    for (unsigned y = 0; y < c.grid.y; ++y)
+      for (unsigned x = 0; x < c.grid.x; ++x)
+        run_block(make_uint3(x, y, z), c.block, c.grid, c.smem, limit, body, &exit_sync);
+  hb_acquire(&exit_sync);
+}
+
+// `kernel<<<cfg>>>(args)` is rewritten by cu_rewrite.py to `kernel | launch_config(cfg).args(args)`.
+template <typename... P, typename... A>
+void operator|(void (*kernel)(P...), PendingLaunch<A...>&& pl) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  launch(kernel, pl.cfg,
+         std::apply([](auto&... a) { return std::tuple<std::decay_t<P>...>(a...); }, pl.args));
+}
+
+}  // namespace cuda_emu
+
+// ------------------------------------------------------------------ built-in variables
+#define threadIdx (::cuda_emu::self().tid)
+#define blockIdx (::cuda_emu::block().block_idx)
+#define blockDim (::cuda_emu::block().block_dim)
+#define gridDim (::cuda_emu::block().grid_dim)
+#ifndef warpSize
+#define warpSize 32
+#endif
+
+// ------------------------------------------------------------------ intrinsics
+#define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
+#define __syncwarp(...) ::cuda_emu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+namespace cuda_emu {
+template <typename T> inline T shfl_w(ShflMode m, const char* f, int l, unsigned mask, T v, int a, int width = 32) {
+  return shfl<T>(m, f, l, mask, v, a, width);
+}
+}  // namespace cuda_emu
+#define __shfl_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kIdx, __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_up_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kUp, __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_down_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kDown, __FILE__, __LINE__, mask, v, __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kXor, __FILE__, __LINE__, mask, v, __VA_ARGS__)
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+// Correctly rounded, never contracted into an FMA (build with -ffp-contract=off; no -mfma needed).
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// Atomics: fibers of a block run on one OS thread and blocks run one after another, so a plain
+// read-modify-write is atomic here.
+template <typename T> inline T atomicAdd(T* p, T v) { T o = *p; *p = o + v; return o; }
+template <typename T> inline T atomicMax(T* p, T v) { T o = *p; *p = o < v ? v : o; return o; }
+template <typename T> inline T atomicMin(T* p, T v) { T o = *p; *p = v < o ? v : o; return o; }
+template <typename T> inline T atomicExch(T* p, T v) { T o = *p; *p = v; return o; }
+template <typename T> inline T atomicCAS(T* p, T cmp, T v) { T o = *p; if (o == cmp) *p = v; return o; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+// Declarations rewritten by cu_rewrite.py.
+#define CUDA_EMU_SHARED(T, name, dims)     \
+  static char name##_cuda_emu_key;         \
+  auto& name = ::cuda_emu::static_smem<T dims>(&name##_cuda_emu_key)
+#define CUDA_EMU_EXTERN_SHARED(T, name) T* name = ::cuda_emu::dynamic_smem<T>()
+
+// ------------------------------------------------------------------ runtime API subset
+// Weak definitions: no libcudart is linked; the header may be included in several objects.
+extern "C" {
+__attribute__((weak)) cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+__attribute__((weak)) cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = ::cuda_emu::smem_optin(); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+__attribute__((weak)) cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > ::cuda_emu::smem_optin()) return cudaErrorInvalidValue;
+  ::cuda_emu::rt().max_dyn_smem[func] = value;
+  return cudaSuccess;
+}
+__attribute__((weak)) cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = ::cuda_emu::rt().last_error;
+  ::cuda_emu::rt().last_error = cudaSuccess;
+  return e;
+}
+__attribute__((weak)) cudaError_t cudaPeekAtLastError(void) { return ::cuda_emu::rt().last_error; }
+__attribute__((weak)) cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+__attribute__((weak)) cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+__attribute__((weak)) const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    default: return "cudaErrorUnknown(emulated)";
+  }
+}
+__attribute__((weak)) const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    default: return "unknown error (cuda_emu)";
+  }
+}
+}  // extern "C"
+
+// C++ overload of the runtime (cuda_runtime.h declares it only under nvcc).
+template <class T>
+inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}

@@ -1,0 +1,115 @@
+// Native driver of the emulated kernels, for the sanitizer and mutation tests
+// (tests/test_cuda_emu_native.py).  Linked with csrc/cuda/greedy.cu (or a mutated copy) built
+// for csrc/emu/cuda_emu.h, optionally with -fsanitize=...: sanitizers cannot be loaded into
+// the Python process, so the launch runs here, on arguments that Python prepared with
+// cuda_backend.prepare() and wrote to a case directory:
+//
+//   args.txt    "key value" lines: kind (maxsim|dpp), mode (row|gram), dtype, rows, dim, batch,
+//               k_max, lam, smem_state, x_offset (bytes added to the feature address: misaligned rows)
+//   x.bin score.bin starts.bin lengths.bin ks.bin [first.bin] [eligible.bin] [gram.bin inv.bin sqn.bin]
+//
+// It runs the launchers of greedy.h as cuda_backend.launch_with does and writes out.bin
+// ([batch, k_max] int64).  Exit status 0 on success, 3 when a launcher reports an error.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "greedy.h"
+
+namespace {
+
+std::string g_dir;
+
+std::vector<unsigned char> read_file(const std::string& name, bool required = true) {
+  std::ifstream f(g_dir + "/" + name, std::ios::binary);
+  if (!f) {
+    if (required) {
+      std::fprintf(stderr, "harness: cannot read %s/%s\n", g_dir.c_str(), name.c_str());
+      std::exit(2);
+    }
+    return {};
+  }
+  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
+}
+
+// A 16-byte aligned copy (plus `offset` bytes), as a caching allocator would hand out.
+struct Buffer {
+  std::vector<unsigned char> hold;
+  unsigned char* ptr = nullptr;
+  Buffer(const std::vector<unsigned char>& data, std::size_t offset = 0) : hold(data.size() + offset + 32, 0) {
+    const auto base = reinterpret_cast<std::uintptr_t>(hold.data());
+    ptr = reinterpret_cast<unsigned char*>(((base + 15) & ~std::uintptr_t(15)) + offset);
+    if (!data.empty()) std::memcpy(ptr, data.data(), data.size());
+  }
+  explicit Buffer(std::size_t bytes) : Buffer(std::vector<unsigned char>(bytes, 0xab)) {}
+  std::uintptr_t addr() const { return reinterpret_cast<std::uintptr_t>(ptr); }
+};
+
+std::uintptr_t addr_or_null(const Buffer& b) { return b.hold.size() > 32 ? b.addr() : 0; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: harness CASE_DIR\n");
+    return 2;
+  }
+  g_dir = argv[1];
+  std::map<std::string, std::string> a;
+  {
+    std::ifstream f(g_dir + "/args.txt");
+    std::string k, v;
+    while (f >> k >> v) a[k] = v;
+  }
+  auto num = [&](const char* k) { return std::strtoll(a.at(k).c_str(), nullptr, 10); };
+  const std::string kind = a.at("kind"), mode = a.at("mode");
+  const int dtype = static_cast<int>(num("dtype"));
+  const std::int64_t rows = num("rows"), dim = num("dim"), batch = num("batch"), k_max = num("k_max");
+  const double lam = std::strtod(a.at("lam").c_str(), nullptr);
+  const int smem_state = static_cast<int>(num("smem_state"));
+
+  Buffer x(read_file("x.bin"), static_cast<std::size_t>(num("x_offset")));
+  Buffer score(read_file("score.bin")), starts(read_file("starts.bin")), lengths(read_file("lengths.bin")),
+      ks(read_file("ks.bin"));
+  Buffer first(read_file("first.bin", false)), eligible(read_file("eligible.bin", false));
+  Buffer state(rows * 4), taken(rows), inv(rows * 4), sqn(rows * 4), chol(rows * k_max * 4 + 4);
+  Buffer out(batch * k_max * 8);
+  std::string err;
+  namespace mc = mmrprune_cuda;
+  mc::Segments seg;
+  seg.starts = starts.addr(), seg.lengths = lengths.addr(), seg.ks = ks.addr();
+  seg.batch = batch, seg.k_max = k_max, seg.out = out.addr(), seg.stream = 0;
+  mc::MaxSimState ms;
+  ms.imp = score.addr(), ms.first_score = addr_or_null(first), ms.eligible = addr_or_null(eligible);
+  ms.lam = lam, ms.m_scratch = state.addr(), ms.taken_scratch = taken.addr();
+  mc::DppState ds;
+  ds.q = score.addr(), ds.d2_scratch = state.addr(), ds.taken_scratch = taken.addr(), ds.c_scratch = chol.addr();
+  if (mode == "gram") {
+    Buffer gram(read_file("gram.bin")), ginv(read_file("inv.bin")), gsqn(read_file("sqn.bin", false));
+    mc::GramRows g;
+    g.gram = gram.addr(), g.ld = num("ld");
+    ms.inv_norm = ds.inv_norm = ginv.addr();
+    ds.sqn = gsqn.addr();
+    err = kind == "dpp" ? mc::launch_greedy_dpp_gram(g, ds, seg) : mc::launch_greedy_maxsim_gram(g, ms, seg, smem_state);
+  } else {
+    mc::Features f;
+    f.x = x.addr(), f.dtype = dtype, f.rows = rows, f.dim = dim;
+    ms.inv_norm = ds.inv_norm = inv.addr();
+    ds.sqn = sqn.addr();
+    err = mc::launch_inv_norms(f, inv.addr(), kind == "dpp" ? sqn.addr() : 0, 0);
+    if (err.empty()) err = kind == "dpp" ? mc::launch_greedy_dpp(f, ds, seg) : mc::launch_greedy_maxsim(f, ms, seg);
+  }
+  if (!err.empty()) {
+    std::fprintf(stderr, "harness: launcher error: %s\n", err.c_str());
+    return 3;
+  }
+  std::ofstream f(g_dir + "/out.bin", std::ios::binary);
+  f.write(reinterpret_cast<const char*>(out.ptr), batch * k_max * 8);
+  return 0;
+}

@@ -1,0 +1,208 @@
+"""Backend ``cuda_emu``: the CUDA kernels (csrc/cuda, unmodified) executed on CPU tensors.
+
+What the GPU suite (test_cuda_backend.py, the ``target`` fixture) does not already cover:
+the bundled real tokens for every fused method, dtype and similarity mode against the
+reference; several thread schedules; ``check_finite=False`` in both modes; dynamic shared
+memory above 48 KiB (the opt-in path, and its error past the device limit); misaligned rows
+(the scalar-load path); the backend's registration.  Sanitizers and the mutation test:
+test_cuda_emu_native.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import certify
+import mmrprune
+from mmrprune import dispatch
+from mmrprune import reference as R
+from mmrprune.backends import cuda_backend as cb
+from mmrprune.backends import cuda_emu_backend as emu
+
+pytestmark = pytest.mark.skipif(not emu.status()[0], reason=f"backend cuda_emu unavailable: {emu.status()[1]}")
+
+FUSED = ["mmr", "fps", "hybrid", "divprune", "dpp"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
+def sim_mode(request, monkeypatch):
+    monkeypatch.setenv(cb.GRAM_ENV, request.param)
+    return request.param
+
+
+def _select(x, w, method, **kw):
+    return mmrprune.select(x, w, method=method, backend="cuda_emu", order="selection", **kw)
+
+
+def _agrees_with_reference(x, w, picks, method, lam, k, dtype):
+    """Exact reference indices when every reference step's margin exceeds the dtype's
+    tolerance; otherwise (a near-tie the fp32 kernel may break either way) the certificate."""
+    x64 = certify.to_f64(x)
+    w64 = None if w is None else certify.to_f64(w)
+    tol = certify.tol_for(dtype)
+    if certify.reference_margin(x64, w64, k, method, lam) > tol:
+        np.testing.assert_array_equal(picks, R.select_one(x64, w64, k, method, lam))
+        return "exact"
+    certify.check_certificate(x64, w64, picks, method, lam, tol=tol, k=k)
+    return "certificate"
+
+
+# ----------------------------------------------------------------------------- real tokens
+# Two of the eight bundled DINOv2 images (1024 tokens x 384 each), k = 32: every fused method,
+# dtype and similarity mode is 30 emulated launches.
+REAL_IMAGES = [0, 5]
+REAL_K = 32
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("method", FUSED)
+def test_real_tokens_agree_with_reference(dinov2, sim_mode, method, dtype):
+    feats = torch.from_numpy(dinov2["tokens"][REAL_IMAGES]).to(DTYPES[dtype])
+    imp = torch.from_numpy(dinov2["cls_attention"][REAL_IMAGES])
+    lam = 0.5
+    got = _select(feats, imp, method, k=REAL_K, lam=lam)
+    assert tuple(got.shape) == (len(REAL_IMAGES), REAL_K)
+    for b in range(len(REAL_IMAGES)):
+        _agrees_with_reference(feats[b], imp[b], got[b].numpy(), method, lam, REAL_K, dtype)
+
+
+# ----------------------------------------------------------------------------- thread schedules
+@pytest.mark.parametrize("method", FUSED)
+def test_thread_schedules_give_the_same_picks(sim_mode, monkeypatch, method):
+    x = torch.from_numpy(certify.clustered_tokens(90, 40, batch=2, seed=8)).to(torch.bfloat16)
+    w = torch.from_numpy(certify.distinct_importance(90, batch=2, seed=8)).float()
+    lengths = torch.tensor([90, 37])
+    picks = {}
+    for sched in ("linear", "reverse", "random:7", "random:2024"):
+        monkeypatch.setenv("CUDA_EMU_SCHED", sched)
+        picks[sched] = _select(x, w, method, k=12, lengths=lengths)
+    for sched, p in picks.items():
+        assert torch.equal(p, picks["linear"]), f"{sched}: {p.tolist()} vs linear {picks['linear'].tolist()}"
+    for b, n in enumerate(lengths.tolist()):
+        certify.check_certificate(x[b, :n], w[b, :n], picks["linear"][b].numpy(), method, 0.5,
+                                  tol=certify.tol_for(x.dtype), k=12)
+
+
+def test_an_unknown_schedule_is_refused():
+    """The schedule setting is read by the emulator: a typo must not silently run 'linear'."""
+    code = ("import torch, mmrprune; mmrprune.select(torch.randn(1, 8, 4), torch.rand(1, 8), k=2, "
+            "backend='cuda_emu')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_EMU_SCHED": "sideways"}, timeout=300)
+    assert proc.returncode != 0 and "CUDA_EMU_SCHED=sideways" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- unchecked input
+@pytest.mark.parametrize("method", FUSED)
+def test_unchecked_non_finite_input_in_both_modes(sim_mode, method):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 40, 16), torch.rand(3, 40)
+    x[0, 5] = math.nan
+    x[1] = math.nan
+    w[2, 3] = math.inf
+    lengths = [40, 33, 40]
+    out = _select(x, w, method, k=7, lengths=lengths, check_finite=False)
+    for row, n in zip(out.tolist(), lengths):
+        assert all(0 <= i < n for i in row) and len(set(row)) == 7, row
+
+
+# ----------------------------------------------------------------------------- shared memory, alignment
+def test_dynamic_smem_above_48k_uses_the_opt_in(monkeypatch):
+    """D = 13000 fp32: x̂_p is 52,000 bytes of dynamic shared memory, above the 48 KiB default,
+    so the launcher must raise the kernel's limit (the emulator refuses the launch otherwise)."""
+    monkeypatch.setenv(cb.GRAM_ENV, "0")
+    x = torch.from_numpy(certify.gaussian_tokens(24, 13000, seed=2)).float()
+    w = torch.from_numpy(certify.distinct_importance(24, seed=2)).float()
+    assert emu._ext.smem_bytes(13000) > 48 * 1024
+    for method in ("mmr", "dpp"):
+        got = _select(x[None], w[None], method, k=5)[0].numpy()
+        _agrees_with_reference(x, w, got, method, 0.5, 5, torch.float32)
+    # past the device's opt-in limit the launcher says so (the emulated device reports CUDA_EMU_SMEM_OPTIN)
+    monkeypatch.setenv("CUDA_EMU_SMEM_OPTIN", str(48 * 1024))
+    with pytest.raises(RuntimeError, match="feature dim too large for the fused CUDA kernel"):
+        _select(x[None], w[None], "mmr", k=5)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("dim", [64, 70])
+def test_misaligned_rows_take_the_scalar_path(dtype, dim, monkeypatch):
+    """Features whose base address is not 16-byte aligned (a view at an odd offset) must give the
+    same answer as the aligned copy; D = 70 is scalar either way (70 * 2 bytes % 16 != 0)."""
+    monkeypatch.setenv(cb.GRAM_ENV, "0")
+    n, k = 60, 10
+    base = torch.from_numpy(certify.clustered_tokens(n, dim, seed=4)).to(DTYPES[dtype])
+    storage = torch.empty(n * dim + 1, dtype=base.dtype)
+    shifted = storage[1:].view(n, dim)
+    shifted.copy_(base)
+    assert shifted.data_ptr() % 16 != 0 and base.data_ptr() % 16 == 0
+    w = torch.from_numpy(certify.distinct_importance(n, seed=4)).float()
+    for method in ("mmr", "dpp"):
+        a = _select(base[None], w[None], method, k=k)[0].numpy()
+        b = _select(shifted[None], w[None], method, k=k)[0].numpy()
+        for picks in (a, b):
+            _agrees_with_reference(base, w, picks, method, 0.5, k, dtype)
+
+
+# ----------------------------------------------------------------------------- registration
+def test_registered_by_name_only():
+    assert "cuda_emu" in dispatch.BACKENDS
+    assert all("cuda_emu" not in order for order in dispatch.AUTO_ORDER.values())
+    assert dispatch.resolve("auto", "cpu", "mmr").name != "cuda_emu"
+    assert dispatch.resolve("cuda_emu", "cpu", "dpp").name == "cuda_emu"
+    with pytest.raises(RuntimeError, match="runs on \\['cpu'\\] tensors"):
+        dispatch.resolve("cuda_emu", "cuda", "mmr")
+
+
+def test_info_lists_it_and_says_what_it_is_for():
+    report = mmrprune.info()
+    entry = report["backends"]["cuda_emu"]
+    assert entry["available"] and "CPU tensors" in entry["detail"] and "tests" in entry["detail"]
+    from mmrprune.info import format_info
+    assert any(line.split()[:2] == ["cuda_emu", "yes"] for line in format_info(report).splitlines())
+
+
+def test_unbuilt_module_reports_why(monkeypatch):
+    monkeypatch.setattr(emu.KERNELS, "ext", None)
+    monkeypatch.setattr(emu.KERNELS, "import_error", "ImportError: no module")
+    ok, why = emu.status()
+    assert not ok and "mmrprune._cuda_emu not built" in why
+    with pytest.raises(RuntimeError, match="backend 'cuda_emu' is not available"):
+        emu.select(_tiny_batch())
+
+
+def test_float64_and_topk_take_the_cuda_backends_torch_fallback():
+    x = torch.randn(2, 30, 8, dtype=torch.float64)
+    w = torch.rand(2, 30, dtype=torch.float64)
+    for method in ("mmr", "topk"):
+        assert torch.equal(_select(x, w, method, k=6), mmrprune.select(x, w, method=method, k=6, backend="torch",
+                                                                       order="selection"))
+
+
+def _tiny_batch():
+    from mmrprune.validation import validate
+    return validate(torch.randn(1, 8, 4), torch.rand(1, 8), k=2, keep_ratio=None, lam=0.5, method="mmr",
+                    lengths=None, method_params={}).batch
+
+
+def test_emulator_build_needs_all_three_cuda_headers(tmp_path, monkeypatch):
+    """setup.py builds mmrprune._cuda_emu exactly when build_recipe finds the CUDA headers."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    try:
+        import build_recipe
+    finally:
+        sys.path.pop(0)
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "cuda_runtime.h").write_text("")
+    (inc / "cuda_fp16.h").write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert build_recipe.cuda_include_dir() is None          # cuda_bf16.h missing: unavailable
+    (inc / "cuda_bf16.h").write_text("")
+    assert build_recipe.cuda_include_dir() == str(inc)
