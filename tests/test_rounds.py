@@ -96,3 +96,18 @@ def test_commit_check_is_what_keeps_picks_exact(dinov2_f64):
 def test_round_limit_must_be_positive():
     with pytest.raises(ValueError, match="max_round"):
         R.select_rounds(np.eye(3), None, 2, "mmr", 0.5, 0)
+
+
+def test_select_return_stats(dinov2_f64):
+    """``return_stats=True``: rounds per image from a backend that counts, no key from one that does not."""
+    import mmrprune
+    from mmrprune.backends.numpy_backend import MAX_ROUND
+    x, w = dinov2_f64[0][:2, :96], dinov2_f64[1][:2, :96]
+    idx, stats = mmrprune.select(x, w, k=24, backend="numpy", order="selection", return_stats=True)
+    want = [R.select_rounds(x[b], w[b], 24, "mmr", 0.5, MAX_ROUND) for b in range(2)]
+    assert idx.tolist() == [o.tolist() for o, _ in want]
+    assert stats["rounds"].tolist() == [r for _, r in want]
+    one, one_stats = mmrprune.select(x[0], w[0], k=24, backend="numpy", return_stats=True)
+    assert one_stats["rounds"] == want[0][1] and one.shape == (24,)
+    assert mmrprune.select(x, w, k=24, backend="torch", return_stats=True)[1] == {}
+    assert not isinstance(mmrprune.select(x, w, k=24, backend="numpy"), tuple)
