@@ -301,9 +301,9 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
             limit = tl.where(t == 0, 1, tl.minimum(kb - t, ROUND))
             # the candidates on BLOCK_N lanes (lane j = c_{j+1}), the tile shape of the update pass
             cand_i = tl.sum(tl.where(lanes[:, None] == slots[None, :], cand[None, :], 0), axis=1)
-            live = lanes < limit
+            live = (lanes < limit) & (cand_i < n)                    # (padding lanes never rank in the top `limit`)
             m_c = tl.load(state_ptr + start + cand_i, mask=live, other=float("inf"))
-            fail = live & (m_c == float("inf"))                      # not eligible: never committed
+            fail = (lanes < limit) & (m_c == float("inf"))           # not eligible: never committed
             if DIVERSITY:
                 for l in range(0, limit - 1):
                     c_l = tl.sum(tl.where(slots == l, cand, 0), axis=0)
