@@ -11,6 +11,10 @@ Each case times (1 warm-up, then the median of --repeats; numpy gets fewer):
   bmm     one float32 torch.bmm computing the B N x N similarity matrices (normalised input)
   numpy   mmrprune.reference.select_mmr per image  (float64 ground truth)
 Targets: cpu >= 3x faster than anchor, faster than the bmm alone, >= 3x faster than numpy.
+Case 3 (``threads``): case 2's shape in bfloat16, the cpu backend with 1 and with 2
+threads, calls interleaved (1, 2, 1, 2, ...) so both see the same machine load; the
+picks must be identical.  Target: 2 threads >= 1.6x faster than 1 thread at B = 1.
+Every record carries the load average (``os.getloadavg``) at the start of its case.
 Records follow docs/contract.md, "Benchmark records".
 """
 from __future__ import annotations
@@ -80,6 +84,37 @@ def clustered(n, d, seed=0, centres=16):
     return x.astype(np.float32)
 
 
+def run_thread_scaling(name, x, w, k, lam, repeats, common, threads=(1, 2)):
+    """The cpu backend at B = 1 with each thread count, calls interleaved; identical picks required."""
+    b, n, d = x.shape
+    load = os.getloadavg()
+    picks, times = {}, {t: [] for t in threads}
+    for rep in range(repeats + 1):   # round 0 is the warm-up
+        for t in threads:
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            out = mmrprune.select(x, w, k=k, lam=lam, method="mmr", backend="cpu", order="selection")
+            if rep:
+                times[t].append((time.perf_counter() - t0) * 1e3)
+            picks.setdefault(t, out)
+            if not torch.equal(picks[t], out) or not torch.equal(picks[threads[0]], out):
+                raise SystemExit(f"{name}: picks with {t} threads differ")
+    records = []
+    for t in threads:
+        med, p20, p80 = float(np.median(times[t])), float(np.percentile(times[t], 20)), float(np.percentile(times[t], 80))
+        records.append({**common, "threads": t, "case": name, "backend": "cpu", "method": "mmr", "batch": b,
+                        "tokens": n, "dim": d, "k": k, "lam": lam, "dtype": str(x.dtype).replace("torch.", ""),
+                        "median_ms": round(med, 3), "p20_ms": round(p20, 3), "p80_ms": round(p80, 3),
+                        "us_per_step": round(med * 1e3 / k, 3), "repeats": repeats, "loadavg": list(load)})
+        print(f"{name:>10} cpu {t} thread(s): median {med:9.2f} ms  (p20 {p20:.2f}, p80 {p80:.2f}, {repeats} runs)",
+              flush=True)
+    speedup = records[0]["median_ms"] / records[-1]["median_ms"]
+    for r in records:
+        r["speedup_vs_1_thread"] = round(records[0]["median_ms"] / r["median_ms"], 3)
+    print(f"{name:>10} {threads[-1]} threads vs 1: {speedup:.2f}x (load average {load[0]:.1f}, identical picks)")
+    return records
+
+
 def run_case(name, x, w, k, lam, repeats, numpy_repeats, common):
     """x [B, N, D] float32, w [B, N] float32."""
     b, n, d = x.shape
@@ -116,6 +151,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu_targets.json"))
     ap.add_argument("--note", default="", help="free text stored in every record (e.g. 'shared machine, under load')")
+    ap.add_argument("--only-threads", action="store_true", help="run case 3 (1 vs 2 threads at B = 1) alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ok, detail = mmrprune.dispatch.status("cpu")
@@ -125,22 +161,31 @@ def main(argv=None):
               "threads": args.threads, "cpu_backend": detail, "note": args.note,
               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}
 
+    n2, d2 = 2691, 3584
+    x2 = torch.from_numpy(clustered(n2, d2))[None].contiguous()
+    w2 = torch.from_numpy(np.random.default_rng(1).random(n2).astype(np.float32))[None]
+    k2 = R.budget(n2, keep_ratio=0.25)
+    if args.only_threads:
+        return _write(args.out, run_thread_scaling("threads", x2.to(torch.bfloat16), w2, k2, 0.5, args.repeats, common))
+
     from mmrprune.data import load_dinov2
     d = load_dinov2()
     x1 = torch.from_numpy(np.asarray(d["tokens"])).float().contiguous()
     w1 = torch.from_numpy(np.asarray(d["cls_attention"])).float().contiguous()
     records = run_case("dinov2", x1, w1, 256, 0.5, args.repeats, args.numpy_repeats, common)
 
-    n2, d2 = 2691, 3584
-    x2 = torch.from_numpy(clustered(n2, d2))[None].contiguous()
-    w2 = torch.from_numpy(np.random.default_rng(1).random(n2).astype(np.float32))[None]
-    k2 = R.budget(n2, keep_ratio=0.25)
     records += run_case("large", x2, w2, k2, 0.5, max(3, args.repeats // 3), max(1, args.numpy_repeats - 1), common)
+    records += run_thread_scaling("threads", x2.to(torch.bfloat16), w2, k2, 0.5, args.repeats, common)
+    torch.set_num_threads(args.threads)
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    _write(args.out, records)
+
+
+def _write(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(records, f, indent=1)
-    print(f"wrote {len(records)} records to {args.out}")
+    print(f"wrote {len(records)} records to {path}")
 
 
 if __name__ == "__main__":

@@ -16,18 +16,20 @@ from .validation import Request, validate
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def _run(request: Request, backend: str) -> torch.Tensor:
+def _run(request: Request, backend: str) -> tuple[torch.Tensor, dict]:
+    """``(indices [B, k_max], stats)``; a backend returns either the indices or ``(indices, stats)``."""
     batch = request.batch
     chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
     if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
         workspace.check(chosen.name, batch)
     out = chosen.select(batch)
+    out, stats = out if isinstance(out, tuple) else (out, {})
     if request.order == "position":
         # -1 padding sorts last: order by (index if kept else +inf)
         key = torch.where(out < 0, torch.iinfo(torch.int64).max, out)
         out = torch.sort(key, dim=1).values
         out = torch.where(out == torch.iinfo(torch.int64).max, -1, out)
-    return out
+    return out, stats
 
 
 def _to_user(t: torch.Tensor, numpy_in: bool):
@@ -37,7 +39,7 @@ def _to_user(t: torch.Tensor, numpy_in: bool):
 def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
            keep_ratio: Optional[float] = None, lam: float = 0.5, method: str = "mmr",
            lengths: Optional[ArrayLike] = None, order: str = "position", backend: str = "auto",
-           check_finite: bool = True, **method_params) -> ArrayLike:
+           check_finite: bool = True, return_stats: bool = False, **method_params) -> ArrayLike:
     """Pick the visual tokens to keep, per image.
 
     Args:
@@ -54,19 +56,29 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         check_finite: reject NaN/Inf, features whose squared norms would overflow, importance whose
             per-image range overflows (and out-of-range ``lengths`` on accelerator input);
             ``False`` keeps the call free of host syncs (CUDA-graph capture).
+        return_stats: also return a dict of what the backend measured while selecting
+            (see Returns).
         **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
 
     Returns:
         int64 indices ``[k]`` for ``[N, D]`` input, else ``[B, k_max]`` with rows
         padded by -1 where ``k_b < k_max``.  ``k_max = min(k, N)`` for padded input
         with ``k`` (static, no host sync), else ``max_b k_b``.
+        With ``return_stats=True``: ``(indices, stats)``.  ``stats["rounds"]`` (int64,
+        ``[B]``, or a scalar for ``[N, D]`` input) is the number of sequential rounds each
+        image took, on backends that select in exact multi-pick rounds (``triton``,
+        ``numpy``); a backend that does not count leaves the key out.
     """
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
-    out = _run(request, backend)
+    out, stats = _run(request, backend)
     if request.single_image:
         out = out[0]
-    return _to_user(out, request.numpy_in)
+        stats = {name: v[0] for name, v in stats.items()}
+    out = _to_user(out, request.numpy_in)
+    if not return_stats:
+        return out
+    return out, {name: _to_user(v, request.numpy_in) for name, v in stats.items()}
 
 
 def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqlens: ArrayLike, *,
@@ -86,7 +98,7 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqle
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch
-    local = _run(request, backend)
+    local, _ = _run(request, backend)
     kept = local >= 0
     flat = (local + batch.starts[:, None])[kept]
     cu_k = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.device)

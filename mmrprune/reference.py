@@ -25,6 +25,7 @@ __all__ = [
     "budget", "hybrid_pool_size", "d2pruner_pivot_count",
     "select_mmr", "select_topk", "select_fps", "select_hybrid", "select_divprune",
     "select_dpp", "select_d2pruner", "select_one", "grid_near",
+    "ROUND_METHODS", "select_rounds",
 ]
 
 IMP_EPS = 1e-6    # denominator guard of the min-max importance normalisation
@@ -290,6 +291,84 @@ _SELECTORS = {
     "dpp": lambda x, w, k, lam, p: select_dpp(x, w, k),
     "d2pruner": lambda x, w, k, lam, p: select_d2pruner(x, w, k, **p),
 }
+
+
+# --------------------------------------------------------------------------- rounds
+ROUND_METHODS = ("mmr", "topk", "fps", "hybrid", "divprune")
+
+
+def select_rounds(x, w, k: int, method: str = "mmr", lam: float = 0.5,
+                  max_round: int | None = None, **params) -> tuple[np.ndarray, int]:
+    """The one-at-a-time order of :func:`select_one`, committed several picks per round.
+
+    Returns ``(order, rounds)``: the same ``int64`` picks as :func:`select_one`
+    and the number of sequential rounds that produced them.
+
+    Max-similarity family (:data:`ROUND_METHODS`; state ``m_i = max_{j in S} sim(i, j)``,
+    DivPrune's ``min_{j in S} d(i, j)``).  A new pick can only lower a score.  At
+    the start of a round, order the untaken eligible tokens by ``(score desc,
+    index asc)``: ``c_1, c_2, ...``.  ``c_1`` is the exact next pick.  ``c_j``
+    joins the round while its state is unchanged by every earlier pick of the
+    round (``sim(c_j, c_l) <= m_{c_j}``; DivPrune ``1 - sim >= min_d``): its
+    score stays put while every other score can only fall, so it is the exact
+    pick after ``c_{j-1}``.  The round stops at the first candidate that fails,
+    at the budget, or at ``max_round`` candidates (``None``: no limit).  When
+    the score ignores the state (lam = 1, top-k) every candidate passes.  The
+    first step is a round of one; the check reads the very similarity rows the
+    state update uses, so the picks are bit-identical to the sequential loop.
+    DPP (every pick changes every gain) and D²Pruner run one pick per round.
+    """
+    if max_round is not None and max_round < 1:
+        raise ValueError(f"max_round must be None or >= 1, got {max_round}")
+    if method not in ROUND_METHODS or k <= 1:
+        order = select_one(x, w, k, method, lam, **params)
+        return order, len(order)
+    xh = normalize_rows(x)
+    n = xh.shape[0]
+    imp = normalized_importance(w, n)
+    eligible = np.ones(n, dtype=bool)
+    if method == "hybrid":
+        eligible[:] = False
+        eligible[_importance_order(imp)[:hybrid_pool_size(n, k, lam)]] = True
+    lam_eff = {"mmr": lam, "topk": 1.0, "fps": 0.0, "hybrid": 0.0, "divprune": 0.0}[method]
+    divprune = method == "divprune"
+    uses_state = lam_eff < 1.0
+    # step 1: a round of one
+    if divprune:
+        first = int(select_divprune(x, w, 1)[0])
+    else:
+        first = int(np.argmax(np.where(eligible, imp, -np.inf)))
+    order = [first]
+    eligible[first] = False
+    row = xh @ xh[first]
+    state = 1.0 - row if divprune else row                 # min_d (DivPrune) or m
+    rounds = 1
+    limit = k if max_round is None else max_round
+
+    def score_of(st):
+        return st.copy() if divprune else lam_eff * imp - (1.0 - lam_eff) * st
+
+    while len(order) < k:
+        score = np.where(eligible, score_of(state), -np.inf)
+        idx = np.flatnonzero(eligible)
+        cand = idx[np.lexsort((idx, -score[idx]))][:min(limit, k - len(order))]
+        rows = []
+        for c in cand:
+            c = int(c)
+            if uses_state and rows:
+                if divprune:
+                    unchanged = all(1.0 - r[c] >= state[c] for r in rows)
+                else:
+                    unchanged = all(r[c] <= state[c] for r in rows)
+                if not unchanged:
+                    break
+            order.append(c)
+            eligible[c] = False
+            rows.append(xh @ xh[c])                       # the same row the sequential loop folds in
+        for r in rows:
+            state = np.minimum(state, 1.0 - r) if divprune else np.maximum(state, r)
+        rounds += 1
+    return np.asarray(order, dtype=np.int64), rounds
 
 
 def select_one(x, w, k: int, method: str = "mmr", lam: float = 0.5, **params) -> np.ndarray:

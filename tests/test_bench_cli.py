@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,3 +194,59 @@ def test_format_table_aligns_columns():
     lines = text.splitlines()
     assert lines[0].startswith("name  ") and lines[2].endswith("1.50") and lines[3].endswith("12,345")
     assert len(lines[2]) == len(lines[3])
+
+
+# ----------------------------------------------------------------------------- rounds and --data
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "tokens.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_speed_reports_rounds_only_where_the_backend_counts(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rc, out, err = _run(TINY + ["--backend", "numpy,torch", "--method", "mmr", "--json", str(path)], capsys)
+    assert rc == 0, err
+    by = {r["backend"]: r for r in json.loads(path.read_text())}
+    assert "rounds" not in by["torch"] and "rounds_per_k" not in by["torch"]   # absent, not guessed
+    assert 1 <= by["numpy"]["rounds"] <= 8
+    assert by["numpy"]["rounds_per_k"] == pytest.approx(by["numpy"]["rounds"] / 8)
+    assert "rounds/k" in out
+
+
+def test_speed_data_file_benchmarks_user_tokens(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = _npz(tmp_path, features=rng.standard_normal((2, 30, 8)).astype(np.float32),
+                importance=rng.random((2, 30)).astype(np.float32), lengths=np.array([30, 11]))
+    path = tmp_path / "out.json"
+    rc, out, err = _run(["--data", data, "--k", "6", "--backend", "numpy,torch", "--method", "mmr", "--repeats", "2",
+                         "--quiet", "--json", str(path)], capsys)
+    assert rc == 0, err
+    records = json.loads(path.read_text())
+    assert {(r["preset"], r["batch"], r["tokens"], r["dim"]) for r in records} == {("data", 2, 30, 8)}
+    # the numpy backend's picks on these tokens equal the reference's, so the file really was used
+    assert next(r for r in records if r["backend"] == "numpy")["rounds"] >= 1
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"tokens": np.zeros((1, 4, 2), np.float32)}, "no array 'features'"),
+    ({"features": np.zeros((4, 2), np.float32)}, "'features' must be a float array [B, N, D]"),
+    ({"features": np.zeros((1, 4, 2), np.int32)}, "'features' must be a float array"),
+    ({"features": np.zeros((2, 4, 2), np.float32), "importance": np.zeros((2, 5))}, "'importance' must be"),
+    ({"features": np.zeros((2, 4, 2), np.float32), "lengths": np.array([4])}, "'lengths' must be an integer array [B]"),
+    ({"features": np.zeros((2, 4, 2), np.float32), "lengths": np.array([4, 9])}, "'lengths' must lie in 0 .. N = 4"),
+])
+def test_speed_data_file_errors_name_the_array(tmp_path, capsys, arrays, message):
+    data = _npz(tmp_path, **arrays)
+    with pytest.raises(SystemExit):
+        cli.main(["--data", data, "--backend", "torch", "--quiet"])
+    err = capsys.readouterr().err
+    assert message in err and data in err, err
+
+
+def test_speed_data_file_unreadable(tmp_path, capsys):
+    bad = tmp_path / "nope.npz"
+    bad.write_text("not an npz")
+    with pytest.raises(SystemExit):
+        cli.main(["--data", str(bad), "--backend", "torch", "--quiet"])
+    assert "cannot read it as an .npz file" in capsys.readouterr().err

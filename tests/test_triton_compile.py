@@ -37,7 +37,7 @@ def _signature(kernel, dtype, constexprs, ints=("D", "n_pad", "k_max", "R")):
             sig[name] = "constexpr"
         elif name == "x_ptr":
             sig[name] = PTR[dtype]
-        elif name in ("starts_ptr", "lengths_ptr", "ks_ptr", "out_ptr"):
+        elif name in ("starts_ptr", "lengths_ptr", "ks_ptr", "out_ptr", "rounds_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
@@ -66,9 +66,10 @@ CASES = [
     ("gram", "bf16", _DOT),
     ("gram", "fp32", _DOT),
     ("max_offdiag_sim", "fp16", _DOT),
-    ("greedy", "bf16", {"USE_GRAM": False, "DIVERSITY": True, "BLOCK_N": 64, "BLOCK_D": 128}),
-    ("greedy", "fp16", {"USE_GRAM": True, "DIVERSITY": True, "BLOCK_N": 512, "BLOCK_D": 32}),
-    ("greedy", "fp32", {"USE_GRAM": False, "DIVERSITY": False, "BLOCK_N": 512, "BLOCK_D": 32}),
+    ("greedy", "bf16", {"USE_GRAM": False, "DIVERSITY": True, "ROUND": 8, "BLOCK_N": 64, "BLOCK_D": 128}),
+    ("greedy", "fp16", {"USE_GRAM": True, "DIVERSITY": True, "ROUND": 8, "BLOCK_N": 512, "BLOCK_D": 32}),
+    ("greedy", "fp32", {"USE_GRAM": False, "DIVERSITY": False, "ROUND": 8, "BLOCK_N": 512, "BLOCK_D": 32}),
+    ("greedy", "bf16", {"USE_GRAM": True, "DIVERSITY": True, "ROUND": 1, "BLOCK_N": 512, "BLOCK_D": 32}),
     ("dpp", "bf16", {"USE_GRAM": True, "BLOCK_N": 512, "BLOCK_D": 32}),
     ("dpp", "fp32", {"USE_GRAM": False, "BLOCK_N": 64, "BLOCK_D": 128}),
 ]
@@ -132,8 +133,9 @@ def test_op_is_registered_and_traces_with_fake_tensors():
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) for a in _op_args()]
         for m in (G.MODE_MMR, G.MODE_DIVPRUNE, G.MODE_DPP):
-            out = op(*fake, 5, 20, 0.5, m, 0)
+            out, rounds = op(*fake, 5, 20, 0.5, m, 0)
             assert out.shape == (2, 5) and out.dtype == torch.int64
+            assert rounds.shape == (2,) and rounds.dtype == torch.int64
 
 
 def test_op_captures_in_one_graph_with_dynamo():
@@ -142,7 +144,7 @@ def test_op_captures_in_one_graph_with_dynamo():
 
     def capture(gm, example_inputs):
         graphs.append(gm)
-        return lambda *args: (torch.full((2, 5), -1, dtype=torch.int64),)  # never launches on CPU
+        return lambda *args: (torch.full((2, 5), -1, dtype=torch.int64), torch.ones(2, dtype=torch.int64))  # never launches on CPU
 
     def f(x, row, state, starts, lengths, ks):
         return torch.ops.mmrprune.triton_greedy(x, row, state, starts, lengths, ks, 5, 20, 0.5, G.MODE_MMR, -1)

@@ -32,16 +32,14 @@ inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 sub
 # ----------------------------------------------------------------------------- parent
 def test_interpreter_suite():
     pytest.importorskip("triton")
-    import mmrprune
-    # the child runs from tests/: point it at the mmrprune this process imported (a worktree's
-    # in-place build, not whichever checkout is installed)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(mmrprune.__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1",
-               PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
     here = os.path.abspath(__file__)
+    # the subprocess runs in tests/: put this checkout first, or an installed mmrprune would be tested
+    root = os.path.dirname(os.path.dirname(here))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-o", "python_functions=inner_*", here],
-                          cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)
+                          cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=1800)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     passed = re.search(r"(\d+) passed", proc.stdout)
@@ -210,3 +208,47 @@ def inner_float64_features_beyond_float32_range():
         want = mmrprune.select(x, w, k=6, method=method, backend="triton", order="selection")
         got = mmrprune.select(x * 2.0**300, w, k=6, method=method, backend="triton", order="selection")
         torch.testing.assert_close(got, want)
+
+
+@inner
+@pytest.mark.parametrize("seed", range(0, 120, 8))
+def inner_rounds_equal_one_pick_per_step_on_fuzz_problems(seed, monkeypatch):
+    """``test_fuzz``'s hostile problems (duplicates, ties, zero vectors, padding): the round
+    kernel (``ROUND = 8``) gives the one-pick-per-step kernel's picks (``ROUND = 1``), one
+    round per pick at ``ROUND = 1``, and passes the float32 step certificate (as in
+    ``test_fuzz``: float32 and float64 may break near-ties differently)."""
+    from test_fuzz import _problem
+    x, w, lengths, method, lam, k = _problem(seed)
+    if method == "d2pruner":
+        method = "mmr"
+    monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", GRAM_MODES[seed % 2])
+    xt, wt = torch.from_numpy(x).float(), None if w is None else torch.from_numpy(w).float()
+    runs = {}
+    for r in ("1", "8"):
+        monkeypatch.setenv("MMRPRUNE_TRITON_ROUND", r)
+        runs[r] = _triton_select(xt, wt, k=k, method=method, lam=lam, lengths=torch.from_numpy(lengths),
+                                 return_stats=True)
+    (one, one_stats), (rnd, rnd_stats) = runs["1"], runs["8"]
+    assert torch.equal(one, rnd), (method, lam, one.tolist(), rnd.tolist())
+    ks = torch.from_numpy(np.minimum(lengths, k))
+    assert torch.equal(one_stats["rounds"], ks)
+    assert (rnd_stats["rounds"] <= ks).all() and (rnd_stats["rounds"] >= (ks > 0).long()).all()
+    for b in range(x.shape[0]):
+        n = int(lengths[b])
+        C.check_certificate(x[b, :n], None if w is None else w[b, :n], rnd[b].numpy(), method=method, lam=lam,
+                            tol=1e-4, k=min(k, n))
+
+
+@inner
+@pytest.mark.parametrize("method", ("mmr", "fps"))
+def inner_rounds_on_real_tokens(method, gram_mode):
+    """DINOv2 image 0 (first 128 tokens, k = 32): the kernel's picks equal the reference's,
+    it counts the rounds the float64 round rule needs, and they are far fewer than picks."""
+    from mmrprune.data import load_dinov2
+    d = load_dinov2()
+    x = torch.from_numpy(d["tokens"][0, :128].astype(np.float32))
+    w = torch.from_numpy(d["cls_attention"][0, :128]) if method == "mmr" else None
+    out, stats = _triton_select(x, w, k=32, method=method, lam=0.5, return_stats=True)
+    want, rounds = ref.select_rounds(C.to_f64(x), C.to_f64(w), 32, method, 0.5, 8)
+    assert out.tolist() == want.tolist()
+    assert int(stats["rounds"]) == rounds and rounds < 32 * 0.5, (int(stats["rounds"]), rounds)

@@ -45,12 +45,13 @@ from mmrprune import ops as _ops
 from mmrprune.reference import DPP_EPS, NORM_EPS
 
 __all__ = [
-    "GRAM_MAX_BYTES", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
+    "GRAM_MAX_BYTES", "MAX_ROUND", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
     "launch_row_inv_norm", "launch_gram", "launch_max_offdiag_sim", "launch_greedy", "launch_dpp",
     "triton_greedy",
 ]
 
 GRAM_MAX_BYTES = 256 << 20   # precompute the similarity matrix while it fits in this many bytes
+MAX_ROUND = 8                # candidates per round of the MMR-family kernel (a power of two <= 64; 1 = one pick per step)
 MODE_MMR, MODE_DIVPRUNE, MODE_DPP = 0, 1, 2
 
 NORM_EPS_C = tl.constexpr(NORM_EPS)   # module constants the kernels read
@@ -192,65 +193,131 @@ def _block_argmax(best_v, best_i, n):
 
 
 @triton.jit
+def _order_key(score, i):
+    """int64 key of ``(score desc, index asc)``: a larger key is an earlier pick.
+
+    High 32 bits: the float32 score's bits made order-preserving as a signed
+    integer (``-0.0`` first folded into ``+0.0``, as the float compare ties them);
+    low 32 bits: ``2^31 - 1 - i``, so of two equal scores the lower index wins.
+    """
+    s = tl.where(score == 0.0, 0.0, score)
+    bits = s.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return mono.to(tl.int64) * 4294967296 + (0x7FFFFFFF - i).to(tl.int64)
+
+
+@triton.jit
+def _key_index(key):
+    """The token index a key of :func:`_order_key` carries."""
+    return (0x7FFFFFFF - (key - (key >> 32) * 4294967296)).to(tl.int32)
+
+
+@triton.jit
+def _merge_top(top, key, ROUND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``ROUND`` largest of ``top`` (sorted descending) and the tile ``key [BLOCK_N]``, sorted descending.
+
+    The tile is sorted ascending and its last ``ROUND`` keys taken; against
+    ``top`` (descending) the elementwise max of the two lists is the top
+    ``ROUND`` of their union (a bitonic merge step), which one more sort orders.
+    """
+    tile = tl.reshape(tl.sort(key), [BLOCK_N // ROUND, ROUND])
+    last_row = tl.arange(0, BLOCK_N // ROUND)[:, None] == BLOCK_N // ROUND - 1
+    tile_top = tl.max(tl.where(last_row, tile, -9223372036854775807), axis=0)
+    return tl.sort(tl.maximum(top, tile_top), descending=True)
+
+
+@triton.jit
 def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
-                   starts_ptr, lengths_ptr, ks_ptr, out_ptr, D, n_pad, k_max, lam,
-                   USE_GRAM: tl.constexpr, DIVERSITY: tl.constexpr,
+                   starts_ptr, lengths_ptr, ks_ptr, out_ptr, rounds_ptr, D, n_pad, k_max, lam,
+                   USE_GRAM: tl.constexpr, DIVERSITY: tl.constexpr, ROUND: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """MMR family, one program per image ``b`` running all ``k_b`` steps (reference: ``select_mmr``,
-    ``select_fps``, ``select_hybrid``, ``select_divprune``, ``select_topk``).
+    """MMR family in exact rounds of up to ``ROUND`` picks, one program per image ``b``
+    (reference: ``select_rounds``; picks equal ``select_mmr``, ``select_fps``,
+    ``select_hybrid``, ``select_divprune``, ``select_topk``).
 
     ``state[r]`` enters as ``-inf`` (eligible) or ``+inf`` (not eligible, e.g.
     outside the hybrid pool) and holds ``m_i = max_{j in S} sim(i, j)``, ``+inf``
-    once ``i`` is picked.
+    once ``i`` is picked.  Score: round 1 ``first_i`` (``Imp``, or DivPrune's
+    ``min_{j != i} d(i, j)``), then ``lam * Imp_i - (1 - lam) * m_i``
+    (DivPrune ``lam = 0``); ``DIVERSITY = False`` (``lam = 1``: top-k) never
+    reads a similarity.
 
-    * step 1: ``j_1 = argmax_{eligible i} first_i``  (``Imp``, or DivPrune's ``min_{j != i} d(i, j)``);
-    * step t: ``m_i <- max(m_i, sim(i, j_{t-1}))``, ``m_{j_{t-1}} <- +inf``, then
-      ``j_t = argmax_{m_i < inf} lam * Imp_i - (1 - lam) * m_i``.
-      (DivPrune: ``lam = 0``, ``argmax -m_i = argmax min_{j in S} d(i, j)``.)
-      ``DIVERSITY = False`` (``lam = 1``: top-k) skips the similarity row.
-    The update of step t-1 and the argmax of step t share one pass over the tokens.
+    A round is one pass over the tokens that folds every pick of the previous
+    round into ``m`` (``m_i <- max(m_i, sim(i, j))``, ``m_j <- +inf``), scores,
+    and keeps the ``ROUND`` best keys ``(score desc, index asc)`` in a sorted
+    list (:func:`_merge_top`).  Candidate ``c_j`` is committed while
+    ``sim(c_j, c_l) <= m_{c_j}`` for every earlier ``c_l`` of the round: its
+    score is then unchanged by them while every other score can only fall, so
+    it is the exact next pick.  The check's ``sim(c_j, c_l)`` comes from
+    :func:`_sim_row` with ``pick = c_l`` on a ``BLOCK_N``-lane tile, the call
+    and shape the next pass's update uses, so it has the update's bits.  Round 1
+    commits one pick.  ``ROUND = 1`` is the one-pick-per-step loop (lane argmax,
+    no sort).  ``rounds[b]`` gets the number of rounds.
     """
     b = tl.program_id(0)
     start = tl.load(starts_ptr + b)
     n = tl.load(lengths_ptr + b).to(tl.int32)
     kb = tl.load(ks_ptr + b).to(tl.int32)
     lanes = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, ROUND)
     out_row = out_ptr + b.to(tl.int64) * k_max
-
-    # ---- step 1
-    best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for n0 in range(0, n, BLOCK_N):
-        i = n0 + lanes
-        mi = i < n
-        st = tl.load(state_ptr + start + i, mask=mi, other=float("inf"))
-        f = tl.load(first_ptr + start + i, mask=mi, other=float("-inf"))
-        best_v, best_i = _lane_best(best_v, best_i, tl.where(st == float("inf"), float("-inf"), f), i)
-    pick = _block_argmax(best_v, best_i, n)
-    tl.store(out_row, pick.to(tl.int64), mask=kb > 0)
-
-    # ---- steps 2 .. k_b
-    for t in range(1, kb):
+    zero = kb * 0    # int32 loop counters (a Python int would change type inside the loop)
+    t = zero         # picks made
+    n_prev = zero    # picks of the previous round, not yet folded into m: out_row[t - n_prev .. t)
+    rounds = zero
+    while t < kb:
+        top = tl.full([ROUND], -9223372036854775807, dtype=tl.int64)
         best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
         for n0 in range(0, n, BLOCK_N):
             i = n0 + lanes
             mi = i < n
             m = tl.load(state_ptr + start + i, mask=mi, other=float("inf"))
-            if DIVERSITY:
-                m = tl.maximum(m, _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
-                                           USE_GRAM, BLOCK_D))
-            m = tl.where(i == pick, float("inf"), m)
+            for u in range(0, n_prev):
+                pick = tl.load(out_row + t - n_prev + u).to(tl.int32)
+                if DIVERSITY:
+                    m = tl.maximum(m, _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
+                                               USE_GRAM, BLOCK_D))
+                m = tl.where(i == pick, float("inf"), m)
             tl.store(state_ptr + start + i, m, mask=mi)
-            imp = tl.load(imp_ptr + start + i, mask=mi, other=0.0)
-            if DIVERSITY:
-                score = lam * imp - (1.0 - lam) * m
+            if t == 0:
+                score = tl.load(first_ptr + start + i, mask=mi, other=float("-inf"))
             else:
-                score = imp
-            best_v, best_i = _lane_best(best_v, best_i, tl.where(m == float("inf"), float("-inf"), score), i)
+                imp = tl.load(imp_ptr + start + i, mask=mi, other=0.0)
+                if DIVERSITY:
+                    score = lam * imp - (1.0 - lam) * m
+                else:
+                    score = imp
+            score = tl.where(m == float("inf"), float("-inf"), score)
+            if ROUND == 1:
+                best_v, best_i = _lane_best(best_v, best_i, score, i)
+            else:
+                top = _merge_top(top, _order_key(score, i), ROUND, BLOCK_N)
         tl.debug_barrier()
-        pick = _block_argmax(best_v, best_i, n)
-        tl.store(out_row + t, pick.to(tl.int64))
+        if ROUND == 1:
+            n_commit = zero + 1
+            tl.store(out_row + t, _block_argmax(best_v, best_i, n).to(tl.int64))
+        else:
+            cand = _key_index(top)                                   # [ROUND], best first
+            limit = tl.where(t == 0, 1, tl.minimum(kb - t, ROUND))
+            # the candidates on BLOCK_N lanes (lane j = c_{j+1}), the tile shape of the update pass
+            cand_i = tl.sum(tl.where(lanes[:, None] == slots[None, :], cand[None, :], 0), axis=1)
+            live = (lanes < limit) & (cand_i < n)                    # (padding lanes never rank in the top `limit`)
+            m_c = tl.load(state_ptr + start + cand_i, mask=live, other=float("inf"))
+            fail = (lanes < limit) & (m_c == float("inf"))           # not eligible: never committed
+            if DIVERSITY:
+                for l in range(0, limit - 1):
+                    c_l = tl.sum(tl.where(slots == l, cand, 0), axis=0)
+                    later = live & (lanes > l)
+                    s = _sim_row(x_ptr, inv_ptr, g_ptr, b, start, c_l, cand_i, later, D, n_pad, USE_GRAM, BLOCK_D)
+                    fail = fail | (later & (s > m_c))
+            n_commit = tl.minimum(tl.min(tl.where(fail, lanes, BLOCK_N), axis=0), limit)
+            tl.store(out_row + t + slots, cand.to(tl.int64), mask=slots < n_commit)
+        tl.debug_barrier()
+        t += n_commit
+        n_prev = n_commit
+        rounds += 1
+    tl.store(rounds_ptr + b, rounds.to(tl.int64))
 
 
 @triton.jit
@@ -376,20 +443,26 @@ def launch_max_offdiag_sim(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
 
 def _loop_blocks(use_gram: bool):
     # Gram rows are plain vector loads: wide tiles.  On demand, a [BLOCK_N, BLOCK_D] tile of x per D chunk.
-    return (512, 32) if use_gram else (64, 128)
+    # The interpreter runs each tile's top-R sort stage by stage in NumPy: narrow tiles there
+    # (the picks do not depend on the tile width; the compile tests build the wide ones).
+    if use_gram and os.environ.get("TRITON_INTERPRET") != "1":
+        return 512, 32
+    return (64, 32) if use_gram else (64, 128)
 
 
 def launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max: int, lam: float,
-                  use_gram: bool, diversity: bool) -> torch.Tensor:
+                  use_gram: bool, diversity: bool, max_round: int = MAX_ROUND):
+    """``(out [B, k_max], rounds [B])`` int64: picks in selection order and rounds run per image."""
     bsz = starts.shape[0]
     out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=x.device)
+    rounds = torch.zeros(bsz, dtype=torch.int64, device=x.device)
     block_n, block_d = _loop_blocks(use_gram)
     n_pad = g.shape[1] if use_gram else 0
-    triton_wrap(_greedy_kernel)[(bsz,)](x, inv, g, first, imp, state, starts, lengths, ks, out,
+    triton_wrap(_greedy_kernel)[(bsz,)](x, inv, g, first, imp, state, starts, lengths, ks, out, rounds,
                                         x.shape[1], n_pad, k_max, float(lam),
-                                        USE_GRAM=use_gram, DIVERSITY=diversity,
+                                        USE_GRAM=use_gram, DIVERSITY=diversity, ROUND=max_round,
                                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-    return out
+    return out, rounds
 
 
 def launch_dpp(x, inv, g, q, state, starts, lengths, ks, k_max: int, use_gram: bool) -> torch.Tensor:
@@ -413,8 +486,9 @@ def triton_wrap(kernel):
 # =========================================================================== public function
 def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Tensor, starts: torch.Tensor,
                         lengths: torch.Tensor, ks: torch.Tensor, k_max: int, n_pad: int, lam: float,
-                        mode: int, use_gram: int) -> torch.Tensor:
-    """Selection order ``[B, k_max]`` int64 (local indices, -1 padded) of every image.
+                        mode: int, use_gram: int, max_round: int = MAX_ROUND) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, rounds)``: selection order ``[B, k_max]`` int64 (local indices, -1 padded) of
+    every image, and ``[B]`` int64 sequential rounds each image took (DPP: one per pick).
 
     Args (segment form, all on one device, none written to):
         x: ``[R, D]`` fp16 / bf16 / fp32 rows, contiguous.
@@ -427,7 +501,10 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
         mode: :data:`MODE_MMR` (first step ``argmax Imp``), :data:`MODE_DIVPRUNE`, :data:`MODE_DPP`.
         use_gram: 1 precompute the similarity matrix, 0 similarity rows on demand,
             -1 precompute while ``B * n_pad^2 * 4 <= GRAM_MAX_BYTES``.
+        max_round: most picks committed per round (MMR family), a power of two in 1 .. 64.
     """
+    if max_round < 1 or max_round > 64 or max_round & (max_round - 1):
+        raise ValueError(f"triton_greedy: max_round must be a power of two in 1 .. 64, got {max_round}")
     bsz = starts.shape[0]
     if use_gram < 0:
         use_gram = int(bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES)
@@ -436,14 +513,14 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
     g = launch_gram(x, inv, starts, lengths, n_pad) if (use_gram and diversity) else inv.new_empty((1, 1, 1))
     state = state_init.clone()
     if mode == MODE_DPP:
-        return launch_dpp(x, inv, g, imp, state, starts, lengths, ks, k_max, bool(use_gram))
+        return launch_dpp(x, inv, g, imp, state, starts, lengths, ks, k_max, bool(use_gram)), ks.clone()
     if mode == MODE_DIVPRUNE:
         first = launch_max_offdiag_sim(x, inv, starts, lengths, n_pad)
         lam = 0.0
     else:
         first = imp
     return launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max, lam,
-                         bool(use_gram and diversity), diversity)
+                         bool(use_gram and diversity), diversity, max_round)
 
 
 # registered (with every other op) through mmrprune.ops: one version floor, one eager fast path

@@ -19,6 +19,7 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -137,6 +138,76 @@ void remove_sorted(std::vector<int32_t>& v, int32_t x) {
   v.erase(std::lower_bound(v.begin(), v.end(), x));
 }
 
+// Helper threads for one image (B = 1 with spare threads): parallel loops over
+// small task lists, run many times per image (once per lazy-refresh batch).
+// Helpers spin on a ticket between calls -- a call costs a cache-line round trip,
+// not a thread start -- and yield while they wait.  Tasks are claimed from the
+// ticket (generation | task count | next task) by compare-and-swap, and the
+// caller runs tasks too: a helper that is not scheduled in time (a loaded
+// machine) delays nothing, the caller just takes its tasks.  run() returns when
+// every task of its call is done.  With no helpers, run() is a plain loop.
+class SpinCrew {
+ public:
+  explicit SpinCrew(int helpers) {
+    for (int h = 0; h < helpers; ++h) pool_.emplace_back([this] { serve(); });
+  }
+  ~SpinCrew() {
+    stop_.store(true, std::memory_order_relaxed);
+    ticket_.fetch_add(GEN, std::memory_order_release);  // wake the helpers; no tasks
+    for (auto& t : pool_) t.join();
+  }
+  SpinCrew(const SpinCrew&) = delete;
+  SpinCrew& operator=(const SpinCrew&) = delete;
+  int size() const { return (int)pool_.size() + 1; }
+
+  // fn(task) for task in [0, n), n < 2^20, the caller taking part; fn must not throw.
+  template <class F>
+  void run(int64_t n, F&& fn) {
+    if (pool_.empty() || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    ctx_ = &fn;
+    call_ = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) / GEN + 1) * GEN;
+    ticket_.store(gen | ((uint64_t)n << 20), std::memory_order_release);  // publishes ctx_, call_
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  }
+
+ private:
+  static constexpr uint64_t GEN = 1ull << 40;  // ticket = generation * GEN | n_tasks << 20 | next task
+  static constexpr uint64_t MASK = (1ull << 20) - 1;
+
+  void work(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t & ~(GEN - 1)) == gen && (t & MASK) < ((t >> 20) & MASK)) {
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acquire)) {
+        call_(ctx_, (int64_t)(t & MASK));  // the caller waits for this task: ctx_ stays valid
+        done_.fetch_add(1, std::memory_order_release);
+        t = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+  void serve() {
+    uint64_t seen = 0;
+    while (true) {
+      uint64_t gen;
+      while ((gen = ticket_.load(std::memory_order_acquire) & ~(GEN - 1)) == seen) std::this_thread::yield();
+      seen = gen;
+      if (stop_.load(std::memory_order_relaxed)) return;
+      work(gen);
+    }
+  }
+  std::vector<std::thread> pool_;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<bool> stop_{false};
+  void* ctx_ = nullptr;
+  void (*call_)(void*, int64_t) = nullptr;
+};
+
 // MMR / FPS / hybrid / DivPrune (reference.select_mmr, select_hybrid, select_divprune).
 // Step 1 maximises first_score (Imp when null) over the eligible tokens; step t
 // maximises lam * Imp_i - (1 - lam) * m_i, m_i = max_{j in S} sim(i, j).
@@ -151,7 +222,7 @@ void remove_sorted(std::vector<int32_t>& v, int32_t x) {
 // order-free, so the picks are bit-identical to computing all N sims per step;
 // most tokens are never refreshed against most picks.
 template <class T>
-void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const T* first_score,
+void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, SpinCrew& crew, T lam, const T* first_score,
                            int32_t first_pick = -1) {
   auto& active = ws.active;
   T* m = ws.m.data();
@@ -173,7 +244,15 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const 
   J.out[0] = first;
   remove_sorted(active, first);
   if (J.k == 1) return;
-  J.dots(J.xn + (int64_t)first * J.D, J.xn, J.D, J.D, active.data(), (int64_t)active.size(), sim);
+  {
+    // sim(first, i) for every eligible token, in slices over the crew (each sim is one
+    // independent dot product: the same bits however the slices fall)
+    const int64_t na = (int64_t)active.size(), slices = std::min<int64_t>(na, 4 * crew.size());
+    crew.run(slices, [&](int64_t c) {
+      const int64_t a0 = na * c / slices, a1 = na * (c + 1) / slices;
+      J.dots(J.xn + (int64_t)first * J.D, J.xn, J.D, J.D, active.data() + a0, a1 - a0, sim + a0);
+    });
+  }
   std::vector<int32_t> picks{first};
   std::vector<int32_t> seen(J.n, 0);  // picks[0 .. seen[i]) already folded into m_i
   struct Entry {
@@ -191,30 +270,44 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, T lam, const 
     heap.push_back({lam * imp[i] - one_minus_lam * m[i], i});
   }
   std::make_heap(heap.begin(), heap.end(), below);
+  // Stale tops are refreshed in batches: one per crew member (just the top with no
+  // crew).  A refresh is exact whichever thread does it, and a token refreshed
+  // early only has a tighter bound, so the picks do not depend on the batching.
+  const int64_t batch_max = crew.size() == 1 ? 1 : 2 * crew.size();
+  std::vector<Entry> batch;
+  std::vector<T> batch_sims((size_t)batch_max * (size_t)J.k);  // a refresh's sims, one slice per batch entry
   for (int64_t t = 1; t < J.k; ++t) {
-    while (true) {
-      std::pop_heap(heap.begin(), heap.end(), below);
-      Entry top = heap.back();
-      heap.pop_back();
-      const int32_t i = top.i;
-      const int32_t fresh = (int32_t)picks.size();
-      if (seen[i] < fresh) {
+    const int32_t fresh = (int32_t)picks.size();
+    // an up-to-date top has an exact score that beats every other token's bound
+    // (ties: the heap orders equal scores by lowest index): it is the step's argmax
+    while (seen[heap.front().i] < fresh) {
+      batch.clear();
+      while ((int64_t)batch.size() < batch_max && !heap.empty() && seen[heap.front().i] < fresh) {
+        std::pop_heap(heap.begin(), heap.end(), below);
+        batch.push_back(heap.back());
+        heap.pop_back();
+      }
+      crew.run((int64_t)batch.size(), [&](int64_t e) {
         // sim(i, pick) for the picks token i has not seen; x̂_i · x̂_pick and x̂_pick · x̂_i
         // are the same bits (commuted products, same lanes, same summation order)
+        const int32_t i = batch[e].i;
         const int64_t todo = fresh - seen[i];
-        J.dots(J.xn + (int64_t)i * J.D, J.xn, J.D, J.D, picks.data() + seen[i], todo, sim);
-        for (int64_t u = 0; u < todo; ++u) m[i] = std::max(m[i], sim[u]);
+        T* out = batch_sims.data() + e * J.k;
+        J.dots(J.xn + (int64_t)i * J.D, J.xn, J.D, J.D, picks.data() + seen[i], todo, out);
+        for (int64_t u = 0; u < todo; ++u) m[i] = std::max(m[i], out[u]);
         seen[i] = fresh;
-        top.score = lam * imp[i] - one_minus_lam * m[i];
+        batch[e].score = lam * imp[i] - one_minus_lam * m[i];
+      });
+      for (const Entry& e : batch) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), below);
       }
-      if (heap.empty() || !below(top, heap.front())) {
-        J.out[t] = i;
-        picks.push_back(i);
-        break;
-      }
-      heap.push_back(top);
-      std::push_heap(heap.begin(), heap.end(), below);
     }
+    std::pop_heap(heap.begin(), heap.end(), below);
+    const int32_t i = heap.back().i;
+    heap.pop_back();
+    J.out[t] = i;
+    picks.push_back(i);
   }
 }
 
@@ -499,7 +592,19 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
     return;
   }
   ws.xn.resize((size_t)n * (size_t)D);
-  load_normalized<T>(a, start, n, ws.xn.data(), dots);
+  // spare threads (fewer images than threads) help this image: loading rows, then the
+  // first similarity row and the lazy refreshes of the MMR family
+  std::optional<SpinCrew> crew;
+  crew.emplace(gram_threads - 1);
+  {
+    const int64_t slices = std::min<int64_t>(n, 4 * crew->size());
+    crew->run(slices, [&](int64_t c) {
+      const int64_t r0 = n * c / slices, r1 = n * (c + 1) / slices;
+      load_normalized<T>(a, start + r0, r1 - r0, ws.xn.data() + r0 * D, dots);
+    });
+  }
+  if (a.method != Method::MMR && a.method != Method::FPS && a.method != Method::HYBRID)
+    crew.emplace(0);  // release the helpers: DivPrune's first step starts its own threads
   J.xn = ws.xn.data();
   ws.sim.resize(n);
   ws.m.resize(n);
@@ -509,7 +614,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
     case Method::FPS: {
       ws.active.resize(n);
       std::iota(ws.active.begin(), ws.active.end(), 0);
-      greedy_max_similarity<T>(J, ws, a.method == Method::MMR ? (T)a.lam : (T)0, nullptr);
+      greedy_max_similarity<T>(J, ws, *crew, a.method == Method::MMR ? (T)a.lam : (T)0, nullptr);
       break;
     }
     case Method::HYBRID: {
@@ -520,7 +625,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       importance_order(imp, n, ws.order);
       ws.active.assign(ws.order.begin(), ws.order.begin() + c);
       std::sort(ws.active.begin(), ws.active.end());
-      greedy_max_similarity<T>(J, ws, (T)0, nullptr);  // step 1 = pool's most important (Imp)
+      greedy_max_similarity<T>(J, ws, *crew, (T)0, nullptr);  // step 1 = pool's most important (Imp)
       break;
     }
     case Method::DIVPRUNE: {
@@ -529,7 +634,8 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       J.imp = zeros.data();
       ws.active.resize(n);
       std::iota(ws.active.begin(), ws.active.end(), 0);
-      greedy_max_similarity<T>(J, ws, (T)0, nullptr, first);
+      crew.emplace(gram_threads - 1);  // after the first step's own threads are done
+      greedy_max_similarity<T>(J, ws, *crew, (T)0, nullptr, first);
       break;
     }
     case Method::DPP:

@@ -41,8 +41,9 @@ def status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-def select(batch: SelectionBatch) -> torch.Tensor:
-    """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
+def select(batch: SelectionBatch) -> tuple[torch.Tensor, dict]:
+    """``[B, k_max]`` local indices in selection order, -1 past each image's budget, and
+    ``{"rounds": [B]}`` sequential rounds per image (DPP: one per pick)."""
     method = batch.method
     if method not in METHODS:
         raise RuntimeError(f"backend 'triton' does not implement method {method!r}")
@@ -57,21 +58,24 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     n_pad = batch.max_length()                                             # packed input: one host sync
     inf = float("inf")
     use_gram = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
+    max_round = int(os.environ.get("MMRPRUNE_TRITON_ROUND", _kernels.MAX_ROUND))
     if method == "dpp":
         q = batch.dpp_quality().reshape(-1).to(torch.float32)
         # L_ii = q_i^2 exactly for a non-zero token, 0 for a zero vector (reference.select_dpp):
         # equal qualities then tie exactly and go to the lowest index
         nonzero = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) > 0
         state = torch.where(valid, q * q * nonzero, -inf)
-        return _kernels.triton_greedy(x, q, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
-                                      n_pad, 0.0, _kernels.MODE_DPP, use_gram)
+        out, rounds = _kernels.triton_greedy(x, q, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
+                                             n_pad, 0.0, _kernels.MODE_DPP, use_gram)
+        return out, {"rounds": rounds}
     plan = maxsim_plan(method, batch.lam)
     imp = batch.importance().reshape(-1).to(torch.float32)
     eligible = hybrid_pool_rows(batch) if plan.pooled else valid
     mode = _kernels.MODE_DIVPRUNE if plan.divprune else _kernels.MODE_MMR
     state = torch.where(eligible, -inf, inf).to(torch.float32)
-    return _kernels.triton_greedy(x, imp, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
-                                  n_pad, plan.lam, mode, use_gram)
+    out, rounds = _kernels.triton_greedy(x, imp, state, batch.starts, batch.lengths, batch.ks, batch.k_max,
+                                         n_pad, plan.lam, mode, use_gram, max_round)
+    return out, {"rounds": rounds}
 
 
 BACKEND = Backend(

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", type=_csv_list("preset", list(speed.PRESETS)), default=None,
                     help=f"comma list of {list(speed.PRESETS)} or 'all' (default: dinov2, or a custom "
                          "random shape when --tokens and --dim are given)")
+    sp.add_argument("--data", metavar="FILE.npz",
+                    help="benchmark your own tokens: features [B, N, D], optional importance [B, N] and "
+                         "lengths [B] (instead of --preset / --tokens / --dim)")
     sp.add_argument("--batch", type=int, help="images per call (overrides the preset)")
     sp.add_argument("--tokens", type=int, help="tokens per image N (overrides the preset)")
     sp.add_argument("--dim", type=int, help="feature dim D (overrides the preset)")
@@ -176,8 +179,11 @@ def _speed(args, argv, parser) -> int:
     presets = args.preset
     if presets is None:
         presets = [] if (args.tokens and args.dim) else ["dinov2"]
+    if args.data and (args.preset or args.batch or args.tokens or args.dim):
+        parser.error("--data takes its shape from the file: drop --preset / --batch / --tokens / --dim")
     try:
-        shapes = speed.make_shapes(presets, args.batch, args.tokens, args.dim)
+        shapes = [speed.file_shape(args.data)] if args.data else speed.make_shapes(presets, args.batch, args.tokens,
+                                                                                     args.dim)
     except ValueError as exc:
         parser.error(str(exc))
     device_type = "cuda" if device.startswith("cuda") else "cpu"

@@ -65,7 +65,8 @@ class Shape:
     batch: int
     tokens: int
     dim: int
-    source: str  # "random" or "dinov2"
+    source: str  # "random", "dinov2" or "file"
+    path: Optional[str] = None   # source "file": the user's .npz (see load_token_file)
 
     def label(self) -> str:
         return f"{self.name} B={self.batch} N={self.tokens} D={self.dim}"
@@ -94,8 +95,54 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
     return shapes
 
 
+def load_token_file(path: str) -> dict:
+    """A user's saved tokens for ``--data``: ``features [B, N, D]`` (a float array), optional
+    ``importance [B, N]`` and ``lengths [B]`` (integers in ``0 .. N``).
+
+    Returns ``{"features", "importance", "lengths"}`` as NumPy arrays (``None`` where
+    absent).  Raises ``ValueError`` naming the array and the shape expected.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--data {path}: cannot read it as an .npz file ({exc})") from None
+    if "features" not in arrays:
+        raise ValueError(f"--data {path}: no array 'features' (expected features [B, N, D]; "
+                         f"found {sorted(arrays) or 'no arrays'})")
+    x = arrays["features"]
+    if x.ndim != 3 or min(x.shape) < 1 or x.dtype.kind != "f":
+        raise ValueError(f"--data {path}: 'features' must be a float array [B, N, D] with B, N, D >= 1, "
+                         f"got {x.dtype} {list(x.shape)}")
+    b, n, _ = x.shape
+    w = arrays.get("importance")
+    if w is not None and (w.shape != (b, n) or w.dtype.kind not in "fiu"):
+        raise ValueError(f"--data {path}: 'importance' must be a numeric array [B, N] = [{b}, {n}], "
+                         f"got {w.dtype} {list(w.shape)}")
+    lengths = arrays.get("lengths")
+    if lengths is not None:
+        if lengths.shape != (b,) or lengths.dtype.kind not in "iu":
+            raise ValueError(f"--data {path}: 'lengths' must be an integer array [B] = [{b}], "
+                             f"got {lengths.dtype} {list(lengths.shape)}")
+        if (lengths < 0).any() or (lengths > n).any():
+            raise ValueError(f"--data {path}: 'lengths' must lie in 0 .. N = {n}, got {lengths.tolist()}")
+    return {"features": x, "importance": w, "lengths": lengths}
+
+
+def file_shape(path: str) -> Shape:
+    """The :class:`Shape` of a ``--data`` file (validated by :func:`load_token_file`)."""
+    b, n, d = load_token_file(path)["features"].shape
+    return Shape("data", b, n, d, "file", path)
+
+
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """``(features [B, N, D] dtype, importance [B, N] float32)`` on ``device``."""
+    """``(features [B, N, D] dtype, importance [B, N] float32 or None)`` on ``device``."""
+    if shape.source == "file":
+        arrays = load_token_file(shape.path)
+        x = torch.from_numpy(np.ascontiguousarray(arrays["features"]))
+        w = arrays["importance"]
+        w = None if w is None else torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device)
+        return x.to(device=device, dtype=dtype).contiguous(), w
     if shape.source == "dinov2":
         from ..data import load_dinov2
         d = load_dinov2()
@@ -121,11 +168,14 @@ def _n_buffers(nbytes: int, device: str) -> int:
 
 # --------------------------------------------------------------------------- runners
 def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
-                check_finite: bool = True) -> tuple[Optional[Callable], str]:
-    """``(fn(x, w), "")`` or ``(None, why this case cannot run)``."""
+                check_finite: bool = True, lengths=None) -> tuple[Optional[Callable], str]:
+    """``(fn(x, w), "")`` or ``(None, why this case cannot run)``.  ``fn`` returns the
+    indices, or ``(indices, stats)`` from :func:`mmrprune.select` (``return_stats=True``)."""
     if backend == "anchor":
         if method not in ANCHOR_METHODS:
             return None, f"the anchor baseline exists for {', '.join(ANCHOR_METHODS)} only"
+        if lengths is not None:
+            return None, "the anchor baseline takes no lengths (padded images)"
         from ..baselines import anchor_divprune, anchor_mmr
         if method == "mmr":
             return (lambda x, w: anchor_mmr(x, w, k, lam)), ""
@@ -138,8 +188,15 @@ def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
 
     def run(x, w):
         return select(x, w, k=k, lam=lam, method=method, backend=backend, order="selection",
-                      check_finite=check_finite)
+                      check_finite=check_finite, lengths=lengths, return_stats=True)
     return run, ""
+
+
+def _mean_rounds(result) -> Optional[float]:
+    """Mean rounds per image a backend reported (``None`` where it does not count)."""
+    if not isinstance(result, tuple) or "rounds" not in result[1]:
+        return None
+    return float(result[1]["rounds"].double().mean())
 
 
 # --------------------------------------------------------------------------- timers
@@ -265,7 +322,11 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
     for i, (shape, dt, method, backend) in enumerate(cases, 1):
         k = budget(shape.tokens, k=cfg.k, keep_ratio=None if cfg.k else cfg.keep_ratio)
         tag = f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {backend:<7} {method:<9} {shape.label()} k={k} {dt}"
-        fn2, why = make_runner(backend, method, k, cfg.lam, device_type, cfg.check_finite)
+        lengths = None
+        if shape.source == "file":
+            lengths = load_token_file(shape.path)["lengths"]
+            lengths = None if lengths is None else torch.from_numpy(lengths.astype(np.int64)).to(cfg.device)
+        fn2, why = make_runner(backend, method, k, cfg.lam, device_type, cfg.check_finite, lengths)
         if fn2 is None:
             skipped.append(f"{backend} {method} {shape.name}: {why}")
             _progress(quiet, f"{tag}  skipped")
@@ -280,6 +341,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
                 t = time_cuda(call, cfg.repeats, cfg.device)
             else:
                 t = time_cpu(call, cfg.repeats, cfg.warmup, cfg.max_seconds)
+            rounds = _mean_rounds(fn2(x, w))
             del inputs, call, x, w
         except Exception as exc:  # a broken backend is reported, never a traceback
             reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -296,6 +358,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
                     "speedup_vs_torch": None, "speedup_vs_anchor": None,
                     "repeats": t["repeats"], "timer": t["timer"], "threads": torch.get_num_threads(),
                     "check_finite": cfg.check_finite})
+        if rounds is not None:   # absent, not guessed, where the backend does not count
+            rec["rounds"] = rounds
+            rec["rounds_per_k"] = rounds / k
         if device_type == "cuda" and method != "topk":  # top-k never forms similarities
             key = (shape, dt)
             if key not in gram_cache:
@@ -332,7 +397,8 @@ def add_speedups(records: list) -> None:
 TABLE_COLUMNS = [("backend", "backend"), ("method", "method"), ("preset", "preset"), ("B", "batch"),
                  ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("median ms", "median_ms"),
                  ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
-                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"), ("x anchor", "speedup_vs_anchor")]
+                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"), ("x anchor", "speedup_vs_anchor"),
+                 ("rounds/k", "rounds_per_k")]
 GPU_COLUMNS = [("gram share", "gram_share"), ("gram TFLOP/s", "gram_tflops"), ("% peak", "gram_pct_of_peak")]
 
 
