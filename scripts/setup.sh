@@ -57,14 +57,17 @@ ensure() {
   $PIP $need
 }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# find_spec looks a package up without importing it (importing torch takes seconds)
+has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+
+if ! has torch; then
   echo "[setup] installing torch==2.13.0 (CPU wheel)"
   $PIP torch==2.13.0
 fi
 # build + test requirements (already satisfied offline on the GPU machines)
 ensure numpy pybind11 ninja pytest pytest-benchmark "setuptools>=64" wheel
 # triton: the GPU backend, and on CPU its interpreter and cubin compiler for the tests
-"$PY" -c "import triton" 2>/dev/null || $PIP triton || echo "[setup] triton unavailable: its tests will be skipped"
+has triton || $PIP triton || echo "[setup] triton unavailable: its tests will be skipped"
 
 CXX_BIN=${CXX:-g++}
 command -v "${CXX_BIN%% *}" >/dev/null || { echo "[setup] no C++ compiler: install g++ (or set CXX)" >&2; exit 1; }
@@ -82,10 +85,11 @@ stamp_of() {
 }
 STAMP_FILE=build/.setup-stamp
 stamp=$(stamp_of)
-# The last build is still good when the stamp matches and this interpreter imports
-# this checkout with its extension (not another copy of mmrprune).
-installed=$(cd / && "$PY" -c 'import os, mmrprune, mmrprune._cpu; print(os.path.dirname(os.path.dirname(mmrprune.__file__)))' 2>/dev/null || true)
-if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] && [ "$installed" = "$ROOT" ]; then
+# The last build is still good when the stamp matches, the extension is in place and this
+# interpreter finds this checkout's mmrprune (not another copy).
+installed=$(cd / && "$PY" -c 'import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec("mmrprune").origin)))' 2>/dev/null || true)
+if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] && [ "$installed" = "$ROOT" ] \
+   && compgen -G "mmrprune/_cpu*.so" >/dev/null; then
   echo "[setup] extensions and editable install up to date (sources unchanged): not rebuilding"
 else
   echo "[setup] building the extensions (MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-auto}) and installing mmrprune (editable)"
