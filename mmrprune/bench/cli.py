@@ -14,9 +14,11 @@ import argparse
 import sys
 import time
 
-import torch
-
 from ..reference import METHODS
+from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
+
+# Argument parsing imports no torch (so --help and usage errors are instant); the
+# subcommands import it when they run.
 
 SUBCOMMANDS = ("speed", "quality")
 
@@ -51,27 +53,27 @@ def _ints(text):
 
 
 def _device(name: str) -> str:
+    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import quality, speed
     parser = argparse.ArgumentParser(
         prog="mmrprune-bench",
         description="Speed and quality benchmarks of mmrprune's token selection. "
                     "With no subcommand, runs `speed` with its defaults.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(f"  {k:<10} B={v[0]} N={v[1]} D={v[2]}  {v[4]}"
-                                        for k, v in speed.PRESETS.items()))
+                                        for k, v in PRESETS.items()))
     sub = parser.add_subparsers(dest="command")
 
     sp = sub.add_parser("speed", help="time backends x methods x shapes (the default)",
                         description="Time selection across backends x methods x shapes x dtypes. CPU: warm-up, "
                                     "then median/p20/p80 of perf_counter repeats. CUDA: triton.testing.do_bench.")
-    sp.add_argument("--preset", type=_csv_list("preset", list(speed.PRESETS)), default=None,
-                    help=f"comma list of {list(speed.PRESETS)} or 'all' (default: dinov2, or a custom "
+    sp.add_argument("--preset", type=_csv_list("preset", list(PRESETS)), default=None,
+                    help=f"comma list of {list(PRESETS)} or 'all' (default: dinov2, or a custom "
                          "random shape when --tokens and --dim are given)")
     sp.add_argument("--batch", type=int, help="images per call (overrides the preset)")
     sp.add_argument("--tokens", type=int, help="tokens per image N (overrides the preset)")
@@ -80,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep-ratio", type=float, default=0.25, help="kept share of tokens (default 0.25)")
     budget.add_argument("--k", type=int, help="tokens kept per image (instead of --keep-ratio)")
     sp.add_argument("--lam", type=float, default=0.5, help="MMR trade-off lam (default 0.5)")
-    sp.add_argument("--dtype", type=_csv_list("dtype", list(speed.DTYPES)), default=["float16"],
+    sp.add_argument("--dtype", type=_csv_list("dtype", list(DTYPE_NAMES)), default=["float16"],
                     help="comma list of float16,bfloat16,float32,float64 (default float16)")
     sp.add_argument("--method", type=_csv_list("method", list(METHODS)), default=["mmr", "divprune", "topk"],
                     help=f"comma list of {list(METHODS)} or 'all' (default mmr,divprune,topk)")
-    sp.add_argument("--backend", type=_csv_list("backend", ["cuda", "triton", "cpu", "torch", "numpy", "anchor"]),
+    sp.add_argument("--backend", type=_csv_list("backend", list(BACKEND_NAMES)),
                     default=None, help="comma list of cuda,triton,cpu,torch,numpy,anchor (default on CPU: "
                                        "cpu,torch,numpy,anchor; on CUDA: cuda,triton,torch,anchor)")
     sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -110,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--tokens", type=int, help="evenly subsample this many of the 1024 tokens (quick runs)")
     qp.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="importance seeds (default 0,1,2)")
     qp.add_argument("--keep-ratio", type=float, default=0.25, help="kept share (default 0.25)")
-    qp.add_argument("--mmr-lams", type=_floats, default=list(quality.MMR_LAMS), help="mmr lam sweep")
-    qp.add_argument("--hybrid-lams", type=_floats, default=list(quality.HYBRID_LAMS),
+    qp.add_argument("--mmr-lams", type=_floats, default=list(MMR_LAMS), help="mmr lam sweep")
+    qp.add_argument("--hybrid-lams", type=_floats, default=list(HYBRID_LAMS),
                     help="hybrid lam sweep (pool c = round(k/lam))")
-    qp.add_argument("--methods", type=_csv_list("method", list(METHODS)), default=list(quality.SINGLE_METHODS),
+    qp.add_argument("--methods", type=_csv_list("method", list(METHODS)), default=list(SINGLE_METHODS),
                     help="single-point methods (default topk,fps,divprune,dpp)")
     qp.add_argument("--backend", default="auto", help="selection backend (default auto = fastest available)")
     qp.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
 
 
 def _speed(args, argv, parser) -> int:
+    import torch
+
     from . import speed
     from .records import SPEED_FIELDS, environment, write_csv, write_json
     device = _device(args.device)

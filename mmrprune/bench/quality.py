@@ -29,11 +29,8 @@ from .. import dispatch
 from ..api import select
 from ..metrics import hopkins, importance_retention
 from ..reference import budget, hybrid_pool_size
+from .defaults import HYBRID_LAMS, MMR_LAMS, SINGLE_METHODS
 
-MMR_LAMS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
-# hybrid's pool is c = N for lam <= k/N (= 0.25 at 25% kept) and c = k at lam = 1
-HYBRID_LAMS = (0.2, 0.25, 0.26, 0.275, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-SINGLE_METHODS = ("topk", "fps", "divprune", "dpp")
 MASK_IMAGES = ("astronaut", "chelsea", "coffee")
 MASK_METHODS = ("mmr", "divprune", "topk")
 

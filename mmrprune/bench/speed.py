@@ -25,18 +25,10 @@ import torch
 
 from .. import dispatch
 from ..reference import budget
+from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESETS
 
 # --------------------------------------------------------------------------- shapes
-PRESETS = {
-    # name: (default batch, tokens, dim, source, what it stands for)
-    "llava": (8, 576, 4096, "random", "LLaVA-1.5: 24x24 CLIP patches into a 4096-d LLM"),
-    "qwen1080p": (4, 2691, 3584, "random", "Qwen2-VL-7B, one 1080p frame (39x69 merged patches)"),
-    "video": (1, 16384, 3584, "random", "a long video: 16k visual tokens, 3584-d"),
-    "dinov2": (8, 1024, 384, "dinov2", "real DINOv2 ViT-S/14 tokens of 8 photos at 448 px (mmrprune.data)"),
-}
-DINOV2_IMAGES = 8
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ANCHOR_METHODS = ("mmr", "divprune")
 DEFAULT_BACKENDS = {"cpu": ("cpu", "torch", "numpy", "anchor"), "cuda": ("cuda", "triton", "torch", "anchor")}
 
