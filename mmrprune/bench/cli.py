@@ -21,6 +21,8 @@ from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS
 # subcommands import it when they run.
 
 SUBCOMMANDS = ("speed", "quality")
+FRESH_OUT = "bench-out"  # default parent of the quality runs' output folders (git-ignored)
+COMMITTED_OUT, COMMITTED_FIGURE = "bench/results", "bench/figures/token_masks.png"
 
 
 def _csv_list(kind, choices=None):
@@ -119,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="single-point methods (default topk,fps,divprune,dpp)")
     qp.add_argument("--backend", default="auto", help="selection backend (default auto = fastest available)")
     qp.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    qp.add_argument("--out-dir", default="bench/results",
-                    help="writes quality_pareto.{json,csv,png} and quality_dominance.json here "
-                         "(default bench/results)")
-    qp.add_argument("--figure", default="bench/figures/token_masks.png",
-                    help="token-mask figure path (default bench/figures/token_masks.png)")
+    qp.add_argument("--out-dir", default=None,
+                    help="writes quality_pareto.{json,csv,png}, quality_dominance.json and token_masks.png "
+                         f"here (default: a new folder {FRESH_OUT}/quality-<date>-<time>, so no run overwrites "
+                         "an earlier one or the committed results)")
+    qp.add_argument("--figure", default=None, help="token-mask figure path (default OUT_DIR/token_masks.png)")
+    qp.add_argument("--update-committed", action="store_true",
+                    help=f"regenerate the committed results: --out-dir {COMMITTED_OUT} --figure "
+                         f"{COMMITTED_FIGURE} (run from the repository root)")
     qp.add_argument("--no-figure", action="store_true", help="skip the token-mask figure")
     qp.add_argument("--mask-lam", type=float, default=0.5, help="mmr lam of the token-mask figure (default 0.5)")
     qp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -219,6 +224,26 @@ def _write(args, records, fields, write_json, write_csv, plot) -> int:
     return 0
 
 
+def _quality_paths(args, parser) -> tuple:
+    """``(out_dir, figure)``: a fresh folder by default, the committed paths only when asked."""
+    import os
+    if args.update_committed:
+        if args.out_dir or args.figure:
+            parser.error("--update-committed sets --out-dir and --figure itself; give one or the other")
+        if not os.path.isdir(COMMITTED_OUT) or not os.path.isdir(os.path.dirname(COMMITTED_FIGURE)):
+            parser.error(f"--update-committed: run it from the repository root (no {COMMITTED_OUT}/ here)")
+        return COMMITTED_OUT, COMMITTED_FIGURE
+    out = args.out_dir
+    if out is None:
+        base = out = os.path.join(FRESH_OUT, time.strftime("quality-%Y%m%d-%H%M%S"))
+        n = 1
+        while os.path.exists(out):  # two runs within one second
+            n += 1
+            out = f"{base}-{n}"
+        os.makedirs(out)
+    return out, args.figure or os.path.join(out, "token_masks.png")
+
+
 def _quality(args, argv, parser) -> int:
     import os
 
@@ -236,6 +261,7 @@ def _quality(args, argv, parser) -> int:
     for lam in list(args.mmr_lams) + list(args.hybrid_lams) + [args.mask_lam]:
         if not 0.0 <= lam <= 1.0:
             parser.error(f"lam {lam} is outside [0, 1]")
+    out, figure = _quality_paths(args, parser)
     env = environment(device, argv)
     cfg = quality.QualityConfig(images=args.images, tokens=args.tokens, seeds=args.seeds,
                                 keep_ratio=args.keep_ratio, mmr_lams=args.mmr_lams, hybrid_lams=args.hybrid_lams,
@@ -249,7 +275,6 @@ def _quality(args, argv, parser) -> int:
         return 1
     comparison = quality.compare_mmr_hybrid(records)
     print(quality.format_quality(records, comparison))
-    out = args.out_dir
     paths = {ext: os.path.join(out, f"quality_pareto.{ext}") for ext in ("json", "csv", "png")}
     write_json(paths["json"], records)
     write_csv(paths["csv"], records, REQUIRED_FIELDS)
@@ -263,8 +288,8 @@ def _quality(args, argv, parser) -> int:
         print(f"wrote {paths['png']}")
         if not args.no_figure:
             masks = quality.token_masks(args.mask_lam, args.keep_ratio, args.backend, device)
-            plot_token_masks(masks, args.figure)
-            print(f"wrote {args.figure}")
+            plot_token_masks(masks, figure)
+            print(f"wrote {figure}")
             for (name, m), s in masks["stats"].items():
                 print(f"  mask {name:<10} {m:<9} retention {s['retention']:.3f}  hopkins {s['hopkins']:.3f}")
     except PlotUnavailable as exc:
