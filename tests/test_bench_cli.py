@@ -193,3 +193,30 @@ def test_format_table_aligns_columns():
     lines = text.splitlines()
     assert lines[0].startswith("name  ") and lines[2].endswith("1.50") and lines[3].endswith("12,345")
     assert len(lines[2]) == len(lines[3])
+
+
+def test_d2pruner_is_benchmarkable_with_the_presets_grid_and_its_flags(tmp_path, capsys):
+    path = tmp_path / "d2.json"
+    rc, out, err = _run(["--preset", "dinov2", "--batch", "1", "--dim", "32", "--k", "8", "--repeats", "1",
+                         "--backend", "torch,numpy", "--method", "d2pruner", "--quiet", "--json", str(path)], capsys)
+    assert rc == 0, out + err
+    assert [r["params"] for r in json.loads(path.read_text())] == ["grid=32x32"] * 2
+    rc, out, err = _run(TINY + ["--backend", "numpy", "--method", "d2pruner", "--grid", "8x8", "--alpha", "0.7",
+                                "--tau", "0.4", "--pivot-ratio", "0.25", "--radius", "2", "--json", str(path)], capsys)
+    assert rc == 0, out + err
+    assert json.loads(path.read_text())[0]["params"] == "alpha=0.7,grid=8x8,pivot_ratio=0.25,radius=2,tau=0.4"
+
+
+def test_a_run_that_measured_nothing_exits_nonzero(capsys):
+    # a custom shape has no grid: d2pruner (alpha < 1) cannot run, and says what to pass
+    rc, out, err = _run(TINY + ["--backend", "numpy", "--method", "d2pruner"], capsys)
+    assert rc == 1
+    assert "--grid ROWSxCOLS" in out and "no case ran" in err
+    rc, out, err = _run(TINY + ["--backend", "anchor", "--method", "topk"], capsys)
+    assert rc == 1 and "no case ran" in err
+
+
+def test_bad_grid_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY + ["--grid", "8by8"])
+    assert exc.value.code == 2 and "ROWSxCOLS" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from ..reference import METHODS
+from ..reference import D2PRUNER_DEFAULTS, METHODS
 from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
 
 # Argument parsing imports no torch (so --help and usage errors are instant); the
@@ -54,6 +54,16 @@ def _ints(text):
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _grid(text):
+    try:
+        rows, cols = (int(t) for t in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 24x24, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"grid sides must be >= 1, got {text!r}")
+    return rows, cols
+
+
 def _device(name: str) -> str:
     import torch
     if name == "auto":
@@ -88,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma list of float16,bfloat16,float32,float64 (default float16)")
     sp.add_argument("--method", type=_csv_list("method", list(METHODS)), default=["mmr", "divprune", "topk"],
                     help=f"comma list of {list(METHODS)} or 'all' (default mmr,divprune,topk)")
+    d2 = sp.add_argument_group("d2pruner parameters (default: the library's; the preset's grid)")
+    d2.add_argument("--grid", type=_grid, help="patch grid ROWSxCOLS of the tokens, row-major (presets know theirs; "
+                                               "needed for a custom shape unless --alpha 1)")
+    for name, kind in (("pivot_ratio", float), ("alpha", float), ("tau", float), ("radius", int)):
+        d2.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {D2PRUNER_DEFAULTS[name]}")
     sp.add_argument("--backend", type=_csv_list("backend", list(BACKEND_NAMES)),
                     default=None, help="comma list of cuda,triton,cpu,torch,numpy,anchor (default on CPU: "
                                        "cpu,torch,numpy,anchor; on CUDA: cuda,triton,torch,anchor)")
@@ -185,7 +200,7 @@ def _speed(args, argv, parser) -> int:
                        backends=args.backend or list(speed.DEFAULT_BACKENDS[device_type]),
                        k=args.k, keep_ratio=args.keep_ratio, lam=args.lam, repeats=args.repeats,
                        warmup=args.warmup, max_seconds=args.max_seconds, check_finite=not args.no_check_finite,
-                       seed=args.seed)
+                       seed=args.seed, d2pruner={name: getattr(args, name) for name in D2PRUNER_DEFAULTS})
     env = environment(device, argv)
     print(f"device: {env['device']} | torch {env['torch']} ({torch.get_num_threads()} threads) | "
           f"triton {env['triton']} | commit {env['commit']}")
@@ -193,10 +208,11 @@ def _speed(args, argv, parser) -> int:
     records, skipped = speed.run_sweep(cfg, env, quiet=args.quiet)
     if records:
         print(speed.format_records(records))
-    else:
-        print("no case ran")
     for s in skipped:
         print(f"skipped: {s}")
+    if not records:
+        print("no case ran: nothing was measured (see the skipped lines)", file=sys.stderr)
+        return 1
     print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s; speedups = baseline median / this "
           f"median (same shape, dtype, method)")
     return _write(args, records, SPEED_FIELDS, write_json, write_csv,

@@ -12,6 +12,8 @@ PRESETS = {
     "dinov2": (8, 1024, 384, "dinov2", "real DINOv2 ViT-S/14 tokens of 8 photos at 448 px (mmrprune.data)"),
 }
 DINOV2_IMAGES = 8
+# row-major patch grid (rows, cols) of each preset's tokens, for d2pruner's spatial term
+PRESET_GRIDS = {"llava": (24, 24), "qwen1080p": (39, 69), "video": (128, 128), "dinov2": (32, 32)}
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch", "numpy", "anchor")
 

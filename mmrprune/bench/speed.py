@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .. import dispatch
-from ..reference import budget
-from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESETS
+from ..reference import D2PRUNER_DEFAULTS, budget
+from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESET_GRIDS, PRESETS
 
 # --------------------------------------------------------------------------- shapes
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -57,6 +57,7 @@ class Shape:
     tokens: int
     dim: int
     source: str  # "random" or "dinov2"
+    grid: Optional[tuple] = None  # (rows, cols) of the patch grid, when the preset knows it
 
     def label(self) -> str:
         return f"{self.name} B={self.batch} N={self.tokens} D={self.dim}"
@@ -74,7 +75,8 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
         if source == "dinov2" and (b > DINOV2_IMAGES or n > n0 or d > d0):
             raise ValueError(f"preset dinov2 has {DINOV2_IMAGES} images x {n0} tokens x {d0} dims; "
                              f"got batch={b}, tokens={n}, dim={d}")
-        shapes.append(Shape(p, b, n, d, source))
+        grid = PRESET_GRIDS.get(p) if n == n0 else None  # --tokens breaks the preset's grid
+        shapes.append(Shape(p, b, n, d, source, grid))
     if not presets:
         if not (tokens and dim):
             raise ValueError("give --preset, or both --tokens and --dim")
@@ -112,8 +114,10 @@ def _n_buffers(nbytes: int, device: str) -> int:
 
 # --------------------------------------------------------------------------- runners
 def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
-                check_finite: bool = True) -> tuple[Optional[Callable], str]:
-    """``(fn(x, w), "")`` or ``(None, why this case cannot run)``."""
+                check_finite: bool = True, params: Optional[dict] = None) -> tuple[Optional[Callable], str]:
+    """``(fn(x, w), "")`` or ``(None, why this case cannot run)``; ``params`` are the method's
+    own (d2pruner's ``grid``, ``alpha``, ...)."""
+    params = params or {}
     if backend == "anchor":
         if method not in ANCHOR_METHODS:
             return None, f"the anchor baseline exists for {', '.join(ANCHOR_METHODS)} only"
@@ -129,7 +133,7 @@ def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
 
     def run(x, w):
         return select(x, w, k=k, lam=lam, method=method, backend=backend, order="selection",
-                      check_finite=check_finite)
+                      check_finite=check_finite, **params)
     return run, ""
 
 
@@ -230,6 +234,21 @@ class Config:
     max_seconds: float = 3.0
     check_finite: bool = True
     seed: int = 0
+    d2pruner: Optional[dict] = None  # pivot_ratio / alpha / tau / radius / grid given on the command line
+
+    def method_params(self, method: str, shape: Shape) -> tuple[Optional[dict], str]:
+        """``(select's method parameters, "")`` for this method and shape, or ``(None, why not)``."""
+        if method != "d2pruner":
+            return {}, ""
+        params = {name: v for name, v in (self.d2pruner or {}).items() if v is not None}
+        params.setdefault("grid", shape.grid)
+        alpha = params.get("alpha", D2PRUNER_DEFAULTS["alpha"])
+        if params["grid"] is None:
+            if alpha < 1.0:
+                return None, (f"d2pruner's spatial term (alpha={alpha:g} < 1) needs the patch grid of {shape.name} "
+                              f"(N={shape.tokens}): give --grid ROWSxCOLS, or --alpha 1")
+            del params["grid"]
+        return params, ""
 
 
 def _progress(quiet: bool, msg: str, end: str = "\n") -> None:
@@ -256,7 +275,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
     for i, (shape, dt, method, backend) in enumerate(cases, 1):
         k = budget(shape.tokens, k=cfg.k, keep_ratio=None if cfg.k else cfg.keep_ratio)
         tag = f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {backend:<7} {method:<9} {shape.label()} k={k} {dt}"
-        fn2, why = make_runner(backend, method, k, cfg.lam, device_type, cfg.check_finite)
+        params, why = cfg.method_params(method, shape)
+        fn2, why = (None, why) if params is None else make_runner(backend, method, k, cfg.lam, device_type,
+                                                                  cfg.check_finite, params)
         if fn2 is None:
             skipped.append(f"{backend} {method} {shape.name}: {why}")
             _progress(quiet, f"{tag}  skipped")
@@ -287,6 +308,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
                     "speedup_vs_torch": None, "speedup_vs_anchor": None,
                     "repeats": t["repeats"], "timer": t["timer"], "threads": torch.get_num_threads(),
                     "check_finite": cfg.check_finite})
+        if params:  # the method's own parameters, e.g. "alpha=0.5,grid=32x32"
+            rec["params"] = ",".join(f"{name}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                     for name, v in sorted(params.items()))
         if device_type == "cuda" and method != "topk":  # top-k never forms similarities
             key = (shape, dt)
             if key not in gram_cache:
