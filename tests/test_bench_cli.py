@@ -220,3 +220,20 @@ def test_bad_grid_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(TINY + ["--grid", "8by8"])
     assert exc.value.code == 2 and "ROWSxCOLS" in capsys.readouterr().err
+
+
+def test_numbers_are_fixed_point_with_thousands_separators():
+    from mmrprune.bench.records import format_number
+    assert [format_number(v) for v in (3680.4, 123.45, 12.345, 0.957, 0.000123, 2e7, 1.0, None)] == [
+        "3,680", "123.5", "12.35", "0.957", "0.000123", "20,000,000", "1", "-"]
+
+
+def test_table_leads_with_the_anchor_speedup_and_explains_every_column(capsys):
+    rc, out, err = _run(TINY + ["--backend", "torch,anchor", "--method", "mmr"], capsys)
+    assert rc == 0, err
+    header = out.splitlines()[1].split()
+    assert header.index("anchor") < header.index("median")  # "x anchor" comes before the timings
+    legend = speed.LEGEND
+    for column in ("x anchor", "median ms", "us/step", "img/s", "x torch"):
+        assert f"\n{column}" in "\n" + legend and legend in out
+    assert "baselines.py" in legend and "host sync" in legend

@@ -213,8 +213,7 @@ def _speed(args, argv, parser) -> int:
     if not records:
         print("no case ran: nothing was measured (see the skipped lines)", file=sys.stderr)
         return 1
-    print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s; speedups = baseline median / this "
-          f"median (same shape, dtype, method)")
+    print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s")
     return _write(args, records, SPEED_FIELDS, write_json, write_csv,
                   lambda path: __import__("mmrprune.bench.plotting", fromlist=["plot_speed"]).plot_speed(records, path))
 

@@ -345,16 +345,33 @@ def add_speedups(records: list) -> None:
 
 
 TABLE_COLUMNS = [("backend", "backend"), ("method", "method"), ("preset", "preset"), ("B", "batch"),
-                 ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("median ms", "median_ms"),
-                 ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
-                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"), ("x anchor", "speedup_vs_anchor")]
+                 ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("x anchor", "speedup_vs_anchor"),
+                 ("median ms", "median_ms"), ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
+                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch")]
 GPU_COLUMNS = [("gram share", "gram_share"), ("gram TFLOP/s", "gram_tflops"), ("% peak", "gram_pct_of_peak")]
 
 
+LEGEND = """\
+x anchor   speed-up over the anchor: anchor median / this median, same case. The anchor is the
+           structure of the published selectors' code (mmrprune/baselines.py): one image at a
+           time, the full fp32 N x N similarity matrix, then every greedy step as separate torch
+           ops with a host sync to read the pick. mmr and divprune only ('-' elsewhere).
+median ms  wall time of one call selecting k tokens in each of the B images (p20/p80: spread
+           over the timed repeats)
+us/step    median / k: microseconds per greedy step (one kept token per image, all B images)
+img/s      images per second: B / median
+x torch    speed-up over backend="torch", this package's plain PyTorch fallback"""
+GPU_LEGEND = """\
+gram ...   the bf16 batched Gram x x^T of the same shape: its share of this call's median, its
+           TFLOP/s and % of the device's dense bf16 peak"""
+
+
 def format_records(records: list) -> str:
-    """The aligned terminal table of a sweep (GPU runs add the bf16 Gram columns)."""
+    """The aligned terminal table of a sweep (GPU runs add the bf16 Gram columns), then what
+    each column means."""
     from .records import format_table
-    cols = list(TABLE_COLUMNS)
+    cols, legend = list(TABLE_COLUMNS), LEGEND
     if any("gram_ms" in r for r in records):
         cols += GPU_COLUMNS
-    return format_table(records, cols)
+        legend += "\n" + GPU_LEGEND
+    return format_table(records, cols) + "\n\n" + legend
