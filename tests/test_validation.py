@@ -132,8 +132,25 @@ def test_unavailable_backend_is_runtime_error_with_how_to():
             mmrprune.select(X, W, k=3, backend=name)
         msg = str(info.value)
         assert name in msg and "not available" in msg
-        if dispatch.HOW_TO_GET.get(name):
-            assert dispatch.HOW_TO_GET[name] in msg
+        hint = dispatch.how_to_get(name, dispatch.status(name)[1])
+        if hint:
+            assert hint in msg
+
+
+def test_built_cuda_extension_without_a_gpu_gives_one_hint_not_rebuild(monkeypatch):
+    """An extension that is built but has no GPU must not also be told to rebuild."""
+    from mmrprune.backends import Backend
+    built = Backend(name="cuda", methods=("mmr",), device_types=("cuda",), select=None,
+                    status=lambda: (False, "torch.cuda is not available; the extension is built but needs a CUDA GPU"))
+    monkeypatch.setattr(dispatch, "load", lambda name: (built, "") if name == "cuda" else (None, "no"))
+    with pytest.raises(RuntimeError) as info:
+        dispatch.resolve("cuda", "cpu", "mmr")
+    msg = str(info.value)
+    assert "needs a CUDA GPU" in msg and "rebuild" not in msg and dispatch.HOW_TO_GET["cuda"] not in msg
+    # a missing module still gets the build hint
+    monkeypatch.setattr(dispatch, "load", lambda name: (None, dispatch.NOT_INSTALLED))
+    with pytest.raises(RuntimeError, match="to get it, rebuild"):
+        dispatch.resolve("cuda", "cpu", "mmr")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

@@ -265,7 +265,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         if b != "anchor":
             ok, detail = dispatch.status(b)
             if not ok:
-                hint = dispatch.HOW_TO_GET.get(b, "")
+                hint = dispatch.how_to_get(b, detail)
                 unavailable[b] = detail + (f" (to get it, {hint})" if hint else "")
     for b, why in unavailable.items():
         skipped.append(f"{b}: {why}")
