@@ -16,6 +16,11 @@ from . import Backend
 
 NEG_INF = float("-inf")
 GRAM_CHUNK_BYTES = 256 << 20  # divprune's first step streams the Gram in row blocks of this size
+# The step loops read similarity rows from the batch's whole Gram [B, N, N] when it takes at most
+# this much memory (the anchor loop's choice, one image at a time: every step is then a gather),
+# and otherwise compute each step's row as a [B, 1, D] x [B, D, N] product (memory-bound: it reads
+# all of x̂ once per step, which loses to one Gram bmm whenever the Gram fits).
+GRAM_MAX_BYTES = 1 << 30
 
 
 def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,6 +36,21 @@ def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     return torch.bmm(rows.unsqueeze(1), xn.transpose(1, 2)).squeeze(1)
 
 
+def _gram_if_fits(xn: torch.Tensor):
+    """The batch's Gram ``x̂ x̂^T`` ``[B, N, N]`` when it fits in :data:`GRAM_MAX_BYTES`, else ``None``."""
+    bsz, n, _ = xn.shape
+    return torch.bmm(xn, xn.transpose(1, 2)) if bsz * n * n * xn.element_size() <= GRAM_MAX_BYTES else None
+
+
+def _similarity_rows(xn: torch.Tensor, gram):
+    """``rows(pick) -> sim(i, pick_b)`` ``[B, N]`` for the step loops: a gather from ``gram``
+    (see :func:`_gram_if_fits`), else :func:`_sim_to` per step."""
+    if gram is None:
+        return lambda pick: _sim_to(xn, pick)
+    ar = torch.arange(xn.shape[0], device=xn.device)
+    return lambda pick: gram[ar, pick]
+
+
 def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Token indices by decreasing Imp, ties to the lowest index, padding last."""
     key = torch.where(valid, imp, NEG_INF)
@@ -41,17 +61,18 @@ def _mark(mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, pick.unsqueeze(1), True)
 
 
-def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
+def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None, gram=None):
     """MMR / FPS / hybrid / DivPrune core.
 
     Step 1 maximises ``first_score`` (default ``Imp``); step t maximises
     ``lam * Imp - (1 - lam) * m`` over eligible, unpicked tokens, with
-    ``m_i = max_{j in S} sim(i, j)``.
+    ``m_i = max_{j in S} sim(i, j)``.  ``gram``: the Gram when the caller already has it.
     """
     bsz, n, _ = xn.shape
     out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
     m = torch.full((bsz, n), NEG_INF, dtype=xn.dtype, device=xn.device)
     taken = ~eligible
+    rows = _similarity_rows(xn, _gram_if_fits(xn) if gram is None else gram)
     for t in range(k_max):
         if t == 0:
             score = imp if first_score is None else first_score
@@ -60,19 +81,20 @@ def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
         pick = torch.argmax(score.masked_fill(taken, NEG_INF), dim=1)  # first max = lowest index
         out[:, t] = torch.where(t < ks, pick, -1)
         taken = _mark(taken, pick)
-        m = torch.maximum(m, _sim_to(xn, pick))
+        m = torch.maximum(m, rows(pick))
     return out
 
 
-def _divprune_first_score(xn, valid):
-    """``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``, streamed over row blocks of the Gram."""
+def _divprune_first_score(xn, valid, gram=None):
+    """``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``, streamed over row blocks of the Gram
+    (copied from ``gram`` when given)."""
     bsz, n, _ = xn.shape
     best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
     rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
     padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
-        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N], our own buffer
+        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2)) if gram is None else gram[:, r0:r1].clone()  # own buffer
         g.diagonal(offset=r0, dim1=1, dim2=2).fill_(NEG_INF)              # j == i
         g.masked_fill_(padding, NEG_INF)
         best[:, r0:r1] = g.amax(dim=2)
@@ -160,8 +182,9 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         return _greedy_max_similarity(xn, imp, pool, ks, k_max, 0.0)
     if method == "divprune":
         zeros = torch.zeros_like(imp)
+        gram = _gram_if_fits(xn)
         return _greedy_max_similarity(xn, zeros, valid, ks, k_max, 0.0,
-                                      first_score=_divprune_first_score(xn, valid))
+                                      first_score=_divprune_first_score(xn, valid, gram), gram=gram)
     if method == "dpp":
         return _dpp(xn, q.to(xn.dtype), valid, ks, k_max)
     if method == "d2pruner":
