@@ -26,6 +26,7 @@ import torch
 from .. import dispatch
 from ..reference import D2PRUNER_DEFAULTS, budget
 from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESET_GRIDS, PRESETS
+from .records import format_number
 
 # --------------------------------------------------------------------------- shapes
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -298,7 +299,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
             skipped.append(f"{backend} {method} {shape.name} {dt}: {reason}")
             _progress(quiet, f" {reason}")
             continue
-        _progress(quiet, f" {t['median_ms']:.3g} ms")
+        _progress(quiet, f" {format_number(t['median_ms'])} ms")
         rec = dict(env)
         rec.update({"backend": backend, "method": method, "preset": shape.name, "batch": shape.batch,
                     "tokens": shape.tokens, "dim": shape.dim, "k": k, "lam": cfg.lam, "dtype": dt,
