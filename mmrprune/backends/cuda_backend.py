@@ -73,7 +73,8 @@ def status() -> tuple[bool, str]:
         return False, f"extension mmrprune._cuda not built ({_IMPORT_ERROR}) — {BUILD_HINT}"
     if not torch.cuda.is_available():
         return False, (f"torch.cuda is not available (torch {torch.__version__}, "
-                       f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
+                       f"built with CUDA {torch.version.cuda}); the extension is built: run on a machine with a CUDA GPU "
+                       "and a CUDA build of torch")
     return True, ("fused CUDA kernel: one block per image, all greedy steps in one launch "
                   f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)")
 

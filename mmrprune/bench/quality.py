@@ -28,7 +28,7 @@ import torch
 from .. import dispatch
 from ..api import select
 from ..metrics import hopkins, importance_retention
-from ..reference import budget, hybrid_pool_size
+from ..reference import LAM_METHODS, budget, hybrid_pool_size
 from .defaults import HYBRID_LAMS, MMR_LAMS, SINGLE_METHODS
 
 MASK_IMAGES = ("astronaut", "chelsea", "coffee")
@@ -127,7 +127,7 @@ def run_quality(cfg: QualityConfig, env: dict, progress=None) -> list:
         w = torch.from_numpy(w_np).to(cfg.device)
         for method, lam in points:
             t0 = time.perf_counter()
-            idx = select(x, w, k=k, lam=0.5 if lam is None else lam, method=method, backend=cfg.backend)
+            idx = select(x, w, k=k, lam=lam if method in LAM_METHODS else None, method=method, backend=cfg.backend)
             if x.is_cuda:
                 torch.cuda.synchronize()
             per[(method, lam)]["ms"].append((time.perf_counter() - t0) * 1e3)
@@ -228,7 +228,8 @@ def token_masks(lam: float, keep_ratio: float, backend: str, device: str,
     masks = np.zeros((len(rows), len(methods), gh, gw), dtype=bool)
     stats = {}
     for j, m in enumerate(methods):
-        idx = select(x, w, keep_ratio=keep_ratio, lam=lam, method=m, backend=backend).cpu().numpy()
+        idx = select(x, w, keep_ratio=keep_ratio, lam=lam if m in LAM_METHODS else None, method=m,
+                     backend=backend).cpu().numpy()
         for i in range(len(rows)):
             flat = np.zeros(gh * gw, dtype=bool)
             flat[idx[i][idx[i] >= 0]] = True

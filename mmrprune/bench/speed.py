@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import dispatch
-from ..reference import D2PRUNER_DEFAULTS, budget
+from ..reference import D2PRUNER_DEFAULTS, LAM_METHODS, budget
 from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESET_GRIDS, PRESETS
 from .records import format_number
 
@@ -118,7 +118,9 @@ def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
                 check_finite: bool = True, params: Optional[dict] = None) -> tuple[Optional[Callable], str]:
     """``(fn(x, w), "")`` or ``(None, why this case cannot run)``; ``params`` are the method's
     own (d2pruner's ``grid``, ``alpha``, ...)."""
-    params = params or {}
+    params = dict(params or {})
+    if method in LAM_METHODS:
+        params["lam"] = lam
     if backend == "anchor":
         if method not in ANCHOR_METHODS:
             return None, f"the anchor baseline exists for {', '.join(ANCHOR_METHODS)} only"
@@ -133,7 +135,7 @@ def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
     from ..api import select
 
     def run(x, w):
-        return select(x, w, k=k, lam=lam, method=method, backend=backend, order="selection",
+        return select(x, w, k=k, method=method, backend=backend, order="selection",
                       check_finite=check_finite, **params)
     return run, ""
 
