@@ -67,3 +67,11 @@ def test_bench_cli_parses_arguments_without_torch(argv):
     assert out["usage"]
     assert out["torch"] is False
     assert out["code"] == (0 if "--help" in argv else 2)
+
+
+def test_info_says_the_auto_choice_in_words():
+    from mmrprune.info import format_info, info
+    report = info()
+    text = format_info(report)
+    assert f"backend='auto' runs CPU tensors and NumPy arrays on the {report['auto']['cpu']!r} backend" in text
+    assert "->" not in text
