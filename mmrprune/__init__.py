@@ -4,10 +4,31 @@
 
 See ``mmrprune.info()`` for the backends of this installation and README.md
 for the methods.
+
+The public names and the submodules ``data``, ``importance``, ``integrations``,
+``metrics`` and ``reference`` load on first use (module ``__getattr__``), so
+``import mmrprune`` stays cheap and does not import torch: the bench CLI's
+``--help`` and ``python -m mmrprune`` parse their arguments without it.
 """
-from . import metrics, reference
-from .api import prune, select, select_varlen
-from .info import info
+import importlib
 
 __version__ = "0.1.0"
+
+_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api", "info": "info"}
+_SUBMODULES = ("metrics", "reference", "data", "importance", "integrations")
 __all__ = ["select", "select_varlen", "prune", "info", "metrics", "reference", "__version__"]
+
+
+def __getattr__(name):
+    if name in _FUNCTIONS:
+        value = getattr(importlib.import_module(f".{_FUNCTIONS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'mmrprune' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads (and traceable)
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FUNCTIONS) | set(_SUBMODULES))

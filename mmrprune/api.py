@@ -5,12 +5,14 @@ Inputs are never modified.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from . import dispatch, workspace
+from .reference import DEFAULT_LAM, LAM_METHODS, METHODS
 from .validation import Request, validate
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -32,12 +34,23 @@ def _run(request: Request, backend: str) -> tuple[torch.Tensor, dict]:
     return out, stats
 
 
+def _lam(lam, method):
+    """``None`` -> the default; a ``lam`` given to a method whose rule ignores it warns, since
+    silently dropping it hides a mistake, while rejecting it would break generic callers."""
+    if lam is None:
+        return DEFAULT_LAM
+    if method in METHODS and method not in LAM_METHODS:
+        warnings.warn(f"lam={lam!r} is ignored by method={method!r}: only {' and '.join(LAM_METHODS)} use lam",
+                      UserWarning, stacklevel=3)
+    return lam
+
+
 def _to_user(t: torch.Tensor, numpy_in: bool):
     return t.cpu().numpy() if numpy_in else t
 
 
 def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
-           keep_ratio: Optional[float] = None, lam: float = 0.5, method: str = "mmr",
+           keep_ratio: Optional[float] = None, lam: Optional[float] = None, method: str = "mmr",
            lengths: Optional[ArrayLike] = None, order: str = "position", backend: str = "auto",
            check_finite: bool = True, return_stats: bool = False, **method_params) -> ArrayLike:
     """Pick the visual tokens to keep, per image.
@@ -48,7 +61,8 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
             Normalised per image to ``Imp = (w - min w) / (max w - min w + 1e-6)``.
         k / keep_ratio: exactly one.  ``k_b = min(k, N_b)`` or
             ``k_b = max(1, round_half_even(keep_ratio * N_b))``.
-        lam: MMR trade-off in [0, 1]; ``score_i = lam * Imp_i - (1 - lam) * max_{j in S} sim(i, j)``.
+        lam: MMR trade-off in [0, 1] (default 0.5); ``score_i = lam * Imp_i - (1 - lam) * max_{j in S} sim(i, j)``.
+            Only ``mmr`` and ``hybrid`` use it; given to another method it warns (``UserWarning``).
         method: ``mmr``, ``divprune``, ``topk``, ``fps``, ``hybrid``, ``dpp`` or ``d2pruner``.
         lengths: ``[B]`` valid tokens per image of a padded batch (positions ``>= lengths[b]`` are never picked).
         order: ``"position"`` (ascending token index) or ``"selection"`` (greedy order).
@@ -69,7 +83,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         image took, on backends that select in exact multi-pick rounds (``triton``,
         ``numpy``); a backend that does not count leaves the key out.
     """
-    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
+    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
     out, stats = _run(request, backend)
     if request.single_image:
@@ -82,7 +96,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
 
 
 def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqlens: ArrayLike, *,
-                  k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: float = 0.5,
+                  k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: Optional[float] = None,
                   method: str = "mmr", order: str = "position", backend: str = "auto",
                   check_finite: bool = True, **method_params):
     """Selection over a packed batch: image ``b`` is ``features[cu_seqlens[b]:cu_seqlens[b+1]]``.
@@ -95,7 +109,7 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqle
     if cu_seqlens is None:  # else validate() would take the packed [T, D] tensor for one image
         raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None; "
                         "for one image or a padded batch call mmrprune.select")
-    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=lam, method=method,
+    request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch
     local, _ = _run(request, backend)

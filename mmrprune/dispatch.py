@@ -25,7 +25,7 @@ _LOADED: dict = {}  # name -> Backend, filled by load()
 def how_to_get(name: str, detail: str) -> str:
     """The generic build hint, for a backend whose module is missing or failed to import
     (a present backend's status detail already says what it lacks)."""
-    missing = detail == NOT_INSTALLED or detail.startswith("import failed")
+    missing = detail == NOT_INSTALLED or "import failed" in detail
     return BUILD_HINTS.get(name, "") if missing else ""
 
 
@@ -80,9 +80,7 @@ def resolve(name: str, device_type: str, method: str) -> Backend:
         raise RuntimeError(f"no backend can run method {method!r} on {device_type} tensors")
     ok, detail = status(name)
     if not ok:
-        hint = BUILD_HINTS.get(name, "")  # the contract: say why *and* how to build it
-        if hint in detail:                 # the status already quotes it
-            hint = ""
+        hint = how_to_get(name, detail)  # the contract: why and how to get it, never a second, contradicting hint
         raise RuntimeError(f"backend {name!r} is not available: {detail}" + (f"; to get it, {hint}" if hint else ""))
     backend, _ = load(name)
     if device_type not in backend.device_types:

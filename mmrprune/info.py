@@ -41,5 +41,11 @@ def format_info(report: dict) -> str:
              "backends:"]
     for name, b in report["backends"].items():
         lines.append(f"  {name:<8} {'yes' if b['available'] else 'no ':<4} {b['detail']}")
-    lines.append("auto picks: " + ", ".join(f"{dev} -> {b}" for dev, b in report["auto"].items()))
+    for dev, b in report["auto"].items():
+        where = "CPU tensors and NumPy arrays" if dev == "cpu" else f"{dev.upper()} tensors"
+        lines.append(f"backend='auto' runs {where} on the {b!r} backend" if b else
+                     f"backend='auto' has no backend for {where} here")
+    lines.append("  (the first available of " + "; ".join(f"{dev}: {' > '.join(order)}"
+                                                        for dev, order in dispatch.AUTO_ORDER.items())
+                 + ", skipping a backend that lacks the method)")
     return "\n".join(lines)

@@ -27,8 +27,16 @@ def _np(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def _one_image(name: str, a: np.ndarray, want: str) -> None:
+    """The metrics take one image: a batch gets this error, not a misleading one about its contents."""
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected {want} for one image, got shape {tuple(a.shape)}; these metrics "
+                         f"take one image at a time (for a batch, call them per image: w[b], indices[b])")
+
+
 def _kept(indices, n: int) -> np.ndarray:
-    idx = _np(indices).astype(np.int64).reshape(-1)
+    idx = _np(indices).astype(np.int64)
+    _one_image("indices", idx, "[k]")
     idx = idx[idx >= 0]
     if idx.size and idx.max() >= n:
         raise ValueError(f"indices: values must be < N={n}, got max {idx.max()}")
@@ -39,7 +47,8 @@ def _kept(indices, n: int) -> np.ndarray:
 
 def importance_retention(importance, indices) -> float:
     """``sum_S w / sum_V w`` for one image (raw importance ``w``, e.g. attention mass)."""
-    w = _np(importance).astype(np.float64).reshape(-1)
+    w = _np(importance).astype(np.float64)
+    _one_image("importance", w, "[N]")
     idx = _kept(indices, w.size)
     total = w.sum()
     if total == 0:

@@ -120,16 +120,18 @@ def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N]`` ``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)`` of normalised padded
-    rows ``xn [B, N, D]``, streamed over row blocks of the Gram (+inf for a lone token)."""
+    rows ``xn [B, N, D]``, streamed over row blocks of the Gram (+inf for a lone token);
+    the blocks are copied from ``gram`` (``x̂ x̂ᵀ``) when the caller already has it."""
     bsz, n, _ = xn.shape
     best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
     rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
     padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
-        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))                   # [B, r, N], our own buffer
+        # [B, r, N], our own buffer (the fills below must not touch the caller's Gram)
+        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2)) if gram is None else gram[:, r0:r1].clone()
         g.diagonal(offset=r0, dim1=1, dim2=2).fill_(NEG_INF)              # j == i
         g.masked_fill_(padding, NEG_INF)
         best[:, r0:r1] = g.amax(dim=2)

@@ -40,6 +40,8 @@ DPP_EPS = 1e-6
 D2PRUNER_DEFAULTS = {"pivot_ratio": 0.5, "alpha": 0.5, "tau": 0.5, "radius": 1, "grid": None}
 
 METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp", "d2pruner")
+LAM_METHODS = ("mmr", "hybrid")  # the rules that read lam (topk and fps are mmr at lam 1 and 0)
+DEFAULT_LAM = 0.5
 
 
 # --------------------------------------------------------------------------- shared definitions

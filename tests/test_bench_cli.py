@@ -250,3 +250,47 @@ def test_speed_data_file_unreadable(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--data", str(bad), "--backend", "torch", "--quiet"])
     assert "cannot read it as an .npz file" in capsys.readouterr().err
+
+
+def test_d2pruner_is_benchmarkable_with_the_presets_grid_and_its_flags(tmp_path, capsys):
+    path = tmp_path / "d2.json"
+    rc, out, err = _run(["--preset", "dinov2", "--batch", "1", "--dim", "32", "--k", "8", "--repeats", "1",
+                         "--backend", "torch,numpy", "--method", "d2pruner", "--quiet", "--json", str(path)], capsys)
+    assert rc == 0, out + err
+    assert [r["params"] for r in json.loads(path.read_text())] == ["grid=32x32"] * 2
+    rc, out, err = _run(TINY + ["--backend", "numpy", "--method", "d2pruner", "--grid", "8x8", "--alpha", "0.7",
+                                "--tau", "0.4", "--pivot-ratio", "0.25", "--radius", "2", "--json", str(path)], capsys)
+    assert rc == 0, out + err
+    assert json.loads(path.read_text())[0]["params"] == "alpha=0.7,grid=8x8,pivot_ratio=0.25,radius=2,tau=0.4"
+
+
+def test_a_run_that_measured_nothing_exits_nonzero(capsys):
+    # a custom shape has no grid: d2pruner (alpha < 1) cannot run, and says what to pass
+    rc, out, err = _run(TINY + ["--backend", "numpy", "--method", "d2pruner"], capsys)
+    assert rc == 1
+    assert "--grid ROWSxCOLS" in out and "no case ran" in err
+    rc, out, err = _run(TINY + ["--backend", "anchor", "--method", "topk"], capsys)
+    assert rc == 1 and "no case ran" in err
+
+
+def test_bad_grid_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY + ["--grid", "8by8"])
+    assert exc.value.code == 2 and "ROWSxCOLS" in capsys.readouterr().err
+
+
+def test_numbers_are_fixed_point_with_thousands_separators():
+    from mmrprune.bench.records import format_number
+    assert [format_number(v) for v in (3680.4, 123.45, 12.345, 0.957, 0.000123, 2e7, 1.0, None)] == [
+        "3,680", "123.5", "12.35", "0.957", "0.000123", "20,000,000", "1", "-"]
+
+
+def test_table_leads_with_the_anchor_speedup_and_explains_every_column(capsys):
+    rc, out, err = _run(TINY + ["--backend", "torch,anchor", "--method", "mmr"], capsys)
+    assert rc == 0, err
+    header = out.splitlines()[1].split()
+    assert header.index("anchor") < header.index("median")  # "x anchor" comes before the timings
+    legend = speed.LEGEND
+    for column in ("x anchor", "median ms", "us/step", "img/s", "x torch"):
+        assert f"\n{column}" in "\n" + legend and legend in out
+    assert "baselines.py" in legend and "host sync" in legend

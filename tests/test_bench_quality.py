@@ -104,3 +104,30 @@ def test_token_masks_keep_the_budget():
     top = np.sort(np.argsort(-w, kind="stable")[:256])
     assert np.array_equal(np.flatnonzero(masks[0, 0].reshape(-1)), top)
     assert res["stats"][("astronaut", "topk")]["retention"] >= res["stats"][("astronaut", "divprune")]["retention"]
+
+
+QUICK = ["quality", "--images", "1", "--tokens", "32", "--seeds", "0", "--mmr-lams", "0,1", "--hybrid-lams", "1",
+         "--methods", "topk", "--no-figure", "--quiet", "--device", "cpu"]
+
+
+def test_default_output_is_a_fresh_folder_never_the_committed_results(tmp_path, monkeypatch, capsys):
+    committed = tmp_path / "bench" / "results"
+    committed.mkdir(parents=True)
+    (tmp_path / "bench" / "figures").mkdir()
+    (committed / "quality_pareto.json").write_text("committed\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(QUICK) in (0, 1) and cli.main(QUICK) in (0, 1)
+    runs = sorted((tmp_path / cli.FRESH_OUT).iterdir())
+    assert len(runs) == 2 and all((r / "quality_pareto.json").is_file() for r in runs)
+    assert (committed / "quality_pareto.json").read_text() == "committed\n"
+    # regenerating the committed results takes the explicit flag
+    assert cli.main(QUICK + ["--update-committed"]) in (0, 1)
+    assert json.loads((committed / "quality_pareto.json").read_text())[0]["method"] == "mmr"
+    capsys.readouterr()
+
+
+def test_update_committed_needs_the_repository_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(QUICK + ["--update-committed"])
+    assert exc.value.code == 2 and "repository root" in capsys.readouterr().err

@@ -107,3 +107,18 @@ def test_hopkins_errors(idx, match):
 def test_hopkins_needs_one_image():
     with pytest.raises(ValueError, match="features"):
         metrics.hopkins(np.ones((2, 5, 3)), [0, 1])
+
+
+def test_batched_input_says_the_metrics_take_one_image():
+    import numpy as np
+    from mmrprune import metrics
+    w = np.random.default_rng(0).random((2, 16))
+    idx = np.array([[0, 1, 2], [0, 1, 2]])  # the same picks in both images: not duplicates
+    with pytest.raises(ValueError, match=r"importance: expected \[N\] for one image, got shape \(2, 16\)") as info:
+        metrics.importance_retention(w, idx)
+    assert "duplicates" not in str(info.value)
+    with pytest.raises(ValueError, match=r"indices: expected \[k\] for one image, got shape \(2, 3\)"):
+        metrics.importance_retention(w[0], idx)
+    with pytest.raises(ValueError, match=r"indices: expected \[k\] for one image"):
+        metrics.hopkins(np.random.default_rng(0).random((16, 4)), idx)
+    assert metrics.importance_retention(w[0], idx[0]) == pytest.approx(w[0, :3].sum() / w[0].sum())

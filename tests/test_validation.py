@@ -133,8 +133,25 @@ def test_unavailable_backend_is_runtime_error_with_how_to():
             mmrprune.select(X, W, k=3, backend=name)
         msg = str(info.value)
         assert name in msg and "not available" in msg
-        if BUILD_HINTS.get(name):
-            assert BUILD_HINTS[name] in msg
+        hint = dispatch.how_to_get(name, dispatch.status(name)[1])
+        if hint:
+            assert hint in msg
+
+
+def test_built_cuda_extension_without_a_gpu_gives_one_hint_not_rebuild(monkeypatch):
+    """An extension that is built but has no GPU must not also be told to rebuild."""
+    from mmrprune.backends import Backend
+    built = Backend(name="cuda", methods=("mmr",), device_types=("cuda",), select=None,
+                    status=lambda: (False, "torch.cuda is not available; the extension is built: run on a machine with a CUDA GPU"))
+    monkeypatch.setattr(dispatch, "load", lambda name: (built, "") if name == "cuda" else (None, "no"))
+    with pytest.raises(RuntimeError) as info:
+        dispatch.resolve("cuda", "cpu", "mmr")
+    msg = str(info.value)
+    assert "run on a machine with a CUDA GPU" in msg and "rebuild" not in msg and BUILD_HINTS["cuda"] not in msg
+    # a missing module still gets the build hint
+    monkeypatch.setattr(dispatch, "load", lambda name: (None, dispatch.NOT_INSTALLED))
+    with pytest.raises(RuntimeError, match="to get it, rebuild"):
+        dispatch.resolve("cuda", "cpu", "mmr")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
@@ -225,3 +242,17 @@ def test_unchecked_non_finite_input_gives_in_range_distinct_picks(method):
         assert out.shape == (3, 7) and out.dtype == torch.int64
         for row, n in zip(out.tolist(), lengths):
             assert all(0 <= i < n for i in row) and len(set(row)) == 7, (name, row)
+
+
+def test_lam_given_to_a_method_that_ignores_it_warns():
+    import warnings
+    x, w = np.random.default_rng(0).random((12, 4)), np.random.default_rng(1).random(12)
+    with pytest.warns(UserWarning, match=r"lam=0.3 is ignored by method='divprune': only mmr and hybrid use lam"):
+        a = mmrprune.select(x, w, k=4, method="divprune", lam=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no lam, or a method that uses it: silent
+        assert np.array_equal(mmrprune.select(x, w, k=4, method="divprune"), a)
+        mmrprune.select(x, w, k=4, method="mmr", lam=0.3)
+        mmrprune.select_varlen(x, w, np.array([0, 5, 12]), k=2, method="hybrid", lam=0.5)
+    with pytest.warns(UserWarning, match="ignored by method='topk'"):
+        mmrprune.select_varlen(x, w, np.array([0, 5, 12]), k=2, method="topk", lam=0.5)

@@ -445,7 +445,8 @@ def _gpu_ready() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, ""
     return False, (f"torch.cuda is not available (torch {torch.__version__}, "
-                   f"built with CUDA {torch.version.cuda}); the extension is built but needs a CUDA GPU")
+                   f"built with CUDA {torch.version.cuda}); the extension is built: run on a machine with a CUDA GPU "
+                   "and a CUDA build of torch")
 
 
 KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready,

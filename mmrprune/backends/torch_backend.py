@@ -16,12 +16,46 @@ from ..prepare import (MAXSIM_METHODS, NEG_INF, divprune_first_score, hybrid_poo
 from ..reference import DPP_EPS, METHODS
 from . import Backend
 
+# The step loops read similarity rows from the batch's whole Gram [B, N, N] when it takes at most
+# this much memory (the anchor loop's choice, one image at a time: every step is then a gather),
+# and otherwise compute each step's row as a [B, 1, D] x [B, D, N] product (memory-bound: it reads
+# all of x̂ once per step, which loses to one Gram bmm whenever the Gram fits).
+GRAM_MAX_BYTES = 1 << 30
+
+
+def _rows_of(t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """``t[b, pick_b]`` for every image: ``[B, ...]``.  A flat ``index_select``: on CPU, advanced
+    indexing ``t[arange(B), pick]`` of a large ``t`` costs milliseconds per call, this microseconds."""
+    bsz, n = t.shape[:2]
+    flat = t.reshape(bsz * n, *t.shape[2:])
+    return flat.index_select(0, torch.arange(bsz, device=t.device) * n + pick)
+
 
 def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """``sim(i, pick_b)`` for every token of every image: ``[B, N]``."""
-    rows = xn[torch.arange(xn.shape[0], device=xn.device), pick]          # [B, D]
+    rows = _rows_of(xn, pick)                                                # [B, D]
     # [B, 1, D] x [B, D, N]: on CPU this layout is ~10x faster than [B, N, D] x [B, D, 1]
     return torch.bmm(rows.unsqueeze(1), xn.transpose(1, 2)).squeeze(1)
+
+
+def _gram_if_fits(xn: torch.Tensor):
+    """The batch's Gram ``x̂ x̂^T`` ``[B, N, N]`` when it fits in :data:`GRAM_MAX_BYTES`, else ``None``.
+
+    float32 only: in float64, the CPU GEMM rounded some Gram columns differently from others
+    (tests/test_fuzz.py seeds 51, 72), so duplicate tokens stopped tying exactly and the
+    lowest-twin-first rule broke; the per-step product keeps them equal."""
+    bsz, n, _ = xn.shape
+    if xn.dtype != torch.float32:
+        return None
+    return torch.bmm(xn, xn.transpose(1, 2)) if bsz * n * n * xn.element_size() <= GRAM_MAX_BYTES else None
+
+
+def _similarity_rows(xn: torch.Tensor, gram):
+    """``rows(pick) -> sim(i, pick_b)`` ``[B, N]`` for the step loops: a gather from ``gram``
+    (see :func:`_gram_if_fits`), else :func:`_sim_to` per step."""
+    if gram is None:
+        return lambda pick: _sim_to(xn, pick)
+    return lambda pick: _rows_of(gram, pick)
 
 
 def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -34,17 +68,18 @@ def _mark(mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, pick.unsqueeze(1), True)
 
 
-def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
+def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None, gram=None):
     """MMR / FPS / hybrid / DivPrune core.
 
     Step 1 maximises ``first_score`` (default ``Imp``); step t maximises
     ``lam * Imp - (1 - lam) * m`` over eligible, unpicked tokens, with
-    ``m_i = max_{j in S} sim(i, j)``.
+    ``m_i = max_{j in S} sim(i, j)``.  ``gram``: the Gram when the caller already has it.
     """
     bsz, n, _ = xn.shape
     out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=xn.device)
     m = torch.full((bsz, n), NEG_INF, dtype=xn.dtype, device=xn.device)
     taken = ~eligible
+    rows = _similarity_rows(xn, _gram_if_fits(xn) if gram is None else gram)
     for t in range(k_max):
         if t == 0:
             score = imp if first_score is None else first_score
@@ -53,7 +88,7 @@ def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None):
         pick = torch.argmax(score.masked_fill(taken, NEG_INF), dim=1)  # first max = lowest index
         out[:, t] = torch.where(t < ks, pick, -1)
         taken = _mark(taken, pick)
-        m = torch.maximum(m, _sim_to(xn, pick))
+        m = torch.maximum(m, rows(pick))
     return out
 
 
@@ -127,10 +162,11 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     if method in MAXSIM_METHODS:
         plan = maxsim_plan(method, lam)
         eligible = to_padded(batch, hybrid_pool_rows(batch), False) if plan.pooled else valid
+        gram = _gram_if_fits(xn)
         if plan.divprune:
             return _greedy_max_similarity(xn, torch.zeros_like(imp), eligible, ks, k_max, plan.lam,
-                                          first_score=divprune_first_score(xn, valid))
-        return _greedy_max_similarity(xn, imp, eligible, ks, k_max, plan.lam)
+                                          first_score=divprune_first_score(xn, valid, gram), gram=gram)
+        return _greedy_max_similarity(xn, imp, eligible, ks, k_max, plan.lam, gram=gram)
     if method == "dpp":
         return _dpp(xn, q.to(xn.dtype), valid, ks, k_max)
     if method == "d2pruner":

@@ -15,11 +15,15 @@ import argparse
 import sys
 import time
 
-import torch
+from ..reference import D2PRUNER_DEFAULTS, METHODS
+from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
 
-from ..reference import METHODS
+# Argument parsing imports no torch (so --help and usage errors are instant); the
+# subcommands import it when they run.
 
 SUBCOMMANDS = ("speed", "quality", "downstream")
+FRESH_OUT = "bench-out"  # default parent of the quality runs' output folders (git-ignored)
+COMMITTED_OUT, COMMITTED_FIGURE = "bench/results", "bench/figures/token_masks.png"
 
 
 def _csv_list(kind, choices=None):
@@ -51,28 +55,38 @@ def _ints(text):
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _grid(text):
+    try:
+        rows, cols = (int(t) for t in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 24x24, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"grid sides must be >= 1, got {text!r}")
+    return rows, cols
+
+
 def _device(name: str) -> str:
+    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import quality, speed
     parser = argparse.ArgumentParser(
         prog="mmrprune-bench",
         description="Speed and quality benchmarks of mmrprune's token selection. "
                     "With no subcommand, runs `speed` with its defaults.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(f"  {k:<10} B={v[0]} N={v[1]} D={v[2]}  {v[4]}"
-                                        for k, v in speed.PRESETS.items()))
+                                        for k, v in PRESETS.items()))
     sub = parser.add_subparsers(dest="command")
 
     sp = sub.add_parser("speed", help="time backends x methods x shapes (the default)",
                         description="Time selection across backends x methods x shapes x dtypes. CPU: warm-up, "
                                     "then median/p20/p80 of perf_counter repeats. CUDA: triton.testing.do_bench.")
-    sp.add_argument("--preset", type=_csv_list("preset", list(speed.PRESETS)), default=None,
-                    help=f"comma list of {list(speed.PRESETS)} or 'all' (default: dinov2, or a custom "
+    sp.add_argument("--preset", type=_csv_list("preset", list(PRESETS)), default=None,
+                    help=f"comma list of {list(PRESETS)} or 'all' (default: dinov2, or a custom "
                          "random shape when --tokens and --dim are given)")
     sp.add_argument("--data", metavar="FILE.npz",
                     help="benchmark your own tokens: features [B, N, D], optional importance [B, N] and "
@@ -84,11 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep-ratio", type=float, default=0.25, help="kept share of tokens (default 0.25)")
     budget.add_argument("--k", type=int, help="tokens kept per image (instead of --keep-ratio)")
     sp.add_argument("--lam", type=float, default=0.5, help="MMR trade-off lam (default 0.5)")
-    sp.add_argument("--dtype", type=_csv_list("dtype", list(speed.DTYPES)), default=["float16"],
+    sp.add_argument("--dtype", type=_csv_list("dtype", list(DTYPE_NAMES)), default=["float16"],
                     help="comma list of float16,bfloat16,float32,float64 (default float16)")
     sp.add_argument("--method", type=_csv_list("method", list(METHODS)), default=["mmr", "divprune", "topk"],
                     help=f"comma list of {list(METHODS)} or 'all' (default mmr,divprune,topk)")
-    sp.add_argument("--backend", type=_csv_list("backend", ["cuda", "triton", "cpu", "torch", "numpy", "anchor"]),
+    d2 = sp.add_argument_group("d2pruner parameters (default: the library's; the preset's grid)")
+    d2.add_argument("--grid", type=_grid, help="patch grid ROWSxCOLS of the tokens, row-major (presets know theirs; "
+                                               "needed for a custom shape unless --alpha 1)")
+    for name, kind in (("pivot_ratio", float), ("alpha", float), ("tau", float), ("radius", int)):
+        d2.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {D2PRUNER_DEFAULTS[name]}")
+    sp.add_argument("--backend", type=_csv_list("backend", list(BACKEND_NAMES)),
                     default=None, help="comma list of cuda,triton,cpu,torch,numpy,anchor (default on CPU: "
                                        "cpu,torch,numpy,anchor; on CUDA: cuda,triton,torch,anchor)")
     sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -114,18 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--tokens", type=int, help="evenly subsample this many of the 1024 tokens (quick runs)")
     qp.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="importance seeds (default 0,1,2)")
     qp.add_argument("--keep-ratio", type=float, default=0.25, help="kept share (default 0.25)")
-    qp.add_argument("--mmr-lams", type=_floats, default=list(quality.MMR_LAMS), help="mmr lam sweep")
-    qp.add_argument("--hybrid-lams", type=_floats, default=list(quality.HYBRID_LAMS),
+    qp.add_argument("--mmr-lams", type=_floats, default=list(MMR_LAMS), help="mmr lam sweep")
+    qp.add_argument("--hybrid-lams", type=_floats, default=list(HYBRID_LAMS),
                     help="hybrid lam sweep (pool c = round(k/lam))")
-    qp.add_argument("--methods", type=_csv_list("method", list(METHODS)), default=list(quality.SINGLE_METHODS),
+    qp.add_argument("--methods", type=_csv_list("method", list(METHODS)), default=list(SINGLE_METHODS),
                     help="single-point methods (default topk,fps,divprune,dpp)")
     qp.add_argument("--backend", default="auto", help="selection backend (default auto = fastest available)")
     qp.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    qp.add_argument("--out-dir", default="bench/results",
-                    help="writes quality_pareto.{json,csv,png} and quality_dominance.json here "
-                         "(default bench/results)")
-    qp.add_argument("--figure", default="bench/figures/token_masks.png",
-                    help="token-mask figure path (default bench/figures/token_masks.png)")
+    qp.add_argument("--out-dir", default=None,
+                    help="writes quality_pareto.{json,csv,png}, quality_dominance.json and token_masks.png "
+                         f"here (default: a new folder {FRESH_OUT}/quality-<date>-<time>, so no run overwrites "
+                         "an earlier one or the committed results)")
+    qp.add_argument("--figure", default=None, help="token-mask figure path (default OUT_DIR/token_masks.png)")
+    qp.add_argument("--update-committed", action="store_true",
+                    help=f"regenerate the committed results: --out-dir {COMMITTED_OUT} --figure "
+                         f"{COMMITTED_FIGURE} (run from the repository root)")
     qp.add_argument("--no-figure", action="store_true", help="skip the token-mask figure")
     qp.add_argument("--mask-lam", type=float, default=0.5, help="mmr lam of the token-mask figure (default 0.5)")
     qp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -159,6 +181,8 @@ def main(argv=None) -> int:
 
 
 def _speed(args, argv, parser) -> int:
+    import torch
+
     from . import speed
     from .records import SPEED_FIELDS, environment, write_csv, write_json
     device = _device(args.device)
@@ -191,7 +215,7 @@ def _speed(args, argv, parser) -> int:
                        backends=args.backend or list(speed.DEFAULT_BACKENDS[device_type]),
                        k=args.k, keep_ratio=args.keep_ratio, lam=args.lam, repeats=args.repeats,
                        warmup=args.warmup, max_seconds=args.max_seconds, check_finite=not args.no_check_finite,
-                       seed=args.seed)
+                       seed=args.seed, d2pruner={name: getattr(args, name) for name in D2PRUNER_DEFAULTS})
     env = environment(device, argv)
     print(f"device: {env['device']} | torch {env['torch']} ({torch.get_num_threads()} threads) | "
           f"triton {env['triton']} | commit {env['commit']}")
@@ -199,12 +223,12 @@ def _speed(args, argv, parser) -> int:
     records, skipped = speed.run_sweep(cfg, env, quiet=args.quiet)
     if records:
         print(speed.format_records(records))
-    else:
-        print("no case ran")
     for s in skipped:
         print(f"skipped: {s}")
-    print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s; speedups = baseline median / this "
-          f"median (same shape, dtype, method)")
+    if not records:
+        print("no case ran: nothing was measured (see the skipped lines)", file=sys.stderr)
+        return 1
+    print(f"{len(records)} cases in {time.perf_counter() - t0:.1f} s")
     return _write(args, records, SPEED_FIELDS, write_json, write_csv,
                   lambda path: __import__("mmrprune.bench.plotting", fromlist=["plot_speed"]).plot_speed(records, path))
 
@@ -230,6 +254,26 @@ def _write(args, records, fields, write_json, write_csv, plot) -> int:
     return 0
 
 
+def _quality_paths(args, parser) -> tuple:
+    """``(out_dir, figure)``: a fresh folder by default, the committed paths only when asked."""
+    import os
+    if args.update_committed:
+        if args.out_dir or args.figure:
+            parser.error("--update-committed sets --out-dir and --figure itself; give one or the other")
+        if not os.path.isdir(COMMITTED_OUT) or not os.path.isdir(os.path.dirname(COMMITTED_FIGURE)):
+            parser.error(f"--update-committed: run it from the repository root (no {COMMITTED_OUT}/ here)")
+        return COMMITTED_OUT, COMMITTED_FIGURE
+    out = args.out_dir
+    if out is None:
+        base = out = os.path.join(FRESH_OUT, time.strftime("quality-%Y%m%d-%H%M%S"))
+        n = 1
+        while os.path.exists(out):  # two runs within one second
+            n += 1
+            out = f"{base}-{n}"
+        os.makedirs(out)
+    return out, args.figure or os.path.join(out, "token_masks.png")
+
+
 def _quality(args, argv, parser) -> int:
     import os
 
@@ -247,6 +291,7 @@ def _quality(args, argv, parser) -> int:
     for lam in list(args.mmr_lams) + list(args.hybrid_lams) + [args.mask_lam]:
         if not 0.0 <= lam <= 1.0:
             parser.error(f"lam {lam} is outside [0, 1]")
+    out, figure = _quality_paths(args, parser)
     env = environment(device, argv)
     cfg = quality.QualityConfig(images=args.images, tokens=args.tokens, seeds=args.seeds,
                                 keep_ratio=args.keep_ratio, mmr_lams=args.mmr_lams, hybrid_lams=args.hybrid_lams,
@@ -260,7 +305,6 @@ def _quality(args, argv, parser) -> int:
         return 1
     comparison = quality.compare_mmr_hybrid(records)
     print(quality.format_quality(records, comparison))
-    out = args.out_dir
     paths = {ext: os.path.join(out, f"quality_pareto.{ext}") for ext in ("json", "csv", "png")}
     write_json(paths["json"], records)
     write_csv(paths["csv"], records, REQUIRED_FIELDS)
@@ -274,8 +318,8 @@ def _quality(args, argv, parser) -> int:
         print(f"wrote {paths['png']}")
         if not args.no_figure:
             masks = quality.token_masks(args.mask_lam, args.keep_ratio, args.backend, device)
-            plot_token_masks(masks, args.figure)
-            print(f"wrote {args.figure}")
+            plot_token_masks(masks, figure)
+            print(f"wrote {figure}")
             for (name, m), s in masks["stats"].items():
                 print(f"  mask {name:<10} {m:<9} retention {s['retention']:.3f}  hopkins {s['hopkins']:.3f}")
     except PlotUnavailable as exc:

@@ -28,12 +28,9 @@ import torch
 from .. import dispatch
 from ..api import select
 from ..metrics import hopkins, importance_retention
-from ..reference import budget, hybrid_pool_size
+from ..reference import LAM_METHODS, budget, hybrid_pool_size
+from .defaults import HYBRID_LAMS, MMR_LAMS, SINGLE_METHODS
 
-MMR_LAMS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
-# hybrid's pool is c = N for lam <= k/N (= 0.25 at 25% kept) and c = k at lam = 1
-HYBRID_LAMS = (0.2, 0.25, 0.26, 0.275, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-SINGLE_METHODS = ("topk", "fps", "divprune", "dpp")
 MASK_IMAGES = ("astronaut", "chelsea", "coffee")
 MASK_METHODS = ("mmr", "divprune", "topk")
 
@@ -130,7 +127,7 @@ def run_quality(cfg: QualityConfig, env: dict, progress=None) -> list:
         w = torch.from_numpy(w_np).to(cfg.device)
         for method, lam in points:
             t0 = time.perf_counter()
-            idx = select(x, w, k=k, lam=0.5 if lam is None else lam, method=method, backend=cfg.backend)
+            idx = select(x, w, k=k, lam=lam if method in LAM_METHODS else None, method=method, backend=cfg.backend)
             if x.is_cuda:
                 torch.cuda.synchronize()
             per[(method, lam)]["ms"].append((time.perf_counter() - t0) * 1e3)
@@ -231,7 +228,8 @@ def token_masks(lam: float, keep_ratio: float, backend: str, device: str,
     masks = np.zeros((len(rows), len(methods), gh, gw), dtype=bool)
     stats = {}
     for j, m in enumerate(methods):
-        idx = select(x, w, keep_ratio=keep_ratio, lam=lam, method=m, backend=backend).cpu().numpy()
+        idx = select(x, w, keep_ratio=keep_ratio, lam=lam if m in LAM_METHODS else None, method=m,
+                     backend=backend).cpu().numpy()
         for i in range(len(rows)):
             flat = np.zeros(gh * gw, dtype=bool)
             flat[idx[i][idx[i] >= 0]] = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -108,7 +109,8 @@ def write_csv(path: str, records: list, fields: Sequence[str] = ()) -> None:
             w.writerow({key: ("" if v is None else v) for key, v in r.items()})
 
 
-def _cell(v) -> str:
+def format_number(v) -> str:
+    """A table cell or chart label: thousands separators, 2-3 significant digits, never e-notation."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -123,14 +125,14 @@ def _cell(v) -> str:
             return f"{v:.1f}"
         if a >= 1:
             return f"{v:.2f}"
-        return f"{v:.3g}"
+        return f"{v:.{2 - math.floor(math.log10(a))}f}"  # 3 significant digits, fixed point
     return str(v)
 
 
 def format_table(rows: Iterable[dict], columns: Sequence[tuple]) -> str:
     """Aligned text table. ``columns`` = ``(header, key)``; numbers align right."""
     rows = list(rows)
-    cells = [[_cell(r.get(key)) for _, key in columns] for r in rows]
+    cells = [[format_number(r.get(key)) for _, key in columns] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(columns)]
     numeric = [all(isinstance(r.get(key), (int, float)) or r.get(key) is None for r in rows) and rows != []
                for _, key in columns]

@@ -24,20 +24,12 @@ import numpy as np
 import torch
 
 from .. import dispatch
-from ..backends import BUILD_HINTS
-from ..reference import budget
+from ..reference import D2PRUNER_DEFAULTS, LAM_METHODS, budget
+from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESET_GRIDS, PRESETS
+from .records import format_number
 
 # --------------------------------------------------------------------------- shapes
-PRESETS = {
-    # name: (default batch, tokens, dim, source, what it stands for)
-    "llava": (8, 576, 4096, "random", "LLaVA-1.5: 24x24 CLIP patches into a 4096-d LLM"),
-    "qwen1080p": (4, 2691, 3584, "random", "Qwen2-VL-7B, one 1080p frame (39x69 merged patches)"),
-    "video": (1, 16384, 3584, "random", "a long video: 16k visual tokens, 3584-d"),
-    "dinov2": (8, 1024, 384, "dinov2", "real DINOv2 ViT-S/14 tokens of 8 photos at 448 px (mmrprune.data)"),
-}
-DINOV2_IMAGES = 8
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ANCHOR_METHODS = ("mmr", "divprune")
 DEFAULT_BACKENDS = {"cpu": ("cpu", "torch", "numpy", "anchor"), "cuda": ("cuda", "triton", "torch", "anchor")}
 
@@ -67,6 +59,7 @@ class Shape:
     dim: int
     source: str  # "random", "dinov2" or "file"
     path: Optional[str] = None   # source "file": the user's .npz (see load_token_file)
+    grid: Optional[tuple] = None  # (rows, cols) of the patch grid, when the preset knows it
 
     def label(self) -> str:
         return f"{self.name} B={self.batch} N={self.tokens} D={self.dim}"
@@ -84,7 +77,8 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
         if source == "dinov2" and (b > DINOV2_IMAGES or n > n0 or d > d0):
             raise ValueError(f"preset dinov2 has {DINOV2_IMAGES} images x {n0} tokens x {d0} dims; "
                              f"got batch={b}, tokens={n}, dim={d}")
-        shapes.append(Shape(p, b, n, d, source))
+        grid = PRESET_GRIDS.get(p) if n == n0 else None  # --tokens breaks the preset's grid
+        shapes.append(Shape(p, b, n, d, source, grid))
     if not presets:
         if not (tokens and dim):
             raise ValueError("give --preset, or both --tokens and --dim")
@@ -168,9 +162,14 @@ def _n_buffers(nbytes: int, device: str) -> int:
 
 # --------------------------------------------------------------------------- runners
 def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
-                check_finite: bool = True, lengths=None) -> tuple[Optional[Callable], str]:
+                check_finite: bool = True, params: Optional[dict] = None,
+                lengths=None) -> tuple[Optional[Callable], str]:
     """``(fn(x, w), "")`` or ``(None, why this case cannot run)``.  ``fn`` returns the
-    indices, or ``(indices, stats)`` from :func:`mmrprune.select` (``return_stats=True``)."""
+    indices, or ``(indices, stats)`` from :func:`mmrprune.select` (``return_stats=True``);
+    ``params`` are the method's own (d2pruner's ``grid``, ``alpha``, ...)."""
+    params = dict(params or {})
+    if method in LAM_METHODS:
+        params["lam"] = lam
     if backend == "anchor":
         if method not in ANCHOR_METHODS:
             return None, f"the anchor baseline exists for {', '.join(ANCHOR_METHODS)} only"
@@ -187,8 +186,8 @@ def make_runner(backend: str, method: str, k: int, lam: float, device_type: str,
     from ..api import select
 
     def run(x, w):
-        return select(x, w, k=k, lam=lam, method=method, backend=backend, order="selection",
-                      check_finite=check_finite, lengths=lengths, return_stats=True)
+        return select(x, w, k=k, method=method, backend=backend, order="selection",
+                      check_finite=check_finite, lengths=lengths, return_stats=True, **params)
     return run, ""
 
 
@@ -296,6 +295,21 @@ class Config:
     max_seconds: float = 3.0
     check_finite: bool = True
     seed: int = 0
+    d2pruner: Optional[dict] = None  # pivot_ratio / alpha / tau / radius / grid given on the command line
+
+    def method_params(self, method: str, shape: Shape) -> tuple[Optional[dict], str]:
+        """``(select's method parameters, "")`` for this method and shape, or ``(None, why not)``."""
+        if method != "d2pruner":
+            return {}, ""
+        params = {name: v for name, v in (self.d2pruner or {}).items() if v is not None}
+        params.setdefault("grid", shape.grid)
+        alpha = params.get("alpha", D2PRUNER_DEFAULTS["alpha"])
+        if params["grid"] is None:
+            if alpha < 1.0:
+                return None, (f"d2pruner's spatial term (alpha={alpha:g} < 1) needs the patch grid of {shape.name} "
+                              f"(N={shape.tokens}): give --grid ROWSxCOLS, or --alpha 1")
+            del params["grid"]
+        return params, ""
 
 
 def _progress(quiet: bool, msg: str, end: str = "\n") -> None:
@@ -312,8 +326,8 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         if b != "anchor":
             ok, detail = dispatch.status(b)
             if not ok:
-                hint = BUILD_HINTS.get(b, "")
-                unavailable[b] = detail + (f" (to get it, {hint})" if hint and hint not in detail else "")
+                hint = dispatch.how_to_get(b, detail)
+                unavailable[b] = detail + (f" (to get it, {hint})" if hint else "")
     for b, why in unavailable.items():
         skipped.append(f"{b}: {why}")
     backends = [b for b in cfg.backends if b not in unavailable]
@@ -326,7 +340,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         if shape.source == "file":
             lengths = load_token_file(shape.path)["lengths"]
             lengths = None if lengths is None else torch.from_numpy(lengths.astype(np.int64)).to(cfg.device)
-        fn2, why = make_runner(backend, method, k, cfg.lam, device_type, cfg.check_finite, lengths)
+        params, why = cfg.method_params(method, shape)
+        fn2, why = (None, why) if params is None else make_runner(backend, method, k, cfg.lam, device_type,
+                                                                  cfg.check_finite, params, lengths)
         if fn2 is None:
             skipped.append(f"{backend} {method} {shape.name}: {why}")
             _progress(quiet, f"{tag}  skipped")
@@ -348,7 +364,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
             skipped.append(f"{backend} {method} {shape.name} {dt}: {reason}")
             _progress(quiet, f" {reason}")
             continue
-        _progress(quiet, f" {t['median_ms']:.3g} ms")
+        _progress(quiet, f" {format_number(t['median_ms'])} ms")
         rec = dict(env)
         rec.update({"backend": backend, "method": method, "preset": shape.name, "batch": shape.batch,
                     "tokens": shape.tokens, "dim": shape.dim, "k": k, "lam": cfg.lam, "dtype": dt,
@@ -361,6 +377,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         if rounds is not None:   # absent, not guessed, where the backend does not count
             rec["rounds"] = rounds
             rec["rounds_per_k"] = rounds / k
+        if params:  # the method's own parameters, e.g. "alpha=0.5,grid=32x32"
+            rec["params"] = ",".join(f"{name}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                     for name, v in sorted(params.items()))
         if device_type == "cuda" and method != "topk":  # top-k never forms similarities
             key = (shape, dt)
             if key not in gram_cache:
@@ -395,17 +414,36 @@ def add_speedups(records: list) -> None:
 
 
 TABLE_COLUMNS = [("backend", "backend"), ("method", "method"), ("preset", "preset"), ("B", "batch"),
-                 ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("median ms", "median_ms"),
-                 ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
-                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"), ("x anchor", "speedup_vs_anchor"),
+                 ("N", "tokens"), ("D", "dim"), ("k", "k"), ("dtype", "dtype"), ("x anchor", "speedup_vs_anchor"),
+                 ("median ms", "median_ms"), ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("us/step", "us_per_step"),
+                 ("img/s", "images_per_s"), ("x torch", "speedup_vs_torch"),
                  ("rounds/k", "rounds_per_k")]
 GPU_COLUMNS = [("gram share", "gram_share"), ("gram TFLOP/s", "gram_tflops"), ("% peak", "gram_pct_of_peak")]
 
 
+LEGEND = """\
+x anchor   speed-up over the anchor: anchor median / this median, same case. The anchor is the
+           structure of the published selectors' code (mmrprune/baselines.py): one image at a
+           time, the full fp32 N x N similarity matrix, then every greedy step as separate torch
+           ops with a host sync to read the pick. mmr and divprune only ('-' elsewhere).
+median ms  wall time of one call selecting k tokens in each of the B images (p20/p80: spread
+           over the timed repeats)
+us/step    median / k: microseconds per greedy step (one kept token per image, all B images)
+img/s      images per second: B / median
+x torch    speed-up over backend="torch", this package's plain PyTorch fallback
+rounds/k   sequential rounds per image / k, on backends that pick in exact multi-commit rounds
+           (1 = one pick per step; '-' where the backend does not count)"""
+GPU_LEGEND = """\
+gram ...   the bf16 batched Gram x x^T of the same shape: its share of this call's median, its
+           TFLOP/s and % of the device's dense bf16 peak"""
+
+
 def format_records(records: list) -> str:
-    """The aligned terminal table of a sweep (GPU runs add the bf16 Gram columns)."""
+    """The aligned terminal table of a sweep (GPU runs add the bf16 Gram columns), then what
+    each column means."""
     from .records import format_table
-    cols = list(TABLE_COLUMNS)
+    cols, legend = list(TABLE_COLUMNS), LEGEND
     if any("gram_ms" in r for r in records):
         cols += GPU_COLUMNS
-    return format_table(records, cols)
+        legend += "\n" + GPU_LEGEND
+    return format_table(records, cols) + "\n\n" + legend

@@ -103,7 +103,7 @@ class VisualTokenPruner:
     k: Optional[int]
     keep_ratio: Optional[float]
     method: str
-    lam: float
+    lam: Optional[float]
     importance: Any
     backend: str
     text_reduce: str
@@ -396,7 +396,7 @@ class VisualTokenPruner:
 
 
 def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k: Optional[int] = None,
-                                method: str = "mmr", lam: float = 0.5,
+                                method: str = "mmr", lam: Optional[float] = None,
                                 importance: Union[str, None, torch.Tensor, Callable] = "norm",
                                 backend: str = "auto", text_reduce: str = "max",
                                 position_bias: Optional[torch.Tensor] = None,
