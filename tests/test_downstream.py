@@ -179,3 +179,11 @@ def test_quick_run_writes_records_and_plot(tmp_path):
     cos = [r["value"] for r in records if r["metric"] == "cls_cosine"]
     assert max(cos) < 1.0 and min(cos) > 0.0                    # pruning 224 of 256 patches changes [CLS]
     assert all(r["commit"] and "downstream --quick" in r["command"] for r in records)
+
+
+def test_cli_method_list_names_the_default_methods():
+    """The CLI's help lists the methods without importing torch (bench/defaults.py): the list
+    must be the one the run uses."""
+    from mmrprune.bench import downstream
+    from mmrprune.bench.defaults import DOWNSTREAM_METHODS
+    assert tuple(m.name for m in downstream.default_methods()) == DOWNSTREAM_METHODS

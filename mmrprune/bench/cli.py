@@ -16,6 +16,7 @@ import sys
 import time
 
 from ..reference import D2PRUNER_DEFAULTS, METHODS
+from .defaults import add_downstream_arguments
 from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
 
 # Argument parsing imports no torch (so --help and usage errors are instant); the
@@ -152,10 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--mask-lam", type=float, default=0.5, help="mmr lam of the token-mask figure (default 0.5)")
     qp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
-    from . import downstream
-    downstream.add_arguments(sub.add_parser(
+    add_downstream_arguments(sub.add_parser(
         "downstream", help="task accuracy kept when pruning inside DINOv2 ViT-S/14 (Fashion-MNIST probe, photos)",
-        description=downstream.__doc__.split("\n\n")[0]))
+        description="Downstream quality: prune inside a real ViT and measure what a task keeps."))
     return parser
 
 

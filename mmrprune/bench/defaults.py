@@ -22,3 +22,37 @@ MMR_LAMS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
 # hybrid's pool is c = N for lam <= k/N (= 0.25 at 25% kept) and c = k at lam = 1
 HYBRID_LAMS = (0.2, 0.25, 0.26, 0.275, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SINGLE_METHODS = ("topk", "fps", "divprune", "dpp")
+
+
+# ---------------------------------------------------------------- downstream (mmrprune/bench/downstream.py)
+DOWNSTREAM_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DOWNSTREAM_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                     "immunohistochemistry", "retina", "camera", "coins", "moon", "brick", "grass", "gravel",
+                     "clock")
+# the names of downstream.default_methods(), in its order (tests/test_downstream.py checks they agree)
+DOWNSTREAM_METHODS = ("topk", "mmr-0.2", "mmr-0.5", "mmr-0.8", "divprune", "fps", "hybrid", "dpp", "d2pruner",
+                      "random", "grid")
+DOWNSTREAM_QUICK = {"test_images": 24, "layers": (6,), "budgets": (32,), "photos": DOWNSTREAM_PHOTOS[:3], "batch": 24}
+
+
+def add_downstream_arguments(p) -> None:
+    """The ``downstream`` subcommand's flags (mmrprune/bench/downstream.py runs it)."""
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: {DOWNSTREAM_QUICK['test_images']} test images, P=6, k=32, "
+                        f"{len(DOWNSTREAM_QUICK['photos'])} photos (the tests use it); writes files only with --out-dir")
+    p.add_argument("--test-images", type=int, help="Fashion-MNIST test images (default 1000, --quick 24)")
+    p.add_argument("--layers", help="comma list of pruning layers P in 1..11 (default 3,6,9)")
+    p.add_argument("--budgets", help="comma list of kept patches k in 1..256 (default 64,32,16)")
+    p.add_argument("--methods", help="comma list of method names (default all: "
+                                     + ",".join(DOWNSTREAM_METHODS) + ")")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="matmul dtype of the model (default bfloat16, about 2x faster on CPU than float32)")
+    p.add_argument("--batch", type=int, help="images per forward (default 50)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--fmnist-dir", help=f"folder of the Fashion-MNIST *-ubyte.gz files (default {DOWNSTREAM_FMNIST_DIR} "
+                                        "or $MMRPRUNE_FMNIST_DIR)")
+    p.add_argument("--no-photos", action="store_true", help="skip the photo task")
+    p.add_argument("--out-dir", help="writes downstream.json and downstream.csv here (full run default: "
+                                     "bench/results)")
+    p.add_argument("--plot", help="accuracy-retained figure (full run default: bench/figures/downstream.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

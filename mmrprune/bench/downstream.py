@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .defaults import DOWNSTREAM_FMNIST_DIR as FMNIST_DIR
+from .defaults import DOWNSTREAM_PHOTOS as PHOTOS, DOWNSTREAM_QUICK as QUICK
 from .dinov2 import DEPTH, MissingModel, ViTS14, onnx_path
 
 SIDE = 224
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_HINT = ("Fashion-MNIST is not installed: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; "
                "or `bash scripts/setup_data.sh`), or put the four *-ubyte.gz files from "
                "https://github.com/zalandoresearch/fashion-mnist in a folder and pass --fmnist-dir / set "
@@ -47,8 +48,6 @@ FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
                   "Bag", "Ankle boot")
 PROBE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                           "fmnist_probe_dinov2_vits14_224.npz")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
-          "immunohistochemistry", "retina", "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
 CROPS = ("top-left", "top-right", "bottom-left", "bottom-right")
 PRUNE_LAYERS = (3, 6, 9)
 BUDGETS = (64, 32, 16)
@@ -422,29 +421,6 @@ def format_downstream(records: list) -> str:
 
 
 # --------------------------------------------------------------------------- command line
-QUICK = {"test_images": 24, "layers": (6,), "budgets": (32,), "photos": PHOTOS[:3], "batch": 24}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: {QUICK['test_images']} test images, P=6, k=32, "
-                        f"{len(QUICK['photos'])} photos (the tests use it); writes files only with --out-dir")
-    p.add_argument("--test-images", type=int, help="Fashion-MNIST test images (default 1000, --quick 24)")
-    p.add_argument("--layers", help="comma list of pruning layers P in 1..11 (default 3,6,9)")
-    p.add_argument("--budgets", help="comma list of kept patches k in 1..256 (default 64,32,16)")
-    p.add_argument("--methods", help="comma list of method names (default all: "
-                                     + ",".join(m.name for m in default_methods()) + ")")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="matmul dtype of the model (default bfloat16, about 2x faster on CPU than float32)")
-    p.add_argument("--batch", type=int, help="images per forward (default 50)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--fmnist-dir", help=f"folder of the Fashion-MNIST *-ubyte.gz files (default {FMNIST_DIR} "
-                                        "or $MMRPRUNE_FMNIST_DIR)")
-    p.add_argument("--no-photos", action="store_true", help="skip the photo task")
-    p.add_argument("--out-dir", help="writes downstream.json and downstream.csv here (full run default: "
-                                     "bench/results)")
-    p.add_argument("--plot", help="accuracy-retained figure (full run default: bench/figures/downstream.png)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def _ints_in(text: str, name: str, lo: int, hi: int, parser) -> tuple:

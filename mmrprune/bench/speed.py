@@ -78,7 +78,7 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
             raise ValueError(f"preset dinov2 has {DINOV2_IMAGES} images x {n0} tokens x {d0} dims; "
                              f"got batch={b}, tokens={n}, dim={d}")
         grid = PRESET_GRIDS.get(p) if n == n0 else None  # --tokens breaks the preset's grid
-        shapes.append(Shape(p, b, n, d, source, grid))
+        shapes.append(Shape(p, b, n, d, source, grid=grid))
     if not presets:
         if not (tokens and dim):
             raise ValueError("give --preset, or both --tokens and --dim")
@@ -126,7 +126,7 @@ def load_token_file(path: str) -> dict:
 def file_shape(path: str) -> Shape:
     """The :class:`Shape` of a ``--data`` file (validated by :func:`load_token_file`)."""
     b, n, d = load_token_file(path)["features"].shape
-    return Shape("data", b, n, d, "file", path)
+    return Shape("data", b, n, d, "file", path=path)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
