@@ -36,6 +36,7 @@ def test_tokens_kept_is_the_selection_budget(text):
     ("keep_ratio=1.5", "keep_ratio: expected a value in (0, 1]"),
     ("k=8,lam=2", "lam: expected a value in [0, 1]"),
     ("k=8,method=nope", "method: expected one of"),
+    ("k=8,method=topk,importance=none", "method=topk ranks tokens by importance"),
     ("k=8,importance=text", "importance must be one of ['norm', 'none']"),
     ("k=8,backend=gpu", "backend must be 'auto' or one of"),
     ("k=8,ratio=0.5", "keys ['k', 'keep_ratio'"),

@@ -93,6 +93,9 @@ def parse_config(text: Optional[str]) -> Optional[PruneConfig]:
     importance = fields.get("importance", "norm")
     if importance not in _IMPORTANCE:
         raise ValueError(f"{ENV}: importance must be one of {list(_IMPORTANCE)}, got {importance!r}")
+    if method == "topk" and importance == "none":
+        raise ValueError(f"{ENV}: method=topk ranks tokens by importance; importance=none would keep the "
+                         "first k tokens of each image (use importance=norm)")
     backend = fields.get("backend", "auto")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{ENV}: backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
