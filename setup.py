@@ -341,5 +341,7 @@ setup(
         "bench": ["matplotlib"],
         "hf": ["transformers>=5.23,<6"],
     },
-    entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"]},
+    entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"],
+                  # inert unless MMRPRUNE_VLLM is set (see mmrprune/integrations/vllm.py)
+                  "vllm.general_plugins": ["mmrprune = mmrprune.integrations.vllm:register"]},
 )

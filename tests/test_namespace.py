@@ -70,3 +70,40 @@ def test_third_party_first_then_mmrprune(fake_site):
         print("ok")
     """, work, extra_path=site)
     assert out.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- from a checkout
+# ``python -m pytest`` / ``python -c`` in the repository root put the root on sys.path, so a plain
+# ``import triton_kernels`` finds the source tree's folder first; it must step aside.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_repo_root_on_path_defers_to_third_party(fake_site):
+    site, _ = fake_site
+    (site / "triton_kernels" / "matmul.py").write_text("WHO = 'third party'\n")
+    out = run_py("""
+        import os, sys
+        assert os.path.abspath(sys.path[0] or os.curdir) == os.getcwd()     # the checkout comes first
+        import triton_kernels, triton_kernels.matmul
+        assert triton_kernels.IS_FAKE and triton_kernels.matmul.WHO == "third party", triton_kernels.__file__
+        assert sys.modules["triton_kernels"] is triton_kernels
+        import mmrprune.triton_kernels.greedy as ours
+        assert ours.__name__ == "mmrprune.triton_kernels.greedy" and not hasattr(ours, "IS_FAKE")
+        print("ok")
+    """, ROOT, extra_path=site)
+    assert out.strip() == "ok"
+
+
+def test_repo_root_on_path_without_third_party_is_missing(tmp_path):
+    out = run_py("""
+        import importlib.util, sys
+        try:
+            import triton_kernels
+        except ModuleNotFoundError as exc:
+            assert exc.name == "triton_kernels", exc.name
+            assert "triton_kernels" not in sys.modules
+            print("missing")
+        import mmrprune.triton_kernels.greedy
+        print("ours ok")
+    """, ROOT)
+    assert out.split() == ["missing", "ours", "ok"]
