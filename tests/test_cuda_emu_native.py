@@ -46,7 +46,7 @@ K = 9
 # name: (anchor text in greedy.cu, replacement, sanitizer build, cases it runs)
 MUTATIONS = {
     # the barrier that publishes x̂_p in shared memory before any warp reads it
-    "drop_syncthreads": ("    __syncthreads();  // xs and taken[p] visible to the whole block\n", "\n", None,
+    "drop_syncthreads": ("      __syncthreads();  // xs and taken[p] visible to the whole block\n", "\n", None,
                          ["mmr-row-f32"]),
     # a block barrier only lane 0 of each warp reaches
     "barrier_under_lane_condition": ("    red_i[warp] = bi;\n  }\n  __syncthreads();\n",
@@ -57,7 +57,7 @@ MUTATIONS = {
                                "{ return (dim - 1) * static_cast<std::int64_t>(sizeof(float)); }", "asan",
                                ["mmr-row-f32"]),
     # thread 0 marks the pick taken, while the owner thread reads that flag in the same interval
-    "non_owner_writes_token_state": ("if (p % nthreads == tid) taken[p] = 1;", "if (tid == 0) taken[p] = 1;", "tsan",
+    "non_owner_writes_token_state": ("const int flag_writer = kGram ? p % nthreads : 0;", "const int flag_writer = 0;", "tsan",
                                      ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
 }
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer")

@@ -70,8 +70,8 @@ def qwen(request):
 
 
 # ----------------------------------------------------------------------------- inputs
-def llava_batch(seed=0):
-    """Row 0: two images, no padding.  Row 1: one image, left-padded."""
+def llava_batch(seed=0, right_padded=False):
+    """Row 0: two images, no padding.  Row 1: one image, left-padded (or right-padded)."""
     g = torch.Generator().manual_seed(seed)
     r0 = [1, 5, 6] + [IMG] * 16 + [7] + [IMG] * 16 + [8, 9]
     r1 = [1, 10] + [IMG] * 16 + [11, 12, 13]
@@ -80,8 +80,9 @@ def llava_batch(seed=0):
     am = torch.zeros(2, L, dtype=torch.long)
     ids[0] = torch.tensor(r0)
     am[0] = 1
-    ids[1, L - len(r1):] = torch.tensor(r1)
-    am[1, L - len(r1):] = 1
+    row1 = slice(0, len(r1)) if right_padded else slice(L - len(r1), L)
+    ids[1, row1] = torch.tensor(r1)
+    am[1, row1] = 1
     pv = torch.randn(3, 3, 32, 32, generator=g)
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
 
@@ -145,8 +146,9 @@ def expected_columns(ids, am, image_id, kept_flat):
             for b in range(ids.shape[0])]
 
 
-def check_kept(model, batch, image_id, unpruned_pos, keep_ratio=0.25, **kw):
-    """Run a pruned forward and compare the decoder's inputs with an independent reconstruction."""
+def check_kept(model, batch, image_id, unpruned_pos, keep_ratio=0.25, right_padded=False, **kw):
+    """Run a pruned forward and compare the decoder's inputs with an independent reconstruction
+    (rows re-padded on the left, or on the right for a right-padded batch)."""
     feats = image_features(model, batch)
     packed = torch.cat(feats)
     cu = torch.tensor([0] + [f.shape[0] for f in feats]).cumsum(0)
@@ -168,8 +170,9 @@ def check_kept(model, batch, image_id, unpruned_pos, keep_ratio=0.25, **kw):
     img_pos = (ids == image_id).nonzero().tolist()
     row_of = {tuple(pq): i for i, pq in enumerate(img_pos)}
     for b in range(ids.shape[0]):
-        off = new_len - len(cols[b])                                    # left padding
-        assert torch.equal(c["mask"][b, :off].bool(), torch.zeros(off, dtype=torch.bool))
+        off = 0 if right_padded else new_len - len(cols[b])
+        pad = list(range(len(cols[b]), new_len)) if right_padded else list(range(off))
+        assert not c["mask"][b, pad].bool().any()
         assert torch.equal(p.last["kept_columns"][b], torch.tensor(cols[b]))
         for j, col in enumerate(cols[b]):
             want = packed[row_of[(b, col)]] if ids[b, col] == image_id else embed(ids[b, col])
@@ -198,6 +201,13 @@ def test_llava_prefill_sees_kept_tokens_with_original_positions(llava):
     # 3 images of 16 tokens keep 4 each: row 0 (38 -> 14) sets the length, row 1 (22 -> 10) is re-padded
     assert p.last["visual_before"] == 48 and p.last["visual_after"] == 12
     assert p.last["orig_len"] == L and p.last["pruned_len"] == L - 24
+
+
+def test_llava_right_padded_batch_is_repadded_on_the_right(llava):
+    batch = llava_batch(right_padded=True)
+    L = batch["input_ids"].shape[1]
+    p = check_kept(llava, batch, IMG, torch.arange(L).expand(2, L), keep_ratio=0.25, right_padded=True)
+    assert p.last["right_padded"] and p.last["pruned_len"] == L - 24
 
 
 def test_llava_keep_ratio_one_reproduces_logits_and_loss(llava):

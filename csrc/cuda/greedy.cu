@@ -26,6 +26,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace mmrprune_cuda {
 namespace {
@@ -212,38 +213,61 @@ __global__ void __launch_bounds__(256) inv_norm_kernel(const T* __restrict__ x, 
 //   step t : argmax over eligible, untaken tokens of lam * imp - (1 - lam) * m,
 //            m_i = max over picks j of sim(i, j).
 // eligible == nullptr means every valid token is eligible (hybrid passes its pool).
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
-    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
-    const float* __restrict__ imp, const float* __restrict__ first_score,
+// The similarity source is the template parameter, as in dpp_body:
+//   row mode (kGram = false): sim(p, i) = (x_i . x̂_p) * inv_norm[i], warp per token (the
+//     lanes split the dot product over D); thread 0 marks the pick taken and the barrier
+//     after the x̂_p copy publishes it to every warp.
+//   Gram mode (kGram = true): sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i], one
+//     contiguous fp32 read per token from the raw Gram [batch, ld, ld] (x is then unused).
+//     Thread per token: token i belongs to thread i % blockDim.x for the whole launch, so its
+//     state (m_i, taken_i) is private to that thread and needs no barrier between steps (the
+//     owner marks its own token taken when it is picked).  kSmem: the state lives in dynamic
+//     shared memory (ld * 5 bytes), else in the global scratch indexed by row.
+template <typename T, bool kVec, bool kGram, bool kSmem>
+__device__ __forceinline__ void maxsim_body(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
+    const float* __restrict__ inv_norm, const float* __restrict__ imp, const float* __restrict__ first_score,
     const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
     float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
-  extern __shared__ float xs[];  // [dim]: the normalised picked row, fp32
+  static_assert(kGram || !kSmem, "only Gram mode keeps its token state in shared memory");
+  // row mode: xs[dim], the normalised picked row (fp32); Gram mode with kSmem: m[ld] fp32,
+  // then taken[ld] bytes
+  extern __shared__ float dyn_s[];
   __shared__ float red_s[32];
   __shared__ int red_i[33];
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int nwarps = blockDim.x >> 5;
+  // Block-wide loops step by nthreads: a signed copy of blockDim.x in Gram mode, blockDim.x
+  // itself (unsigned) in row mode, the forms each mode was compiled with before they shared
+  // this body.  A signed copy in row mode made ptxas spill the scalar kernels on sm_90.
+  using Stride = std::conditional_t<kGram, int, unsigned>;
+  const Stride nthreads = blockDim.x;
+  // who scores token i: warp i % nwarps (row mode) or thread i % nthreads (Gram mode)
+  const int worker = kGram ? tid : tid >> 5;
+  const int nworkers = kGram ? static_cast<int>(nthreads) : static_cast<int>(blockDim.x >> 5);
   const std::int64_t b = blockIdx.x;
   const std::int64_t start = starts[b];
-  const std::int64_t len = lengths[b];
+  std::int64_t len = lengths[b];
+  if (kGram && len > ld) len = ld;  // a segment never leaves its Gram block (garbage lengths)
   const int n = len > 0 ? static_cast<int>(len) : 0;
   const std::int64_t kb = image_budget(len, ks[b], k_max);
   std::int64_t* out_b = out + b * k_max;
-  for (std::int64_t t = kb + tid; t < k_max; t += blockDim.x) out_b[t] = -1;
+  for (std::int64_t t = kb + tid; t < k_max; t += nthreads) out_b[t] = -1;
   if (kb == 0) return;  // uniform over the block: no barrier is skipped by part of it
 
-  float* m = m_g + start;
-  std::uint8_t* taken = taken_g + start;
+  float* xs = dyn_s;
+  float* m = kSmem ? dyn_s : m_g + start;
+  std::uint8_t* taken = kSmem ? reinterpret_cast<std::uint8_t*>(dyn_s + ld) : taken_g + start;
   const float* imp_b = imp + start;
+  const float* inv_b = inv_norm + start;
+  const float* gram_b = kGram ? gram + b * ld * ld : nullptr;
 
   // step 0: initialise the state, score the first pick
   float bs = -INFINITY;
   int bi = kNoPick;
-  for (int i = tid; i < n; i += blockDim.x) {
+  for (int i = tid; i < n; i += nthreads) {
     m[i] = -INFINITY;
     const bool ok = eligible == nullptr || eligible[start + i] != 0;
     taken[i] = ok ? 0 : 1;
@@ -254,28 +278,30 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
   std::int64_t t = 0;
   while (true) {
     if (p == kNoPick) {  // fewer candidates than the budget (only with inconsistent inputs)
-      for (std::int64_t u = t + tid; u < kb; u += blockDim.x) out_b[u] = -1;
+      for (std::int64_t u = t + tid; u < kb; u += nthreads) out_b[u] = -1;
       break;
     }
-    if (tid == 0) {
-      out_b[t] = p;
-      taken[p] = 1;
-    }
+    if (tid == 0) out_b[t] = p;
+    // Gram mode: the owner of token p, which alone reads its flag again; row mode: thread 0
+    const int flag_writer = kGram ? p % nthreads : 0;
+    if (flag_writer == tid) taken[p] = 1;
     if (++t >= kb) break;
 
-    const std::int64_t prow = start + p;
-    const float ip = inv_norm[prow];
-    const T* xp = x + prow * dim;
-    for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
-    __syncthreads();  // xs and taken[p] visible to the whole block
+    const float ip = inv_b[p];
+    const float* g = kGram ? gram_b + static_cast<std::int64_t>(p) * ld : nullptr;
+    if (!kGram) {
+      const T* xp = x + (start + p) * dim;
+      for (std::int64_t d = tid; d < dim; d += nthreads) xs[d] = to_float(xp[d]) * ip;
+      __syncthreads();  // xs and taken[p] visible to the whole block
+    }
 
     bs = -INFINITY;
     bi = kNoPick;
-    for (int i = warp; i < n; i += nwarps) {
-      if (taken[i]) continue;  // warp-uniform: every lane reads the same byte
-      const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
-      if (lane == 0) {
-        const float sim = dot * inv_norm[start + i];
+    for (int i = worker; i < n; i += nworkers) {
+      if (taken[i]) continue;  // row mode: warp-uniform, every lane reads the same byte
+      const float dot = kGram ? 0.f : warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      if (kGram || lane == 0) {
+        const float sim = kGram ? __fmul_rn(__ldg(g + i) * ip, inv_b[i]) : dot * inv_b[i];
         const float mi = fmaxf(m[i], sim);
         m[i] = mi;
         // no contraction into an FMA: same rounding as the torch backend's two products
@@ -283,8 +309,31 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
         consider(s, i, bs, bi);
       }
     }
-    p = block_argmax(bs, bi, red_s, red_i);  // its barriers also end every read of xs
+    p = block_argmax(bs, bi, red_s, red_i);  // row mode: its barriers also end every read of xs
   }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
+    const T* __restrict__ x, std::int64_t dim, const float* __restrict__ inv_norm,
+    const float* __restrict__ imp, const float* __restrict__ first_score,
+    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+  maxsim_body<T, kVec, false, false>(x, dim, nullptr, 0, inv_norm, imp, first_score, eligible, starts, lengths,
+                                     ks, k_max, lam, omlam, m_g, taken_g, out);
+}
+
+// Gram mode of maxsim_body (no feature reads in the loop).
+template <bool kSmem>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
+    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
+    const float* __restrict__ imp, const float* __restrict__ first_score,
+    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+  maxsim_body<float, false, true, kSmem>(nullptr, 1, gram, ld, inv_norm, imp, first_score, eligible, starts,
+                                         lengths, ks, k_max, lam, omlam, m_g, taken_g, out);
 }
 
 // Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
@@ -426,78 +475,6 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
     float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
   dpp_body<float, false, true>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
                                c_g, out);
-}
-
-// MMR / FPS / hybrid / DivPrune, Gram mode: same steps as greedy_maxsim_kernel, but
-// sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i] is one contiguous fp32 read per
-// token from the raw Gram [batch, ld, ld] (computed by torch on tensor cores, fp32 output).
-// Thread-per-token: token i belongs to thread i % blockDim.x for the whole launch, so its
-// state (m_i, taken_i) is private to that thread and needs no barrier between steps (the
-// owner marks its own token taken when it is picked).  kSmem: the state lives in dynamic
-// shared memory (ld * 5 bytes), else in the global scratch indexed by row.
-template <bool kSmem>
-__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
-    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
-    const float* __restrict__ imp, const float* __restrict__ first_score,
-    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
-    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
-    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
-  extern __shared__ float state_s[];  // kSmem: m[ld] fp32, then taken[ld] bytes
-  __shared__ float red_s[32];
-  __shared__ int red_i[33];
-
-  const int tid = threadIdx.x;
-  const int nthreads = blockDim.x;
-  const std::int64_t b = blockIdx.x;
-  const std::int64_t start = starts[b];
-  std::int64_t len = lengths[b];
-  if (len > ld) len = ld;  // a segment never leaves its Gram block (garbage lengths)
-  const int n = len > 0 ? static_cast<int>(len) : 0;
-  const std::int64_t kb = image_budget(len, ks[b], k_max);
-  std::int64_t* out_b = out + b * k_max;
-  for (std::int64_t t = kb + tid; t < k_max; t += nthreads) out_b[t] = -1;
-  if (kb == 0) return;  // uniform over the block
-
-  float* m = kSmem ? state_s : m_g + start;
-  std::uint8_t* taken = kSmem ? reinterpret_cast<std::uint8_t*>(state_s + ld) : taken_g + start;
-  const float* imp_b = imp + start;
-  const float* inv_b = inv_norm + start;
-  const float* gram_b = gram + b * ld * ld;
-
-  float bs = -INFINITY;
-  int bi = kNoPick;
-  for (int i = tid; i < n; i += nthreads) {
-    m[i] = -INFINITY;
-    const bool ok = eligible == nullptr || eligible[start + i] != 0;
-    taken[i] = ok ? 0 : 1;
-    if (ok) consider(first_score != nullptr ? first_score[start + i] : imp_b[i], i, bs, bi);
-  }
-  int p = block_argmax(bs, bi, red_s, red_i);
-
-  std::int64_t t = 0;
-  while (true) {
-    if (p == kNoPick) {
-      for (std::int64_t u = t + tid; u < kb; u += nthreads) out_b[u] = -1;
-      break;
-    }
-    if (tid == 0) out_b[t] = p;
-    if (p % nthreads == tid) taken[p] = 1;  // the owner of token p: read again only by itself
-    if (++t >= kb) break;
-
-    const float ip = inv_b[p];
-    const float* g = gram_b + static_cast<std::int64_t>(p) * ld;
-    bs = -INFINITY;
-    bi = kNoPick;
-    for (int i = tid; i < n; i += nthreads) {
-      if (taken[i]) continue;
-      const float sim = __fmul_rn(__ldg(g + i) * ip, inv_b[i]);
-      const float mi = fmaxf(m[i], sim);
-      m[i] = mi;
-      const float s = __fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi));
-      consider(s, i, bs, bi);
-    }
-    p = block_argmax(bs, bi, red_s, red_i);
-  }
 }
 
 // ------------------------------------------------------------------ host helpers

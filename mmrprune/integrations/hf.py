@@ -181,16 +181,31 @@ class VisualTokenPruner:
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, kw: dict) -> dict:
+        """The prefill call rewritten with the pruned prompt (steps 1-4 of the module docstring)."""
+        prompt = self._embed_prompt(kw)
+        positions = self._positions(kw, prompt.input_ids, prompt.embeds, prompt.am)   # [B, L] or [R, B, L]
+        idx, cu, cu_k, img_pos = self._select_visual(prompt)
+        cols = _kept_columns(prompt, idx, img_pos)
+        new_embeds = _move_columns(prompt.embeds, cols, 0)
+        new_am = prompt.am.new_zeros(cols.bsz, cols.new_len)
+        new_am[cols.rows, cols.dest] = 1
+        new_pos = _move_columns(positions, cols, 0, lead=positions.ndim - 2)
+        labels = kw.get("labels")
+        if labels is not None:
+            kw["labels"] = _move_columns(labels, cols, -100)
+        self._remember(prompt, positions, new_am, cols, idx, cu, cu_k)
+        return _rewritten_call(kw, new_embeds, new_am, new_pos)
+
+    def _embed_prompt(self, kw: dict) -> "_Prompt":
+        """Embed ``input_ids`` and scatter the image (and video) features into their slots."""
         model = self.model
-        inner = model.model
         input_ids = kw.get("input_ids")
         if input_ids is None:
             raise ValueError("prune_visual_tokens: the prefill needs input_ids (to find the image tokens)")
         if kw.get("inputs_embeds") is not None:
             raise ValueError("prune_visual_tokens: pass input_ids, not inputs_embeds, with images")
         bsz, seqlen = input_ids.shape
-        embed = inner.get_input_embeddings()
-        embeds = embed(input_ids)
+        embeds = model.model.get_input_embeddings()(input_ids)
         dev = embeds.device
         am = kw.get("attention_mask")
         if am is None:
@@ -198,8 +213,7 @@ class VisualTokenPruner:
         if am.ndim != 2:
             raise ValueError("prune_visual_tokens: only 2-D attention masks are supported at the prefill")
 
-        image_token_id = model.config.image_token_id
-        image_mask = input_ids == image_token_id
+        image_mask = input_ids == model.config.image_token_id
         feats, cls_attn = self._image_features(kw)
         feats = [f.to(dev, embeds.dtype) for f in feats]
         packed = torch.cat(feats, dim=0)
@@ -208,78 +222,53 @@ class VisualTokenPruner:
             raise ValueError(f"prune_visual_tokens: {n_img_tok} image tokens in input_ids but "
                              f"{packed.shape[0]} image features")
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), packed)
-        other_mask = torch.zeros_like(image_mask)
-        enc = kw.get("mm_encoder_outputs") or {}
-        vout = enc.get("video")
+        embeds, video_mask = self._scatter_videos(kw, input_ids, embeds)
+        return _Prompt(input_ids=input_ids, embeds=embeds, am=am, image_mask=image_mask,
+                       visual_mask=image_mask | video_mask, feats=feats, packed=packed, cls_attn=cls_attn)
+
+    def _scatter_videos(self, kw: dict, input_ids, embeds):
+        """Video features in their slots (merged, never pruned), and the mask of those slots."""
+        video_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        vout = (kw.get("mm_encoder_outputs") or {}).get("video")
         if vout is None and self.family == "qwen" and kw.get("pixel_values_videos") is not None:
-            vout = inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"), return_dict=True)
+            vout = self.model.model.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
+                                                       return_dict=True)
         if vout is not None:
-            vfeat = torch.cat(list(vout.pooler_output), dim=0).to(dev, embeds.dtype)
-            other_mask = input_ids == model.config.video_token_id
-            embeds = embeds.masked_scatter(other_mask.unsqueeze(-1), vfeat)
+            vfeat = torch.cat(list(vout.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+            video_mask = input_ids == self.model.config.video_token_id
+            embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), vfeat)
+        return embeds, video_mask
 
-        positions = self._positions(kw, input_ids, embeds, am)          # [B, L] or [R, B, L]
-
-        # --- selection, one segment per image
+    def _select_visual(self, prompt: "_Prompt"):
+        """The visual tokens to keep, one segment per image: flat indices into the packed features
+        (on the device of ``img_pos``), the segment offsets ``cu``, ``cu_k`` and ``img_pos``, the
+        [batch row, column] of every image token in feature order."""
+        feats = prompt.feats
         lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
         cu = torch.zeros(len(feats) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(lengths, 0)
-        img_pos = image_mask.nonzero()                                   # [T, 2] row-major = feature order
+        img_pos = prompt.image_mask.nonzero()                            # [T, 2] row-major = feature order
         img_rows = img_pos[cu[:-1].to(img_pos.device), 0]                # batch row of each image
-        w = self._importance(packed, feats, cls_attn, embeds, input_ids, am, image_mask | other_mask, img_rows)
-        idx, cu_k = select_varlen(packed, w, cu.to(dev), k=self.k, keep_ratio=self.keep_ratio, lam=self.lam,
-                                  method=self.method, backend=self.backend, **self.method_params)
-        idx = idx.to(img_pos.device)
+        w = self._importance(prompt.packed, feats, prompt.cls_attn, prompt.embeds, prompt.input_ids, prompt.am,
+                             prompt.visual_mask, img_rows)
+        idx, cu_k = select_varlen(prompt.packed, w, cu.to(prompt.embeds.device), k=self.k,
+                                  keep_ratio=self.keep_ratio, lam=self.lam, method=self.method,
+                                  backend=self.backend, **self.method_params)
+        return idx.to(img_pos.device), cu, cu_k, img_pos
 
-        keep = ~image_mask
-        keep[img_pos[idx, 0], img_pos[idx, 1]] = True
-        keep &= am != 0                      # old padding goes; rows are re-padded below
-        n_keep = keep.sum(dim=1)
-        new_len = int(n_keep.max())
-        right_padded = bool((am[:, -1] == 0).any()) and not bool((am[:, 0] == 0).any())
-        rank = torch.cumsum(keep.long(), dim=1) - 1
-        offset = torch.zeros_like(n_keep) if right_padded else new_len - n_keep
-        dest = rank + offset[:, None]
-        b_i, l_i = keep.nonzero(as_tuple=True)
-        d_i = dest[b_i, l_i]
-
-        new_embeds = embeds.new_zeros(bsz, new_len, embeds.shape[-1])
-        new_embeds[b_i, d_i] = embeds[b_i, l_i]
-        new_am = am.new_zeros(bsz, new_len)
-        new_am[b_i, d_i] = 1
-        if positions.ndim == 2:
-            new_pos = positions.new_zeros(bsz, new_len)
-            new_pos[b_i, d_i] = positions[b_i, l_i]
-        else:
-            new_pos = positions.new_zeros(positions.shape[0], bsz, new_len)
-            new_pos[:, b_i, d_i] = positions[:, b_i, l_i]
-        labels = kw.get("labels")
-        if labels is not None:
-            new_labels = labels.new_full((bsz, new_len), -100)
-            new_labels[b_i, d_i] = labels[b_i, l_i]
-            kw["labels"] = new_labels
-
-        # --- state for the decode steps
+    def _remember(self, prompt: "_Prompt", positions, new_am, cols: "_Columns", idx, cu, cu_k) -> None:
+        """The state the decode steps need, and ``last`` (the report of this prefill)."""
         valid_pos = positions if positions.ndim == 3 else positions.unsqueeze(0)
         next_pos = valid_pos.amax(dim=(0, 2)) + 1                        # [B], unpruned numbering
-        self._state = _DecodeState(orig_len=seqlen, pruned_len=new_len, mask=new_am, next_pos=next_pos,
+        seqlen = prompt.input_ids.shape[1]
+        self._state = _DecodeState(orig_len=seqlen, pruned_len=cols.new_len, mask=new_am, next_pos=next_pos,
                                    rope_rows=3 if self.family == "qwen" else 1)
         if self.family == "qwen":
-            inner.rope_deltas = (next_pos - new_am.long().sum(dim=1)).unsqueeze(1)
-        kept_columns = [l_i[b_i == b] for b in range(bsz)]
-        self.last = dict(orig_len=seqlen, pruned_len=new_len, visual_before=int(packed.shape[0]),
+            self.model.model.rope_deltas = (next_pos - new_am.long().sum(dim=1)).unsqueeze(1)
+        kept_columns = [cols.src[cols.rows == b] for b in range(cols.bsz)]
+        self.last = dict(orig_len=seqlen, pruned_len=cols.new_len, visual_before=int(prompt.packed.shape[0]),
                          visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k.cpu(),
-                         kept_columns=kept_columns, right_padded=right_padded)
-
-        # --- rewrite the call
-        for key in ("input_ids", "pixel_values", "image_sizes", "vision_feature_layer",
-                    "vision_feature_select_strategy", "image_grid_thw", "pixel_values_videos",
-                    "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids", "mm_encoder_outputs"):
-            kw.pop(key, None)
-        kw["inputs_embeds"] = new_embeds
-        kw["attention_mask"] = new_am
-        kw["position_ids"] = new_pos
-        return kw
+                         kept_columns=kept_columns, right_padded=cols.right_padded)
 
     def _image_features(self, kw: dict):
         inner = self.model.model
@@ -393,6 +382,73 @@ class VisualTokenPruner:
                 ws.append(imp_mod.text_relevance(f, text, reduce=self.text_reduce))
             return torch.cat(ws)
         raise AssertionError(src)
+
+
+@dataclass
+class _Prompt:
+    """A prefill's prompt with the image and video features in their slots."""
+    input_ids: torch.Tensor       # [B, L]
+    embeds: torch.Tensor          # [B, L, H]
+    am: torch.Tensor              # [B, L] attention mask (all ones when the caller gave none)
+    image_mask: torch.Tensor      # [B, L] image placeholder slots
+    visual_mask: torch.Tensor     # [B, L] image or video slots
+    feats: list                   # per image, [n_i, H] features
+    packed: torch.Tensor          # [sum n_i, H]: feats concatenated (feature order = image-slot order)
+    cls_attn: Optional[torch.Tensor]
+
+
+@dataclass
+class _Columns:
+    """Where the kept columns of the prompt go: column ``src[j]`` of row ``rows[j]`` moves to
+    column ``dest[j]`` of the re-padded [bsz, new_len] rows."""
+    rows: torch.Tensor
+    src: torch.Tensor
+    dest: torch.Tensor
+    bsz: int
+    new_len: int
+    right_padded: bool
+
+
+def _kept_columns(prompt: _Prompt, idx, img_pos) -> _Columns:
+    """Every non-image column and the selected image columns survive, old padding goes; rows are
+    re-padded on the left unless the batch was right-padded."""
+    am = prompt.am
+    keep = ~prompt.image_mask
+    keep[img_pos[idx, 0], img_pos[idx, 1]] = True
+    keep &= am != 0
+    n_keep = keep.sum(dim=1)
+    new_len = int(n_keep.max())
+    right_padded = bool((am[:, -1] == 0).any()) and not bool((am[:, 0] == 0).any())
+    rank = torch.cumsum(keep.long(), dim=1) - 1
+    offset = torch.zeros_like(n_keep) if right_padded else new_len - n_keep
+    dest = rank + offset[:, None]
+    b_i, l_i = keep.nonzero(as_tuple=True)
+    return _Columns(rows=b_i, src=l_i, dest=dest[b_i, l_i], bsz=am.shape[0], new_len=new_len,
+                    right_padded=right_padded)
+
+
+def _move_columns(t: torch.Tensor, cols: _Columns, fill, lead: int = 0) -> torch.Tensor:
+    """``t`` [*lead dims, B, L, ...] re-packed to [*lead dims, bsz, new_len, ...]: the kept columns
+    moved to their destinations, every other entry ``fill``."""
+    keep_lead = (slice(None),) * lead
+    out = t.new_full(tuple(t.shape[:lead]) + (cols.bsz, cols.new_len) + tuple(t.shape[lead + 2:]), fill)
+    out[keep_lead + (cols.rows, cols.dest)] = t[keep_lead + (cols.rows, cols.src)]
+    return out
+
+
+# Multimodal inputs the model would otherwise process again: the pruned call carries embeddings.
+_MULTIMODAL_KEYS = ("input_ids", "pixel_values", "image_sizes", "vision_feature_layer",
+                    "vision_feature_select_strategy", "image_grid_thw", "pixel_values_videos",
+                    "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids", "mm_encoder_outputs")
+
+
+def _rewritten_call(kw: dict, embeds, am, positions) -> dict:
+    for key in _MULTIMODAL_KEYS:
+        kw.pop(key, None)
+    kw["inputs_embeds"] = embeds
+    kw["attention_mask"] = am
+    kw["position_ids"] = positions
+    return kw
 
 
 def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k: Optional[int] = None,
