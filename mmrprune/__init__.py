@@ -11,6 +11,7 @@ The public names and the submodules ``data``, ``importance``, ``integrations``,
 ``--help`` and ``python -m mmrprune`` parse their arguments without it.
 """
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,8 @@ __all__ = ["select", "select_varlen", "prune", "info", "metrics", "reference", "
 def __getattr__(name):
     if name in _FUNCTIONS:
         value = getattr(importlib.import_module(f".{_FUNCTIONS[name]}", __name__), name)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or (not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}")):
+        # any submodule (dispatch, backends, ...) as before the namespace went lazy
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'mmrprune' has no attribute {name!r}")

@@ -123,10 +123,12 @@ def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N]`` ``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)`` of normalised padded
     rows ``xn [B, N, D]``, streamed over row blocks of the Gram (+inf for a lone token);
-    the blocks are copied from ``gram`` (``x̂ x̂ᵀ``) when the caller already has it."""
-    bsz, n, _ = xn.shape
-    best = torch.empty((bsz, n), dtype=xn.dtype, device=xn.device)
-    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * xn.element_size()))
+    the blocks are copied from ``gram`` (``x̂ x̂ᵀ``) when the caller already has it (``xn``
+    may then be None)."""
+    like = xn if gram is None else gram
+    bsz, n = like.shape[:2]
+    best = torch.empty((bsz, n), dtype=like.dtype, device=like.device)
+    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * like.element_size()))
     padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)

@@ -40,7 +40,10 @@ def test_both_paths_pass_the_step_certificate_and_agree_on_separated_tokens(meth
 
 
 def test_gram_is_used_only_when_it_fits(monkeypatch):
-    xn = torch.randn(2, 16, 4)
-    assert torch_backend._gram_if_fits(xn).shape == (2, 16, 16)
+    x = torch.randn(2, 16, 4)
+    gram = torch_backend._gram_if_fits(x, torch.float32)
+    xn = x / x.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(gram, xn @ xn.transpose(1, 2))
+    assert torch_backend._gram_if_fits(x.double(), torch.float64) is None     # float64: per-step path
     monkeypatch.setattr(torch_backend, "GRAM_MAX_BYTES", 2 * 16 * 16 * 4 - 1)
-    assert torch_backend._gram_if_fits(xn) is None
+    assert torch_backend._gram_if_fits(x, torch.float32) is None
