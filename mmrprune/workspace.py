@@ -83,9 +83,14 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             total += padded * dim * batch.features.element_size()
         if method == "dpp":
             total += bsz * k * n * c
-        elif method == "divprune":
-            from .prepare import GRAM_CHUNK_BYTES
-            total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
+        elif method in ("mmr", "fps", "hybrid", "divprune"):
+            from .backends.torch_backend import GRAM_MAX_BYTES
+            gram = bsz * n * n * 4
+            if c == 4 and gram <= GRAM_MAX_BYTES:   # the step loops' float32 Gram (torch_backend)
+                total += gram
+            if method == "divprune":                # its first step's row blocks
+                from .prepare import GRAM_CHUNK_BYTES
+                total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
         return total
     if backend in ("cuda", "cuda_emu"):   # row mode; Gram mode is chosen only under its own cap
         from .backends.cuda_backend import workspace_bytes
