@@ -467,7 +467,7 @@ __device__ __forceinline__ void maxsim_body(
     }
     for (int i = worker; i < n; i += nworkers) {
       if (taken[i]) continue;  // row mode: warp-uniform, every lane reads the same byte
-      float mi = m[i];
+      float mi = kGram || lane == 0 ? m[i] : 0.f;  // row mode: lane 0 alone reads and writes m[i]
 #pragma unroll 1
       for (int j = 0; j < r; ++j) {
         float sim;
