@@ -81,7 +81,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         With ``return_stats=True``: ``(indices, stats)``.  ``stats["rounds"]`` (int64,
         ``[B]``, or a scalar for ``[N, D]`` input) is the number of sequential rounds each
         image took, on backends that select in exact multi-pick rounds (``triton``,
-        ``numpy``); a backend that does not count leaves the key out.
+        ``cuda``, ``cuda_emu``, ``numpy``); a backend that does not count leaves the key out.
     """
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)

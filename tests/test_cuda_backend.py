@@ -96,7 +96,7 @@ def _maxsim_args(**over):
     # fake but aligned, non-null addresses: every check here fails before a CUDA call
     a = dict(x=256, dtype=2, rows=10, dim=64, inv_norm=512, imp=1024, first_score=0, eligible=0, starts=2048,
              lengths=4096, ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536,
-             stream=0)
+             rounds=0, max_round=8, stream=0)
     a.update(over)
     return a
 
@@ -108,6 +108,7 @@ def test_extension_constants(ext):
     assert kernels.dtype_code(torch.bfloat16) == ext.DTYPE_BFLOAT16
     assert len({ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16}) == 3
     assert ext.smem_bytes(4096) == 4096 * 4
+    assert ext.MAX_ROUND == 8
 
 
 @pytest.mark.parametrize("over, needle", [
@@ -124,6 +125,9 @@ def test_extension_constants(ext):
     (dict(out=65540), "8-byte aligned"),
     (dict(m_scratch=0), "m_scratch must be a non-null"),
     (dict(first_score=6), "4-byte aligned"),
+    (dict(max_round=0), "max_round must be in [1, 8], got 0"),
+    (dict(max_round=9), "max_round must be in [1, 8], got 9"),
+    (dict(rounds=131076), "rounds must be 8-byte aligned"),
 ])
 def test_extension_rejects_bad_arguments(ext, over, needle):
     with pytest.raises(ValueError, match="mmrprune._cuda") as info:
@@ -142,8 +146,8 @@ def test_extension_dpp_and_norm_checks(ext):
 
 def _gram_args(**over):
     a = dict(gram=128, ld=10, inv_norm=512, imp=1024, first_score=0, eligible=0, starts=2048, lengths=4096,
-             ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536, smem_state=-1,
-             stream=0)
+             ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536, rounds=0,
+             max_round=8, smem_state=-1, stream=0)
     a.update(over)
     return a
 
@@ -459,10 +463,12 @@ def test_custom_op_fake_shape():
         rows = torch.empty(12, 8, dtype=torch.bfloat16)
         score = torch.empty(12)
         seg = torch.zeros(3, dtype=torch.int64)
-        out = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False)
+        out, rounds = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False)
         assert out.shape == (3, 5) and out.dtype == torch.int64
-        out = torch.ops.mmrprune.cuda_greedy(rows, score, score, None, seg[:2], seg[:2], seg[:2], 7, 0.0, True)
-        assert out.shape == (2, 7)
+        assert rounds.shape == (3,) and rounds.dtype == torch.int64
+        out, rounds = torch.ops.mmrprune.cuda_greedy(rows, score, score, None, seg[:2], seg[:2], seg[:2], 7, 0.0,
+                                                     True)
+        assert out.shape == (2, 7) and rounds.shape == (2,)
 
 
 def test_custom_op_traces_into_fx_graph():
@@ -485,8 +491,8 @@ def test_custom_op_fake_with_gram_arguments():
         rows = torch.empty(12, 8, dtype=torch.bfloat16)
         score, seg = torch.empty(12), torch.zeros(3, dtype=torch.int64)
         gram = torch.empty(3, 4, 4)
-        out = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False,
-                                             gram, score, None)
+        out, _ = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False,
+                                                gram, score, None)
         assert out.shape == (3, 5) and out.dtype == torch.int64
 
     def f(x, score, starts, lengths, ks):          # Gram computed by torch ops, then the op: one graph
@@ -527,11 +533,15 @@ class KernelTarget:
     def size(self, gpu, emu):
         return gpu if self.backend == "cuda" else emu
 
-    def greedy(self, *args):
+    def greedy_rounds(self, *args):
+        """The kernel op: ``(picks [B, k_max], rounds [B])``."""
         if self.backend == "cuda":
             return cb.cuda_greedy(*args)
         from mmrprune.backends import cuda_emu_backend as emu
         return emu.KERNELS.op(*args)
+
+    def greedy(self, *args):
+        return self.greedy_rounds(*args)[0]
 
 
 @pytest.fixture(params=["cuda", "cuda_emu"])

@@ -45,19 +45,25 @@ K = 9
 
 # name: (anchor text in greedy.cu, replacement, sanitizer build, cases it runs)
 MUTATIONS = {
-    # the barrier that publishes x̂_p in shared memory before any warp reads it
-    "drop_syncthreads": ("      __syncthreads();  // xs and taken[p] visible to the whole block\n", "\n", None,
-                         ["mmr-row-f32"]),
-    # a block barrier only lane 0 of each warp reaches
+    # the barrier that publishes a round's staged candidate rows before the warps' pair checks read them
+    "drop_syncthreads": ("        __syncthreads();  // the staged rows xs[0..r) visible to the whole block\n", "\n",
+                         None, ["mmr-row-f32", "fps-row-f32-misaligned"]),
+    # a block barrier only lane 0 of each warp reaches (block_argmax: the DPP kernels)
     "barrier_under_lane_condition": ("    red_i[warp] = bi;\n  }\n  __syncthreads();\n",
                                      "    red_i[warp] = bi;\n    __syncthreads();\n  }\n", None,
-                                     ["mmr-row-f32"]),
+                                     ["dpp-row-bf16"]),
+    # a round commits its candidates without the check sim(c_j, c_l) <= m_{c_j} (Gram mode, row mode)
+    "round_commit_unchecked_gram": (
+        "ok = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= mc;",
+        "ok = true;", None, ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
+    "round_commit_unchecked_row": ("if (lane == 0) pair_ok[q] = dot * inv_b[c] <= m[c] ? 1 : 0;",
+                                   "if (lane == 0) pair_ok[q] = 1;", None, ["mmr-row-f32", "fps-row-f32-misaligned"]),
     # dynamic shared memory one float short of the row it holds
     "dynamic_smem_one_short": ("{ return dim * static_cast<std::int64_t>(sizeof(float)); }",
                                "{ return (dim - 1) * static_cast<std::int64_t>(sizeof(float)); }", "asan",
                                ["mmr-row-f32"]),
     # thread 0 marks the pick taken, while the owner thread reads that flag in the same interval
-    "non_owner_writes_token_state": ("const int flag_writer = kGram ? p % nthreads : 0;", "const int flag_writer = 0;", "tsan",
+    "non_owner_writes_token_state": ("const int flag_writer = kGram ? p % nthreads : (p % nworkers) * 32;", "const int flag_writer = 0;", "tsan",
                                      ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
 }
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer")

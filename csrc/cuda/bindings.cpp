@@ -93,7 +93,7 @@ Segments check_segments(std::uintptr_t starts, std::uintptr_t lengths, std::uint
 // The maxsim kernels' float32 inputs and scratch (row-mode and Gram-mode launches alike).
 MaxSimState check_maxsim_state(std::uintptr_t inv_norm, std::uintptr_t imp, std::uintptr_t first_score,
                                std::uintptr_t eligible, double lam, std::uintptr_t m_scratch,
-                               std::uintptr_t taken_scratch) {
+                               std::uintptr_t taken_scratch, std::uintptr_t rounds, int max_round) {
   MMRPRUNE_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
   CHECK_PTR(inv_norm);
   CHECK_PTR(imp);
@@ -108,6 +108,11 @@ MaxSimState check_maxsim_state(std::uintptr_t inv_norm, std::uintptr_t imp, std:
   st.lam = lam;
   st.m_scratch = m_scratch;
   st.taken_scratch = taken_scratch;
+  MMRPRUNE_CHECK(max_round >= 1 && max_round <= mmrprune_cuda::kMaxRound,
+                 "max_round must be in [1, " << mmrprune_cuda::kMaxRound << "], got " << max_round);
+  CHECK_ALIGNED(rounds, 8);  // 0 (no output) passes
+  st.rounds = rounds;
+  st.max_round = max_round;
   return st;
 }
 
@@ -159,10 +164,11 @@ void greedy_maxsim(std::uintptr_t x, int dtype, std::int64_t rows, std::int64_t 
                    std::uintptr_t imp, std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
                    std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max, double lam,
                    std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                   std::uintptr_t stream) {
+                   std::uintptr_t rounds, int max_round, std::uintptr_t stream) {
   const Features f = check_features(x, dtype, rows, dim);
   const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
-  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch);
+  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch,
+                                            rounds, max_round);
   raise_if_failed(mmrprune_cuda::launch_greedy_maxsim(f, st, seg));
 }
 
@@ -180,10 +186,11 @@ void greedy_maxsim_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv
                         std::uintptr_t first_score, std::uintptr_t eligible, std::uintptr_t starts,
                         std::uintptr_t lengths, std::uintptr_t ks, std::int64_t batch, std::int64_t k_max,
                         double lam, std::uintptr_t m_scratch, std::uintptr_t taken_scratch, std::uintptr_t out,
-                        int smem_state, std::uintptr_t stream) {
+                        std::uintptr_t rounds, int max_round, int smem_state, std::uintptr_t stream) {
   const Segments seg = check_segments(starts, lengths, ks, batch, k_max, taken_scratch, out, stream);
   const GramRows g = check_gram(gram, ld, batch);
-  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch);
+  const MaxSimState st = check_maxsim_state(inv_norm, imp, first_score, eligible, lam, m_scratch, taken_scratch,
+                                            rounds, max_round);
   MMRPRUNE_CHECK(smem_state >= -1 && smem_state <= 1, "smem_state must be -1, 0 or 1, got " << smem_state);
   raise_if_failed(mmrprune_cuda::launch_greedy_maxsim_gram(g, st, seg, smem_state));
 }
@@ -212,6 +219,7 @@ PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.attr("DTYPE_FLOAT16") = static_cast<int>(mmrprune_cuda::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(mmrprune_cuda::kBFloat16);
   m.attr("GREEDY_THREADS") = mmrprune_cuda::kGreedyThreads;
+  m.attr("MAX_ROUND") = mmrprune_cuda::kMaxRound;
 
   m.def("smem_bytes", &mmrprune_cuda::greedy_smem_bytes, py::arg("dim"),
         "dynamic shared memory (bytes) of the greedy kernels for feature dim `dim`");
@@ -221,14 +229,15 @@ PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.def("greedy_maxsim", &greedy_maxsim, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
         py::arg("inv_norm"), py::arg("imp"), py::arg("first_score"), py::arg("eligible"), py::arg("starts"),
         py::arg("lengths"), py::arg("ks"), py::arg("batch"), py::arg("k_max"), py::arg("lam"),
-        py::arg("m_scratch"), py::arg("taken_scratch"), py::arg("out"), py::arg("stream"),
-        "MMR / FPS / hybrid / DivPrune greedy, one block per image, one launch");
+        py::arg("m_scratch"), py::arg("taken_scratch"), py::arg("out"), py::arg("rounds"), py::arg("max_round"),
+        py::arg("stream"), "MMR / FPS / hybrid / DivPrune greedy in exact rounds, one block per image, one launch");
   m.def("gram_state_smem_bytes", &mmrprune_cuda::gram_state_smem_bytes, py::arg("ld"),
         "dynamic shared memory (bytes) of the Gram-mode maxsim kernel's token state for padded length `ld`");
   m.def("greedy_maxsim_gram", &greedy_maxsim_gram, py::arg("gram"), py::arg("ld"), py::arg("inv_norm"),
         py::arg("imp"), py::arg("first_score"), py::arg("eligible"), py::arg("starts"), py::arg("lengths"),
         py::arg("ks"), py::arg("batch"), py::arg("k_max"), py::arg("lam"), py::arg("m_scratch"),
-        py::arg("taken_scratch"), py::arg("out"), py::arg("smem_state"), py::arg("stream"),
+        py::arg("taken_scratch"), py::arg("out"), py::arg("rounds"), py::arg("max_round"), py::arg("smem_state"),
+        py::arg("stream"),
         "MMR / FPS / hybrid / DivPrune greedy, similarity rows read from a precomputed fp32 Gram [B, ld, ld]");
   m.def("greedy_dpp_gram", &greedy_dpp_gram, py::arg("gram"), py::arg("ld"), py::arg("inv_norm"), py::arg("sqn"),
         py::arg("q"), py::arg("starts"), py::arg("lengths"), py::arg("ks"), py::arg("batch"), py::arg("k_max"),

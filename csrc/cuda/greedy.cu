@@ -35,6 +35,9 @@ constexpr float kNormEps = 1e-12f;   // reference.NORM_EPS
 constexpr float kDppEps = 1e-6f;     // reference.DPP_EPS
 constexpr int kNoPick = INT_MAX;     // "no candidate" sentinel of the argmax
 constexpr unsigned kFullMask = 0xffffffffu;
+// Headroom kept below the device's shared-memory opt-in for the kernels' static shared memory
+// (the maxsim kernels' round lists: about 2.1 KiB; red_s, red_i: 260 bytes).
+constexpr std::int64_t kStaticSmemHeadroom = 4096;
 
 // ------------------------------------------------------------------ element conversion
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -208,45 +211,128 @@ __global__ void __launch_bounds__(256) inv_norm_kernel(const T* __restrict__ x, 
   }
 }
 
-// MMR / FPS / hybrid / DivPrune.
-//   step 0 : argmax over eligible tokens of first_score (if given) else imp;
+// ------------------------------------------------------------------ exact rounds (maxsim)
+// (s, i) beats (bs, bi): the order of consider(), without the NaN mapping (done on insertion).
+__device__ __forceinline__ bool beats(float s, int i, float bs, int bi) { return s > bs || (s == bs && i < bi); }
+
+// Insert (s, i) into the sorted list (ts, ti)[kMaxRound] (best first), dropping the last entry.
+// Fully unrolled with constant indices, so the list stays in registers.
+__device__ __forceinline__ void top_insert(float s, int i, float* ts, int* ti) {
+  if (s != s) s = -INFINITY;  // NaN counts as -inf, as in consider()
+  if (!beats(s, i, ts[kMaxRound - 1], ti[kMaxRound - 1])) return;
+#pragma unroll
+  for (int j = kMaxRound - 1; j > 0; --j) {
+    if (beats(s, i, ts[j - 1], ti[j - 1])) {  // (s, i) goes before slot j - 1: shift it down
+      ts[j] = ts[j - 1];
+      ti[j] = ti[j - 1];
+    } else if (beats(s, i, ts[j], ti[j])) {  // slot j - 1 stays ahead: (s, i) lands at j
+      ts[j] = s;
+      ti[j] = i;
+    }
+  }
+  if (beats(s, i, ts[0], ti[0])) {
+    ts[0] = s;
+    ti[0] = i;
+  }
+}
+
+__device__ __forceinline__ void top_clear(float* ts, int* ti) {
+#pragma unroll
+  for (int j = 0; j < kMaxRound; ++j) {
+    ts[j] = -INFINITY;
+    ti[j] = kNoPick;
+  }
+}
+
+// The kMaxRound best entries of the union of the 32 lanes' sorted lists, best first, written by
+// lane 0 to (dst_s, dst_i): kMaxRound shuffle argmaxes over the lanes' heads, the winner's lane
+// pops its head (token indices are unique across lanes; kNoPick marks an empty slot).
+__device__ __forceinline__ void warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane) {
+#pragma unroll 1
+  for (int q = 0; q < kMaxRound; ++q) {
+    float bs = ts[0];
+    int bi = ti[0];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float s2 = __shfl_xor_sync(kFullMask, bs, off);
+      const int i2 = __shfl_xor_sync(kFullMask, bi, off);
+      if (beats(s2, i2, bs, bi)) {
+        bs = s2;
+        bi = i2;
+      }
+    }
+    if (lane == 0) {
+      dst_s[q] = bs;
+      dst_i[q] = bi;
+    }
+    if (bi != kNoPick && ti[0] == bi) {
+#pragma unroll
+      for (int j = 0; j + 1 < kMaxRound; ++j) {
+        ts[j] = ts[j + 1];
+        ti[j] = ti[j + 1];
+      }
+      ts[kMaxRound - 1] = -INFINITY;
+      ti[kMaxRound - 1] = kNoPick;
+    }
+  }
+}
+
+// MMR / FPS / hybrid / DivPrune in exact rounds (reference.select_rounds).
+//   step 0 : argmax over eligible tokens of first_score (if given) else imp (a round of one);
 //   step t : argmax over eligible, untaken tokens of lam * imp - (1 - lam) * m,
 //            m_i = max over picks j of sim(i, j).
+// One round: the block's best kMaxRound untaken tokens c_1, c_2, ... in (score desc, index asc)
+// order (one reduction of sorted per-thread lists: block_top_round); c_1 is the next pick, and
+// c_j joins the round while sim(c_j, c_l) <= m_{c_j} for every earlier c_l of the round (its
+// score cannot change while every other score can only fall), up to max_round candidates and
+// the budget; then one state update applies every committed pick.  Every pair similarity is the
+// very expression (same operands, same order) the state update computes for it, so the picks
+// are bit-identical to one pick per step (max_round = 1).
 // eligible == nullptr means every valid token is eligible (hybrid passes its pool).
 // The similarity source is the template parameter, as in dpp_body:
 //   row mode (kGram = false): sim(p, i) = (x_i . x̂_p) * inv_norm[i], warp per token (the
-//     lanes split the dot product over D); thread 0 marks the pick taken and the barrier
-//     after the x̂_p copy publishes it to every warp.
+//     lanes split the dot product over D).  The round's candidate rows x̂_{c_j} are staged in
+//     shared memory (xs[j * dim ..], up to max_round rows); warps compute the pair sims of the
+//     commit check with warp_dot, and the update dots every token with each committed row.
+//     Token i belongs to warp i % nwarps, whose lane 0 marks it taken (__syncwarp publishes it).
 //   Gram mode (kGram = true): sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i], one
 //     contiguous fp32 read per token from the raw Gram [batch, ld, ld] (x is then unused).
 //     Thread per token: token i belongs to thread i % blockDim.x for the whole launch, so its
 //     state (m_i, taken_i) is private to that thread and needs no barrier between steps (the
 //     owner marks its own token taken when it is picked).  kSmem: the state lives in dynamic
-//     shared memory (ld * 5 bytes), else in the global scratch indexed by row.
+//     shared memory (ld * 5 bytes), else in the global scratch indexed by row.  Warp 0 runs the
+//     commit check (reading m_{c_j} before the barrier that ends the reduction).
+// rounds (may be null): rounds[b] = the number of rounds image b ran.
 template <typename T, bool kVec, bool kGram, bool kSmem>
 __device__ __forceinline__ void maxsim_body(
     const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
     const float* __restrict__ inv_norm, const float* __restrict__ imp, const float* __restrict__ first_score,
     const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
-    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out,
+    std::int64_t* __restrict__ rounds, int max_round) {
   static_assert(kGram || !kSmem, "only Gram mode keeps its token state in shared memory");
-  // row mode: xs[dim], the normalised picked row (fp32); Gram mode with kSmem: m[ld] fp32,
-  // then taken[ld] bytes
+  // row mode: xs[max_round * dim], the round's normalised candidate rows (fp32); Gram mode with
+  // kSmem: m[ld] fp32, then taken[ld] bytes
   extern __shared__ float dyn_s[];
-  __shared__ float red_s[32];
-  __shared__ int red_i[33];
+  __shared__ float list_s[32 * kMaxRound];  // each warp's best kMaxRound (score, index)
+  __shared__ int list_i[32 * kMaxRound];
+  __shared__ int cand_i[kMaxRound];         // the round's candidates, best first
+  __shared__ std::uint8_t pair_ok[kMaxRound * (kMaxRound - 1) / 2];  // row mode: check of (c_j, c_l), l < j
+  __shared__ int round_n[1];                // Gram: committed count; row: candidates to stage
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = blockDim.x >> 5;
   // Block-wide loops step by nthreads: a signed copy of blockDim.x in Gram mode, blockDim.x
   // itself (unsigned) in row mode, the forms each mode was compiled with before they shared
   // this body.  A signed copy in row mode made ptxas spill the scalar kernels on sm_90.
   using Stride = std::conditional_t<kGram, int, unsigned>;
   const Stride nthreads = blockDim.x;
   // who scores token i: warp i % nwarps (row mode) or thread i % nthreads (Gram mode)
-  const int worker = kGram ? tid : tid >> 5;
-  const int nworkers = kGram ? static_cast<int>(nthreads) : static_cast<int>(blockDim.x >> 5);
+  const int worker = kGram ? tid : warp;
+  const int nworkers = kGram ? static_cast<int>(nthreads) : nwarps;
   const std::int64_t b = blockIdx.x;
   const std::int64_t start = starts[b];
   std::int64_t len = lengths[b];
@@ -255,7 +341,10 @@ __device__ __forceinline__ void maxsim_body(
   const std::int64_t kb = image_budget(len, ks[b], k_max);
   std::int64_t* out_b = out + b * k_max;
   for (std::int64_t t = kb + tid; t < k_max; t += nthreads) out_b[t] = -1;
-  if (kb == 0) return;  // uniform over the block: no barrier is skipped by part of it
+  if (kb == 0) {  // uniform over the block: no barrier is skipped by part of it
+    if (rounds != nullptr && tid == 0) rounds[b] = 0;
+    return;
+  }
 
   float* xs = dyn_s;
   float* m = kSmem ? dyn_s : m_g + start;
@@ -265,52 +354,147 @@ __device__ __forceinline__ void maxsim_body(
   const float* gram_b = kGram ? gram + b * ld * ld : nullptr;
 
   // step 0: initialise the state, score the first pick
-  float bs = -INFINITY;
-  int bi = kNoPick;
+  float ts[kMaxRound];
+  int ti[kMaxRound];
+  top_clear(ts, ti);
   for (int i = tid; i < n; i += nthreads) {
     m[i] = -INFINITY;
     const bool ok = eligible == nullptr || eligible[start + i] != 0;
     taken[i] = ok ? 0 : 1;
-    if (ok) consider(first_score != nullptr ? first_score[start + i] : imp_b[i], i, bs, bi);
+    if (ok) top_insert(first_score != nullptr ? first_score[start + i] : imp_b[i], i, ts, ti);
   }
-  int p = block_argmax(bs, bi, red_s, red_i);
 
+  // Row mode after step 0: lane 0, which alone scores the warp's tokens, keeps the warp's list
+  // in shared memory (a list in registers across the dot loop made ptxas spill on sm_80).
+  float* warp_ls = list_s + warp * kMaxRound;
+  int* warp_li = list_i + warp * kMaxRound;
+  if (!kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane);  // step 0 scored thread per token
   std::int64_t t = 0;
+  std::int64_t nrounds = 0;
+  int cap = 1;  // candidates this round may commit: the first round is a round of one
   while (true) {
-    if (p == kNoPick) {  // fewer candidates than the budget (only with inconsistent inputs)
+    // ---- the block's best kMaxRound candidates, and (Gram mode) the commit check
+    if (kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane);
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int j = 0; j < kMaxRound; ++j) {
+        ts[j] = lane < nwarps ? list_s[lane * kMaxRound + j] : -INFINITY;
+        ti[j] = lane < nwarps ? list_i[lane * kMaxRound + j] : kNoPick;
+      }
+      __syncwarp();  // every lane's reads are done before lane 0 overwrites list_s[0 ..)
+      warp_merge_top(ts, ti, list_s, cand_i, lane);  // warp 0's own list was read above
+      __syncwarp();
+      if (lane == 0) {
+        int r = 0;
+        while (r < cap && cand_i[r] != kNoPick) {
+          if (kGram && r > 0) {  // sim(c_r, c_l) <= m_{c_r} for every earlier c_l of the round
+            const int c = cand_i[r];
+            const float mc = m[c];
+            bool ok = true;
+            for (int l = 0; l < r && ok; ++l) {
+              const int cl = cand_i[l];
+              ok = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= mc;
+            }
+            if (!ok) break;
+          }
+          ++r;
+        }
+        round_n[0] = r;
+      }
+    }
+    __syncthreads();
+    int r = round_n[0];
+    if (!kGram && r > 0) {
+      // stage the candidates' normalised rows, then the pair checks of the commit rule
+      #pragma unroll 1
+      for (int j = 0; j < r; ++j) {
+        const int c = cand_i[j];
+        const float ic = inv_b[c];
+        const T* xc = x + (start + c) * dim;
+        float* xj = xs + static_cast<std::int64_t>(j) * dim;
+        for (std::int64_t d = tid; d < dim; d += nthreads) xj[d] = to_float(xc[d]) * ic;
+      }
+      if (r > 1) {
+        __syncthreads();  // the staged rows xs[0..r) visible to the whole block
+        #pragma unroll 1
+        for (int j = 1, q = 0; j < r; ++j) {
+          for (int l = 0; l < j; ++l, ++q) {
+            if (q % nwarps != warp) continue;
+            const int c = cand_i[j];
+            const float dot = warp_dot<T, kVec>(x + (start + c) * dim, xs + static_cast<std::int64_t>(l) * dim,
+                                                dim, lane);
+            if (lane == 0) pair_ok[q] = dot * inv_b[c] <= m[c] ? 1 : 0;
+          }
+        }
+      }
+      __syncthreads();  // pair_ok (and a single staged row) visible; every m read is done
+      int committed = 1;
+      for (int j = 1, q = 0; j < r; ++j) {
+        bool ok = true;
+        for (int l = 0; l < j; ++l, ++q) ok = ok && pair_ok[q] != 0;
+        if (!ok) break;
+        ++committed;
+      }
+      r = committed;  // identical in every thread: read from the same shared bytes
+    }
+    if (r == 0) {  // fewer candidates than the budget (only with inconsistent inputs)
       for (std::int64_t u = t + tid; u < kb; u += nthreads) out_b[u] = -1;
       break;
     }
-    if (tid == 0) out_b[t] = p;
-    // Gram mode: the owner of token p, which alone reads its flag again; row mode: thread 0
-    const int flag_writer = kGram ? p % nthreads : 0;
-    if (flag_writer == tid) taken[p] = 1;
-    if (++t >= kb) break;
-
-    const float ip = inv_b[p];
-    const float* g = kGram ? gram_b + static_cast<std::int64_t>(p) * ld : nullptr;
-    if (!kGram) {
-      const T* xp = x + (start + p) * dim;
-      for (std::int64_t d = tid; d < dim; d += nthreads) xs[d] = to_float(xp[d]) * ip;
-      __syncthreads();  // xs and taken[p] visible to the whole block
+    // ---- commit c_1 .. c_r
+    #pragma unroll 1
+    for (int j = 0; j < r; ++j) {
+      const int p = cand_i[j];
+      if (tid == 0) out_b[t + j] = p;
+      // the owner of token p, which alone reads its flag again: its thread (Gram mode) or
+      // lane 0 of its warp (row mode)
+      const int flag_writer = kGram ? p % nthreads : (p % nworkers) * 32;
+      if (flag_writer == tid) taken[p] = 1;
     }
+    if (!kGram) __syncwarp();  // row mode: the flag reaches the other lanes of the owner warp
+    t += r;
+    ++nrounds;
+    if (t >= kb) break;
+    const std::int64_t left = kb - t;
+    cap = left < max_round ? static_cast<int>(left) : max_round;
 
-    bs = -INFINITY;
-    bi = kNoPick;
+    // ---- one state update for every committed pick, scoring the next round
+    if (kGram) {
+      top_clear(ts, ti);
+    } else if (lane == 0) {
+      top_clear(warp_ls, warp_li);
+    }
     for (int i = worker; i < n; i += nworkers) {
       if (taken[i]) continue;  // row mode: warp-uniform, every lane reads the same byte
-      const float dot = kGram ? 0.f : warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      float mi = kGram || lane == 0 ? m[i] : 0.f;  // row mode: lane 0 alone reads and writes m[i]
+#pragma unroll 1
+      for (int j = 0; j < r; ++j) {
+        float sim;
+        if (kGram) {
+          const int p = cand_i[j];
+          sim = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(p) * ld + i) * inv_b[p], inv_b[i]);
+        } else {
+          const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs + static_cast<std::int64_t>(j) * dim, dim,
+                                              lane);
+          sim = dot * inv_b[i];
+        }
+        mi = fmaxf(mi, sim);
+      }
       if (kGram || lane == 0) {
-        const float sim = kGram ? __fmul_rn(__ldg(g + i) * ip, inv_b[i]) : dot * inv_b[i];
-        const float mi = fmaxf(m[i], sim);
         m[i] = mi;
         // no contraction into an FMA: same rounding as the torch backend's two products
         const float s = __fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi));
-        consider(s, i, bs, bi);
+        if (kGram) {
+          top_insert(s, i, ts, ti);
+        } else {
+          top_insert(s, i, warp_ls, warp_li);
+        }
       }
     }
-    p = block_argmax(bs, bi, red_s, red_i);  // row mode: its barriers also end every read of xs
+    // the next round's first barrier also ends every read of xs and cand_i
   }
+  if (rounds != nullptr && tid == 0) rounds[b] = nrounds;
 }
 
 template <typename T, bool kVec>
@@ -319,9 +503,10 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
     const float* __restrict__ imp, const float* __restrict__ first_score,
     const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
-    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out,
+    std::int64_t* __restrict__ rounds, int max_round) {
   maxsim_body<T, kVec, false, false>(x, dim, nullptr, 0, inv_norm, imp, first_score, eligible, starts, lengths,
-                                     ks, k_max, lam, omlam, m_g, taken_g, out);
+                                     ks, k_max, lam, omlam, m_g, taken_g, out, rounds, max_round);
 }
 
 // Gram mode of maxsim_body (no feature reads in the loop).
@@ -331,9 +516,10 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
     const float* __restrict__ imp, const float* __restrict__ first_score,
     const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
-    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out) {
+    float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out,
+    std::int64_t* __restrict__ rounds, int max_round) {
   maxsim_body<float, false, true, kSmem>(nullptr, 1, gram, ld, inv_norm, imp, first_score, eligible, starts,
-                                         lengths, ks, k_max, lam, omlam, m_g, taken_g, out);
+                                         lengths, ks, k_max, lam, omlam, m_g, taken_g, out, rounds, max_round);
 }
 
 // Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
@@ -496,10 +682,9 @@ std::string prepare_smem(Kernel kernel, std::int64_t bytes) {
   int optin = 0;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)", err);
-  // 1 KiB of headroom for the kernels' static shared memory (red_s, red_i: 260 bytes)
-  if (bytes + 1024 > optin) {
+  if (bytes + kStaticSmemHeadroom > optin) {
     return "feature dim too large for the fused CUDA kernel: it keeps one fp32 row (" + std::to_string(bytes) +
-           " bytes) in shared memory, the device allows " + std::to_string(optin - 1024) +
+           " bytes) in shared memory, the device allows " + std::to_string(optin - kStaticSmemHeadroom) +
            "; use backend='torch' or 'triton'";
   }
   if (bytes > 48 * 1024) {
@@ -536,17 +721,35 @@ std::string run_inv_norms(const Features& f, std::uintptr_t inv_norm, std::uintp
   return check_launch("inv_norm_kernel launch");
 }
 
+std::string max_optin_smem(int* optin);
+
+// Candidate rows a round may stage in shared memory: st.max_round, fewer when that many fp32
+// rows of the feature dim do not fit the device (at least one: prepare_smem reports that case).
+std::string round_rows(const Features& f, const MaxSimState& st, int* rows) {
+  int optin = 0;
+  std::string err = max_optin_smem(&optin);
+  if (!err.empty()) return err;
+  const std::int64_t row = greedy_smem_bytes(f.dim);
+  const std::int64_t fit = row > 0 ? (optin - kStaticSmemHeadroom) / row : st.max_round;
+  *rows = static_cast<int>(fit < st.max_round ? (fit < 1 ? 1 : fit) : st.max_round);
+  return "";
+}
+
 template <typename T, bool kVec>
 std::string run_maxsim(const Features& f, const MaxSimState& st, const Segments& seg) {
   auto kernel = greedy_maxsim_kernel<T, kVec>;
-  const std::int64_t smem = greedy_smem_bytes(f.dim);
-  std::string err = prepare_smem(kernel, smem);
+  int rows = 1;
+  std::string err = round_rows(f, st, &rows);
+  if (!err.empty()) return err;
+  const std::int64_t smem = rows * greedy_smem_bytes(f.dim);
+  err = prepare_smem(kernel, smem);
   if (!err.empty()) return err;
   kernel<<<static_cast<unsigned>(seg.batch), kGreedyThreads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
       in<T>(f.x), f.dim, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
       in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
       in<std::int64_t>(seg.ks), seg.k_max, static_cast<float>(st.lam), static_cast<float>(1.0 - st.lam),
-      inout<float>(st.m_scratch), inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
+      inout<float>(st.m_scratch), inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out),
+      inout<std::int64_t>(st.rounds), rows);
   return check_launch("greedy_maxsim_kernel launch");
 }
 
@@ -615,8 +818,7 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
   std::string err = max_optin_smem(&optin);
   if (!err.empty()) return err;
   const std::int64_t smem = gram_state_smem_bytes(g.ld);
-  // 1 KiB of headroom for the static shared memory (red_s, red_i: 260 bytes)
-  const bool fits = smem + 1024 <= optin;
+  const bool fits = smem + kStaticSmemHeadroom <= optin;
   const bool use_smem = smem_state < 0 ? fits : (smem_state > 0 && fits);
   const int threads = gram_threads(g.ld);
   const float fl = static_cast<float>(st.lam), om = static_cast<float>(1.0 - st.lam);
@@ -629,13 +831,15 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
         in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
         in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
         in<std::int64_t>(seg.ks), seg.k_max, fl, om, inout<float>(st.m_scratch),
-        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
+        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out), inout<std::int64_t>(st.rounds),
+        st.max_round);
   } else {
     greedy_maxsim_gram_kernel<false><<<blocks, threads, 0, stream_of(seg.stream)>>>(
         in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
         in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
         in<std::int64_t>(seg.ks), seg.k_max, fl, om, inout<float>(st.m_scratch),
-        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out));
+        inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out), inout<std::int64_t>(st.rounds),
+        st.max_round);
   }
   return check_launch("greedy_maxsim_gram_kernel launch");
 }

@@ -20,6 +20,9 @@ constexpr int kGreedyThreads = 1024;
 // The DPP kernel carries the Cholesky projection and the rank-exhausted rescan:
 // at 1024 threads (64 registers) it spilled on sm_90, so it runs 512 threads.
 constexpr int kDppThreads = 512;
+// Most picks one round of the maxsim kernels commits (the length of the sorted candidate
+// lists they carry; NOTES.md, "Exact rounds").  MaxSimState::max_round may lower it.
+constexpr int kMaxRound = 8;
 
 // ---- Launch parameters: plain structs of raw device addresses, filled by bindings.cpp.
 
@@ -55,6 +58,8 @@ struct MaxSimState {
   std::uintptr_t inv_norm = 0, imp = 0, first_score = 0, eligible = 0;
   double lam = 0.0;
   std::uintptr_t m_scratch = 0, taken_scratch = 0;  // [rows] fp32, [rows] uint8
+  std::uintptr_t rounds = 0;    // [batch] int64: rounds each image ran (0: not written)
+  int max_round = kMaxRound;    // 1 .. kMaxRound picks per round (1: one pick per step)
 };
 
 // Conditional-DPP per-row inputs and scratch; c_scratch is [rows, k_max] fp32 (token-major).

@@ -69,6 +69,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes 
 # (target d: 1 GiB) take Gram mode, B=1, N=32768 (4 GiB of Gram) stays in row mode.
 WORKSPACE_LIMIT_BYTES = 2 << 30
 GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, unset/"auto": use_gram()
+ROUND_ENV = "MMRPRUNE_CUDA_ROUND"            # picks per round of the maxsim kernels (1 = one per step); default MAX_ROUND
 _GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
 
 
@@ -352,11 +353,26 @@ class FusedGreedy:
             raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {dtype}")
         return self.dtype_codes[dtype]
 
-    def select(self, batch: SelectionBatch) -> torch.Tensor:
-        """``[B, k_max]`` local indices in selection order, -1 past each image's budget."""
+    def select(self, batch: SelectionBatch):
+        """``[B, k_max]`` local indices in selection order, -1 past each image's budget; from the
+        kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick)."""
         if batch.method not in KERNEL_METHODS or batch.features.dtype not in KERNEL_DTYPES:
             return _tb.select(batch)   # topk (a sort), float64 input
-        return self.op(*prepare(batch).args())
+        out, rounds = self.op(*prepare(batch).args())
+        return out, {"rounds": rounds}
+
+    def max_round(self) -> int:
+        """Picks per round of the maxsim kernels: ``MMRPRUNE_CUDA_ROUND`` (tests), else the kernels' own."""
+        value = os.environ.get(ROUND_ENV, "")
+        if not value:
+            return int(self.ext.MAX_ROUND)
+        try:
+            r = int(value)
+        except ValueError:
+            r = 0
+        if not 1 <= r <= self.ext.MAX_ROUND:
+            raise ValueError(f"{ROUND_ENV} must be an integer in [1, {self.ext.MAX_ROUND}], got {value!r}")
+        return r
 
     # ------------------------------------------------------------------ launch paths
     def _make_launch(self):
@@ -365,13 +381,15 @@ class FusedGreedy:
         def launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch.Tensor],
                    eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
                    k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
-                   inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   inv_norm: Optional[torch.Tensor] = None,
+                   sqn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
             return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
                                              dpp, gram, inv_norm, sqn))
         return launch
 
-    def launch(self, c: KernelCall) -> torch.Tensor:
-        """Check the call, allocate the output and scratch, run the Gram or the row path."""
+    def launch(self, c: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the call, allocate the output and scratch, run the Gram or the row path.
+        Returns ``(picks [B, k_max], rounds [B])`` int64."""
         if self.ext is None:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         dev = c.rows.device
@@ -381,17 +399,20 @@ class FusedGreedy:
         _check_call(c.rows, c.score, c.starts, c.lengths, c.ks, c.dpp, c.gram, c.inv_norm, c.sqn)
         bsz, n_rows = c.starts.shape[0], c.rows.shape[0]
         out = torch.empty((bsz, c.k_max), dtype=torch.int64, device=dev)
+        rounds = torch.zeros(bsz, dtype=torch.int64, device=dev)
         if bsz == 0 or c.k_max == 0 or n_rows == 0:
-            return out.fill_(-1)
+            return out.fill_(-1), rounds
         with self._device(dev):
             state = torch.empty(n_rows, dtype=torch.float32, device=dev)
             taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
             chol = torch.empty((n_rows, c.k_max), dtype=torch.float32, device=dev) if c.dpp else None
             if c.gram is not None:
-                self._launch_gram(c, state, taken, chol, out, self._stream(dev))
+                self._launch_gram(c, state, taken, chol, out, rounds, self._stream(dev))
             else:
-                self._launch_rows(c, state, taken, chol, out, self._stream(dev))
-        return out
+                self._launch_rows(c, state, taken, chol, out, rounds, self._stream(dev))
+            if c.dpp:   # one pick per step
+                rounds = (out >= 0).sum(dim=1)
+        return out, rounds
 
     def _device(self, dev: torch.device):
         return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
@@ -400,7 +421,7 @@ class FusedGreedy:
     def _stream(dev: torch.device) -> int:
         return torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
 
-    def _launch_gram(self, c: KernelCall, state, taken, chol, out, stream: int) -> None:
+    def _launch_gram(self, c: KernelCall, state, taken, chol, out, rounds, stream: int) -> None:
         """Gram mode: similarity rows come from ``c.gram``; no feature reads in the greedy loop."""
         common = dict(gram=c.gram.data_ptr(), ld=c.gram.shape[1], inv_norm=c.inv_norm.data_ptr(),
                       starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), ks=c.ks.data_ptr(),
@@ -412,9 +433,10 @@ class FusedGreedy:
         else:
             self.ext.greedy_maxsim_gram(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
                                         eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
+                                        rounds=rounds.data_ptr(), max_round=self.max_round(),
                                         smem_state=int(_GRAM_SMEM_STATE), **common)
 
-    def _launch_rows(self, c: KernelCall, state, taken, chol, out, stream: int) -> None:
+    def _launch_rows(self, c: KernelCall, state, taken, chol, out, rounds, stream: int) -> None:
         """Row mode: inverse norms first, then each step recomputes ``sim(p, ·)`` from the rows."""
         n_rows, dim = c.rows.shape
         dev = c.rows.device
@@ -433,12 +455,13 @@ class FusedGreedy:
         else:
             self.ext.greedy_maxsim(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
                                    eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
-                                   **common)
+                                   rounds=rounds.data_ptr(), max_round=self.max_round(), **common)
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
           sqn=None):
-    return rows.new_empty((starts.shape[0], k_max), dtype=torch.int64)
+    return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
+            rows.new_empty((starts.shape[0],), dtype=torch.int64))
 
 
 def _gpu_ready() -> tuple[bool, str]:
