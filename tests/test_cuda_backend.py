@@ -696,37 +696,19 @@ def test_kernel_gram_state_in_global_memory_matches_shared(target, monkeypatch, 
 
 
 @needs_gpu
-def test_gpu_cuda_graph_capture_without_host_sync():
+@pytest.mark.parametrize("mode, dtype, method", [("0", torch.float16, "mmr"), ("1", torch.bfloat16, "divprune")],
+                         ids=["row-mmr", "gram-divprune"])
+def test_gpu_cuda_graph_capture_without_host_sync(monkeypatch, mode, dtype, method):
     import mmrprune
-    x = torch.randn(2, 256, 128, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv(cb.GRAM_ENV, mode)
+    x = torch.randn(2, 256, 128, device="cuda", dtype=dtype)
     w = torch.rand(2, 256, device="cuda")
-    kw = dict(k=16, method="mmr", backend="cuda", order="selection", check_finite=False)
+    kw = dict(k=16, method=method, backend="cuda", order="selection", check_finite=False)
     eager = mmrprune.select(x, w, **kw)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         mmrprune.select(x, w, **kw)   # warm-up on the side stream
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        captured = mmrprune.select(x, w, **kw)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
-
-
-@needs_gpu
-def test_gpu_gram_mode_cuda_graph_capture_without_host_sync(monkeypatch):
-    import mmrprune
-    monkeypatch.setenv(cb.GRAM_ENV, "1")
-    x = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16)
-    w = torch.rand(2, 256, device="cuda")
-    kw = dict(k=16, method="divprune", backend="cuda", order="selection", check_finite=False)
-    eager = mmrprune.select(x, w, **kw)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mmrprune.select(x, w, **kw)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
