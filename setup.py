@@ -201,11 +201,13 @@ class BuildExt(build_ext):
         cxx = _cxx()
         if ext.name == "mmrprune._cpu":
             user_compile, user_link = _cpu_user_flags()
-            jobs = [_cxx_job(cxx, s, os.path.join(tmp, os.path.basename(s) + ".o"), user_compile) for s in ext.sources]
+            compile_extra = recipe.CPU_OPENMP_FLAGS + user_compile
+            jobs = [_cxx_job(cxx, s, os.path.join(tmp, os.path.basename(s) + ".o"), compile_extra) for s in ext.sources]
             _compile_all(jobs, tmp)
-            link_extra = ["-pthread", *user_link]
-            self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS + user_compile),
-                              cpu_simd=SIMD_TARGETS, cpu_threads="std::thread over images (no OpenMP)")
+            link_extra = ["-pthread", *recipe.CPU_OPENMP_FLAGS, *user_link]
+            self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS + compile_extra),
+                              cpu_simd=SIMD_TARGETS,
+                              cpu_threads="OpenMP (torch's libgomp): images over threads, spare threads help one image")
         elif ext.name == "mmrprune._cuda_emu":
             jobs = _emu_jobs(cxx, tmp, ext._cuda_inc)
             try:

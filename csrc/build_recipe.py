@@ -37,6 +37,10 @@ EMU_DIR = os.path.join(ROOT, "csrc", "emu")
 CXX_FLAGS = ["-O3", "-std=gnu++17", "-fPIC", "-fvisibility=hidden", "-pthread",
              # a*b+c contracted to FMA in the dot kernels; no other fast-math
              "-ffp-contract=fast", "-Wall", "-Wno-psabi"]
+# mmrprune._cpu only: its threads are an OpenMP region, so that they are torch's own
+# intra-op threads (libgomp.so.1 resolves to the copy torch loaded; csrc/cpu/select.cpp
+# run_crews says why)
+CPU_OPENMP_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
 # Emulated kernels: no contraction (the host would otherwise fuse where nvcc may not, and the
 # kernels' explicit __fmul_rn/__fsub_rn must stay two roundings), no type-based aliasing

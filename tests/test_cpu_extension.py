@@ -257,7 +257,8 @@ def test_divprune_first_step_tiled_and_pruned(isa, dtype, n, d, kind):
 @pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune"])
 def test_batch_one_with_spare_threads_gives_the_same_picks(method, dtype):
     """B = 1 with 2 threads: the helper thread loads rows, computes the first similarity row and
-    refreshes stale heap entries in batches; the picks must be bit-identical to 1 thread."""
+    refreshes stale heap entries in batches (cut into pieces of a token's owed sims); the
+    picks must be bit-identical to 1 thread."""
     x = torch.from_numpy(certify.clustered_tokens(700, 48, seed=21, centres=12)).to(dtype)
     w = torch.from_numpy(certify.distinct_importance(700, seed=21)).to(dtype)
     before = torch.get_num_threads()
@@ -270,3 +271,57 @@ def test_batch_one_with_spare_threads_gives_the_same_picks(method, dtype):
         torch.set_num_threads(before)
     assert torch.equal(got[1], got[2])
     certify.check_certificate(x, w, got[2].numpy(), method, 0.5, tol=certify.tol_for(dtype), k=175)
+
+
+def _with_threads(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", ["mmr", "divprune", "dpp", "d2pruner"])
+@pytest.mark.parametrize("threads,batch", [(3, 1), (5, 2), (4, 3), (3, 5)])
+def test_every_crew_shape_gives_one_threads_picks(method, threads, batch):
+    """Threads are split into one caller per image (up to the thread count) and crews of the
+    spare threads (threads // B per image): 3 threads for 1 image is a crew of 3, 5 for 2 is
+    two crews of 2 (one thread unused), 4 for 3 is three callers alone.  More threads than
+    this machine's cores, so helpers are often not scheduled and callers take their tasks."""
+    x = torch.from_numpy(certify.clustered_tokens(60, 24, batch=batch, seed=5, centres=6))
+    w = torch.from_numpy(certify.distinct_importance(60, batch=batch, seed=5))
+    one = _with_threads(1, lambda: _cpu_select(x, w, method, k=25))
+    many = _with_threads(threads, lambda: _cpu_select(x, w, method, k=25))
+    assert one.shape == (batch, 25) and torch.equal(one, many)
+
+
+def test_concurrent_calls_from_python_threads():
+    """The GIL is released during a call, so calls from several Python threads run at once,
+    each with its own OpenMP team and its own scratch; every answer must equal the serial one."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [(torch.from_numpy(certify.clustered_tokens(300, 32, batch=b, seed=s, centres=5)),
+              torch.from_numpy(certify.distinct_importance(300, batch=b, seed=s))) for s, b in ((1, 1), (2, 3), (3, 1))]
+    want = [_cpu_select(x, w, "mmr", k=60) for x, w in cases]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: _cpu_select(*cases[i % 3], "mmr", k=60), range(12)))
+    for i, g in enumerate(got):
+        assert torch.equal(g, want[i % 3]), i
+
+
+def test_row_scratch_is_kept_reused_and_released():
+    """The normalised rows' buffer stays mapped between calls (a fresh one costs page faults),
+    is reused by a call of the same shape, never exceeds the limit, and can be handed back."""
+    ops._cpu.release_scratch()
+    assert ops._cpu.scratch_bytes() == 0
+    x = torch.randn(1, 500, 300)
+    mmrprune.select(x, k=10, backend="cpu")
+    held = ops._cpu.scratch_bytes()
+    assert held >= 500 * 300 * 4
+    for _ in range(3):
+        mmrprune.select(x, k=10, backend="cpu")
+        assert ops._cpu.scratch_bytes() == held  # taken and given back, not grown
+    assert 0 < ops._cpu.scratch_bytes() <= ops._cpu.SCRATCH_CACHE_LIMIT
+    assert ops._cpu.release_scratch() == held
+    assert ops._cpu.scratch_bytes() == 0
+    assert cpu_backend.release_scratch() == 0

@@ -63,6 +63,9 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("isa") = "",
       "Test hook: DivPrune step 1 on normalised rows [n, dim]; fills best[i] = max_{j != i} sim(i, j) (full "
       "tiled pass) and returns the pruned search's first pick.");
+  m.def("scratch_bytes", &scratch_bytes, "Bytes of row scratch kept between calls (at most SCRATCH_CACHE_LIMIT)");
+  m.def("release_scratch", &release_scratch, "Free the row scratch kept between calls; returns the bytes freed");
+  m.attr("SCRATCH_CACHE_LIMIT") = SCRATCH_CACHE_LIMIT;
   m.def("isa", [] { return std::string(dot_kernels().isa); }, "SIMD kernels chosen for this CPU at load time");
   m.def("isa_supported", [](const std::string& isa) {
     try {

@@ -1,4 +1,5 @@
-// Greedy selection kernels, one image per task, images spread over threads.
+// Greedy selection kernels, one image per task, images spread over threads
+// (OpenMP: torch's own intra-op threads, see run_crews).
 //
 // Similarity strategy: Gram-free.  A greedy step only needs sim(pick, i) for
 // the tokens still in play, so each step computes one row of dot products
@@ -14,16 +15,22 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <numeric>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "dots.h"
 
@@ -66,10 +73,111 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// RowBuffer storage kept between calls, up to SCRATCH_CACHE_LIMIT bytes: a
+// block whose pages are already mapped costs nothing to reuse, while a fresh
+// one is faulted in and zeroed by the kernel on first touch.  Measured at
+// B = 1, N = 2691, D = 3584, bf16, k = 673 (2-core machine, both builds in one
+// run): without the cache 110 ms with 1 thread and 72 ms with 2 (1.53x); with
+// it 93 ms and 49 ms (1.89x).  release_scratch() hands the blocks back.
+class BlockCache {
+ public:
+  static BlockCache& get() {
+    static BlockCache cache;
+    return cache;
+  }
+  // the smallest cached block of at least `bytes` (its size written to `bytes`), or nullptr
+  void* take(size_t& bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = blocks_.size();
+    for (size_t b = 0; b < blocks_.size(); ++b)
+      if (blocks_[b].second >= bytes && (best == blocks_.size() || blocks_[b].second < blocks_[best].second)) best = b;
+    if (best == blocks_.size()) return nullptr;
+    void* p = blocks_[best].first;
+    bytes = blocks_[best].second;
+    blocks_.erase(blocks_.begin() + (std::ptrdiff_t)best);
+    held_ -= bytes;
+    return p;
+  }
+  // keeps the block if it fits under the limit, else frees it
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= SCRATCH_CACHE_LIMIT) {
+        blocks_.emplace_back(p, bytes);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  size_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+  size_t release() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    size_t freed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks.swap(blocks_);
+      freed = held_;
+      held_ = 0;
+    }
+    for (auto& b : blocks) std::free(b.first);
+    return freed;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> blocks_;
+  size_t held_ = 0;
+};
+
+// The [n, D] normalised image: the one large buffer (38 MB for 2691 x 3584
+// float32).  A zero-filled std::vector spent ~19 ms of system time per call at
+// that shape in ~9,400 serial 4 KiB page faults, a fifth of a whole 673-pick
+// selection.  So the buffer is left uninitialised (its first touch is the
+// parallel row load, which writes every element once), comes from the
+// BlockCache, and is 2 MiB-aligned and marked for transparent huge pages on
+// Linux (a few faults instead of thousands where THP is on, and fewer TLB
+// misses when the greedy loop reads rows at random).
+template <class T>
+class RowBuffer {
+ public:
+  RowBuffer() = default;
+  RowBuffer(const RowBuffer&) = delete;
+  RowBuffer& operator=(const RowBuffer&) = delete;
+  ~RowBuffer() {
+    if (data_) BlockCache::get().give(data_, capacity_ * sizeof(T));
+  }
+  T* data() { return data_; }
+  // room for `count` elements; the contents are undefined after a growth
+  void reserve(size_t count) {
+    if (count <= capacity_) return;
+    constexpr size_t HUGE_PAGE = size_t(2) << 20;
+    size_t bytes = (count * sizeof(T) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    void* p = BlockCache::get().take(bytes);
+    if (!p) {
+      p = std::aligned_alloc(HUGE_PAGE, bytes);
+      if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      madvise(p, bytes, MADV_HUGEPAGE);  // advice only: a kernel without THP ignores it
+#endif
+    }
+    if (data_) BlockCache::get().give(data_, capacity_ * sizeof(T));
+    data_ = static_cast<T*>(p);
+    capacity_ = bytes / sizeof(T);
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
 // Per-thread scratch, reused across the images a thread handles.
 template <class T>
 struct Workspace {
-  std::vector<T> xn;       // [n, D] normalised rows of the image (x̂)
+  RowBuffer<T> xn;         // [n, D] normalised rows of the image (x̂)
   std::vector<T> sim;      // [n] sims of the current pick to the active tokens (by active slot)
   std::vector<T> m;        // [n] MMR: max sim to the picked set; DPP: d^2
   std::vector<T> cis;      // DPP: [n, k] Cholesky rows c_i, token-major
@@ -146,24 +254,19 @@ void remove_sorted(std::vector<int32_t>& v, int32_t x) {
 // caller runs tasks too: a helper that is not scheduled in time (a loaded
 // machine) delays nothing, the caller just takes its tasks.  run() returns when
 // every task of its call is done.  With no helpers, run() is a plain loop.
+// The threads come from run_crews() below; a helper serves until stop().
 class SpinCrew {
  public:
-  explicit SpinCrew(int helpers) {
-    for (int h = 0; h < helpers; ++h) pool_.emplace_back([this] { serve(); });
-  }
-  ~SpinCrew() {
-    stop_.store(true, std::memory_order_relaxed);
-    ticket_.fetch_add(GEN, std::memory_order_release);  // wake the helpers; no tasks
-    for (auto& t : pool_) t.join();
-  }
+  SpinCrew() = default;
   SpinCrew(const SpinCrew&) = delete;
   SpinCrew& operator=(const SpinCrew&) = delete;
-  int size() const { return (int)pool_.size() + 1; }
+  int size() const { return helpers_ + 1; }
+  void set_helpers(int helpers) { helpers_ = helpers; }  // by the caller, before its first run()
 
-  // fn(task) for task in [0, n), n < 2^20, the caller taking part; fn must not throw.
+  // fn(task) for task in [0, n), n <= MAX_TASKS, the caller taking part; fn must not throw.
   template <class F>
   void run(int64_t n, F&& fn) {
-    if (pool_.empty() || n <= 1) {
+    if (helpers_ == 0 || n <= 1) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -175,6 +278,23 @@ class SpinCrew {
     work(gen);
     while (done_.load(std::memory_order_acquire) < n) std::this_thread::yield();
   }
+  // a helper's loop: take tasks of every run() until stop()
+  void serve() {
+    uint64_t seen = 0;
+    while (true) {
+      uint64_t gen;
+      while ((gen = ticket_.load(std::memory_order_acquire) & ~(GEN - 1)) == seen) std::this_thread::yield();
+      seen = gen;
+      if (stop_.load(std::memory_order_relaxed)) return;
+      work(gen);
+    }
+  }
+  // by the caller, after its last run(): the helpers' serve() returns
+  void stop() {
+    stop_.store(true, std::memory_order_relaxed);
+    ticket_.fetch_add(GEN, std::memory_order_release);  // a new generation with no tasks wakes them
+  }
+  static constexpr int64_t MAX_TASKS = (1 << 20) - 1;
 
  private:
   static constexpr uint64_t GEN = 1ull << 40;  // ticket = generation * GEN | n_tasks << 20 | next task
@@ -190,23 +310,55 @@ class SpinCrew {
       }
     }
   }
-  void serve() {
-    uint64_t seen = 0;
-    while (true) {
-      uint64_t gen;
-      while ((gen = ticket_.load(std::memory_order_acquire) & ~(GEN - 1)) == seen) std::this_thread::yield();
-      seen = gen;
-      if (stop_.load(std::memory_order_relaxed)) return;
-      work(gen);
-    }
-  }
-  std::vector<std::thread> pool_;
+  int helpers_ = 0;
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
   void* ctx_ = nullptr;
   void (*call_)(void*, int64_t) = nullptr;
 };
+
+// body(crew) on `groups` callers at once, each caller with a crew of up to
+// `per_group - 1` helpers; returns when every caller is done, rethrowing the
+// first exception a caller threw.
+//
+// The threads are one OpenMP parallel region.  OpenMP, not std::thread: the
+// extension links libgomp.so.1, which resolves to the copy torch has already
+// loaded, so these are torch's own intra-op threads.  After any torch op those
+// threads busy-wait for a few ms; threads of our own would compete with them
+// for the cores instead of reusing them.  Measured at B = 1, N = 2691,
+// D = 3584, bf16, k = 673 on the 2-core machine, right after torch's aminmax
+// (the validation scan): std::thread helpers took ~9 ms longer than with
+// OMP_WAIT_POLICY=passive, which stops the busy-waiting.
+//
+// Thread t serves group t / per_group; rank 0 of a group is its caller.  The
+// runtime may give fewer threads than asked (a nested call gets one): a group
+// then has fewer helpers or no caller, and the callers that exist share the
+// work (they take it from a shared counter).
+template <class F>
+void run_crews(int groups, int per_group, F&& body) {
+  std::vector<SpinCrew> crews(groups);
+  std::exception_ptr error;
+  std::mutex error_mu;
+#pragma omp parallel num_threads(groups * per_group)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    SpinCrew& crew = crews[tid / per_group];
+    if (tid % per_group == 0) {
+      crew.set_helpers(std::min(per_group, nth - tid) - 1);
+      try {
+        body(crew);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mu);
+        if (!error) error = std::current_exception();
+      }
+      crew.stop();
+    } else {
+      crew.serve();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
 
 // MMR / FPS / hybrid / DivPrune (reference.select_mmr, select_hybrid, select_divprune).
 // Step 1 maximises first_score (Imp when null) over the eligible tokens; step t
@@ -275,6 +427,18 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, SpinCrew& cre
   // early only has a tighter bound, so the picks do not depend on the batching.
   const int64_t batch_max = crew.size() == 1 ? 1 : 2 * crew.size();
   std::vector<Entry> batch;
+  struct Chunk {
+    int32_t entry, u0, u1;  // batch entry, and the range [u0, u1) of the picks it has not seen
+  };
+  // 32 sims ~ 6 us of work at D = 3584: claiming a piece costs ~0.1 us.  Measured at
+  // B = 1, N = 2691, D = 3584, k = 673 (C++ call alone, 2 threads vs 1): whole tokens as
+  // tasks 1.52x; pieces of 16 / 32 / 64 sims 1.78x / 1.86x / 1.89x.  No crew: no cutting.
+  // A batch owes at most batch_max * k sims, so with pieces of at least
+  // batch_max * k / (MAX_TASKS / 2) there are at most MAX_TASKS / 2 + batch_max of them.
+  const int64_t half = SpinCrew::MAX_TASKS / 2;
+  const int64_t chunk = crew.size() == 1 ? std::max<int64_t>(J.k, 1)
+                                         : std::max<int64_t>(32, (batch_max * J.k + half - 1) / half);
+  std::vector<Chunk> chunks;
   std::vector<T> batch_sims((size_t)batch_max * (size_t)J.k);  // a refresh's sims, one slice per batch entry
   for (int64_t t = 1; t < J.k; ++t) {
     const int32_t fresh = (int32_t)picks.size();
@@ -287,17 +451,29 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, SpinCrew& cre
         batch.push_back(heap.back());
         heap.pop_back();
       }
-      crew.run((int64_t)batch.size(), [&](int64_t e) {
+      // the batch's dot products, cut into pieces of at most CHUNK: one token can owe
+      // hundreds of sims and its neighbour three, so whole tokens balance badly
+      chunks.clear();
+      for (size_t e = 0; e < batch.size(); ++e) {
+        const int64_t todo = fresh - seen[batch[e].i];
+        for (int64_t u0 = 0; u0 < todo; u0 += chunk)
+          chunks.push_back({(int32_t)e, (int32_t)u0, (int32_t)std::min(todo, u0 + chunk)});
+      }
+      crew.run((int64_t)chunks.size(), [&](int64_t c) {
         // sim(i, pick) for the picks token i has not seen; x̂_i · x̂_pick and x̂_pick · x̂_i
         // are the same bits (commuted products, same lanes, same summation order)
+        const Chunk& ch = chunks[c];
+        const int32_t i = batch[ch.entry].i;
+        J.dots(J.xn + (int64_t)i * J.D, J.xn, J.D, J.D, picks.data() + seen[i] + ch.u0, ch.u1 - ch.u0,
+               batch_sims.data() + ch.entry * J.k + ch.u0);
+      });
+      for (size_t e = 0; e < batch.size(); ++e) {
         const int32_t i = batch[e].i;
-        const int64_t todo = fresh - seen[i];
-        T* out = batch_sims.data() + e * J.k;
-        J.dots(J.xn + (int64_t)i * J.D, J.xn, J.D, J.D, picks.data() + seen[i], todo, out);
-        for (int64_t u = 0; u < todo; ++u) m[i] = std::max(m[i], out[u]);
+        const T* out = batch_sims.data() + e * J.k;
+        for (int64_t u = 0, todo = fresh - seen[i]; u < todo; ++u) m[i] = std::max(m[i], out[u]);
         seen[i] = fresh;
         batch[e].score = lam * imp[i] - one_minus_lam * m[i];
-      });
+      }
       for (const Entry& e : batch) {
         heap.push_back(e);
         std::push_heap(heap.begin(), heap.end(), below);
@@ -326,9 +502,8 @@ void greedy_max_similarity(const ImageJob<T>& J, Workspace<T>& ws, SpinCrew& cre
 // not depend on bs, on the tile shape, or on how blocks are split over threads.
 template <class T>
 void gram_max_blocks(const T* xn, int64_t n, int64_t D, GramFn<T> gram, int64_t bs, std::atomic<int64_t>& next_block,
-                     T* best) {
+                     T* C, T* best) {
   constexpr int64_t STRIP = 12;  // a multiple of every tile height (3, 4): full tiles along the diagonal
-  std::vector<T> C((size_t)bs * (size_t)bs);
   const int64_t nblk = (n + bs - 1) / bs;
   for (int64_t ib; (ib = next_block.fetch_add(1)) < nblk;) {
     const int64_t i0 = ib * bs, ni = std::min(bs, n - i0);
@@ -336,13 +511,13 @@ void gram_max_blocks(const T* xn, int64_t n, int64_t D, GramFn<T> gram, int64_t 
       const int64_t j0 = jb * bs, nj = std::min(bs, n - j0);
       if (jb == ib) {
         for (int64_t a = 0; a < ni; a += STRIP)  // rows a.. against columns a..: C[a][a..] onwards
-          gram(xn + (i0 + a) * D, std::min(STRIP, ni - a), xn + (i0 + a) * D, ni - a, D, D, C.data() + a * bs + a, bs);
+          gram(xn + (i0 + a) * D, std::min(STRIP, ni - a), xn + (i0 + a) * D, ni - a, D, D, C + a * bs + a, bs);
       } else {
-        gram(xn + i0 * D, ni, xn + j0 * D, nj, D, D, C.data(), bs);
+        gram(xn + i0 * D, ni, xn + j0 * D, nj, D, D, C, bs);
       }
       T* bj = best + j0;
       for (int64_t a = 0; a < ni; ++a) {
-        const T* c = C.data() + a * bs;
+        const T* c = C + a * bs;
         const int64_t b0 = jb == ib ? a + 1 : 0;  // diagonal block: pairs j > i only
         T bi = best[i0 + a];
         for (int64_t b = b0; b < nj; ++b) {
@@ -363,39 +538,27 @@ int64_t gram_block_rows(int64_t D) {
 }
 
 // best[i] = max_{j != i} sim(i, j) for all i: the full triangular pass.
-// `threads` > 1 (an image with idle threads beside it, e.g. B = 1) splits the
-// row blocks over that many threads, each with its own max accumulator,
+// With helpers (an image with idle threads beside it, e.g. B = 1) the row
+// blocks are shared over the crew, each task with its own max accumulator,
 // max-merged at the end (exact: max is order-free).
 template <class T>
-void max_offdiag_sim(const ImageJob<T>& J, int threads, T* best) {
+void max_offdiag_sim(const ImageJob<T>& J, SpinCrew& crew, T* best) {
   const int64_t n = J.n, D = J.D, bs = gram_block_rows<T>(D);
   const int64_t nblk = (n + bs - 1) / bs;
-  threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, nblk));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(crew.size(), nblk));
   constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
   std::fill(best, best + n, NEG_INF);
   std::atomic<int64_t> next_block{0};
-  if (threads == 1) {
-    gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, best);
-    return;
-  }
-  std::vector<std::vector<T>> part(threads - 1, std::vector<T>(n, NEG_INF));
-  std::vector<std::thread> pool;
-  std::exception_ptr error;
-  std::mutex error_mu;
-  for (int t = 0; t + 1 < threads; ++t)
-    pool.emplace_back([&, t] {
-      try {
-        gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, part[t].data());
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mu);
-        if (!error) error = std::current_exception();
-      }
-    });
-  gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, best);
-  for (auto& th : pool) th.join();
-  if (error) std::rethrow_exception(error);
-  for (const auto& p : part)
+  // every buffer is allocated here: a task must not throw
+  std::vector<T> part((size_t)(parts - 1) * (size_t)n, NEG_INF), C((size_t)parts * (size_t)bs * (size_t)bs);
+  crew.run(parts, [&](int64_t t) {
+    gram_max_blocks<T>(J.xn, n, D, J.gram, bs, next_block, C.data() + t * bs * bs,
+                       t == 0 ? best : part.data() + (t - 1) * n);
+  });
+  for (int64_t t = 1; t < parts; ++t) {
+    const T* p = part.data() + (t - 1) * n;
     for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], p[i]);
+  }
 }
 
 // DivPrune's first pick: argmax_i 1 - max_{j != i} sim(i, j) = argmin_i best_i,
@@ -415,13 +578,13 @@ void max_offdiag_sim(const ImageJob<T>& J, int threads, T* best) {
 // (near-uniform sims: e.g. isotropic random tokens), fall back to the full
 // triangle once the exact rows would cost more than half of it.
 template <class T>
-int32_t divprune_first_pick(const ImageJob<T>& J, Workspace<T>& ws, int threads) {
+int32_t divprune_first_pick(const ImageJob<T>& J, Workspace<T>& ws, SpinCrew& crew) {
   const int64_t n = J.n, D = J.D;
   if (n == 1) return 0;
   constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
   T* best = ws.m.data();  // reused as max-sim accumulator before the greedy loop
   auto full_pass = [&] {
-    max_offdiag_sim<T>(J, threads, best);
+    max_offdiag_sim<T>(J, crew, best);
     return (int32_t)(std::min_element(best, best + n) - best);  // first minimum: lowest index
   };
   constexpr int64_t BAND = 48, STRIP = 12, GROUP = 4;
@@ -577,7 +740,7 @@ void d2pruner(const ImageJob<T>& J, Workspace<T>& ws, const SelectArgs& a) {
 
 template <class T>
 void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> dots, GramFn<T> gram,
-                  int gram_threads) {
+                  SpinCrew& crew) {
   const int64_t n = a.lengths[b], k = a.ks[b], D = a.dim, start = a.starts[b];
   int64_t* out = a.out + b * a.k_max;
   std::fill(out, out + a.k_max, (int64_t)-1);
@@ -591,20 +754,17 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
     std::copy(ws.order.begin(), ws.order.begin() + k, out);
     return;
   }
-  ws.xn.resize((size_t)n * (size_t)D);
-  // spare threads (fewer images than threads) help this image: loading rows, then the
-  // first similarity row and the lazy refreshes of the MMR family
-  std::optional<SpinCrew> crew;
-  crew.emplace(gram_threads - 1);
+  ws.xn.reserve((size_t)n * (size_t)D);
+  // the crew (spare threads: fewer images than threads) helps this image: loading rows,
+  // DivPrune's first step, then the first similarity row and the lazy refreshes of the
+  // max-similarity family
   {
-    const int64_t slices = std::min<int64_t>(n, 4 * crew->size());
-    crew->run(slices, [&](int64_t c) {
+    const int64_t slices = std::min<int64_t>(n, 4 * crew.size());
+    crew.run(slices, [&](int64_t c) {
       const int64_t r0 = n * c / slices, r1 = n * (c + 1) / slices;
       load_normalized<T>(a, start + r0, r1 - r0, ws.xn.data() + r0 * D, dots);
     });
   }
-  if (a.method != Method::MMR && a.method != Method::FPS && a.method != Method::HYBRID)
-    crew.emplace(0);  // release the helpers: DivPrune's first step starts its own threads
   J.xn = ws.xn.data();
   ws.sim.resize(n);
   ws.m.resize(n);
@@ -614,7 +774,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
     case Method::FPS: {
       ws.active.resize(n);
       std::iota(ws.active.begin(), ws.active.end(), 0);
-      greedy_max_similarity<T>(J, ws, *crew, a.method == Method::MMR ? (T)a.lam : (T)0, nullptr);
+      greedy_max_similarity<T>(J, ws, crew, a.method == Method::MMR ? (T)a.lam : (T)0, nullptr);
       break;
     }
     case Method::HYBRID: {
@@ -625,17 +785,16 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       importance_order(imp, n, ws.order);
       ws.active.assign(ws.order.begin(), ws.order.begin() + c);
       std::sort(ws.active.begin(), ws.active.end());
-      greedy_max_similarity<T>(J, ws, *crew, (T)0, nullptr);  // step 1 = pool's most important (Imp)
+      greedy_max_similarity<T>(J, ws, crew, (T)0, nullptr);  // step 1 = pool's most important (Imp)
       break;
     }
     case Method::DIVPRUNE: {
-      const int32_t first = divprune_first_pick<T>(J, ws, gram_threads);
+      const int32_t first = divprune_first_pick<T>(J, ws, crew);
       std::vector<T> zeros(n, (T)0);
       J.imp = zeros.data();
       ws.active.resize(n);
       std::iota(ws.active.begin(), ws.active.end(), 0);
-      crew.emplace(gram_threads - 1);  // after the first step's own threads are done
-      greedy_max_similarity<T>(J, ws, *crew, (T)0, nullptr, first);
+      greedy_max_similarity<T>(J, ws, crew, (T)0, nullptr, first);
       break;
     }
     case Method::DPP:
@@ -652,31 +811,20 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
 template <class T>
 void run_batch(const SelectArgs& a, DotsFn<T> dots, GramFn<T> gram) {
   const int64_t B = a.batch;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B));
-  // fewer images than threads: the spare threads help with DivPrune's Gram pass
-  const int gram_threads = (int)std::max<int64_t>(1, a.num_threads / std::max<int64_t>(B, 1));
+  // images over up to num_threads callers; fewer images than threads: the spare
+  // threads are the callers' crews
+  const int callers = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B));
+  const int per_caller = (int)std::max<int64_t>(1, a.num_threads / std::max<int64_t>(B, 1));
   std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mu;
-  auto worker = [&] {
+  run_crews(callers, per_caller, [&](SpinCrew& crew) {
     Workspace<T> ws;
     try {
-      for (int64_t b; (b = next.fetch_add(1)) < B;) select_image<T>(a, b, ws, dots, gram, gram_threads);
+      for (int64_t b; (b = next.fetch_add(1)) < B;) select_image<T>(a, b, ws, dots, gram, crew);
     } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      if (!error) error = std::current_exception();
-      next.store(B);
+      next.store(B);  // the other callers stop too
+      throw;
     }
-  };
-  if (nt == 1) {
-    worker();
-  } else {
-    std::vector<std::thread> pool;
-    for (int i = 1; i < nt; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
-  }
-  if (error) std::rethrow_exception(error);
+  });
 }
 
 void check(bool ok, const std::string& msg) {
@@ -688,12 +836,18 @@ int64_t first_step_hook(const T* xn, int64_t n, int64_t D, int threads, DotsFn<T
   Workspace<T> ws;
   ws.m.resize(n);
   ImageJob<T> J{xn, n, D, 1, nullptr, nullptr, nullptr, dots, gram};
-  const int32_t pick = divprune_first_pick<T>(J, ws, threads);
-  max_offdiag_sim<T>(J, threads, best);
+  int32_t pick = -1;
+  run_crews(1, std::max(threads, 1), [&](SpinCrew& crew) {
+    pick = divprune_first_pick<T>(J, ws, crew);
+    max_offdiag_sim<T>(J, crew, best);
+  });
   return pick;
 }
 
 }  // namespace
+
+size_t scratch_bytes() { return BlockCache::get().held(); }
+size_t release_scratch() { return BlockCache::get().release(); }
 
 int64_t divprune_first_step(const void* xn, bool f64, int64_t n, int64_t D, int threads, const char* isa,
                             void* best) {

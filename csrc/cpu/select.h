@@ -1,6 +1,7 @@
 // Batched greedy token selection on the CPU: every method of docs/contract.md.
 // Read side by side with mmrprune/reference.py.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace mmrprune {
@@ -35,6 +36,12 @@ struct SelectArgs {
 
 // Checks the arguments (std::invalid_argument on bad ones) and runs the selection.
 void select_batch(const SelectArgs& args);
+
+// Scratch memory for the normalised rows is kept between calls, up to
+// SCRATCH_CACHE_LIMIT bytes (select.cpp, BlockCache, says why).
+constexpr size_t SCRATCH_CACHE_LIMIT = size_t(256) << 20;
+size_t scratch_bytes();    // bytes held now
+size_t release_scratch();  // frees them (blocks in use by a running call stay with it); returns the bytes freed
 
 // Test hook for DivPrune's first step on already-normalised rows xn [n, D]
 // (float64 if f64, else float32): writes best[i] = max_{j != i} sim(i, j) from

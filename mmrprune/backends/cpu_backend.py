@@ -1,9 +1,13 @@
 """``backend="cpu"``: the C++ extension ``mmrprune._cpu`` (csrc/cpu/), every method.
 
-Images are spread over ``torch.get_num_threads()`` threads; each thread
-normalises one image's rows into a float32 scratch buffer (converting
-float16/bfloat16 on the way, never upcasting the whole batch) and runs the
-greedy loop Gram-free, with AVX-512/AVX2/SSE2 dot kernels picked at load time.
+Images are spread over ``torch.get_num_threads()`` threads (torch's own OpenMP
+threads); spare threads (fewer images than threads) help one image.  Each image's
+rows are normalised into a float32 scratch buffer (converting float16/bfloat16 on
+the way, never upcasting the whole batch) and the greedy loop runs Gram-free, with
+AVX-512/AVX2/SSE2 dot kernels picked at load time.  The scratch buffers stay
+allocated between calls (at most 256 MiB, ``_cpu.SCRATCH_CACHE_LIMIT``), since
+mapping fresh pages costs more than a small selection; :func:`release_scratch`
+frees them.
 float64 input is handled natively in float64.  The call goes through the
 custom op ``mmrprune::cpu_select`` (:mod:`mmrprune.ops`) so it traces
 under ``torch.compile``.
@@ -39,6 +43,12 @@ def status() -> tuple[bool, str]:
                 else facts.get("cuda_status", "not built"))
         detail += f"; CUDA extension: {cuda}"
     return True, detail
+
+
+def release_scratch() -> int:
+    """Free the row scratch the C++ backend keeps between calls; returns the bytes freed
+    (0 when the extension is not built)."""
+    return int(ops._cpu.release_scratch()) if ops._cpu is not None else 0
 
 
 def select(batch: SelectionBatch) -> torch.Tensor:
