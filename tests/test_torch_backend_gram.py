@@ -47,3 +47,48 @@ def test_gram_is_used_only_when_it_fits(monkeypatch):
     assert torch_backend._gram_if_fits(x.double(), torch.float64) is None     # float64: per-step path
     monkeypatch.setattr(torch_backend, "GRAM_MAX_BYTES", 2 * 16 * 16 * 4 - 1)
     assert torch_backend._gram_if_fits(x, torch.float32) is None
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 64, 100])
+def test_blocked_gram_is_the_product_and_exactly_symmetric(n, monkeypatch):
+    """Tiles above the diagonal, mirrored: every entry is x̂_i · x̂_j (to rounding) and
+    sim(i, j) == sim(j, i) bit for bit, across tile edges (a 16-row tile here) and at a
+    zero-padded last tile."""
+    monkeypatch.setattr(torch_backend, "GRAM_TILE", 16)
+    x = torch.randn(n, 40, generator=torch.Generator().manual_seed(n))
+    xn = x / x.norm(dim=-1, keepdim=True)
+    out = torch.full((n, n), float("nan"))
+    torch_backend._symmetric_gram(xn, out)
+    torch.testing.assert_close(out, xn @ xn.T, rtol=0, atol=1e-6)
+    assert torch.equal(out, out.T)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_small_tiles_keep_duplicates_tied_and_pass_the_certificate(method, monkeypatch):
+    """With 16-row tiles the palette problem's duplicate tokens land in different tiles; their
+    similarity rows must still be equal, so the certificate's tie rule (lowest twin first)
+    holds, and the picks equal the per-step path's on the separated problem."""
+    monkeypatch.setattr(torch_backend, "GRAM_TILE", 16)
+    for i, (x, w, lengths) in enumerate(_problems()):
+        k = min(20, x.shape[1])
+        kw = dict(k=k, method=method, backend="torch", order="selection", lengths=lengths)
+        picks = mmrprune.select(x, w, **kw)
+        for b in range(x.shape[0]):
+            n = x.shape[1] if lengths is None else int(lengths[b])
+            row = picks[b]
+            check_certificate(x[b, :n], w[b, :n], row[row >= 0].numpy(), method=method, k=min(k, n))
+        if i == 0:
+            monkeypatch.setattr(torch_backend, "GRAM_MAX_BYTES", 0)
+            assert torch.equal(picks, mmrprune.select(x, w, **kw))
+            monkeypatch.undo()
+            monkeypatch.setattr(torch_backend, "GRAM_TILE", 16)
+
+
+def test_divprune_leaves_no_trace_between_calls():
+    """DivPrune marks the backend's own Gram in place (diagonal and padding to -inf): the
+    Gram is per call, so a second identical call gives the same picks."""
+    x = torch.randn(2, 90, 12, generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([90, 41])
+    a = mmrprune.select(x, k=30, method="divprune", backend="torch", lengths=lengths)
+    b = mmrprune.select(x, k=30, method="divprune", backend="torch", lengths=lengths)
+    assert torch.equal(a, b)

@@ -38,13 +38,50 @@ def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     return torch.bmm(rows.unsqueeze(1), xn.transpose(1, 2)).squeeze(1)
 
 
+# Tile edge of the blocked Gram (:func:`_symmetric_gram`): every GEMM of an image is one
+# GRAM_TILE x D x GRAM_TILE product (or smaller for a small image), large enough to run at
+# the CPU GEMM's full rate.
+GRAM_TILE = 256
+
+
+def _symmetric_gram(xn: torch.Tensor, out: torch.Tensor):
+    """``out [n, n] = x̂ x̂ᵀ`` of one image's unit rows ``xn [n, D]``, in tiles above the
+    diagonal, each mirrored below it.
+
+    Half the GEMM work of ``xn @ xn.T`` (``(t + 1) / 2t`` of it for ``t`` tile rows), which is
+    what beats the anchor loop: both are bound by this product.  Every tile is a product of
+    the same shape (the rows are zero-padded to whole tiles), so the GEMM runs one kernel
+    for every pair, and ``sim(i, j)`` and ``sim(j, i)`` are the same number: duplicate tokens
+    keep equal rows and columns, as the contract's lowest-index tie rule needs."""
+    n, d = xn.shape
+    # the fewest tile rows of at most GRAM_TILE, then the smallest tile (a multiple of 16)
+    # covering n with them: padding stays under 16 rows per tile (576 rows: 3 x 192, not 3 x 256)
+    rows = -(-n // GRAM_TILE)           # ceil(n / GRAM_TILE)
+    tile = -(-(-(-n // rows)) // 16) * 16  # ceil(n / rows), rounded up to a multiple of 16
+    n_pad = rows * tile
+    if n_pad != n:
+        xn = torch.cat([xn, xn.new_zeros(n_pad - n, d)])
+    block = torch.empty((tile, tile), dtype=xn.dtype, device=xn.device)
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        for j0 in range(i0, n, tile):
+            j1 = min(n, j0 + tile)
+            torch.mm(xn[i0:i0 + tile], xn[j0:j0 + tile].T, out=block)
+            if j0 == i0:  # the diagonal tile: its upper triangle (diagonal included), mirrored
+                out[i0:i1, i0:i1] = (block.triu() + block.triu(1).T)[:i1 - i0, :i1 - i0]
+            else:
+                out[i0:i1, j0:j1] = block[:i1 - i0, :j1 - j0]
+                out[j0:j1, i0:i1] = block[:i1 - i0, :j1 - j0].T
+
+
 def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
     """The Gram ``x̂ x̂^T`` ``[B, N, N]`` of the unit rows of ``x [B, N, D]`` when it fits in
     :data:`GRAM_MAX_BYTES`, else ``None``.
 
     Built one image at a time, as the anchor loop does: an image's unit rows stay in cache
     between the normalisation and its product, where a batched [B, N, D] float32 copy would
-    be written and read back from memory (measured 46 ms of 160 at B=8, N=576, D=4096).
+    be written and read back from memory (measured 46 ms of 160 at B=8, N=576, D=4096);
+    and by :func:`_symmetric_gram`, half the product's work.
 
     float32 only: in float64, the CPU GEMM rounded some Gram columns differently from others
     (tests/test_fuzz.py seeds 51, 72), so duplicate tokens stopped tying exactly and the
@@ -54,17 +91,20 @@ def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
         return None
     gram = torch.empty((bsz, n, n), dtype=dtype, device=x.device)
     for b in range(bsz):
-        xn = normalize_rows(x[b], dtype)
-        torch.mm(xn, xn.T, out=gram[b])
+        _symmetric_gram(normalize_rows(x[b], dtype), gram[b])
     return gram
 
 
 def _similarity_rows(xn: torch.Tensor, gram):
     """``rows(pick) -> sim(i, pick_b)`` ``[B, N]`` for the step loops: a gather from ``gram``
-    (see :func:`_gram_if_fits`), else :func:`_sim_to` per step."""
+    (see :func:`_gram_if_fits`; one ``index_select`` of the flat rows), else :func:`_sim_to`
+    per step."""
     if gram is None:
         return lambda pick: _sim_to(xn, pick)
-    return lambda pick: _rows_of(gram, pick)
+    bsz, n = gram.shape[:2]
+    flat = gram.reshape(bsz * n, n)
+    offsets = torch.arange(bsz, device=gram.device) * n
+    return lambda pick: flat.index_select(0, offsets + pick)
 
 
 def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -86,20 +126,28 @@ def _greedy_max_similarity(xn, imp, eligible, ks, k_max, lam, first_score=None, 
     else products with the unit rows ``xn``.
     """
     bsz, n = imp.shape
-    out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=imp.device)
     m = torch.full((bsz, n), NEG_INF, dtype=imp.dtype, device=imp.device)
     taken = ~eligible
     rows = _similarity_rows(xn, gram)
+    lam_imp = lam * imp
+    picks = []
+    # as few ops per step as the rule allows: each is a dispatch, and at B x N = 8 x 1024 the
+    # dispatches, not the arithmetic, are the step's cost
     for t in range(k_max):
         if t == 0:
             score = imp if first_score is None else first_score
         else:
-            score = lam * imp - (1.0 - lam) * m
+            score = torch.add(lam_imp, m, alpha=-(1.0 - lam))              # lam Imp - (1 - lam) m
         pick = torch.argmax(score.masked_fill(taken, NEG_INF), dim=1)  # first max = lowest index
-        out[:, t] = torch.where(t < ks, pick, -1)
+        picks.append(pick)
         taken = _mark(taken, pick)
-        m = torch.maximum(m, rows(pick))
-    return out
+        if t + 1 < k_max:
+            torch.maximum(m, rows(pick), out=m)
+    if not picks:
+        return torch.full((bsz, 0), -1, dtype=torch.int64, device=imp.device)
+    out = torch.stack(picks, dim=1)
+    steps = torch.arange(k_max, device=imp.device)[None, :]
+    return torch.where(steps < ks[:, None], out, -1)
 
 
 def _topk(imp, valid, ks, k_max):
@@ -175,7 +223,8 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         xn = normalize_rows(x, batch.compute_dtype) if gram is None else None
         if plan.divprune:
             return _greedy_max_similarity(xn, torch.zeros_like(imp), eligible, ks, k_max, plan.lam,
-                                          first_score=divprune_first_score(xn, valid, gram), gram=gram)
+                                          first_score=divprune_first_score(xn, valid, gram, gram_is_scratch=True),
+                                          gram=gram)
         return _greedy_max_similarity(xn, imp, eligible, ks, k_max, plan.lam, gram=gram)
     xn = normalize_rows(x, batch.compute_dtype)
     if method == "dpp":
