@@ -49,7 +49,7 @@ def _symmetric_gram(xn: torch.Tensor, out: torch.Tensor):
     diagonal, each mirrored below it.
 
     Half the GEMM work of ``xn @ xn.T`` (``(t + 1) / 2t`` of it for ``t`` tile rows), which is
-    what beats the anchor loop: both are bound by this product.  Every tile is a product of
+    what beats the anchor loop on CPU: both are bound by this product.  Every tile is a product of
     the same shape (the rows are zero-padded to whole tiles), so the GEMM runs one kernel
     for every pair, and ``sim(i, j)`` and ``sim(j, i)`` are the same number: duplicate tokens
     keep equal rows and columns, as the contract's lowest-index tie rule needs."""
@@ -81,7 +81,7 @@ def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
     Built one image at a time, as the anchor loop does: an image's unit rows stay in cache
     between the normalisation and its product, where a batched [B, N, D] float32 copy would
     be written and read back from memory (measured 46 ms of 160 at B=8, N=576, D=4096);
-    and by :func:`_symmetric_gram`, half the product's work.
+    and on CPU by :func:`_symmetric_gram`, half the product's work.
 
     float32 only: in float64, the CPU GEMM rounded some Gram columns differently from others
     (tests/test_fuzz.py seeds 51, 72), so duplicate tokens stopped tying exactly and the
@@ -91,7 +91,13 @@ def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
         return None
     gram = torch.empty((bsz, n, n), dtype=dtype, device=x.device)
     for b in range(bsz):
-        _symmetric_gram(normalize_rows(x[b], dtype), gram[b])
+        xn = normalize_rows(x[b], dtype)
+        if x.device.type == "cpu":
+            _symmetric_gram(xn, gram[b])
+        else:
+            # one launch: on a GPU the product is cheap next to a launch per tile and the
+            # mirrored copies (an estimate: no GPU has run this yet)
+            torch.mm(xn, xn.T, out=gram[b])
     return gram
 
 
