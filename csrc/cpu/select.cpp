@@ -289,8 +289,11 @@ class SpinCrew {
       work(gen);
     }
   }
-  // by the caller, after its last run(): the helpers' serve() returns
+  // by the caller, once it has no more work for the helpers: their serve() returns (they
+  // leave the busy-wait for the OpenMP region's end, where libgomp puts them to sleep), and
+  // later run() calls are plain loops.  Idempotent.
   void stop() {
+    helpers_ = 0;
     stop_.store(true, std::memory_order_relaxed);
     ticket_.fetch_add(GEN, std::memory_order_release);  // a new generation with no tasks wakes them
   }
@@ -750,6 +753,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
   ImageJob<T> J{nullptr, n, D, k, imp, q, out, dots, gram};
 
   if (a.method == Method::TOPK) {
+    crew.stop();  // no similarity work: nothing for the helpers
     importance_order(imp, n, ws.order);
     std::copy(ws.order.begin(), ws.order.begin() + k, out);
     return;
@@ -765,6 +769,7 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
       load_normalized<T>(a, start + r0, r1 - r0, ws.xn.data() + r0 * D, dots);
     });
   }
+  if (a.method == Method::DPP || a.method == Method::D2PRUNER) crew.stop();  // one row per step: serial
   J.xn = ws.xn.data();
   ws.sim.resize(n);
   ws.m.resize(n);
