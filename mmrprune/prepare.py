@@ -120,14 +120,12 @@ def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tensor | None = None,
-                         gram_is_scratch: bool = False) -> torch.Tensor:
+def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N]`` ``min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)`` of normalised padded
-    rows ``xn [B, N, D]``, streamed over row blocks of the Gram (+inf for a lone token);
-    the blocks are read from ``gram`` (``x̂ x̂ᵀ``) when the caller already has it (``xn``
-    may then be None): copied, or with ``gram_is_scratch`` marked in place (its diagonal
-    and padding columns become ``-inf``; fine for a caller that only reads the rows of
-    picked tokens at unpicked, valid columns afterwards)."""
+    rows ``xn [B, N, D]``, streamed over row blocks of the Gram (+inf for a lone token).
+    A caller that already has the Gram ``x̂ x̂ᵀ`` passes it (``xn`` may then be None) and it
+    is marked in place, not copied: its diagonal and padding columns become ``-inf``, which
+    a step loop that reads picked rows at unpicked, valid columns never sees."""
     like = xn if gram is None else gram
     bsz, n = like.shape[:2]
     best = torch.empty((bsz, n), dtype=like.dtype, device=like.device)
@@ -135,11 +133,8 @@ def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tens
     padding = ~valid[:, None, :]
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
-        # [B, r, N]: a fresh product, the caller's scratch Gram, or a copy of a Gram it keeps
-        if gram is None:
-            g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2))
-        else:
-            g = gram[:, r0:r1] if gram_is_scratch else gram[:, r0:r1].clone()
+        # [B, r, N]: a fresh product, or the caller's Gram marked in place
+        g = torch.bmm(xn[:, r0:r1], xn.transpose(1, 2)) if gram is None else gram[:, r0:r1]
         g.diagonal(offset=r0, dim1=1, dim2=2).fill_(NEG_INF)              # j == i
         g.masked_fill_(padding, NEG_INF)
         best[:, r0:r1] = g.amax(dim=2)

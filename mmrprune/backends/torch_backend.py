@@ -23,12 +23,19 @@ from . import Backend
 GRAM_MAX_BYTES = 1 << 30
 
 
-def _rows_of(t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-    """``t[b, pick_b]`` for every image: ``[B, ...]``.  A flat ``index_select``: on CPU, advanced
-    indexing ``t[arange(B), pick]`` of a large ``t`` costs milliseconds per call, this microseconds."""
+def _row_gather(t: torch.Tensor):
+    """``pick -> t[b, pick_b]`` for every image: ``[B, ...]``.  A flat ``index_select``: on CPU,
+    advanced indexing ``t[arange(B), pick]`` of a large ``t`` costs milliseconds per call, this
+    microseconds; the flat view and the row offsets are made once, for every step."""
     bsz, n = t.shape[:2]
     flat = t.reshape(bsz * n, *t.shape[2:])
-    return flat.index_select(0, torch.arange(bsz, device=t.device) * n + pick)
+    offsets = torch.arange(bsz, device=t.device) * n
+    return lambda pick: flat.index_select(0, offsets + pick)
+
+
+def _rows_of(t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """``t[b, pick_b]`` for every image: ``[B, ...]`` (see :func:`_row_gather`)."""
+    return _row_gather(t)(pick)
 
 
 def _sim_to(xn: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -103,14 +110,10 @@ def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
 
 def _similarity_rows(xn: torch.Tensor, gram):
     """``rows(pick) -> sim(i, pick_b)`` ``[B, N]`` for the step loops: a gather from ``gram``
-    (see :func:`_gram_if_fits`; one ``index_select`` of the flat rows), else :func:`_sim_to`
-    per step."""
+    (see :func:`_gram_if_fits`), else :func:`_sim_to` per step."""
     if gram is None:
         return lambda pick: _sim_to(xn, pick)
-    bsz, n = gram.shape[:2]
-    flat = gram.reshape(bsz * n, n)
-    offsets = torch.arange(bsz, device=gram.device) * n
-    return lambda pick: flat.index_select(0, offsets + pick)
+    return _row_gather(gram)
 
 
 def _importance_rank(imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -229,8 +232,7 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         xn = normalize_rows(x, batch.compute_dtype) if gram is None else None
         if plan.divprune:
             return _greedy_max_similarity(xn, torch.zeros_like(imp), eligible, ks, k_max, plan.lam,
-                                          first_score=divprune_first_score(xn, valid, gram, gram_is_scratch=True),
-                                          gram=gram)
+                                          first_score=divprune_first_score(xn, valid, gram), gram=gram)
         return _greedy_max_similarity(xn, imp, eligible, ks, k_max, plan.lam, gram=gram)
     xn = normalize_rows(x, batch.compute_dtype)
     if method == "dpp":
