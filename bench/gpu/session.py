@@ -60,7 +60,7 @@ STAGES = (
     Stage("prefill", 25, 60, "guess: 4 random 7B layers (1.9 GB bf16), two prompts, two selections"),
     Stage("tests_gram", 75, 150, "guess: 454 tests (count collected here), Triton compiles per shape"),
     Stage("tests_row", 45, 120, "guess: the same tests, kernels compiled by then"),
-    Stage("sanitizer", 60, 100, "guess: torch start-up under memcheck and racecheck, two tiny cases each"),
+    Stage("sanitizer", 60, 120, "guess: torch start-up under memcheck and racecheck, two tiny cases each"),
 )
 ALIASES = {"tests": ("tests_gram", "tests_row")}
 
@@ -114,10 +114,19 @@ def junit_counts(path: str) -> dict:
     return counts
 
 
-def overall(stages: dict) -> tuple:
-    """``(result, exit status)`` of the session from its stage entries."""
+def missing_files(stages: dict, present) -> list:
+    """Files a session with these stage entries must have left in OUT but did not: the summary,
+    the logs, and the result file of each stage that passed."""
+    want = {"summary.json", "session.log", "logs.tar.gz"}
+    want.update(f"{name}.json" for name, e in stages.items()
+                if f"{name}.json" in OUT_FILES and e["status"] in ("passed", "partial"))
+    return sorted(want - set(present))
+
+
+def overall(stages: dict, missing: list = ()) -> tuple:
+    """``(result, exit status)`` of the session from its stage entries and the missing files."""
     statuses = [s["status"] for s in stages.values()]
-    if any(st in ("failed", "timeout") for st in statuses):
+    if any(st in ("failed", "timeout") for st in statuses) or missing:
         return "failed", 1
     if "not_run" in statuses:
         return "incomplete", 2
@@ -142,12 +151,11 @@ def _version(dist: str) -> Optional[str]:
 
 
 def gpu_facts() -> dict:
-    q = _cmd_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm",
-                     "--format=csv,noheader"])
+    fields = ("name", "driver_version", "memory.total", "compute_cap")
+    q = _cmd_output(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"])
     if not q:
         return {"gpu": None}
-    name, driver, mem, cap, clock = [v.strip() for v in q.splitlines()[0].split(",")]
-    return {"gpu": name, "driver": driver, "gpu_memory": mem, "compute_cap": cap, "max_sm_clock": clock}
+    return dict(zip(("gpu", "driver", "gpu_memory", "compute_cap"), (v.strip() for v in q.splitlines()[0].split(","))))
 
 
 def environment(commit_arg: Optional[str]) -> dict:
@@ -285,8 +293,7 @@ class Session:
                 return "skipped", {"reason": "nvcc not found: the CUDA build cannot be tried here"}
             return "failed", {"reason": "nvcc not found (PATH, CUDA_HOME, CUDA_PATH, /usr/local/cuda)"}
         cap = (self.summary["environment"].get("compute_cap") or "9.0").replace(".", "")
-        env = self.env(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0",
-                       MAX_JOBS=str(os.cpu_count() or 2))
+        flags = dict(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0", MAX_JOBS=str(os.cpu_count() or 2))
         if self.dry_run:   # compile the device's extension, but leave this checkout's build and install alone
             argv = [self.py, "setup.py", "build_ext", "--build-lib", os.path.join(self.work, "build-lib"),
                     "--build-temp", os.path.join(self.work, "build-temp")]
@@ -294,9 +301,17 @@ class Session:
             argv = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                     "--use-pep517", "-e", "."]
         t0 = time.monotonic()
-        rc, timed_out, _ = self.runner.run("build", argv, env, timeout)
+        rc, timed_out, _ = self.runner.run("build", argv, self.env(**flags), timeout)
         detail = {"archs": cap, "command": " ".join(argv), "compile_s": round(time.monotonic() - t0, 1)}
         if timed_out or rc != 0:
+            if not self.dry_run and self.left_s() > 2 * MIN_STAGE_S + RESERVE_S:
+                # without the package installed nothing after this runs; without _cuda the Triton
+                # halves of the later stages still do
+                rc2, _, _ = self.runner.run("build", argv, self.env(**dict(flags, MMRPRUNE_CUDA="0")),
+                                            max(MIN_STAGE_S, self.left_s() / 4))
+                detail["fallback"] = ("installed without the CUDA extension (MMRPRUNE_CUDA=0) so that the "
+                                      "Triton parts of the later stages run" if rc2 == 0 else
+                                      f"the install without the CUDA extension failed too (exit {rc2})")
             return ("timeout" if timed_out else "failed"), detail
         if self.dry_run:
             built = glob.glob(os.path.join(self.work, "build-lib", "mmrprune", "_cuda*.so"))
@@ -408,7 +423,11 @@ class Session:
                   f"{json.dumps(entry.get('detail', {}))[:600]}", flush=True)
             if entry["status"] in ("failed", "timeout"):
                 self.print_tail(stage.name)
-        self.summary["result"], code = overall(self.summary["stages"])
+        self.save()
+        missing = missing_files(self.summary["stages"], os.listdir(self.out))
+        if missing:
+            self.summary["missing_files"] = missing
+        self.summary["result"], code = overall(self.summary["stages"], missing)
         self.save()
         self.print_final()
         shutil.rmtree(self.work, ignore_errors=True)

@@ -8,13 +8,14 @@ float32, float16 and bfloat16, every method the backend runs in a fused kernel, 
 (``select`` with ``lengths``, an empty and a one-token image included) and packed
 (``select_varlen``, whose picks must equal the padded call's):
 
-* ``graph``: CUDA-graph capture of ``select(..., check_finite=False)`` replays the
-  eager picks (the dry run calls it eagerly twice: CPU tensors cannot be captured);
 * ``real``: the bundled DINOv2 tokens and their [CLS] attention (``mmrprune.data``);
 * ``gaussian``: seeded Gaussian tokens with distinct importance, where the reference's
   score margins are mostly wide enough for exact indices;
 * ``fuzz``: the seeded hostile problems of ``tests/test_fuzz.py`` (duplicates, ties,
-  zero vectors, empty images).
+  zero vectors, empty images);
+* ``graph`` (last: a failed capture can leave the CUDA context unusable): CUDA-graph capture
+  of ``select(..., check_finite=False)`` replays the eager picks (the dry run calls it
+  eagerly twice: CPU tensors cannot be captured).
 
 Each image's picks must equal the reference's exactly when every score margin of the
 reference exceeds the dtype's tolerance (``tests/certify.py``: ``reference_margin``),
@@ -290,10 +291,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"smoke: backend {backend!r} is not available: {why}")
     smoke = Smoke(args.out, args.budget_s)
     smoke.save()
-    smoke.graph_group()
     smoke.run_group("real", [real_problem()])
     smoke.run_group("gaussian", gaussian_problems())
     smoke.run_group("fuzz", fuzz_problems())
+    smoke.graph_group()   # last: a capture that fails can leave the CUDA context unusable
     smoke.save()
     state = "complete" if smoke.complete else f"INCOMPLETE (budget {args.budget_s:g} s reached)"
     print(f"[smoke] {smoke.cases['run']} cases, {len(smoke.failures)} failure(s) recorded, {state}, "
