@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import common  # noqa: F401  (sys.path, TRITON_INTERPRET for --dry-run)
-from common import TARGET, record_fields, write_json
+from common import TARGET, record_fields, write_json  # first: sys.path, --dry-run's env
 from goals import CASES, DTYPE, KEEP_RATIO, LAM, PREFILL_CASE
 
 import torch  # noqa: E402

@@ -18,6 +18,7 @@ the cases run without it and the stage exits 10.  ``--dry-run``: the cases run o
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 
-import common  # noqa: F401  (sys.path, TRITON_INTERPRET for --dry-run)
+import common  # first: sys.path, --dry-run's env
 from common import MODES, TARGET, kernel_methods, set_sim_mode, write_json
 
 DONE = "SANITIZER CASES DONE"
@@ -73,7 +74,7 @@ def cases() -> int:
         g = torch.Generator().manual_seed(len(mode))
         x = torch.randn(len(lengths), n, dim, generator=g).to(dtype)
         w = torch.rand(len(lengths), n, generator=g)
-        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device=dev)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=dev)
         packed = torch.cat([x[b, :m] for b, m in enumerate(lengths)])
         packed_w = torch.cat([w[b, :m] for b, m in enumerate(lengths)])
         for method in kernel_methods(backend):

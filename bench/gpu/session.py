@@ -165,7 +165,8 @@ def environment(commit_arg: Optional[str]) -> dict:
     git = _cmd_output(["git", "rev-parse", "--short", "HEAD"])
     dirty = _cmd_output(["git", "status", "--porcelain", "--untracked-files=no"])
     env = {"python": platform.python_version(), "executable": sys.executable, "kernel": platform.release(),
-           "cpus": os.cpu_count(), "nvcc": ((_cmd_output([nvcc, "--version"]) or "?").splitlines()[-1] if nvcc else None),
+           "cpus": os.cpu_count(),
+           "nvcc": (_cmd_output([nvcc, "--version"]) or "?").splitlines()[-1] if nvcc else None,
            **{name: _version(name) for name in ("torch", "triton", "numpy", "transformers", "setuptools", "pytest",
                                                  "pytest-timeout", "pytest-xdist")},
            **gpu_facts()}
@@ -236,8 +237,8 @@ class Session:
     def __init__(self, args):
         self.dry_run = args.dry_run
         self.budget_s = args.budget_s or (DRY_BUDGET_S if self.dry_run else BUDGET_S)
-        self.out = os.path.abspath(args.out or os.environ.get("OUT") or
-                                   os.path.join(ROOT, "bench-out", "gpu-session-dry" if self.dry_run else "gpu-session"))
+        default = os.path.join(ROOT, "bench-out", "gpu-session-dry" if self.dry_run else "gpu-session")
+        self.out = os.path.abspath(args.out or os.environ.get("OUT") or default)
         os.makedirs(self.out, exist_ok=True)
         self.work = tempfile.mkdtemp(prefix="mmrprune-gpu-session-")
         self.logs = os.path.join(self.work, "logs")
@@ -293,7 +294,8 @@ class Session:
                 return "skipped", {"reason": "nvcc not found: the CUDA build cannot be tried here"}
             return "failed", {"reason": "nvcc not found (PATH, CUDA_HOME, CUDA_PATH, /usr/local/cuda)"}
         cap = (self.summary["environment"].get("compute_cap") or "9.0").replace(".", "")
-        flags = dict(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0", MAX_JOBS=str(os.cpu_count() or 2))
+        flags = dict(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0",
+                     MAX_JOBS=str(os.cpu_count() or 2))
         if self.dry_run:   # compile the device's extension, but leave this checkout's build and install alone
             argv = [self.py, "setup.py", "build_ext", "--build-lib", os.path.join(self.work, "build-lib"),
                     "--build-temp", os.path.join(self.work, "build-temp")]
@@ -318,7 +320,7 @@ class Session:
             if not built:
                 return "failed", dict(detail, reason="setup.py finished but built no mmrprune/_cuda*.so")
         rc, timed_out, out = self.runner.run("build", [self.py, "-m", "mmrprune", "info", "--json"], self.env(),
-                                             max(10.0, timeout - (time.monotonic() - t0)))
+                                             max(30.0, timeout - (time.monotonic() - t0)))
         info = None
         if rc == 0 and not timed_out:
             try:
@@ -380,7 +382,8 @@ class Session:
 
     def stage_sanitizer(self, timeout: float) -> tuple:
         report = os.path.join(self.logs, "sanitizer.json")
-        argv = self.script("sanitizer.py", "run", "--out", report, "--tool-timeout-s", str(max(10, (timeout - 10) // 2)))
+        per_tool = str(max(10, (timeout - 10) // 2))
+        argv = self.script("sanitizer.py", "run", "--out", report, "--tool-timeout-s", per_tool)
         rc, timed_out, _ = self.runner.run("sanitizer", argv, self.env(), timeout)
         res = self.read_json(report) or {}
         detail = {"status": res.get("status"), "reason": res.get("reason")}

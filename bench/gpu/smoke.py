@@ -21,9 +21,9 @@ Each image's picks must equal the reference's exactly when every score margin of
 reference exceeds the dtype's tolerance (``tests/certify.py``: ``reference_margin``),
 else pass the step certificate (``check_certificate``).  Where a backend reports rounds
 and its picks equal ``reference.select_rounds``'s order, the round counts must be equal
-(DPP: one per pick).  Work stops at ``--budget-s`` seconds (the JSON then says
-``"complete": false``); the JSON is rewritten after every group.  Exit status 1 when any
-check failed.
+(DPP: one per pick; the fuzz problems, built of exact ties, only 1 <= rounds <= k).
+Work stops at ``--budget-s`` seconds (the JSON then says ``"complete": false``); the
+JSON is rewritten after every group.  Exit status 1 when any check failed.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import common  # noqa: F401  (sys.path, TRITON_INTERPRET for --dry-run)
+# first: sys.path, --dry-run's env
 from common import MODES, TARGET, kernel_methods, max_round, set_sim_mode, write_json
 
 import numpy as np  # noqa: E402
@@ -60,6 +60,9 @@ class Problem:
     lam: float = 0.5
     method: Optional[str] = None   # the fuzz problems bring their own method
     dtypes: Optional[tuple] = None  # None: every dtype
+    # round counts must equal the reference's; off for the fuzz problems, whose exact ties
+    # (duplicates, sim == m) a float32 round check may break either way without changing a pick
+    exact_rounds: bool = True
 
 
 def real_problem() -> Problem:
@@ -89,7 +92,7 @@ def fuzz_problems() -> list:
         x, w, lengths, method, lam, k = _problem(seed)
         # the integer palettes are exact in every dtype: cycle them over the seeds
         out.append(Problem(f"fuzz{seed}", x, w, [int(v) for v in lengths], k, lam, method,
-                           dtypes=(DTYPES[seed % len(DTYPES)],)))
+                           dtypes=(DTYPES[seed % len(DTYPES)],), exact_rounds=False))
     return out
 
 
@@ -190,7 +193,8 @@ class Smoke:
                 margin, order, ref_rounds = self.reference(problem, b, method, x64, w64, kb, limit)
                 if margin > tol:
                     assert np.array_equal(picks[:kb], order), \
-                        f"margins {margin:.3g} > tol {tol:g} but picks {picks[:kb].tolist()} != reference {order.tolist()}"
+                        f"margins {margin:.3g} > tol {tol:g} but picks {picks[:kb].tolist()} " \
+                        f"!= reference {order.tolist()}"
                     self.count(group, "exact")
                 else:
                     C.check_certificate(x64, w64, picks, method=method, lam=problem.lam, tol=tol, k=kb)
@@ -200,6 +204,9 @@ class Smoke:
                 if method == "dpp":
                     assert rounds[b] == kb, f"dpp reported {rounds[b]} rounds for {kb} picks"
                     self.count(group, "rounds_equal")
+                elif not problem.exact_rounds:
+                    assert 1 <= rounds[b] <= kb, f"{rounds[b]} rounds for {kb} picks"
+                    self.count(group, "rounds_in_range")
                 elif ref_rounds is not None and np.array_equal(picks[:kb], order):
                     assert rounds[b] == ref_rounds, \
                         f"{rounds[b]} rounds, reference.select_rounds (max_round {limit}) counts {ref_rounds}"

@@ -9,8 +9,9 @@ the backend counts rounds, and the speed-ups over the ``torch`` fallback and the
 loop where those ran.  Added here: ``target``, ``workspace_estimate_bytes`` (the library's
 own estimate for the call), ``peak_alloc_bytes`` (measured: the CUDA caching allocator's
 peak over one call minus what was allocated before it; None on CPU), ``cuda_sim_mode``
-(the similarity source the cuda backend picks for the shape) and the CUDA/Python/NumPy
-versions.  The JSON list (docs/contract.md, "Benchmark records") is rewritten after each case.
+(the similarity source the cuda backend picks for the shape), ``bmm_out_dtype`` (whether
+this torch's bmm writes fp32 from bf16 operands, the Gram mode's fast path) and the
+CUDA/Python/NumPy versions.  The JSON list (docs/contract.md, "Benchmark records") is rewritten after each case.
 ``--dry-run`` runs the same sweep on CPU at tiny shapes (cuda_emu, the Triton interpreter,
 a perf_counter timer): the plumbing, not speed.
 """
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-import common  # noqa: F401  (sys.path, TRITON_INTERPRET for --dry-run)
-from common import TARGET, record_fields, write_json
+from common import TARGET, record_fields, write_json  # first: sys.path, --dry-run's env
 from goals import CASES, DTYPE, KEEP_RATIO, LAM
 
 import torch  # noqa: E402
@@ -45,18 +45,20 @@ def k_of(case, shape) -> int | None:
     return max(1, shape.tokens // 4) if TARGET.dry_run else case.k
 
 
-def memory_facts(rec: dict, shape, k: int) -> dict:
-    """``workspace_estimate_bytes``, ``cuda_sim_mode`` and (CUDA) ``peak_alloc_bytes`` of one call."""
+def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
+    """``workspace_estimate_bytes``, ``cuda_sim_mode`` and (CUDA) ``peak_alloc_bytes`` of one
+    call on the case's inputs ``x``, ``w``."""
     backend, method = rec["backend"], rec["method"]
     if backend == "anchor":
         return {}
-    dtype = speed.DTYPES[rec["dtype"]]
-    x, w = speed.make_inputs(shape, dtype, TARGET.device)
+    dtype = x.dtype
     facts = {}
     if backend == TARGET.cuda_backend:
         rows = shape.batch * shape.tokens
         gram = cb.use_gram(method, shape.batch, rows, shape.dim, k, shape.tokens, dtype)
         facts["cuda_sim_mode"] = "gram" if gram else "row"
+        # False: this torch has no bf16 x bf16 -> fp32 bmm, and the Gram runs as an fp32 matmul
+        facts["bmm_out_dtype"] = cb._HAS_BMM_OUT_DTYPE
         facts["workspace_estimate_bytes"] = cb.workspace_bytes(method, shape.batch, rows, shape.dim, k,
                                                                shape.tokens, gram=gram)
     else:
@@ -96,10 +98,11 @@ def main(argv=None) -> int:
               f"methods {','.join(case.methods)} backends {','.join(backends)}", flush=True)
         got, skipped = speed.run_sweep(cfg, env)
         k = budget(shape.tokens, k=k_fixed, keep_ratio=None if k_fixed else KEEP_RATIO)
+        x, w = speed.make_inputs(shape, speed.DTYPES[DTYPE], TARGET.device)   # drawn once: (c) is 1.2 GB
         for rec in got:
             rec["target"] = case.name
             try:
-                rec.update(memory_facts(rec, shape, k))
+                rec.update(memory_facts(rec, shape, k, x, w))
             except Exception as exc:  # a record without its memory facts still counts
                 rec["memory_facts_error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"[targets] ({case.name}) {rec['backend']:<8} {rec['method']:<9} {rec['median_ms']:.4g} ms"
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
             print(f"[targets] ({case.name}) skipped: {line}", flush=True)
             if "failed:" in line or not line.startswith(("anchor", "torch")):
                 failed.append(f"({case.name}) {line}")
+        del x, w
         records += got
         write_json(args.out, records)
     write_json(args.out, records)
