@@ -125,6 +125,13 @@ def record_fields(script: str, argv) -> dict:
     return fields
 
 
+def exit_status(tag: str, failed: list) -> int:
+    """Print each failure of a stage script as ``[tag] FAILED ...``; 1 if there was any, else 0."""
+    for line in failed:
+        print(f"[{tag}] FAILED {line}", flush=True)
+    return 1 if failed else 0
+
+
 def write_json(path: str, payload) -> None:
     """Write ``payload`` as JSON atomically: a kill leaves the old file or the new one, never half."""
     parent = os.path.dirname(os.path.abspath(path))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from common import TARGET, record_fields, write_json  # first: sys.path, --dry-run's env
+from common import TARGET, exit_status, record_fields, write_json  # first: sys.path, --dry-run's env
 from goals import CASES, DTYPE, KEEP_RATIO, LAM, PREFILL_CASE
 
 import torch  # noqa: E402
@@ -172,9 +172,7 @@ def main(argv=None) -> int:
         print(f"[prefill] {backend} mmr selection {t['median_ms']:.4g} ms = "
               f"{'n/a' if share is None else format(share, '.3g')} % of the {saved:.4g} ms saved", flush=True)
         write_json(args.out, records)
-    for line in failed:
-        print(f"[prefill] FAILED {line}", flush=True)
-    return 1 if failed else 0
+    return exit_status("prefill", failed)
 
 
 if __name__ == "__main__":

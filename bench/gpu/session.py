@@ -52,13 +52,14 @@ class Stage:
 STAGES = (
     Stage("build", 45, 180, "measured: the _cpu + sm_90 _cuda build took 16.5 s on 2 cores here "
                             "(nvcc 13.0, load 1.5); pip's editable install and the device's 16 cores: guess"),
-    Stage("smoke", 85, 120, "guess: ~25 Triton JIT compiles (~1 s each: 24 cubins compiled in 23 s on 2 cores "
+    Stage("smoke", 85, 120, "guess: ~40 Triton JIT compiles (~1 s each: 24 cubins compiled in 23 s on 2 cores "
                             "here) + ~400 float64 certificates (~30 ms each, measured here); stops itself at "
                             "the limit minus 30 s"),
     Stage("targets", 110, 150, "guess: 30 do_bench cases (>= 0.1 s each), anchor/torch loops on (b), "
                                "Triton compiles for each new shape"),
     Stage("prefill", 25, 60, "guess: 4 random 7B layers (1.9 GB bf16), two prompts, two selections"),
-    Stage("tests_gram", 75, 150, "guess: 454 tests (count collected here), Triton compiles per shape"),
+    Stage("tests_gram", 75, 150, "guess: 454 tests (count collected here) on 4 xdist workers, Triton compiles "
+                                 "per shape class"),
     Stage("tests_row", 45, 120, "guess: the same tests, kernels compiled by then"),
     Stage("sanitizer", 60, 120, "guess: torch start-up under memcheck and racecheck, two tiny cases each"),
 )

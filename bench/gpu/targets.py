@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import TARGET, record_fields, write_json  # first: sys.path, --dry-run's env
+from common import TARGET, exit_status, record_fields, write_json  # first: sys.path, --dry-run's env
 from goals import CASES, DTYPE, KEEP_RATIO, LAM
 
 import torch  # noqa: E402
@@ -115,9 +115,7 @@ def main(argv=None) -> int:
         records += got
         write_json(args.out, records)
     write_json(args.out, records)
-    for line in failed:
-        print(f"[targets] FAILED {line}", flush=True)
-    return 1 if failed else 0
+    return exit_status("targets", failed)
 
 
 if __name__ == "__main__":
