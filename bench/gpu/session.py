@@ -395,7 +395,10 @@ class Session:
     # ---------------------------------------------------------------- main loop
     def run(self, stages: list) -> int:
         mode = "dry run (CPU)" if self.dry_run else "GPU"
-        print(plan_text(stages, self.budget_s, self.dry_run), flush=True)
+        plan = plan_text(stages, self.budget_s, self.dry_run)
+        print(plan, flush=True)
+        with open(self.session_log, "w", encoding="utf-8") as f:   # exists even if no stage starts
+            f.write(plan + "\n")
         print(f"results: {self.out} ({', '.join(OUT_FILES)}); logs: {self.logs}", flush=True)
         self.summary = {"session": "dry-run" if self.dry_run else "gpu", "command": " ".join(sys.argv),
                         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
