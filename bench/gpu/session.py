@@ -37,6 +37,7 @@ RESERVE_S = 10          # kept back for the last summary and tarball
 MIN_STAGE_S = 20        # a stage that would get less is not started
 INTERRUPT_GRACE_S = 15  # after SIGINT at a stage's limit (pytest then writes its report), SIGKILL
 SKIPPED_EXIT = 10       # a stage script's "this machine cannot run me" (sanitizer.py)
+SMOKE_WORK_S = 75       # the smoke stops starting cases after this long on the GPU (its plan minus start-up)
 OUT_FILES = ("summary.json", "session.log", "smoke.json", "targets.json", "prefill.json", "logs.tar.gz")
 DRY_TESTS = "test_kernel_varlen_matches_padded or test_keep_ratio_with_lengths"
 
@@ -339,7 +340,7 @@ class Session:
 
     def stage_smoke(self, timeout: float) -> tuple:
         out = self.path("smoke.json")
-        budget = max(10, min(75 if not self.dry_run else timeout, timeout - 30))
+        budget = max(10, timeout - 30 if self.dry_run else min(SMOKE_WORK_S, timeout - 30))
         rc, timed_out, _ = self.runner.run("smoke", self.script("smoke.py", "--out", out, "--budget-s", str(budget)),
                                            self.env(), timeout)
         res = self.read_json(out) or {}
