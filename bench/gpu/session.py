@@ -298,9 +298,12 @@ class Session:
         cap = (self.summary["environment"].get("compute_cap") or "9.0").replace(".", "")
         flags = dict(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0",
                      MAX_JOBS=str(os.cpu_count() or 2))
-        if self.dry_run:   # compile the device's extension, but leave this checkout's build and install alone
-            argv = [self.py, "setup.py", "build_ext", "--build-lib", os.path.join(self.work, "build-lib"),
-                    "--build-temp", os.path.join(self.work, "build-temp")]
+        if self.dry_run:
+            # the device's extension, compiled and linked exactly as setup.py does (csrc/build_recipe.py),
+            # into a temporary folder: this checkout's build and install stay as they are, and the
+            # C++ module, which CI's scripts/setup.sh has just built, is not compiled twice
+            argv = [self.py, os.path.join("csrc", "build_recipe.py"), "cuda-module", os.path.join(self.work, "build"),
+                    "--report", os.path.join(self.logs, "ptxas-resource-usage.txt")]
         else:              # offline, no build isolation: the image has setuptools, pybind11 and ninja
             argv = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                     "--use-pep517", "-e", "."]
@@ -317,10 +320,8 @@ class Session:
                                       "Triton parts of the later stages run" if rc2 == 0 else
                                       f"the install without the CUDA extension failed too (exit {rc2})")
             return ("timeout" if timed_out else "failed"), detail
-        if self.dry_run:
-            built = glob.glob(os.path.join(self.work, "build-lib", "mmrprune", "_cuda*.so"))
-            if not built:
-                return "failed", dict(detail, reason="setup.py finished but built no mmrprune/_cuda*.so")
+        if self.dry_run and not glob.glob(os.path.join(self.work, "build", "_cuda*.so")):
+            return "failed", dict(detail, reason="the build finished but left no _cuda*.so")
         rc, timed_out, out = self.runner.run("build", [self.py, "-m", "mmrprune", "info", "--json"], self.env(),
                                              max(30.0, timeout - (time.monotonic() - t0)))
         info = None
