@@ -54,8 +54,8 @@ STAGES = (
     Stage("build", 45, 180, "measured: the _cpu + sm_90 _cuda build took 16.5 s on 2 cores here "
                             "(nvcc 13.0, load 1.5); pip's editable install and the device's 16 cores: guess"),
     Stage("smoke", 85, 120, "guess: ~40 Triton JIT compiles (~1 s each: 24 cubins compiled in 23 s on 2 cores "
-                            "here) + ~400 float64 certificates (~30 ms each, measured here); stops itself at "
-                            "the limit minus 30 s"),
+                            "here) + ~400 float64 certificates (~30 ms each, measured here); starts no case "
+                            "after SMOKE_WORK_S = 75 s"),
     Stage("targets", 110, 150, "guess: 30 do_bench cases (>= 0.1 s each), anchor/torch loops on (b), "
                                "Triton compiles for each new shape"),
     Stage("prefill", 25, 60, "guess: 4 random 7B layers (1.9 GB bf16), two prompts, two selections"),
