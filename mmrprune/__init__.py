@@ -15,7 +15,11 @@ import importlib.util
 
 __version__ = "0.1.0"
 
-_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api", "info": "info"}
+# Bound now, not lazily: importing the submodule mmrprune.info first would otherwise leave the
+# name `info` bound to that module. info.py imports nothing heavy until called.
+from .info import info  # noqa: E402
+
+_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api"}
 _SUBMODULES = ("metrics", "reference", "data", "importance", "integrations")
 __all__ = ["select", "select_varlen", "prune", "info", "metrics", "reference", "__version__"]
 
