@@ -82,7 +82,7 @@ command -v "${CXX_BIN%% *}" >/dev/null || { echo "[setup] no C++ compiler: insta
 # Everything the extension build and the editable install depend on.
 stamp_of() {
   {
-    find csrc -type f | LC_ALL=C sort | xargs sha256sum
+    find csrc -type f -not -path "*/__pycache__/*" | LC_ALL=C sort | xargs sha256sum   # not the .pyc that setup.py leaves
     sha256sum setup.py pyproject.toml
     find mmrprune triton_kernels -name __init__.py | LC_ALL=C sort   # the package layout
     echo "$PY $("$PY" -c 'import sys; print(sys.version)')"
