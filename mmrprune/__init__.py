@@ -2,7 +2,7 @@
 
     idx = mmrprune.select(features, importance, keep_ratio=0.25, method="mmr", lam=0.5)
 
-See ``mmrprune.info()`` for the backends of this installation and README.md
+See ``mmrprune.info()`` for the backends of this installation and docs/api.md
 for the methods.
 
 The public names and the submodules ``data``, ``importance``, ``integrations``,
