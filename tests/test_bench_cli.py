@@ -475,3 +475,17 @@ def test_speed_figures_colour_each_backend_the_same_and_have_a_legend():
         finally:
             plt.close(fig)
     assert len(set(colour_of.values())) == len(colour_of) == 6
+
+
+def test_downstream_selectors_run_without_warnings():
+    """Every default downstream method runs at its defaults; lam goes only to the methods that use it."""
+    import warnings
+
+    from mmrprune.bench import downstream
+    g = torch.Generator().manual_seed(0)
+    feats, imp = torch.randn(2, 256, 8, generator=g), torch.rand(2, 256, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in downstream.default_methods():
+            idx = downstream.choose(m, feats, imp, 16, (16, 16), first_image=0, layer=3)
+            assert tuple(idx.shape) == (2, 16), m.name

@@ -116,7 +116,7 @@ def choose(m: Method, feats: torch.Tensor, imp: torch.Tensor, k: int, grid: tupl
         return torch.from_numpy(np.stack(rows))
     from ..api import select
     params = dict(m.params)
-    lam = params.pop("lam", 0.5)
+    lam = params.pop("lam", None)   # None: the method's default, and no warning from methods without lam
     return select(feats, imp, k=k, lam=lam, method=m.method, **params)
 
 
