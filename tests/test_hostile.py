@@ -1,6 +1,8 @@
-"""Regression tests for the hostile-input defects of issue 17, on every
-(backend, device) pair this machine runs, plus a short run of the seeded
-hostile fuzz (the sanitizer job, .ci/sanitize.sh, runs a longer one)."""
+"""Regression tests for hostile inputs, on every (backend, device) pair this machine runs:
+the defects of two red-team passes (the first: large values, messages, workspace; the second:
+stats, features that require grad, the workspace limit's estimate and variable, flags and
+scalars), plus a short run of the seeded hostile fuzz (the sanitizer job, .ci/sanitize.sh,
+runs a longer one)."""
 from __future__ import annotations
 
 import numpy as np
@@ -313,3 +315,162 @@ def test_hostile_fuzz_short():
     counts = hostile_fuzz.run(seed=17, cases=60)
     assert sum(counts.values()) == 60
     assert counts.get("rejected", 0) < 30, counts   # most cases must run, not just be rejected
+
+
+# ============================================================================ second pass: the newer surfaces
+# ---------------------------------------------------------------------------- prune(return_stats=True)
+def test_prune_returns_the_stats_too(backend_device):
+    """``prune(..., return_stats=True)`` is ``(kept, indices, stats)``: the picks and stats of
+    ``select(..., return_stats=True)``, the rows of a plain ``prune`` (it once crashed on the tuple)."""
+    bd = backend_device
+    g = torch.Generator().manual_seed(26)
+    x, w = bd.tensor(torch.randn(2, 24, 8, generator=g)), bd.tensor(torch.rand(2, 24, generator=g))
+    kept, idx, stats = mmrprune.prune(x, w, k=5, lengths=bd.tensor(torch.tensor([24, 3])), backend=bd.name,
+                                      return_stats=True)
+    want_idx, want_stats = bd.select(x, w, k=5, lengths=bd.tensor(torch.tensor([24, 3])), return_stats=True)
+    plain_kept, plain_idx = mmrprune.prune(x, w, k=5, lengths=bd.tensor(torch.tensor([24, 3])), backend=bd.name)
+    torch.testing.assert_close(idx, want_idx)
+    torch.testing.assert_close(plain_idx, want_idx)
+    torch.testing.assert_close(kept, plain_kept)
+    assert stats.keys() == want_stats.keys()
+    for name in stats:
+        torch.testing.assert_close(stats[name], want_stats[name])
+
+
+def test_prune_return_stats_numpy_and_single_image():
+    g = np.random.default_rng(26)
+    x, w = g.standard_normal((30, 8)).astype(np.float32), g.random(30).astype(np.float32)
+    kept, idx, stats = mmrprune.prune(x, w, k=4, backend="numpy", return_stats=True)
+    assert isinstance(kept, np.ndarray) and kept.shape == (4, 8) and idx.shape == (4,)
+    np.testing.assert_array_equal(kept, x[idx])
+    assert isinstance(stats["rounds"], np.ndarray) and stats["rounds"].shape == ()
+    assert len(mmrprune.prune(x, w, k=4, backend="numpy", return_stats=False)) == 2
+    with pytest.raises(TypeError, match=r"return_stats: expected a bool \(True or False\), got str 'yes'"):
+        mmrprune.prune(x, w, k=4, return_stats="yes")
+
+
+# ---------------------------------------------------------------------------- select_varlen: stats, lengths, defaults
+def test_select_varlen_returns_stats_like_select(backend_device):
+    """``return_stats=True`` gives ``(indices, cu_k, stats)``, ``stats`` per image as select's for
+    the same images padded (it once blamed the method for an unexpected parameter)."""
+    bd = backend_device
+    g = torch.Generator().manual_seed(30)
+    padded, w = torch.randn(2, 20, 8, generator=g), torch.rand(2, 20, generator=g)
+    lengths = torch.tensor([20, 9])
+    packed = torch.cat([padded[0], padded[1, :9]])
+    cu = torch.tensor([0, 20, 29])
+    flat, cu_k, stats = bd.select_varlen(bd.tensor(packed), bd.tensor(torch.cat([w[0], w[1, :9]])), bd.tensor(cu),
+                                         k=6, return_stats=True)
+    want_flat, want_cu_k = bd.select_varlen(bd.tensor(packed), bd.tensor(torch.cat([w[0], w[1, :9]])),
+                                            bd.tensor(cu), k=6)
+    torch.testing.assert_close(flat, want_flat)
+    torch.testing.assert_close(cu_k, want_cu_k)
+    _, want_stats = bd.select(bd.tensor(padded), bd.tensor(w), k=6, lengths=bd.tensor(lengths), return_stats=True)
+    assert stats.keys() == want_stats.keys()
+    for name in stats:
+        assert stats[name].shape == (2,)
+        torch.testing.assert_close(stats[name], want_stats[name])
+
+
+def test_select_varlen_return_stats_numpy():
+    g = np.random.default_rng(30)
+    x, w = g.standard_normal((29, 8)), g.random(29)
+    flat, cu_k, stats = mmrprune.select_varlen(x, w, np.array([0, 20, 29]), k=6, backend="numpy", return_stats=True)
+    assert isinstance(stats["rounds"], np.ndarray) and stats["rounds"].shape == (2,)
+    assert isinstance(flat, np.ndarray) and cu_k.tolist() == [0, 6, 12]
+
+
+def test_select_varlen_lengths_names_cu_seqlens():
+    x = torch.randn(20, 4)
+    with pytest.raises(TypeError, match=r"^lengths: select_varlen takes each image's length from cu_seqlens .* "
+                                        r"lengths is for padded \[B, N, D\] batches in mmrprune.select$"):
+        mmrprune.select_varlen(x, None, torch.tensor([0, 8, 20]), k=2, lengths=torch.tensor([8, 12]))
+
+
+def test_select_varlen_importance_defaults_to_none():
+    g = torch.Generator().manual_seed(31)
+    x, cu = torch.randn(20, 4, generator=g), torch.tensor([0, 8, 20])
+    want = mmrprune.select_varlen(x, None, cu, k=3, backend="torch")
+    for got in (mmrprune.select_varlen(x, cu_seqlens=cu, k=3, backend="torch"),
+                mmrprune.select_varlen(features=x, cu_seqlens=cu.numpy().tolist(), k=3, backend="torch")):
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    # the offsets in importance's place: say so, rather than that importance is no float tensor
+    for offsets in (cu, cu.int(), cu.numpy(), [0, 8, 20]):
+        feats = x.numpy() if isinstance(offsets, np.ndarray) else x
+        with pytest.raises(TypeError, match=r"cu_seqlens: .* got None \(the second positional argument is "
+                                            r"importance: did you mean select_varlen\(features, None, cu_seqlens"):
+            mmrprune.select_varlen(feats, offsets, k=3)
+    with pytest.raises(TypeError, match=r"cu_seqlens: .* got None; for one image"):
+        mmrprune.select_varlen(x, torch.rand(20), k=3)
+
+
+# ---------------------------------------------------------------------------- on/off flags alike
+FLAG_CALLS = {
+    "select": lambda **kw: mmrprune.select(torch.randn(2, 10, 4), None, k=2, backend="torch", **kw),
+    "select_varlen": lambda **kw: mmrprune.select_varlen(torch.randn(10, 4), None, [0, 4, 10], k=2,
+                                                         backend="torch", **kw),
+    "prune": lambda **kw: mmrprune.prune(torch.randn(10, 4), None, k=2, backend="torch", **kw),
+}
+
+
+@pytest.mark.parametrize("call", sorted(FLAG_CALLS))
+@pytest.mark.parametrize("flag", ["check_finite", "return_stats"])
+@pytest.mark.parametrize("value", ["yes", "", 1, 0, 1.0, None, torch.tensor(True), np.array(True), [True]],
+                         ids=["str", "empty-str", "int-1", "int-0", "float", "None", "tensor", "ndarray", "list"])
+def test_flags_take_bools_only(call, flag, value):
+    """``check_finite`` and ``return_stats`` take the same values, True/False or a NumPy bool, and
+    refuse the rest with the same message (``return_stats="yes"`` or ``1`` once passed, while
+    ``check_finite=1`` raised)."""
+    with pytest.raises(TypeError, match=rf"^{flag}: expected a bool \(True or False\), got "):
+        FLAG_CALLS[call](**{flag: value})
+
+
+@pytest.mark.parametrize("call", sorted(FLAG_CALLS))
+@pytest.mark.parametrize("flag", ["check_finite", "return_stats"])
+def test_flags_take_numpy_bools(call, flag):
+    plain = {"select": torch.Tensor, "select_varlen": tuple, "prune": tuple}[call]
+    for value in (np.True_, np.False_, True, False):
+        out = FLAG_CALLS[call](**{flag: value})
+        if flag == "return_stats" and value:
+            assert isinstance(out, tuple) and isinstance(out[-1], dict)
+        else:
+            assert isinstance(out, plain) and not isinstance(out[-1], dict)
+
+
+# ---------------------------------------------------------------------------- k: any integer scalar
+@pytest.mark.parametrize("k", [torch.tensor(4), torch.tensor(4, dtype=torch.int32), torch.tensor(4, dtype=torch.uint8),
+                               np.int64(4), np.int8(4), np.uint64(4), np.array(4), np.array(4, dtype=np.uint16)],
+                         ids=["tensor-int64", "tensor-int32", "tensor-uint8", "np-int64", "np-int8", "np-uint64",
+                              "ndarray-0d", "ndarray-0d-uint16"])
+def test_k_accepts_integer_scalars(k):
+    """A 0-d integer tensor is a count as much as ``np.int64(4)`` is (it was once refused)."""
+    g = torch.Generator().manual_seed(32)
+    x, w = torch.randn(2, 12, 4, generator=g), torch.rand(2, 12, generator=g)
+    want = mmrprune.select(x, w, k=4, backend="torch")
+    torch.testing.assert_close(mmrprune.select(x, w, k=k, backend="torch"), want)
+    torch.testing.assert_close(mmrprune.prune(x, w, k=k, backend="torch")[1], want)
+    flat, cu_k = mmrprune.select_varlen(x.reshape(24, 4), w.reshape(24), [0, 12, 24], k=k, backend="torch")
+    assert cu_k.tolist() == [0, 4, 8]
+
+
+@pytest.mark.parametrize("k, exc, message", [
+    (torch.tensor(True), TypeError, r"got torch.Tensor\(shape=\(\), dtype=torch.bool"),
+    (torch.tensor(4.0), TypeError, r"got torch.Tensor\(shape=\(\), dtype=torch.float32"),
+    (torch.tensor([4]), TypeError, r"got torch.Tensor\(shape=\(1,\), .*; a tensor or array must be 0-d"),
+    (torch.tensor([4, 5]), TypeError, r"got torch.Tensor\(shape=\(2,\), .*; a tensor or array must be 0-d"),
+    (torch.empty((), dtype=torch.int64, device="meta"), TypeError, r"device=meta"),
+    (np.array([4]), TypeError, r"got numpy.ndarray\(shape=\(1,\), .*; a tensor or array must be 0-d"),
+    (np.array(4.0), TypeError, r"got numpy.ndarray\(shape=\(\), dtype=float64\)"),
+    (np.float64(4.0), TypeError, r"got float64 np.float64\(4.0\)"),
+    (np.bool_(True), TypeError, r"got bool np.True_"),
+    (True, TypeError, r"got bool True"),
+    ("4", TypeError, r"got str '4'"),
+    (torch.tensor(0), ValueError, r"^k: expected an int >= 1, got 0$"),
+    (np.int64(-2), ValueError, r"^k: expected an int >= 1, got -2$"),
+], ids=["tensor-bool", "tensor-float", "tensor-1-element", "tensor-2-elements", "tensor-meta", "ndarray-1-element",
+        "ndarray-0d-float", "np-float", "np-bool", "bool", "str", "tensor-0", "np-negative"])
+def test_k_rejects_what_is_no_integer_scalar(k, exc, message):
+    with pytest.raises(exc, match=message) as info:
+        mmrprune.select(torch.randn(12, 4), None, k=k, backend="torch")
+    assert str(info.value).startswith("k: expected an int >= 1")
