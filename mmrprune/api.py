@@ -82,6 +82,9 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         ``[B]``, or a scalar for ``[N, D]`` input) is the number of sequential rounds each
         image took, on backends that select in exact multi-pick rounds (``triton``,
         ``cuda``, ``cuda_emu``, ``numpy``); a backend that does not count leaves the key out.
+
+    Selection is not differentiable: features that require grad are read as detached
+    values, and neither the indices nor the stats carry an autograd graph.
     """
     return_stats = check_flag(return_stats, "return_stats")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,

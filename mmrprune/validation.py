@@ -170,15 +170,17 @@ def _check_dense(t: torch.Tensor, name: str):
 
 
 def _as_tensor(x, name: str, numpy_in: bool):
-    """A float features/importance argument as a torch tensor (NumPy input: a zero-copy view
-    when it can be one), with its dtype checked under the caller's own dtype names."""
+    """A float features/importance argument as a torch tensor outside autograd (NumPy input: a
+    zero-copy view when it can be one), with its dtype checked under the caller's own dtype names."""
     if isinstance(x, torch.Tensor):
         if numpy_in:
             raise TypeError(f"{name}: features is a numpy array, so {name} must be one too; got {_describe(x)}")
         _check_dense(x, name)
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
-        return x
+        # selection is not differentiable: every backend reads the values only, and out= and in-place
+        # ops on a tensor that requires grad are refused by autograd (a view: nothing is copied)
+        return x.detach()
     if isinstance(x, np.ndarray):
         if not numpy_in:
             raise TypeError(f"{name}: features is a torch.Tensor, so {name} must be one too; got {_describe(x)}")

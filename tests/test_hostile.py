@@ -5,6 +5,11 @@ scalars), plus a short run of the seeded hostile fuzz (the sanitizer job, .ci/sa
 runs a longer one)."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -347,6 +352,113 @@ def test_prune_return_stats_numpy_and_single_image():
     assert len(mmrprune.prune(x, w, k=4, backend="numpy", return_stats=False)) == 2
     with pytest.raises(TypeError, match=r"return_stats: expected a bool \(True or False\), got str 'yes'"):
         mmrprune.prune(x, w, k=4, return_stats="yes")
+
+
+# ---------------------------------------------------------------------------- features that require grad
+GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+class _SavedTensors:
+    """Counts the tensors autograd saves for a backward pass while active: none may be saved
+    when selection builds no graph."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, t):
+        self.count += 1
+        return t
+
+
+def _grad_inputs(bd, shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = bd.tensor(torch.randn(*shape, generator=g), dtype).requires_grad_(True)
+    w = bd.tensor(torch.rand(*shape[:-1], generator=g), dtype).requires_grad_(True)
+    return x, w
+
+
+def _check_untouched(x, before, version):
+    assert x._version == version, "the user's tensor was written to"
+    assert torch.equal(x.detach(), before) and x.grad is None
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("method", METHODS)
+def test_features_that_require_grad_are_read_detached(backend_device, method, dtype):
+    """Selection is not differentiable: features (and importance) with ``requires_grad=True``
+    give the picks of their detached values on every backend, build no autograd graph, and are
+    not written to (the torch backend once raised on its out= ops)."""
+    bd = backend_device
+    bd.require(method)
+    x, w = _grad_inputs(bd, (2, 20, 8), dtype, 27)
+    before, version = x.detach().clone(), x._version
+    params = {"alpha": 1.0} if method == "d2pruner" else {}
+    kw = dict(k=5, method=method, lengths=bd.tensor(torch.tensor([20, 7])), order="selection", **params)
+    want = bd.select(x.detach(), w.detach(), **kw)
+    with _SavedTensors() as saved:
+        got, stats = bd.select(x, w, return_stats=True, **kw)
+    torch.testing.assert_close(got, want)
+    assert saved.count == 0 and not got.requires_grad
+    assert all(not v.requires_grad for v in stats.values())
+    _check_untouched(x, before, version)
+
+
+@pytest.mark.parametrize("method", ["mmr", "divprune", "dpp"])
+def test_select_varlen_with_features_that_require_grad(backend_device, method):
+    bd = backend_device
+    bd.require(method)
+    x, w = _grad_inputs(bd, (30, 8), torch.float32, 28)
+    cu = bd.tensor(torch.tensor([0, 12, 30]))
+    before, version = x.detach().clone(), x._version
+    want = bd.select_varlen(x.detach(), w.detach(), cu, k=4, method=method)
+    with _SavedTensors() as saved:
+        got = bd.select_varlen(x, w, cu, k=4, method=method)
+    assert saved.count == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    _check_untouched(x, before, version)
+
+
+def test_prune_gather_stays_differentiable():
+    """The indices carry no graph, the gathered rows do: the gradient reaches exactly the kept rows."""
+    g = torch.Generator().manual_seed(29)
+    x, w = torch.randn(2, 16, 4, generator=g).requires_grad_(True), torch.rand(2, 16, generator=g)
+    kept, idx = mmrprune.prune(x, w, k=3, backend="torch", lengths=torch.tensor([16, 2]))
+    kept.sum().backward()
+    want = torch.zeros(2, 16)
+    for b in range(2):
+        want[b, idx[b][idx[b] >= 0]] = 1.0
+    torch.testing.assert_close(x.grad, want[..., None].expand(2, 16, 4))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the parent of the interpreter run")
+def test_requires_grad_under_the_triton_interpreter():
+    """The Triton backend runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is
+    imported: re-run the requires_grad tests of this file in such a process, for backend triton,
+    in float32 (the path of every 16-bit dtype too) and float64 (scaled and converted first): the
+    interpreter takes 2-4 s a case."""
+    pytest.importorskip("triton")
+    here = os.path.abspath(__file__)
+    root = os.path.dirname(os.path.dirname(here))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here,
+                           "-k", "require_grad and triton and (float32 or float64 or varlen)"],
+                          cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    # triton implements 6 of the 7 methods: 6 x 2 dtypes, and 3 varlen methods
+    assert passed and int(passed.group(1)) == 6 * 2 + 3, report
+    assert not re.search(r"\d+ (failed|error)", proc.stdout), report
 
 
 # ---------------------------------------------------------------------------- select_varlen: stats, lengths, defaults
