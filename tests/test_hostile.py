@@ -263,7 +263,7 @@ def test_workspace_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv(workspace.ENV_VAR, "16G")
     assert workspace.limit_bytes() == 16 << 30
     monkeypatch.setenv(workspace.ENV_VAR, "lots")
-    with pytest.raises(ValueError, match="MMRPRUNE_MAX_WORKSPACE: expected a positive byte count"):
+    with pytest.raises(ValueError, match="MMRPRUNE_MAX_WORKSPACE: expected a byte count"):
         mmrprune.select(x, w, k=8)
     monkeypatch.delenv(workspace.ENV_VAR)
     assert workspace.limit_bytes() == workspace.DEFAULT_LIMIT_BYTES
@@ -459,6 +459,34 @@ def test_requires_grad_under_the_triton_interpreter():
     # triton implements 6 of the 7 methods: 6 x 2 dtypes, and 3 varlen methods
     assert passed and int(passed.group(1)) == 6 * 2 + 3, report
     assert not re.search(r"\d+ (failed|error)", proc.stdout), report
+
+
+# ---------------------------------------------------------------------------- MMRPRUNE_MAX_WORKSPACE's forms
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "9" * 400, "9" * 5000, "0.5", "1e-5", "1e9", "0",
+                                   "0M", "-1", "lots", "12 apples", "0x100", "\u0661\u0662", "9223372036854775808"])
+def test_workspace_variable_rejects_what_is_no_byte_count(monkeypatch, value):
+    """Infinity, exponents and numbers past int64 once raised a bare OverflowError; fractions of
+    a byte were rounded to a limit of 0 B.  Each is a ValueError naming the variable and every
+    accepted form, quoting at most 40 characters of the value."""
+    from mmrprune import workspace
+    monkeypatch.setenv(workspace.ENV_VAR, value)
+    with pytest.raises(ValueError, match=r"^MMRPRUNE_MAX_WORKSPACE: expected a byte count of at least 1 byte "
+                                         r"\(digits with an optional K, M, G or T suffix, .*\) or 'unlimited' "
+                                         r"for no limit; got ") as info:
+        mmrprune.select(torch.randn(8, 4), None, k=2)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("value, want", [("1", 1), ("4096", 4096), ("512M", 512 << 20), (" 16 GiB ", 16 << 30),
+                                         ("1.5G", 3 << 29), ("2kb", 2048), ("1T", 1 << 40),
+                                         ("9223372036854775807", 2**63 - 1), ("unlimited", None),
+                                         (" Unlimited ", None), ("", 4 << 30), ("  ", 4 << 30)])
+def test_workspace_variable_accepted_forms(monkeypatch, value, want):
+    from mmrprune import workspace
+    monkeypatch.setenv(workspace.ENV_VAR, value)
+    assert workspace.limit_bytes() == want
+    if want is None or want >= 1 << 20:
+        assert mmrprune.select(torch.randn(8, 4), None, k=2, backend="torch").shape == (2,)
 
 
 # ---------------------------------------------------------------------------- select_varlen: stats, lengths, defaults
