@@ -211,7 +211,10 @@ def feature_limit(dtype: torch.dtype, dim: int) -> float:
 
 def _check_values(t: torch.Tensor, name: str, limit: float | None = None):
     """NaN/Inf (and, with ``limit``, magnitude) scan: one pass, one host sync."""
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # NaN anywhere makes both NaN
+    # per row first: a reduction over every element copies a non-contiguous (expanded,
+    # strided) tensor whole, before any workspace check could refuse the call
+    row_lo, row_hi = torch.aminmax(t, dim=-1)
+    lo, hi = torch.stack((row_lo.amin(), row_hi.amax())).tolist()  # NaN anywhere makes both NaN
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False "

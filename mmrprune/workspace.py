@@ -75,11 +75,14 @@ def _n_max(batch: SelectionBatch) -> int:
 
 def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
     """Scratch bytes ``backend`` allocates for ``batch`` beyond its input and output (an upper
-    estimate of the large buffers; per-call constants of a few KB are left out)."""
+    estimate of the large buffers; per-call constants of a few KB are left out).  Every copy
+    of the input counts: ``batch.rows()`` copies non-contiguous (expanded, strided) features
+    whole (``batch.rows_copy_bytes()``) for the backends that read rows."""
     method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     n = _n_max(batch)
     c = 8 if batch.compute_dtype == torch.float64 else 4       # bytes of the compute dtype
+    rows_copy = batch.rows_copy_bytes()
     if backend == "numpy":       # float64, one image at a time, plus a float64 copy of every row
         per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
         if method == "dpp":
@@ -88,13 +91,14 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             per_image += 2 * n * n * 8                     # xh @ xh.T and 1 - it
         elif method == "d2pruner":
             per_image += 3 * n * n * 8 + n * n             # sims, near, their sum, the edge mask
-        return rows * dim * 8 + per_image
-    if backend == "cpu":         # per-thread scratch, one image at a time per thread
-        threads = max(1, min(torch.get_num_threads(), bsz))
-        per_image = n * dim * c + 6 * n * 8
+        return rows_copy + rows * dim * 8 + per_image
+    if backend == "cpu":         # per-thread scratch (whole blocks of SCRATCH_ALIGN), one image at a time
+        from .ops import _cpu
+        threads, align = max(1, min(torch.get_num_threads(), bsz)), _cpu.SCRATCH_ALIGN
+        per_image = -(-n * dim * c // align) * align + 6 * n * 8
         if method == "dpp":
             per_image += n * k * c
-        return 2 * rows * c + threads * per_image
+        return rows_copy + 2 * rows * c + threads * per_image
     if backend == "torch":       # batched [B, N] state; the normalised copy [B, N, D] and its transpose
         padded = bsz * n
         total = 2 * padded * dim * c + 8 * padded * 8
@@ -111,11 +115,15 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
                 from .prepare import GRAM_CHUNK_BYTES
                 total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
         return total
-    if backend in ("cuda", "cuda_emu"):   # row mode; Gram mode is chosen only under its own cap
-        from .backends.cuda_backend import workspace_bytes
-        return workspace_bytes(method, bsz, rows, dim, k, n)
-    if backend == "triton":      # per-row fp32 state, the fp32 rows of float64 input, dpp's Cholesky rows
-        total = rows * 6 * 4 + (rows * dim * 4 if batch.features.dtype == torch.float64 else 0)
+    if backend in ("cuda", "cuda_emu"):   # the similarity mode the backend picks, its copies
+        from .backends import cuda_backend
+        if not cuda_backend.runs_kernel(batch):
+            return estimate_bytes("torch", batch)
+        return cuda_backend.call_workspace_bytes(batch, n)
+    if backend == "triton":      # per-row fp32 state, dpp's Cholesky rows; float64 input is scaled
+        total = rows_copy + rows * 6 * 4          # (a float64 copy) and converted (an fp32 copy) first
+        if batch.features.dtype == torch.float64:
+            total += rows * dim * (8 + 4)
         if method == "dpp":
             total += max(k - 1, 1) * rows * 4
         return total
