@@ -3,7 +3,7 @@
 Every message names the argument, what was expected and what was received.
 Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan,
 and the magnitude checks that keep the norms and the importance normalisation
-from overflowing (:func:`feature_limit`; README, "Size and value limits"), run
+from overflowing (:func:`feature_limit`; docs/api.md, "Size and value limits"), run
 only with ``check_finite=True``.  Range checks of ``lengths`` /
 ``cu_seqlens`` (which keep the kernels' memory accesses in bounds) always run
 on CPU input, where they cost no device sync, and on accelerator input only
