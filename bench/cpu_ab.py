@@ -2,7 +2,7 @@
 
     git worktree add /tmp/mmrprune-base <ref>
     (cd /tmp/mmrprune-base && python3 setup.py -q build_ext --inplace)
-    python bench/cpu_ab.py --baseline /tmp/mmrprune-base [--repeats 9] [--out bench/results/cpu_ab.json]
+    python bench/cpu_ab.py --baseline /tmp/mmrprune-base [--repeats 9] [--out PATH | --update-committed]
 
 "Is this change slower than before?" needs both builds timed under the same
 machine load, which two separate runs on a shared machine do not give.  This
@@ -17,7 +17,9 @@ Cases (the CPU targets of bench/cpu_targets.py):
   b1      B=1, N=2691, D=3584 clustered tokens in bfloat16, keep 25%, mmr, at 1
           and 2 threads.
 Records follow docs/contract.md, "Benchmark records"; ``ratio_vs_baseline`` is
-this build's median over the baseline's (below 1: faster).
+this build's median over the baseline's (below 1: faster).  They go to a new folder
+bench-out/cpu_ab-<date>-<time>/ unless --out is given; --update-committed (from the
+repository root) rewrites the committed bench/results/cpu_ab.json.
 """
 from __future__ import annotations
 
@@ -31,18 +33,19 @@ import time
 import types
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_targets import ROOT, _write, clustered, commit, cpu_model  # noqa: E402
 
-import mmrprune  # noqa: E402
-from mmrprune import ops  # noqa: E402
-from mmrprune import reference as R  # noqa: E402
+from mmrprune.bench.records import add_output_arguments, output_file  # noqa: E402
+
+# torch loads after the arguments are parsed: --help and usage errors stay instant
+COMMITTED = "bench/results/cpu_ab.json"
 
 
 def load_baseline(tree: str):
     """The baseline tree's built ``mmrprune._cpu``, loaded under another package name."""
+    from mmrprune import ops
     found = glob.glob(os.path.join(tree, "mmrprune", "_cpu*.so"))
     if not found:
         raise SystemExit(f"--baseline {tree}: no mmrprune/_cpu*.so there; build it with "
@@ -68,6 +71,9 @@ def tree_commit(tree: str) -> str:
 
 def ab(builds: dict, call, threads: int, repeats: int) -> dict:
     """Median ms per build; builds alternate call by call; round 0 is the warm-up."""
+    import torch
+
+    from mmrprune import ops
     times = {name: [] for name in builds}
     first = None
     before = torch.get_num_threads()
@@ -92,14 +98,26 @@ def ab(builds: dict, call, threads: int, repeats: int) -> dict:
             for name, v in times.items()}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, ``out`` resolved to the file this run writes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="a source tree with a built mmrprune/_cpu*.so")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2, help="threads for the dinov2 case")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu_ab.json"))
+    add_output_arguments(ap, "cpu_ab", "the JSON records", COMMITTED)
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    args.out = output_file("cpu_ab", args.out, args.update_committed, COMMITTED, ap.error)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    import mmrprune
+    from mmrprune import ops
+    from mmrprune import reference as R
     if ops._cpu is None:
         raise SystemExit(f"this tree's mmrprune._cpu is not built: {ops.CPU_IMPORT_ERROR}")
     builds = {"this": ops._cpu, "baseline": load_baseline(args.baseline)}

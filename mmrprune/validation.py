@@ -72,9 +72,7 @@ def check_order(order) -> str:
 
 
 def check_lam(lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam: expected a real number in [0, 1], got {_describe(lam)}")
-    lam = float(lam)
+    lam = _scalar(lam, "lam", "a real number in [0, 1]", real=True)
     if not (0.0 <= lam <= 1.0):  # also rejects NaN
         raise ValueError(f"lam: expected a value in [0, 1], got {lam}")
     return lam
@@ -88,35 +86,37 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
-def _integer_scalar(value, name: str) -> int:
-    """An integer scalar as a Python int: an int, a NumPy integer, or a 0-d integer tensor or
-    array (read on the host: one sync for an accelerator tensor).  Bools are not counts."""
+def _scalar(value, name: str, expected: str, real: bool):
+    """A scalar as a Python number: a Python or NumPy number, or a 0-d tensor or array (read on
+    the host: one sync for an accelerator tensor); an int unless ``real``, which also takes
+    floating values and returns a float.  Bools are neither counts nor ratios."""
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        integer = (value.dtype.kind in "iu" if isinstance(value, np.ndarray)
-                   else not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool))
-        if integer and not (isinstance(value, torch.Tensor) and value.is_meta):
-            return int(value.item())
-    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
+        if isinstance(value, np.ndarray):
+            ok = value.dtype.kind in ("iuf" if real else "iu")
+        else:
+            ok = not (value.is_complex() or value.dtype == torch.bool or value.is_meta
+                      or (value.is_floating_point() and not real))
+        if ok:
+            return float(value.item()) if real else int(value.item())
+    elif (isinstance(value, numbers.Real if real else numbers.Integral)
+          and not isinstance(value, (bool, np.bool_))):
+        return float(value) if real else int(value)
     hint = ("; a tensor or array must be 0-d (one value)"
             if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0 else "")
-    raise TypeError(f"{name}: expected an int >= 1 (a Python int, a NumPy integer or a 0-d integer tensor), "
-                    f"got {_describe(value)}{hint}")
+    raise TypeError(f"{name}: expected {expected}, got {_describe(value)}{hint}")
 
 
 def check_budget(k, keep_ratio) -> tuple[int | None, float | None]:
     if (k is None) == (keep_ratio is None):
         raise ValueError(f"exactly one of k or keep_ratio must be given, got k={k!r}, keep_ratio={keep_ratio!r}")
     if k is not None:
-        k = _integer_scalar(k, "k")
+        k = _scalar(k, "k", "an int >= 1 (a Python int, a NumPy integer or a 0-d integer tensor)", real=False)
         if k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k}")
         return min(k, K_CAP), None
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
-        raise TypeError(f"keep_ratio: expected a float in (0, 1], got {_describe(keep_ratio)}")
-    r = float(keep_ratio)
-    if not (0.0 < r <= 1.0):
-        raise ValueError(f"keep_ratio: expected a value in (0, 1], got {keep_ratio!r}")
+    r = _scalar(keep_ratio, "keep_ratio", "a float in (0, 1]", real=True)
+    if not (0.0 < r <= 1.0):  # also rejects NaN
+        raise ValueError(f"keep_ratio: expected a value in (0, 1], got {r!r}")
     return None, r
 
 

@@ -156,6 +156,31 @@ def test_plot_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "t.png").exists()
 
 
+def test_sweep_draws_the_inputs_once_per_shape_and_dtype(monkeypatch):
+    """Every method and backend of a shape and dtype times the same inputs, made once (a CPU draw
+    of a GPU target shape took seconds a case)."""
+    made = []
+    real = speed.make_inputs
+
+    def counted(shape, dtype, device, seed=0):
+        made.append((shape.name, dtype))
+        return real(shape, dtype, device, seed)
+    monkeypatch.setattr(speed, "make_inputs", counted)
+    shapes = [speed.Shape("a", 1, 24, 4, "random"), speed.Shape("b", 2, 16, 4, "random")]
+    cfg = speed.Config(shapes=shapes, methods=["mmr", "topk"], backends=["torch", "numpy"],
+                       dtypes=["float32", "float16"], repeats=1, warmup=0)
+    records, skipped = speed.run_sweep(cfg, {"device": "cpu"}, quiet=True)
+    assert len(records) == 16 and not skipped
+    assert made == [(s, dt) for s in ("a", "b") for dt in (torch.float32, torch.float16)]
+
+
+def test_random_inputs_on_cpu_are_the_seeded_cpu_draw():
+    """The committed CPU records' random features: torch's CPU generator, float32, then cast."""
+    x, w = speed.make_inputs(speed.Shape("c", 2, 10, 3, "random"), torch.float16, "cpu", seed=5)
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(x, torch.randn(2, 10, 3, generator=g).half()) and torch.equal(w, torch.rand(2, 10, generator=g))
+
+
 def test_cpu_timer_respects_repeat_floor_and_budget():
     calls = []
     t = speed.time_cpu(lambda: calls.append(1), repeats=10, warmup=2, max_seconds=0.0)

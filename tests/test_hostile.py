@@ -670,3 +670,65 @@ def test_k_rejects_what_is_no_integer_scalar(k, exc, message):
     with pytest.raises(exc, match=message) as info:
         mmrprune.select(torch.randn(12, 4), None, k=k, backend="torch")
     assert str(info.value).startswith("k: expected an int >= 1")
+
+
+# ---------------------------------------------------------------------------- keep_ratio and lam: any real scalar
+REAL_SCALARS = [(torch.tensor, torch.float32), (torch.tensor, torch.float64), (torch.tensor, torch.float16),
+                (torch.tensor, torch.bfloat16), (np.array, np.float64), (np.array, np.float32), (np.float32, None),
+                (np.float16, None)]
+REAL_IDS = ["tensor-float32", "tensor-float64", "tensor-float16", "tensor-bfloat16", "ndarray-0d-float64",
+            "ndarray-0d-float32", "np-float32", "np-float16"]
+
+
+def _real(make, dtype, value):
+    return make(value) if dtype is None else make(value, dtype=dtype)
+
+
+@pytest.mark.parametrize("make, dtype", REAL_SCALARS, ids=REAL_IDS)
+def test_keep_ratio_and_lam_accept_real_scalars(make, dtype):
+    """A 0-d floating tensor or array is a ratio as much as ``0.25`` is (both were refused while
+    ``k`` took a 0-d integer tensor).  0.25 and 0.5 are exact in every float dtype."""
+    g = torch.Generator().manual_seed(33)
+    x, w = torch.randn(2, 12, 4, generator=g), torch.rand(2, 12, generator=g)
+    want = mmrprune.select(x, w, keep_ratio=0.25, lam=0.5, backend="torch")
+    ratio, lam = _real(make, dtype, 0.25), _real(make, dtype, 0.5)
+    torch.testing.assert_close(mmrprune.select(x, w, keep_ratio=ratio, lam=lam, backend="torch"), want)
+    torch.testing.assert_close(mmrprune.prune(x, w, keep_ratio=ratio, lam=lam, backend="torch")[1], want)
+    flat, cu_k = mmrprune.select_varlen(x.reshape(24, 4), w.reshape(24), [0, 12, 24], keep_ratio=ratio, lam=lam,
+                                        backend="torch")
+    assert cu_k.tolist() == [0, 3, 6]
+
+
+@pytest.mark.parametrize("name", ["keep_ratio", "lam"])
+@pytest.mark.parametrize("value", [torch.tensor(1), np.array(1, dtype=np.uint8), np.int64(1)],
+                         ids=["tensor-int", "ndarray-0d-uint8", "np-int"])
+def test_keep_ratio_and_lam_accept_integer_scalars(name, value):
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(34))
+    kw = {"keep_ratio": 1.0, "lam": 1.0}
+    want = mmrprune.select(x, None, backend="torch", **kw)
+    torch.testing.assert_close(mmrprune.select(x, None, backend="torch", **dict(kw, **{name: value})), want)
+
+
+@pytest.mark.parametrize("name, expected", [("keep_ratio", "a float in (0, 1]"), ("lam", "a real number in [0, 1]")])
+@pytest.mark.parametrize("value, exc, message", [
+    (torch.tensor(True), TypeError, r"got torch.Tensor\(shape=\(\), dtype=torch.bool"),
+    (np.array(True), TypeError, r"got numpy.ndarray\(shape=\(\), dtype=bool\)"),
+    (np.bool_(True), TypeError, r"got bool np.True_"),
+    (True, TypeError, r"got bool True"),
+    (torch.tensor(0.5 + 0j), TypeError, r"dtype=torch.complex64"),
+    (torch.tensor([0.5]), TypeError, r"got torch.Tensor\(shape=\(1,\), .*; a tensor or array must be 0-d"),
+    (torch.tensor([0.5, 0.5]), TypeError, r"got torch.Tensor\(shape=\(2,\), .*; a tensor or array must be 0-d"),
+    (np.array([0.5]), TypeError, r"got numpy.ndarray\(shape=\(1,\), .*; a tensor or array must be 0-d"),
+    (torch.empty((), device="meta"), TypeError, r"device=meta"),
+    ("0.5", TypeError, r"got str '0.5'"),
+    (torch.tensor(float("nan")), ValueError, r"got nan$"),
+    (np.array(1.5), ValueError, r"got 1.5$"),
+    (torch.tensor(-1), ValueError, r"got -1.0$"),
+], ids=["tensor-bool", "ndarray-bool", "np-bool", "bool", "tensor-complex", "tensor-1-element", "tensor-2-elements",
+        "ndarray-1-element", "tensor-meta", "str", "tensor-nan", "ndarray-1.5", "tensor-negative"])
+def test_keep_ratio_and_lam_reject_what_is_no_real_scalar_in_range(name, expected, value, exc, message):
+    kw = {"keep_ratio": 0.5, "lam": 0.5, name: value}
+    with pytest.raises(exc, match=message) as info:
+        mmrprune.select(torch.randn(12, 4), None, backend="torch", **kw)
+    prefix = f"{name}: expected {expected}" if exc is TypeError else f"{name}: expected a value in"
+    assert str(info.value).startswith(prefix), str(info.value)

@@ -17,7 +17,7 @@ import time
 
 from ..reference import D2PRUNER_DEFAULTS, METHODS
 from .defaults import add_downstream_arguments
-from .records import COMMITTED_OUT, FRESH_OUT
+from .records import COMMITTED_DIRS, COMMITTED_OUT, FRESH_OUT
 from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
 
 # Argument parsing imports no torch (so --help and usage errors are instant); the
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", metavar="PATH", help="write the records as JSON")
     sp.add_argument("--csv", metavar="PATH", help="write the records as CSV")
     sp.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    sp.add_argument("--update-committed", action="store_true",
+                    help=f"let --json/--csv/--plot write into the committed folders ({', '.join(COMMITTED_DIRS)}), "
+                         "to regenerate a committed record")
     sp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     qp = sub.add_parser("quality", help="importance retention vs Hopkins on the real tokens (IDPruner Sec. 3)",
@@ -186,7 +189,7 @@ def _speed(args, argv, parser) -> int:
     import torch
 
     from . import speed
-    from .records import SPEED_FIELDS, environment, write_csv, write_json
+    from .records import SPEED_FIELDS, environment, refuse_committed, write_csv, write_json
     from .token_file import ACCEPTED_TEXT, read_token_file
     device = _device(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -199,6 +202,11 @@ def _speed(args, argv, parser) -> int:
         parser.error("--k must be >= 1")
     if not 0.0 < args.keep_ratio <= 1.0:
         parser.error("--keep-ratio must be in (0, 1]")
+    paths = {"--json": args.json, "--csv": args.csv, "--plot": args.plot}
+    if not args.update_committed:
+        refuse_committed(paths, parser.error, fixed=False)
+    elif not any(paths.values()):
+        parser.error("--update-committed: give the committed --json/--csv/--plot path(s) to rewrite")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -286,7 +294,7 @@ def _quality(args, argv, parser) -> int:
         if not 0.0 <= lam <= 1.0:
             parser.error(f"lam {lam} is outside [0, 1]")
     out, figure = output_paths("quality", args.out_dir, args.figure, args.update_committed, COMMITTED_FIGURE,
-                               "token_masks.png", parser.error)
+                               "token_masks.png", parser.error, "--figure")
     env = environment(device, argv)
     cfg = quality.QualityConfig(images=args.images, tokens=args.tokens, seeds=args.seeds,
                                 keep_ratio=args.keep_ratio, mmr_lams=args.mmr_lams, hybrid_lams=args.hybrid_lams,

@@ -32,6 +32,8 @@ DOWNSTREAM_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcy
 # the names of downstream.default_methods(), in its order (tests/test_downstream.py checks they agree)
 DOWNSTREAM_METHODS = ("topk", "mmr-0.2", "mmr-0.5", "mmr-0.8", "divprune", "fps", "hybrid", "dpp", "d2pruner",
                       "random", "grid")
+DOWNSTREAM_DTYPES = ("bfloat16", "float32")   # model compute dtypes, the default first
+DOWNSTREAM_PROBE = "fmnist_probe_dinov2_vits14_224.npz"   # in mmrprune/data/, trained by bench/train_probe.py
 DOWNSTREAM_QUICK = {"test_images": 24, "layers": (6,), "budgets": (32,), "photos": DOWNSTREAM_PHOTOS[:3], "batch": 24}
 
 
@@ -45,7 +47,7 @@ def add_downstream_arguments(p) -> None:
     p.add_argument("--budgets", help="comma list of kept patches k in 1..256 (default 64,32,16)")
     p.add_argument("--methods", help="comma list of method names (default all: "
                                      + ",".join(DOWNSTREAM_METHODS) + ")")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    p.add_argument("--dtype", choices=DOWNSTREAM_DTYPES, default=DOWNSTREAM_DTYPES[0],
                    help="matmul dtype of the model (default bfloat16, about 2x faster on CPU than float32)")
     p.add_argument("--batch", type=int, help="images per forward (default 50)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .defaults import DOWNSTREAM_DTYPES, DOWNSTREAM_PROBE
 from .defaults import DOWNSTREAM_FMNIST_DIR as FMNIST_DIR
 from .defaults import DOWNSTREAM_PHOTOS as PHOTOS, DOWNSTREAM_QUICK as QUICK
 from .dinov2 import DEPTH, MissingModel, ViTS14, onnx_path
@@ -46,13 +47,12 @@ FMNIST_HINT = ("Fashion-MNIST is not installed: `sudo apt-get install dataset-fa
                "MMRPRUNE_FMNIST_DIR")
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot")
-PROBE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
-                          "fmnist_probe_dinov2_vits14_224.npz")
+PROBE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", DOWNSTREAM_PROBE)
 CROPS = ("top-left", "top-right", "bottom-left", "bottom-right")
 PRUNE_LAYERS = (3, 6, 9)
 BUDGETS = (64, 32, 16)
 RANDOM_SEED = 0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DOWNSTREAM_DTYPES}
 BOOTSTRAP = 1000
 COMMITTED_FIGURE = "bench/figures/downstream.png"
 
@@ -237,7 +237,7 @@ def photo_crops(photos: Sequence[str] = PHOTOS) -> tuple:
 def load_probe(path: str = PROBE_FILE) -> dict:
     if not os.path.exists(path):
         raise MissingData(f"probe weights {path} are missing: they are committed with the package; "
-                          "regenerate them with `python bench/train_probe.py`")
+                          "regenerate them with `python bench/train_probe.py --update-committed`")
     z = np.load(path)
     return {key: z[key] for key in z.files}
 
@@ -470,7 +470,7 @@ def config_from_args(args, parser) -> DownstreamConfig:
 def run_cli(args, argv, parser) -> int:
     import sys
 
-    from .records import environment, output_paths, write_csv, write_json
+    from .records import environment, output_paths, refuse_committed, write_csv, write_json
     cfg = config_from_args(args, parser)
     if args.quick and args.update_committed:
         parser.error("--update-committed regenerates the committed full run; drop --quick")
@@ -481,10 +481,11 @@ def run_cli(args, argv, parser) -> int:
         print(f"downstream: cannot run:\n{exc}", file=sys.stderr)
         return 2
     if args.quick and not args.out_dir:
+        refuse_committed({"--plot": args.plot}, parser.error)
         out_dir, plot = None, args.plot
     else:
         out_dir, plot = output_paths("downstream", args.out_dir, args.plot, args.update_committed,
-                                     COMMITTED_FIGURE, "downstream.png", parser.error)
+                                     COMMITTED_FIGURE, "downstream.png", parser.error, "--plot")
     env = environment("cpu", argv)
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"downstream: {cfg.test_images} Fashion-MNIST test images, {len(cfg.photos)} photos x {len(CROPS)} crops, "

@@ -86,31 +86,90 @@ def environment(device: str, argv: Sequence[str] | None) -> dict:
 
 FRESH_OUT = "bench-out"           # parent of the fresh output folders (git-ignored)
 COMMITTED_OUT = "bench/results"   # the committed records, rewritten only with --update-committed
+# Folders of committed outputs (records, figures, bundled data): a writer puts nothing there
+# without --update-committed, relative to the current directory or to this package's checkout.
+COMMITTED_DIRS = (COMMITTED_OUT, "bench/figures", "mmrprune/data")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def committed_dir(path: str) -> str | None:
+    """The committed folder ``path`` lies in (or is), or ``None``."""
+    real = os.path.realpath(path)
+    for root in (os.getcwd(), CHECKOUT):
+        for d in COMMITTED_DIRS:
+            top = os.path.realpath(os.path.join(root, d))
+            if real == top or real.startswith(top + os.sep):
+                return top
+    return None
+
+
+def refuse_committed(paths: dict, error, fixed: bool = True) -> None:
+    """``error(message)`` if a path given on the command line (``{flag: path}``) lies in a
+    committed folder.  ``fixed``: the writer knows its committed destination, so
+    ``--update-committed`` replaces the flag; otherwise it allows the flag's path."""
+    for flag, path in paths.items():
+        top = path and committed_dir(path)
+        if top:
+            how = f"--update-committed (instead of {flag})" if fixed else f"--update-committed added to {flag}"
+            error(f"{flag} {path}: {os.path.relpath(top)}/ holds committed files; write elsewhere, or "
+                  f"regenerate them with {how}")
+
+
+def fresh_dir(kind: str) -> str:
+    """A new folder ``bench-out/<kind>-<date>-<time>`` (``-2``, ... for two runs in one second)."""
+    import time
+    base = out = os.path.join(FRESH_OUT, time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(out):
+        n += 1
+        out = f"{base}-{n}"
+    os.makedirs(out)
+    return out
+
+
+def _committed(paths: tuple, given: dict, error) -> None:
+    """The checks of ``--update-committed``: no path flag besides it, run from the repository root."""
+    flags = [flag for flag, path in given.items() if path]
+    if flags:
+        error(f"--update-committed writes {', '.join(paths)} itself; drop {' and '.join(flags)}")
+    missing = [p for p in paths if not os.path.isdir(os.path.dirname(p))]
+    if missing:
+        error(f"--update-committed: run it from the repository root (no {os.path.dirname(missing[0])}/ here)")
+
+
+def add_output_arguments(parser, kind: str, what: str, committed: str) -> None:
+    """``--out`` and ``--update-committed`` of a script whose one output :func:`output_file` resolves."""
+    parser.add_argument("--out", help=f"{what} (default: a new folder {FRESH_OUT}/{kind}-<date>-<time>/)")
+    parser.add_argument("--update-committed", action="store_true",
+                        help=f"rewrite the committed {committed}; run it from the repository root")
+
+
+def output_file(kind: str, out, update_committed: bool, committed: str, error, flag: str = "--out") -> str:
+    """The one output file of a writer: ``committed`` with ``update_committed`` (from the
+    repository root), else ``out`` (never in a committed folder), else a file of the
+    committed name in a new :func:`fresh_dir`.  ``error(message)`` reports a usage error."""
+    if update_committed:
+        _committed((committed,), {flag: out}, error)
+        return committed
+    if out:
+        refuse_committed({flag: out}, error)
+        return out
+    return os.path.join(fresh_dir(kind), os.path.basename(committed))
 
 
 def output_paths(kind: str, out_dir, figure, update_committed: bool, committed_figure: str, figure_name: str,
-                 error) -> tuple:
+                 error, figure_flag: str) -> tuple:
     """``(out_dir, figure)`` of a subcommand that writes records and a figure.
 
-    By default a new folder ``bench-out/<kind>-<date>-<time>`` (the figure inside it), so no
-    run overwrites an earlier one or the committed results; ``update_committed`` gives the
-    committed paths (from the repository root only).  ``error(message)`` reports a usage error.
+    By default a new :func:`fresh_dir` (the figure inside it), so no run overwrites an
+    earlier one or the committed results; ``update_committed`` gives the committed paths
+    (from the repository root only).  ``error(message)`` reports a usage error.
     """
-    import time
     if update_committed:
-        if out_dir or figure:
-            error(f"--update-committed writes {COMMITTED_OUT}/ and {committed_figure} itself; "
-                  "drop --out-dir and the figure path")
-        if not os.path.isdir(COMMITTED_OUT) or not os.path.isdir(os.path.dirname(committed_figure)):
-            error(f"--update-committed: run it from the repository root (no {COMMITTED_OUT}/ here)")
+        _committed((COMMITTED_OUT + "/", committed_figure), {"--out-dir": out_dir, figure_flag: figure}, error)
         return COMMITTED_OUT, committed_figure
-    if out_dir is None:
-        base = out_dir = os.path.join(FRESH_OUT, time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
-        n = 1
-        while os.path.exists(out_dir):  # two runs within one second
-            n += 1
-            out_dir = f"{base}-{n}"
-        os.makedirs(out_dir)
+    refuse_committed({"--out-dir": out_dir, figure_flag: figure}, error)
+    out_dir = out_dir or fresh_dir(kind)
     return out_dir, figure or os.path.join(out_dir, figure_name)
 
 

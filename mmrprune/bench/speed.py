@@ -92,7 +92,9 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
     """``(features [B, N, D] dtype, importance [B, N] float32)`` on ``device``; importance is
-    ``None`` for a ``--data`` file without one."""
+    ``None`` for a ``--data`` file without one.  Random features are drawn on ``device`` itself
+    (a CPU draw of a large shape takes seconds): the same values as before on CPU, other
+    values, from the same seed, on a GPU."""
     if shape.source == "file":
         tokens = read_token_file(shape.path)
         x = torch.from_numpy(np.ascontiguousarray(tokens.features))
@@ -105,9 +107,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
         x = torch.from_numpy(np.ascontiguousarray(d["tokens"][:shape.batch, :shape.tokens, :shape.dim]))
         w = torch.from_numpy(np.ascontiguousarray(d["cls_attention"][:shape.batch, :shape.tokens]))
     else:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape.batch, shape.tokens, shape.dim, generator=g)
-        w = torch.rand(shape.batch, shape.tokens, generator=g)
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(shape.batch, shape.tokens, shape.dim, generator=g, device=device)
+        w = torch.rand(shape.batch, shape.tokens, generator=g, device=device)
     return x.to(device=device, dtype=dtype).contiguous(), w.to(device=device, dtype=torch.float32).contiguous()
 
 
@@ -226,9 +228,10 @@ def _rotating(fn2, inputs):
     return call
 
 
-def gram_stats(shape: Shape, device: str, repeats: int, device_label: str) -> dict:
-    """Time of the bf16 batched Gram ``x̂ x̂^T`` of this shape and its TFLOP/s (CUDA only)."""
-    x, _ = make_inputs(shape, torch.bfloat16, device)
+def gram_stats(x: torch.Tensor, shape: Shape, device: str, repeats: int, device_label: str) -> dict:
+    """Time of the bf16 batched Gram ``x̂ x̂^T`` of the features ``x`` of this shape and its
+    TFLOP/s (CUDA only)."""
+    x = x.to(torch.bfloat16)
     xn = x / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).clamp_min(1e-12).to(x.dtype)
     copies = [(xn.clone(),) for _ in range(_n_buffers(xn.numel() * 2, device))]
     t = time_cuda(_rotating(lambda a: torch.bmm(a, a.transpose(1, 2)), copies), repeats, device)
@@ -295,6 +298,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
     backends = [b for b in cfg.backends if b not in unavailable]
     cases = [(s, dt, m, b) for s in cfg.shapes for dt in cfg.dtypes for m in cfg.methods for b in backends]
     gram_cache = {}
+    drawn = {}   # the inputs of the current (shape, dtype), made once for all its cases
     for i, (shape, dt, method, backend) in enumerate(cases, 1):
         k = budget(shape.tokens, k=cfg.k, keep_ratio=None if cfg.k else cfg.keep_ratio)
         tag = f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {backend:<7} {method:<9} {shape.label()} k={k} {dt}"
@@ -311,7 +315,10 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
             continue
         _progress(quiet, f"{tag} ...", end="")
         try:
-            x, w = make_inputs(shape, DTYPES[dt], cfg.device, cfg.seed)
+            if (shape, dt) not in drawn:
+                drawn.clear()   # frees the previous shape's inputs first
+                drawn[(shape, dt)] = make_inputs(shape, DTYPES[dt], cfg.device, cfg.seed)
+            x, w = drawn[(shape, dt)]
             nbytes = x.numel() * x.element_size() + (0 if w is None else w.numel() * 4)
             inputs = [(x, w)] + [(x.clone(), None if w is None else w.clone())
                                  for _ in range(_n_buffers(nbytes, cfg.device) - 1)]
@@ -321,7 +328,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
             else:
                 t = time_cpu(call, cfg.repeats, cfg.warmup, cfg.max_seconds)
             rounds = _mean_rounds(fn2(x, w))
-            del inputs, call, x, w
+            del inputs, call
         except Exception as exc:  # a broken backend is reported, never a traceback
             reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             skipped.append(f"{backend} {method} {shape.name} {dt}: {reason}")
@@ -347,7 +354,7 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
             key = (shape, dt)
             if key not in gram_cache:
                 try:
-                    gram_cache[key] = gram_stats(shape, cfg.device, cfg.repeats, env["device"])
+                    gram_cache[key] = gram_stats(x, shape, cfg.device, cfg.repeats, env["device"])
                 except Exception as exc:
                     skipped.append(f"bf16 Gram {shape.name}: failed: {type(exc).__name__}: {exc}")
                     gram_cache[key] = {}
