@@ -326,6 +326,24 @@ def test_malformed_prefills_get_clear_errors(llava, change, error, text):
     assert text in str(exc.value)
 
 
+def test_interleaved_conversations_decode_against_their_own_caches(llava):
+    """Two pruned prompts prefilled one after the other, then decoded in turns: each step is
+    mapped with the state of the cache it continues."""
+    key = cache_key(llava)
+    batches = [LLAVA.batch(llava, seed=12), LLAVA.batch(llava, seed=13, padding="right")]
+    batches[1] = {k: v[:1] for k, v in batches[1].items() if k != "pixel_values"} | \
+        {"pixel_values": batches[1]["pixel_values"][:2]}                        # one prompt, 2 images
+    with torch.no_grad(), prune_visual_tokens(llava, k=3):
+        outs = [llava(**b, use_cache=True) for b in batches]
+        for i in (1, 0, 1):
+            token = outs[i].logits[:, -1].index_fill(-1, torch.tensor([LLAVA_IMAGE]), -float("inf")).argmax(-1)[:, None]
+            batches[i] = LLAVA.extend(batches[i], token)
+            outs[i] = llava(input_ids=token, attention_mask=batches[i]["attention_mask"],
+                            **{key: getattr(outs[i], key)})
+            want = llava(**batches[i], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(outs[i].logits[:, -1], want, rtol=1e-4, atol=1e-5)
+
+
 def test_static_caches_are_refused(llava):
     with pytest.raises(ValueError, match="static caches, which are not supported"):
         with torch.no_grad(), prune_visual_tokens(llava, k=4):

@@ -96,27 +96,30 @@ def test_pruned_cached_generate_equals_uncached_recompute(family):
     assert not torch.allclose(full, pruned, atol=1e-4)
 
 
-def test_decode_step_without_position_ids_continues_the_original_numbering(family):
-    """A hand-written decode step (no ``position_ids``; the mask and any per-token input at the
-    unpruned length) equals the uncached recompute of the extended prompt, and its per-token
-    inputs reach the model mapped onto the pruned cache."""
+def test_decode_steps_without_position_ids_continue_the_original_numbering(family):
+    """Two hand-written decode steps (no ``position_ids``; the mask and any per-token input at
+    the unpruned length) equal the uncached recompute of the extended prompt, and their
+    per-token inputs reach the model mapped onto the pruned cache."""
     spec, model = family
     batch = spec.batch(model, seed=10)
     per_token = [k for k, v in batch.items() if k not in ("input_ids", "attention_mask")
                  and v.shape == batch["input_ids"].shape]
     key = cache_key(model)
+    banned = torch.tensor(spec.placeholders)
     with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.25, method="mmr"), \
             recording(model) as (calls, _):
         out = model(**batch, use_cache=True)
-        token = out.logits[:, -1].index_fill(-1, torch.tensor(spec.placeholders), -float("inf")).argmax(-1)[:, None]
-        longer = spec.extend(batch, token)
-        got = model(input_ids=token, attention_mask=longer["attention_mask"], **{key: getattr(out, key)},
-                    **{k: longer[k] for k in per_token})
-        want = model(**longer, use_cache=False)
-    torch.testing.assert_close(got.logits[:, -1], want.logits[:, -1], rtol=1e-4, atol=1e-5)
-    prefill, step = calls[0][1], calls[1][1]
+        longer = batch
+        for _ in range(2):
+            token = out.logits[:, -1].index_fill(-1, banned, -float("inf")).argmax(-1)[:, None]
+            longer = spec.extend(longer, token)
+            out = model(input_ids=token, attention_mask=longer["attention_mask"], **{key: getattr(out, key)},
+                        **{k: longer[k] for k in per_token})
+            want = model(**longer, use_cache=False)
+            torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], rtol=1e-4, atol=1e-5)
+    prefill, step = calls[0][1], calls[-2][1]
     for k in per_token + ["attention_mask"]:
-        assert torch.equal(step[k], torch.cat([prefill[k], longer[k][:, -1:]], 1)), k
+        assert torch.equal(step[k], torch.cat([prefill[k], longer[k][:, -2:]], 1)), k
 
 
 # ----------------------------------------------------------------------------- the check can fail

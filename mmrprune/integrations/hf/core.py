@@ -15,13 +15,16 @@ empty cache (the prefill):
 
 During decoding (cache not empty, no new visual inputs) the hook maps the caller's attention
 mask -- which ``generate`` keeps at the unpruned length -- onto the pruned cache, and fills
-in position ids that continue the original numbering when the caller gives none.
+in position ids that continue the original numbering when the caller gives none.  The
+decode state of a pruned prefill is kept with the KV cache it filled, so conversations can
+be interleaved; a cache that holds no pruned prompt passes through untouched.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -74,8 +77,7 @@ class _DecodeState:
     orig_len: int                 # prompt length before pruning
     cols: _Columns                # the prompt's pruned layout
     mask: torch.Tensor            # [B, pruned_len] attention mask of the pruned prompt
-    next_pos: torch.Tensor        # [B] original position of the first generated token
-    rope_rows: int                # 0 for [B, L] position ids, R for [R, B, L]
+    next_pos: torch.Tensor        # [B] or [R, B]: position ids of the first generated token
 
 
 @dataclass
@@ -129,7 +131,9 @@ class VisualTokenPruner:
     method_params: dict
     last: Optional[dict] = None
     adapter: Optional[Family] = None
-    _state: Optional[_DecodeState] = None
+    # the decode state of each KV cache that holds a pruned prompt (weakly: it goes with the cache)
+    _states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    _pending: Optional[_DecodeState] = None
     _handles: Optional[list] = None
     _sig_params: tuple = ()
 
@@ -140,7 +144,8 @@ class VisualTokenPruner:
         if self._handles is not None:
             self.model._mmrprune_pruner = None
         self._handles = None
-        self._state = None
+        self._states = weakref.WeakKeyDictionary()
+        self._pending = None
 
     def __enter__(self):
         return self
@@ -157,15 +162,25 @@ class VisualTokenPruner:
                 if name in kwargs:
                     raise TypeError(f"forward got multiple values for argument {name!r}")
                 kwargs[name] = value
-        past_len = versions.cached_length(kwargs)
+        cache = versions.cache_of(kwargs)
+        past_len = 0 if cache is None else int(cache.get_seq_length())
         has_visual = self.adapter.carries_visual(kwargs)
         if past_len == 0:
-            self._state = None
+            self._pending = None
             return (), (self._prefill(kwargs) if has_visual else kwargs)
         if has_visual:
             raise NotImplementedError("prune_visual_tokens: images on a non-empty cache (continuing a "
                                       "conversation with new images) is not supported")
-        return (), (self._decode(kwargs, past_len) if self._state is not None else kwargs)
+        state = self._states.get(cache)
+        return (), (self._decode(kwargs, past_len, state) if state is not None else kwargs)
+
+    def _after(self, module, args, kwargs, output):
+        """After a pruned prefill: its decode state goes with the cache it filled."""
+        if self._pending is not None:
+            cache = versions.cache_of(output)
+            if cache is not None:
+                self._states[cache] = self._pending
+            self._pending = None
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, kw: dict) -> dict:
@@ -203,9 +218,10 @@ class VisualTokenPruner:
             if kw.get(key) is not None:
                 kw[key] = cols.move(kw[key], 0)
         versions.set_cache_position(kw, 0, cols.new_len)
-        next_pos = (positions if lead else positions.unsqueeze(0)).amax(dim=(0, 2)) + 1
-        self._state = _DecodeState(orig_len=input_ids.shape[1], cols=cols, mask=pruned.attention_mask,
-                                   next_pos=next_pos, rope_rows=positions.shape[0] if lead else 0)
+        # generate's rule: the position after the prompt's last column (not after its largest
+        # position, which an image may hold: transformers 5.3-5.4 number Qwen2.5-VL images so)
+        self._pending = _DecodeState(orig_len=input_ids.shape[1], cols=cols, mask=pruned.attention_mask,
+                                   next_pos=positions[..., -1] + 1)
         self.last = dict(orig_len=input_ids.shape[1], pruned_len=cols.new_len, visual_before=int(units.packed.shape[0]),
                          visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k.cpu(),
                          kept_columns=[cols.src[cols.rows == b] for b in range(cols.bsz)],
@@ -223,8 +239,7 @@ class VisualTokenPruner:
         return idx.to(units.slots.device), cu, cu_k
 
     # ------------------------------------------------------------------ decode
-    def _decode(self, kw: dict, past_len: int) -> dict:
-        st = self._state
+    def _decode(self, kw: dict, past_len: int, st: _DecodeState) -> dict:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if x is None:
             return kw
@@ -251,8 +266,7 @@ class VisualTokenPruner:
                 kw[key] = torch.cat([st.cols.move(t[:, :st.orig_len], 0), t[:, st.orig_len:]], dim=1)
         versions.set_cache_position(kw, past_len, q)
         if kw.get("position_ids") is None:
-            pos = st.next_pos[:, None] + generated + torch.arange(q, device=st.next_pos.device)[None, :]
-            kw["position_ids"] = pos.expand(st.rope_rows, -1, -1) if st.rope_rows else pos
+            kw["position_ids"] = st.next_pos[..., None] + generated + torch.arange(q, device=st.next_pos.device)
         return kw
 
 
@@ -314,6 +328,7 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
         if isinstance(importance, str) and importance in imp.CLS_NAMES:
             handles += pruner.adapter.record_cls_attention()
         handles.append(model.register_forward_pre_hook(pruner._hook, with_kwargs=True))
+        handles.append(model.register_forward_hook(pruner._after, with_kwargs=True))
     except BaseException:
         for h in handles:
             h.remove()

@@ -49,16 +49,19 @@ def check(installed: str, family=None) -> None:
 CACHE_KEYS = ("cache", "past_key_values")
 
 
-def cached_length(kw: dict) -> int:
-    """Tokens already in the KV cache of a forward call (0 without a cache)."""
-    for key in CACHE_KEYS:
-        cache = kw.get(key)
-        if cache is not None:
-            if not hasattr(cache, "get_seq_length"):
-                raise TypeError(f"prune_visual_tokens: {key} must be a transformers Cache, got "
-                                f"{type(cache).__name__}")
-            return int(cache.get_seq_length())
-    return 0
+def cache_of(call_or_output):
+    """The KV cache of a forward call's keyword arguments or of its output (a ModelOutput or a
+    tuple), or None."""
+    if isinstance(call_or_output, dict):           # keyword arguments, or a ModelOutput
+        found = [call_or_output.get(key) for key in CACHE_KEYS]
+    else:
+        found = list(call_or_output) if isinstance(call_or_output, tuple) else []
+    for cache in found:
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return cache
+    if isinstance(call_or_output, dict) and any(call_or_output.get(key) is not None for key in CACHE_KEYS):
+        raise TypeError("prune_visual_tokens: the KV cache must be a transformers Cache")
+    return None
 
 
 def set_cache_position(kw: dict, start: int, length: int) -> None:
