@@ -325,6 +325,15 @@ def _cuda_emu_plan():
 
 CUDA_PLAN = _cuda_plan()
 CUDA_EMU_PLAN = _cuda_emu_plan()
+
+
+def _transformers_window():
+    """The ``hf`` extra: the transformers releases the HF integration is tested on, stated once
+    in mmrprune/integrations/hf/versions.py (which imports nothing, so it runs here)."""
+    import runpy
+    return runpy.run_path(os.path.join(ROOT, "mmrprune/integrations/hf/versions.py"))["REQUIREMENT"]
+
+
 setup(
     name="mmrprune",
     version="0.1.0",
@@ -341,7 +350,7 @@ setup(
         "test": ["pytest", "pytest-benchmark"],
         "realdata": ["onnx", "onnxruntime", "pillow", "scikit-image"],
         "bench": ["matplotlib"],
-        "hf": ["transformers>=5.23,<6"],
+        "hf": [_transformers_window()],
     },
     entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"],
                   # inert unless MMRPRUNE_VLLM is set (see mmrprune/integrations/vllm.py)

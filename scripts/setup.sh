@@ -106,7 +106,8 @@ fi
 
 # optional extras: plots (matplotlib) and the transformers integration tests
 [ -z "$(missing matplotlib)" ] || $PIP matplotlib 2>/dev/null || echo "[setup] matplotlib unavailable (offline?): plots are skipped"
-[ -z "$(missing "transformers>=5.23,<6")" ] || $PIP "transformers>=5.23,<6" 2>/dev/null \
+TRANSFORMERS=$("$PY" -c 'import runpy; print(runpy.run_path("mmrprune/integrations/hf/versions.py")["REQUIREMENT"])')
+[ -z "$(missing "$TRANSFORMERS")" ] || $PIP "$TRANSFORMERS" 2>/dev/null \
   || echo "[setup] transformers unavailable (offline?): integration tests are skipped"
 
 "$PY" -m mmrprune info

@@ -1,12 +1,14 @@
-"""mmrprune.integrations on tiny random-weight transformers VLMs (no downloads).
+"""mmrprune.integrations beyond the family suite: enabling (argument checks, all-or-nothing,
+the transformers window), the importance sources, labels, FLOPs and decode-step inputs.
 
-Models are built from configs: LLaVA (tiny CLIP + tiny Llama), Qwen2-VL and
-Qwen2.5-VL (1-2 layers, hidden 32).  Every check compares the pruned model
-with quantities computed independently here from the unpruned model.
+Tiny random-weight models from tests/hf_families.py (no downloads); every check compares
+the pruned model with quantities computed here from the unpruned model.
 """
+import inspect
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,316 +16,204 @@ transformers = pytest.importorskip("transformers")
 
 import mmrprune  # noqa: E402
 from mmrprune import importance as imp  # noqa: E402
-from mmrprune.integrations import prefill_flops, prune_visual_tokens  # noqa: E402
+from mmrprune.integrations import enable_visual_token_pruning, prefill_flops, prune_visual_tokens  # noqa: E402
+from mmrprune.integrations.hf import versions  # noqa: E402
 
-IMG = 63          # LLaVA image token
-Q_IMG, Q_VS, Q_VE = 60, 58, 59
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from hf_check import cache_key, check_pruned_prefill, language_model, recording  # noqa: E402
+from hf_families import (LLAVA, LLAVA_IMAGE, QWEN2_5_VL, QWEN2_VL, QWEN_IMAGE, QWEN_VIDEO,  # noqa: E402
+                         QWEN_VISION_END, QWEN_VISION_START, one_thread, qwen_image)  # noqa: F401 (autouse)
 
 
-# ----------------------------------------------------------------------------- tiny models
 @pytest.fixture(scope="module")
 def llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=32, patch_size=8, projection_dim=32)       # 16 patches per image
-    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=256,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    return LLAVA.build()
 
 
-def _qwen(cls_name):
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    ids = dict(image_token_id=Q_IMG, video_token_id=61, vision_start_token_id=Q_VS, vision_end_token_id=Q_VE)
-    if cls_name == "qwen2":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-        cfg = Qwen2VLConfig(vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
-                            text_config=text, **ids)
-        return Qwen2VLForConditionalGeneration(cfg).eval()
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    cfg = Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32,
-                                              num_heads=2, patch_size=4, spatial_merge_size=2,
-                                              temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
-                           text_config=text, **ids)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
-
-
-@pytest.fixture(scope="module", params=["qwen2", "qwen2_5"])
-def qwen(request):
-    return _qwen(request.param)
-
-
-# ----------------------------------------------------------------------------- inputs
-def llava_batch(seed=0, right_padded=False):
-    """Row 0: two images, no padding.  Row 1: one image, left-padded (or right-padded)."""
-    g = torch.Generator().manual_seed(seed)
-    r0 = [1, 5, 6] + [IMG] * 16 + [7] + [IMG] * 16 + [8, 9]
-    r1 = [1, 10] + [IMG] * 16 + [11, 12, 13]
-    L = len(r0)
-    ids = torch.zeros(2, L, dtype=torch.long)
-    am = torch.zeros(2, L, dtype=torch.long)
-    ids[0] = torch.tensor(r0)
-    am[0] = 1
-    row1 = slice(0, len(r1)) if right_padded else slice(L - len(r1), L)
-    ids[1, row1] = torch.tensor(r1)
-    am[1, row1] = 1
-    pv = torch.randn(3, 3, 32, 32, generator=g)
-    return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
-
-
-def qwen_batch(seed=0):
-    """Row 0: two images (8x8 and 4x6 patch grids -> 16 and 6 tokens).  Row 1: one 6x4 image, left-padded."""
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.tensor([[1, 8, 8], [1, 4, 6], [1, 6, 4]])
-    ntok = (grid.prod(-1) // 4).tolist()
-    r0 = [1, 3, Q_VS] + [Q_IMG] * ntok[0] + [Q_VE, 4, Q_VS] + [Q_IMG] * ntok[1] + [Q_VE, 5, 6]
-    r1 = [1, 7, Q_VS] + [Q_IMG] * ntok[2] + [Q_VE, 8]
-    L = len(r0)
-    ids = torch.zeros(2, L, dtype=torch.long)
-    am = torch.zeros(2, L, dtype=torch.long)
-    ids[0] = torch.tensor(r0)
-    am[0] = 1
-    ids[1, L - len(r1):] = torch.tensor(r1)
-    am[1, L - len(r1):] = 1
-    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g)
-    return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=grid,
-                mm_token_type_ids=(ids == Q_IMG).int())
-
-
-class Capture:
-    """Inputs of the language model (embeddings, positions, mask) and of its first decoder layer."""
-
-    def __init__(self, model):
-        self.calls = []
-        lm = model.model.language_model
-        self.h1 = lm.register_forward_pre_hook(self._lm, with_kwargs=True)
-        self.h2 = lm.layers[0].register_forward_pre_hook(self._layer, with_kwargs=True)
-
-    def _lm(self, mod, args, kwargs):
-        self.calls.append(dict(embeds=kwargs["inputs_embeds"].detach().clone(),
-                               pos=None if kwargs.get("position_ids") is None else kwargs["position_ids"].clone(),
-                               mask=kwargs.get("attention_mask")))
-
-    def _layer(self, mod, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        self.calls[-1]["layer0"] = hs.detach().clone()
-
-    def remove(self):
-        self.h1.remove()
-        self.h2.remove()
+@pytest.fixture(scope="module")
+def qwen():
+    return QWEN2_VL.build()
 
 
 def image_features(model, batch):
-    with torch.no_grad():
-        if "image_grid_thw" in batch:
-            out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-        else:
-            out = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
-    return list(out.pooler_output)
+    """The projected image features the model itself merges, per image."""
+    with torch.no_grad(), recording(language_model(model)) as (calls, _):
+        model(**batch)
+    packed = calls[0][1]["inputs_embeds"][batch["input_ids"] == LLAVA_IMAGE]
+    return list(packed.split(16))
 
 
-def expected_columns(ids, am, image_id, kept_flat):
-    """Per row, the original columns a correct pruning keeps (text + selected image tokens, no padding)."""
-    img_pos = (ids == image_id).nonzero().tolist()
-    sel = {tuple(img_pos[i]) for i in kept_flat.tolist()}
-    return [[c for c in range(ids.shape[1]) if am[b, c] and (ids[b, c] != image_id or (b, c) in sel)]
-            for b in range(ids.shape[0])]
+def hooks_of(model):
+    return len(model._forward_pre_hooks) + sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                                               for m in model.modules() if m is not model)
 
 
-def check_kept(model, batch, image_id, unpruned_pos, keep_ratio=0.25, right_padded=False, **kw):
-    """Run a pruned forward and compare the decoder's inputs with an independent reconstruction
-    (rows re-padded on the left, or on the right for a right-padded batch)."""
-    feats = image_features(model, batch)
-    packed = torch.cat(feats)
-    cu = torch.tensor([0] + [f.shape[0] for f in feats]).cumsum(0)
-    want_idx, _ = mmrprune.select_varlen(packed, imp.token_norm(packed), cu, keep_ratio=keep_ratio,
-                                         method=kw.get("method", "mmr"), lam=kw.get("lam", 0.5))
-    cols = expected_columns(batch["input_ids"], batch["attention_mask"], image_id, want_idx)
-    cap = Capture(model)
-    try:
-        with torch.no_grad(), prune_visual_tokens(model, keep_ratio=keep_ratio, **kw) as p:
-            model(**batch)
-    finally:
-        cap.remove()
-    c = cap.calls[-1]
-    embed = model.get_input_embeddings()
-    ids = batch["input_ids"]
-    new_len = max(len(x) for x in cols)
-    assert c["embeds"].shape[1] == new_len == p.last["pruned_len"]
-    assert torch.equal(p.last["kept_indices"], want_idx)
-    img_pos = (ids == image_id).nonzero().tolist()
-    row_of = {tuple(pq): i for i, pq in enumerate(img_pos)}
-    for b in range(ids.shape[0]):
-        off = 0 if right_padded else new_len - len(cols[b])
-        pad = list(range(len(cols[b]), new_len)) if right_padded else list(range(off))
-        assert not c["mask"][b, pad].bool().any()
-        assert torch.equal(p.last["kept_columns"][b], torch.tensor(cols[b]))
-        for j, col in enumerate(cols[b]):
-            want = packed[row_of[(b, col)]] if ids[b, col] == image_id else embed(ids[b, col])
-            torch.testing.assert_close(c["embeds"][b, off + j], want, rtol=0, atol=0)
-            torch.testing.assert_close(c["layer0"][b, off + j], want, rtol=0, atol=0)
-            assert int(c["mask"][b, off + j]) == 1
-            assert torch.equal(c["pos"][..., b, off + j], unpruned_pos[..., b, col]), (b, col)
-        # visual tokens appear in positional (ascending column) order
-        vis = [col for col in cols[b] if ids[b, col] == image_id]
-        assert vis == sorted(vis)
-    return p
-
-
-# ----------------------------------------------------------------------------- LLaVA
 def test_import_does_not_import_transformers():
     code = "import sys, mmrprune, mmrprune.integrations, mmrprune.importance; " \
            "assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_llava_prefill_sees_kept_tokens_with_original_positions(llava):
-    batch = llava_batch()
-    L = batch["input_ids"].shape[1]
-    unpruned = torch.arange(L).expand(2, L)                            # LlamaModel's default positions
-    p = check_kept(llava, batch, IMG, unpruned, keep_ratio=0.25)
-    # 3 images of 16 tokens keep 4 each: row 0 (38 -> 14) sets the length, row 1 (22 -> 10) is re-padded
-    assert p.last["visual_before"] == 48 and p.last["visual_after"] == 12
-    assert p.last["orig_len"] == L and p.last["pruned_len"] == L - 24
+# ----------------------------------------------------------------------------- enabling
+def _select_error(**kwargs):
+    """The exception mmrprune.select raises for these arguments (on a CPU tensor)."""
+    try:
+        mmrprune.select(torch.randn(4, 8), None, **kwargs)
+    except Exception as exc:       # noqa: BLE001 - any error is what we compare against
+        return exc
+    raise AssertionError(f"select accepted {kwargs}")
 
 
-def test_llava_right_padded_batch_is_repadded_on_the_right(llava):
-    batch = llava_batch(right_padded=True)
-    L = batch["input_ids"].shape[1]
-    p = check_kept(llava, batch, IMG, torch.arange(L).expand(2, L), keep_ratio=0.25, right_padded=True)
-    assert p.last["right_padded"] and p.last["pruned_len"] == L - 24
+@pytest.mark.parametrize("kwargs", [dict(k=0), dict(keep_ratio=1.5), dict(k=2, keep_ratio=0.5), dict(k=2.5),
+                                    dict(k=2, method="foo"), dict(k=2, backend="cuda"), dict(k=2, backend="gpu"),
+                                    dict(k=2, lam=3), dict(k=2, lam="0.5"), dict(k=2, foo=1),
+                                    dict(k=2, method="d2pruner", alpha=0.5), dict(k=2, method="d2pruner", tau=None)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_enable_checks_every_argument_with_selects_messages(llava, kwargs):
+    want = _select_error(**kwargs)
+    with pytest.raises(type(want)) as got:
+        enable_visual_token_pruning(llava, **kwargs)
+    assert str(got.value) == str(want)
+    assert hooks_of(llava) == 0 and getattr(llava, "_mmrprune_pruner", None) is None
 
 
-def test_llava_keep_ratio_one_reproduces_logits_and_loss(llava):
-    batch = llava_batch(1)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMG, -100).masked_fill(
-        batch["attention_mask"] == 0, -100)
+def test_failed_enable_leaves_the_model_as_it_was(qwen):
+    """importance='cls' on Qwen2-VL (no [CLS] token) is refused when enabling, not at the first
+    forward, and no hook stays behind: plain forwards still work."""
+    batch = QWEN2_VL.batch(qwen)
     with torch.no_grad():
-        ref = llava(**batch, labels=labels)
-        with prune_visual_tokens(llava, keep_ratio=1.0, method="mmr", lam=0.5):
-            got = llava(**batch, labels=labels)
-        after = llava(**batch, labels=labels)                          # hook removed on exit
-    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-5)
-    assert torch.equal(after.logits, ref.logits)
-
-
-def test_llava_labels_shortened(llava):
-    batch = llava_batch(2)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMG, -100).masked_fill(
-        batch["attention_mask"] == 0, -100)
-    with torch.no_grad(), prune_visual_tokens(llava, k=3) as p:
-        out = llava(**batch, labels=labels)
-    new_len = p.last["pruned_len"]
-    assert out.logits.shape[1] == new_len
-    # rebuild the pruned labels from the kept columns and recompute the shifted CE
-    want = torch.full((2, new_len), -100)
-    for b, cols in enumerate(p.last["kept_columns"]):
-        want[b, new_len - len(cols):] = labels[b, cols]
-    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
-                                           want[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out.loss, ce, rtol=1e-5, atol=1e-6)
-
-
-def _greedy_no_cache(model, batch, steps, extend):
-    """Reference decode: re-run the whole (pruned) prompt every step, no KV cache."""
-    b = dict(batch)
-    out, logits = [], []
-    for _ in range(steps):
-        with torch.no_grad():
-            last = model(**b, use_cache=False).logits[:, -1]
-        nxt = last.argmax(-1, keepdim=True)
-        out.append(nxt)
-        logits.append(last)
-        b = extend(b, nxt)
-    return torch.cat(out, dim=1), logits
-
-
-def _generate(model, batch, steps):
+        ref = qwen(**batch).logits
+    with pytest.raises(ValueError, match="importance: 'cls' needs a vision tower with a \\[CLS\\] token"):
+        with prune_visual_tokens(qwen, k=2, importance="cls"):
+            pass
+    assert hooks_of(qwen) == 0
     with torch.no_grad():
-        g = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                           return_dict_in_generate=True, output_logits=True)
-    return g.sequences, g.logits
+        assert torch.equal(qwen(**batch).logits, ref)
+    with prune_visual_tokens(qwen, k=2):                  # and enabling again works
+        assert hooks_of(qwen) == 1
+    assert hooks_of(qwen) == 0
 
 
-def _extend_llava(b, nxt):
-    b = dict(b)
-    b["input_ids"] = torch.cat([b["input_ids"], nxt], 1)
-    b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones_like(nxt)], 1)
-    return b
+def test_failing_cls_hooks_leave_nothing_behind(llava, monkeypatch):
+    tower = llava.model.vision_tower
+    layer = getattr(tower, "vision_model", tower).encoder.layers[1]
+    attn = layer.self_attn
+    monkeypatch.delattr(layer, "self_attn")
+    with pytest.raises(ValueError, match="CLIP-style vision towers"):
+        enable_visual_token_pruning(llava, k=2, importance="cls")
+    layer.self_attn = attn
+    assert hooks_of(llava) == 0 and getattr(llava, "_mmrprune_pruner", None) is None
 
 
-def _extend_qwen(b, nxt):
-    b = _extend_llava(b, nxt)
-    b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"], torch.zeros_like(nxt, dtype=torch.int)], 1)
-    return b
+def test_enable_twice_and_unsupported_models(llava):
+    with pytest.raises(TypeError, match="unsupported model Linear; supported: LlavaForConditionalGeneration"):
+        enable_visual_token_pruning(torch.nn.Linear(2, 2), k=2)
+    with prune_visual_tokens(llava, k=2):
+        with pytest.raises(RuntimeError, match="already enabled"):
+            enable_visual_token_pruning(llava, k=2)
+    assert hooks_of(llava) == 0
 
 
-def test_llava_generate_batch2_two_images_matches_uncached_decode(llava):
-    batch = llava_batch(3)
-    L = batch["input_ids"].shape[1]
-    with prune_visual_tokens(llava, keep_ratio=0.25, method="mmr", lam=0.5, importance="norm") as p:
-        gen, gen_logits = _generate(llava, batch, 4)
-        assert p.last["pruned_len"] == L - 24
-        ref, ref_logits = _greedy_no_cache(llava, batch, 4, _extend_llava)
-    assert gen.shape == (2, L + 4)
-    assert torch.equal(gen[:, L:], ref)
-    for a, b in zip(gen_logits, ref_logits):                          # cached decode == full recompute
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():                                               # and pruning did change the model's view
-        full = llava(**batch).logits[:, -1]
-    assert not torch.allclose(full, ref_logits[0], atol=1e-4)
+@pytest.mark.parametrize("release", ["4.57.5", "4.56.2", "5.26.0", "6.0.0", "5.26.0.dev0", "not-a-version"])
+def test_releases_outside_the_window_are_refused_when_enabling(llava, monkeypatch, release):
+    # transformers swaps its module object in sys.modules once models load: patch the current one
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", release)
+    with pytest.raises(RuntimeError) as exc:
+        enable_visual_token_pruning(llava, k=2)
+    assert f"transformers {release} is outside" in str(exc.value) and versions.specifier() in str(exc.value)
+    assert hooks_of(llava) == 0
 
 
-def test_llava_prefill_flops_drop(llava):
-    from torch.utils.flop_counter import FlopCounterMode
-    batch = {k: v[:1] for k, v in llava_batch(4).items() if k != "pixel_values"}
-    batch["pixel_values"] = llava_batch(4)["pixel_values"][:2]          # row 0 has two images
-    lm = llava.model.language_model
-    measured = {}
-    for ratio in (1.0, 0.25):
-        cap = Capture(llava)
-        try:
-            with torch.no_grad(), prune_visual_tokens(llava, keep_ratio=ratio) as p:
-                llava(**batch)
-        finally:
-            cap.remove()
-        c = cap.calls[-1]
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            lm(inputs_embeds=c["embeds"], position_ids=c["pos"], attention_mask=c["mask"])
-        n = p.last["pruned_len"]
-        measured[n] = fc.get_total_flops()
-        est = prefill_flops(llava.config.text_config, n)
-        assert abs(measured[n] - est) / est < 0.02, (n, measured[n], est)
-    (n_full, f_full), (n_pruned, f_pruned) = sorted(measured.items(), reverse=True)
-    assert n_full == batch["input_ids"].shape[1] and n_pruned == n_full - 24
-    assert f_pruned < f_full * n_pruned / n_full                       # at least linear savings
+def test_a_family_may_narrow_the_window(llava, monkeypatch):
+    from mmrprune.integrations.hf.llava import Llava
+    monkeypatch.setattr(Llava, "transformers", ">=5.26")
+    with pytest.raises(RuntimeError, match=f"outside the releases llava models are tested on \\(.*>=5.26"):
+        enable_visual_token_pruning(llava, k=2)
+    assert hooks_of(llava) == 0
 
 
-def test_llava_cls_importance_matches_vision_tower_attention(llava):
-    batch = llava_batch(5)
+def test_the_window_is_stated_once():
+    """setup.py's hf extra and scripts/setup.sh read versions.REQUIREMENT instead of stating a
+    range of their own; the installed release is inside it."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("setup.py", os.path.join("scripts", "setup.sh")):
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            text = f.read()
+        assert 'runpy.run_path' in text and "mmrprune/integrations/hf/versions.py" in text, path
+        assert "transformers>=" not in text and "transformers<" not in text, path
+    versions.check(transformers.__version__)
+    versions.check(versions.floor())
+
+
+# ----------------------------------------------------------------------------- importance argument
+@pytest.mark.parametrize("value, error, text", [
+    ([0.1, 0.2], TypeError, "got list"),
+    (5, TypeError, "got int 5"),
+    (b"norm", TypeError, "got bytes"),
+    (("norm",), TypeError, "got tuple"),
+    ("attention", ValueError, "got 'attention'"),
+    (np.zeros(48, dtype=np.int64), TypeError, "dtype int64"),
+    (torch.zeros(48, dtype=torch.int64), TypeError, "got dtype torch.int64"),
+    (torch.zeros(6, 8), ValueError, "1-D tensor"),
+    (torch.zeros(48, device="meta"), ValueError, "meta device"),
+], ids=["list", "int", "bytes", "tuple", "unknown-name", "int-array", "int-tensor", "2-D", "meta"])
+def test_bad_importance_is_refused_when_enabling(llava, value, error, text):
+    with pytest.raises(error, match="importance") as exc:
+        enable_visual_token_pruning(llava, k=4, importance=value)
+    assert text in str(exc.value)
+    assert hooks_of(llava) == 0
+
+
+@pytest.mark.parametrize("returned, text", [
+    (None, "returned NoneType None"), ("norm", "returned str 'norm'"),
+    (torch.zeros(48, device="meta"), "meta device"), ([torch.zeros(16)] * 2, "2 items"),
+    ([torch.zeros(16), torch.zeros(16), torch.zeros(3)], "shape (3,) for image 2"),
+    (torch.zeros(47), "47"), (torch.zeros(48, dtype=torch.int32), "dtype torch.int32"),
+], ids=["None", "str", "meta", "too-few", "short-image", "short", "int"])
+def test_what_an_importance_callable_returns_is_checked(llava, returned, text):
+    batch = LLAVA.batch(llava)
+    with pytest.raises((TypeError, ValueError), match="importance") as exc:
+        with torch.no_grad(), prune_visual_tokens(llava, k=4, importance=lambda feats, ctx: returned):
+            llava(**batch)
+    assert text in str(exc.value)
+
+
+def test_numpy_and_user_importance(llava):
+    batch = LLAVA.batch(llava, seed=6)
+    user = torch.randn(48, generator=torch.Generator().manual_seed(0))
+    want = torch.cat([torch.topk(user[s:s + 16], 4).indices.sort().values + s for s in (0, 16, 32)])
+    for value in (user, user.numpy(), lambda fs, ctx: [user[:16], user[16:32], user[32:]],
+                  lambda fs, ctx: user.numpy()):
+        with torch.no_grad(), prune_visual_tokens(llava, k=4, method="topk", importance=value) as p:
+            llava(**batch)
+        assert torch.equal(p.last["kept_indices"], want)
+    with pytest.raises(ValueError, match="48"):
+        with torch.no_grad(), prune_visual_tokens(llava, k=4, importance=user[:10]):
+            llava(**batch)
+
+
+def test_callable_context(llava):
+    batch = LLAVA.batch(llava, seed=8)
+    seen = {}
+
+    def record(feats, ctx):
+        seen.update(ctx, shapes=[tuple(f.shape) for f in feats])
+        return torch.cat(feats).norm(dim=-1)
+
+    with torch.no_grad(), prune_visual_tokens(llava, k=4, importance=record):
+        llava(**batch)
+    assert seen["shapes"] == [(16, 32)] * 3 and seen["image_rows"].tolist() == [0, 0, 1]
+    assert seen["model"] is llava and torch.equal(seen["input_ids"], batch["input_ids"])
+    assert torch.equal(seen["attention_mask"], batch["attention_mask"])
+
+
+def test_cls_importance_matches_vision_tower_attention(llava):
+    batch = LLAVA.batch(llava, seed=5)
     with torch.no_grad():
         out = llava.model.vision_tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
     # features taken at hidden_states[-2] -> produced by the second-to-last layer = attentions[-2]
     w = imp.cls_attention(out.attentions[-2]).reshape(-1)
-    feats = image_features(llava, batch)
-    packed = torch.cat(feats)
+    packed = torch.cat(image_features(llava, batch))
     cu = torch.tensor([0, 16, 32, 48])
     want, _ = mmrprune.select_varlen(packed, w, cu, k=5, method="topk")
     with torch.no_grad(), prune_visual_tokens(llava, k=5, method="topk", importance="cls") as p:
@@ -337,88 +227,152 @@ def test_llava_cls_importance_matches_vision_tower_attention(llava):
                                               position_bias=bias) as p:
         llava(**batch)
     assert torch.equal(p.last["kept_indices"], want_d)
+    with pytest.raises(ValueError, match="position_bias"):
+        enable_visual_token_pruning(llava, k=5, importance="debiased_cls")
+    with pytest.raises(TypeError, match="position_bias"):
+        enable_visual_token_pruning(llava, k=5, importance="debiased_cls", position_bias=[1.0] * 16)
 
 
-def test_llava_text_and_user_importance(llava):
-    batch = llava_batch(6)
+def test_text_importance(llava):
+    batch = LLAVA.batch(llava, seed=6)
     feats = image_features(llava, batch)
-    packed = torch.cat(feats)
-    cu = torch.tensor([0, 16, 32, 48])
     emb = llava.get_input_embeddings()
     ids, am = batch["input_ids"], batch["attention_mask"]
     ws = []
     for i, f in enumerate(feats):
         row = 0 if i < 2 else 1
-        text = emb(ids[row][(ids[row] != IMG) & (am[row] == 1)])
+        text = emb(ids[row][(ids[row] != LLAVA_IMAGE) & (am[row] == 1)])
         ws.append(imp.text_relevance(f.detach(), text.detach(), reduce="mean"))
-    want, _ = mmrprune.select_varlen(packed, torch.cat(ws), cu, k=4, method="topk")
+    want, _ = mmrprune.select_varlen(torch.cat(feats), torch.cat(ws), torch.tensor([0, 16, 32, 48]), k=4,
+                                     method="topk")
     with torch.no_grad(), prune_visual_tokens(llava, k=4, method="topk", importance="text",
                                               text_reduce="mean") as p:
         llava(**batch)
     assert torch.equal(p.last["kept_indices"], want)
-    # a user tensor: topk must keep exactly its 4 largest entries per image
-    user = torch.randn(48, generator=torch.Generator().manual_seed(0))
-    want_u = torch.cat([torch.topk(user[s:s + 16], 4).indices.sort().values + s for s in (0, 16, 32)])
-    with torch.no_grad(), prune_visual_tokens(llava, k=4, method="topk", importance=user) as p:
-        llava(**batch)
-    assert torch.equal(p.last["kept_indices"], want_u)
-    with torch.no_grad(), prune_visual_tokens(llava, k=4, method="topk",
-                                              importance=lambda fs, ctx: [user[:16], user[16:32], user[32:]]) as p:
-        llava(**batch)
-    assert torch.equal(p.last["kept_indices"], want_u)
-    with pytest.raises(ValueError, match="48"):
-        with torch.no_grad(), prune_visual_tokens(llava, k=4, importance=user[:10]):
+    with pytest.raises(ValueError, match="text_reduce"):
+        enable_visual_token_pruning(llava, k=4, importance="text", text_reduce="min")
+
+
+# ----------------------------------------------------------------------------- labels, FLOPs, decode inputs
+def test_labels_are_shortened_with_the_sequence(llava):
+    batch = LLAVA.batch(llava, seed=2)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == LLAVA_IMAGE, -100).masked_fill(
+        batch["attention_mask"] == 0, -100)
+    with torch.no_grad(), prune_visual_tokens(llava, k=3) as p:
+        out = llava(**batch, labels=labels)
+    new_len = p.last["pruned_len"]
+    assert out.logits.shape[1] == new_len
+    want = torch.full((2, new_len), -100)
+    for b, cols in enumerate(p.last["kept_columns"]):
+        want[b, new_len - len(cols):] = labels[b, cols]
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                           want[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ce, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_flops_drop(llava):
+    from torch.utils.flop_counter import FlopCounterMode
+    full = LLAVA.batch(llava, seed=4)
+    batch = {k: v[:1] for k, v in full.items() if k != "pixel_values"}
+    batch["pixel_values"] = full["pixel_values"][:2]                    # row 0 has two images
+    lm = language_model(llava)
+    measured = {}
+    for ratio in (1.0, 0.25):
+        with torch.no_grad(), prune_visual_tokens(llava, keep_ratio=ratio) as p, recording(llava) as (calls, _):
             llava(**batch)
+        c = calls[0][1]
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            lm(inputs_embeds=c["inputs_embeds"], position_ids=c["position_ids"], attention_mask=c["attention_mask"])
+        n = p.last["pruned_len"]
+        measured[n] = fc.get_total_flops()
+        est = prefill_flops(llava.config.text_config, n)
+        assert abs(measured[n] - est) / est < 0.02, (n, measured[n], est)
+    (n_full, f_full), (n_pruned, f_pruned) = sorted(measured.items(), reverse=True)
+    assert n_full == batch["input_ids"].shape[1] and n_pruned == n_full - 24
+    assert f_pruned < f_full * n_pruned / n_full                       # at least linear savings
 
 
-def test_bad_arguments(llava):
-    with pytest.raises(ValueError, match="exactly one"):
-        prune_visual_tokens(llava, k=2, keep_ratio=0.5).__enter__()
-    with pytest.raises(ValueError, match="importance"):
-        prune_visual_tokens(llava, k=2, importance="attention").__enter__()
-    with pytest.raises(TypeError, match="unsupported"):
-        prune_visual_tokens(torch.nn.Linear(2, 2), k=2).__enter__()
-    with prune_visual_tokens(llava, k=2):
-        with pytest.raises(RuntimeError, match="already"):
-            prune_visual_tokens(llava, k=2).__enter__()
+def test_decode_step_mask_of_another_length_is_refused(llava):
+    batch = LLAVA.batch(llava, seed=9)
+    key = cache_key(llava)
+    with torch.no_grad(), prune_visual_tokens(llava, k=4):
+        out = llava(**batch, use_cache=True)
+        step = {"input_ids": out.logits[:, -1:].argmax(-1), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+                key: getattr(out, key)}
+        with pytest.raises(ValueError, match="decode step needs a 2-D attention mask"):
+            llava(**step)
 
 
-# ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
-def qwen_unpruned_positions(model, batch):
-    with torch.no_grad():
-        pos, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                            image_grid_thw=batch["image_grid_thw"],
-                                            attention_mask=batch["attention_mask"])
-    return pos
+def _spanning(batch):
+    """Two 16-token images, but 20 placeholders in row 0 and 12 in row 1."""
+    ids = batch["input_ids"].clone()
+    ids[1, ids[1] == LLAVA_IMAGE] = 5
+    ids[0, ids[0] == LLAVA_IMAGE] = 5
+    ids[0, 3:23], ids[1, -13:-1] = LLAVA_IMAGE, LLAVA_IMAGE
+    return dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"][:2])
 
 
-def test_qwen_prefill_keeps_original_mrope_positions(qwen):
-    batch = qwen_batch()
-    pos = qwen_unpruned_positions(qwen, batch)
-    assert (pos[1] != pos[2]).any()                                     # genuinely 3-D positions
-    p = check_kept(qwen, batch, Q_IMG, pos, keep_ratio=0.25)
-    # images of 16, 6, 6 tokens keep 4, 2, 2
-    assert p.last["visual_after"] == 8
-    assert p.last["pruned_len"] == batch["input_ids"].shape[1] - 12 - 4
+@pytest.mark.parametrize("change, error, text", [
+    (lambda b: dict(b, pixel_values=b["pixel_values"][:2]), ValueError, "48 image placeholder tokens in input_ids "
+                                                                        "but 32 image features"),
+    (_spanning, ValueError, "the 16 placeholder tokens of image 1 span prompts 0 and 1"),
+    (lambda b: dict(b, position_ids=torch.arange(5)[None]), ValueError, "position_ids of shape (2, 5) do not match"),
+    (lambda b: dict(b, attention_mask=b["attention_mask"][:, None]), ValueError, "2-D attention mask"),
+], ids=["feature-count", "image-across-prompts", "position-ids", "3-D-mask"])
+def test_malformed_prefills_get_clear_errors(llava, change, error, text):
+    with pytest.raises(error) as exc:
+        with torch.no_grad(), prune_visual_tokens(llava, k=4):
+            llava(**change(LLAVA.batch(llava)))
+    assert text in str(exc.value)
 
 
-def test_qwen_keep_ratio_one_reproduces_logits(qwen):
-    batch = qwen_batch(1)
-    with torch.no_grad():
-        ref = qwen(**batch)
-        with prune_visual_tokens(qwen, keep_ratio=1.0, method="dpp"):
-            got = qwen(**batch)
-    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+def test_interleaved_conversations_decode_against_their_own_caches(llava):
+    """Two pruned prompts prefilled one after the other, then decoded in turns: each step is
+    mapped with the state of the cache it continues."""
+    key = cache_key(llava)
+    batches = [LLAVA.batch(llava, seed=12), LLAVA.batch(llava, seed=13, padding="right")]
+    batches[1] = {k: v[:1] for k, v in batches[1].items() if k != "pixel_values"} | \
+        {"pixel_values": batches[1]["pixel_values"][:2]}                        # one prompt, 2 images
+    with torch.no_grad(), prune_visual_tokens(llava, k=3):
+        outs = [llava(**b, use_cache=True) for b in batches]
+        for i in (1, 0, 1):
+            token = outs[i].logits[:, -1].index_fill(-1, torch.tensor([LLAVA_IMAGE]), -float("inf")).argmax(-1)[:, None]
+            batches[i] = LLAVA.extend(batches[i], token)
+            outs[i] = llava(input_ids=token, attention_mask=batches[i]["attention_mask"],
+                            **{key: getattr(outs[i], key)})
+            want = llava(**batches[i], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(outs[i].logits[:, -1], want, rtol=1e-4, atol=1e-5)
 
 
-def test_qwen_generate_batch2_matches_uncached_decode(qwen):
-    batch = qwen_batch(2)
-    L = batch["input_ids"].shape[1]
-    with prune_visual_tokens(qwen, keep_ratio=0.5, method="mmr", lam=0.5) as p:
-        gen, gen_logits = _generate(qwen, batch, 4)
-        assert p.last["orig_len"] == L and p.last["pruned_len"] == L - 8 - 3  # row 0: 16->8, 6->3
-        ref, ref_logits = _greedy_no_cache(qwen, batch, 4, _extend_qwen)
-    assert gen.shape == (2, L + 4)
-    assert torch.equal(gen[:, L:], ref)
-    for a, b in zip(gen_logits, ref_logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+def test_static_caches_are_refused(llava):
+    with pytest.raises(ValueError, match="static caches, which are not supported"):
+        with torch.no_grad(), prune_visual_tokens(llava, k=4):
+            llava.generate(**LLAVA.batch(llava), max_new_tokens=2, cache_implementation="static")
+
+
+def test_qwen_videos_are_merged_unpruned():
+    """A prompt with an image and a video: the image is pruned, every video token stays, and the
+    prefill still equals the masked unpruned forward."""
+    model = QWEN2_5_VL.build()
+    g = torch.Generator().manual_seed(11)
+    image_grid, video_grid = torch.tensor([[1, 8, 8]]), torch.tensor([[2, 4, 4]])     # 16 and 8 tokens
+    row = [1, 3] + qwen_image(16) + [4, QWEN_VISION_START] + [QWEN_VIDEO] * 8 + [QWEN_VISION_END, 5]
+    ids = torch.tensor([row])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=image_grid,
+                 pixel_values=torch.randn(64, 96, generator=g), video_grid_thw=video_grid,
+                 pixel_values_videos=torch.randn(32, 96, generator=g))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
+    got = check_pruned_prefill(model, batch, QWEN2_5_VL, k=4)
+    assert bool(got.keep[ids == QWEN_VIDEO].all()) and int(got.keep[ids == QWEN_IMAGE].sum()) == 4
+
+
+def test_qwen_needs_mm_token_type_ids_where_the_model_does(qwen):
+    batch = QWEN2_VL.batch(qwen)
+    if "mm_token_type_ids" not in batch:
+        pytest.skip(f"transformers {transformers.__version__} finds the vision tokens in input_ids itself")
+    batch.pop("mm_token_type_ids")
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        with torch.no_grad(), prune_visual_tokens(qwen, k=2):
+            qwen(**batch)
+    assert (batch["input_ids"] == QWEN_IMAGE).any()

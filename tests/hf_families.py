@@ -1,0 +1,153 @@
+"""Tiny random-weight models of every supported family (built from configs, no download)
+and the batches the family test suite (tests/test_integrations_hf_families.py) runs them on.
+
+A family joins the suite with one :class:`FamilySpec`: a model factory, a batch factory
+(row 0 with two images, row 1 with one, the shorter row padded on the given side), the
+mask of its prunable placeholder slots, the tokens per image and how to append a
+generated token for the uncached recompute.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+import transformers
+
+LLAVA_IMAGE = 63
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 60, 61, 58, 59
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models run single-threaded: the machine is shared, and a model this small gains nothing."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@dataclass
+class FamilySpec:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    batch: Callable[..., dict]                    # (model, seed=0, padding="left") -> inputs
+    prunable: Callable[[dict], torch.Tensor]      # inputs -> [B, L] bool, the prunable slots
+    image_tokens: Callable[[dict], list]          # inputs -> tokens per image, in order
+    extend: Callable[[dict, torch.Tensor], dict]  # inputs + one generated token per row
+    placeholders: tuple = ()                      # token ids a generation test must not emit
+    # [B, L, L] extra (query, key) pairs the model lets attend beyond causality (e.g. Gemma 3's
+    # bidirectional image blocks), from the inputs; None: plain causal
+    extra_allowed: Optional[Callable[[dict], torch.Tensor]] = None
+
+
+def _pad_rows(rows: list, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows padded to a common length with id 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    am = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        cols = slice(0, len(r)) if padding == "right" else slice(width - len(r), width)
+        ids[b, cols] = torch.tensor(r)
+        am[b, cols] = 1
+    return ids, am
+
+
+def _append(batch: dict, token: torch.Tensor, *per_token_keys: str) -> dict:
+    b = dict(batch)
+    b["input_ids"] = torch.cat([b["input_ids"], token], 1)
+    b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones_like(token)], 1)
+    for key in per_token_keys:
+        if key in b:
+            b[key] = torch.cat([b[key], torch.zeros_like(token, dtype=b[key].dtype)], 1)
+    return b
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+def build_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8, projection_dim=32)       # 16 patches per image
+    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=256,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=LLAVA_IMAGE, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+
+
+def llava_batch(model=None, seed=0, padding="left"):
+    """Row 0: two images and text between them.  Row 1: one image, padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids, am = _pad_rows([[1, 5, 6] + [LLAVA_IMAGE] * 16 + [7] + [LLAVA_IMAGE] * 16 + [8, 9],
+                         [1, 10] + [LLAVA_IMAGE] * 16 + [11, 12, 13]], padding)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(3, 3, 32, 32, generator=g))
+
+
+LLAVA = FamilySpec(name="llava", build=build_llava, batch=llava_batch,
+                   prunable=lambda b: b["input_ids"] == LLAVA_IMAGE, image_tokens=lambda b: [16, 16, 16],
+                   extend=lambda b, t: _append(b, t), placeholders=(LLAVA_IMAGE,))
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_GRIDS = torch.tensor([[1, 8, 8], [1, 4, 6], [1, 6, 4]])          # 16, 6 and 6 merged tokens
+
+
+def build_qwen(version: str):
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if transformers.__version__.startswith("4."):         # 4.57 names the rope settings differently
+        del text["rope_parameters"]
+        text.update(rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+               vision_end_token_id=QWEN_VISION_END)
+    if version == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        cfg = Qwen2VLConfig(vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+                            text_config=text, **ids)
+        return Qwen2VLForConditionalGeneration(cfg).eval()
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32,
+                                              num_heads=2, patch_size=4, spatial_merge_size=2,
+                                              temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
+                           text_config=text, **ids)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def qwen_image(n_tokens: int) -> list:
+    return [QWEN_VISION_START] + [QWEN_IMAGE] * n_tokens + [QWEN_VISION_END]
+
+
+def qwen_batch(model, seed=0, padding="left"):
+    """Row 0: two images (8x8 and 4x6 patch grids -> 16 and 6 tokens).  Row 1: one 6x4 image, padded.
+    With ``mm_token_type_ids`` where the model takes them (transformers 5.3 and later)."""
+    g = torch.Generator().manual_seed(seed)
+    n = (QWEN_GRIDS.prod(-1) // 4).tolist()
+    ids, am = _pad_rows([[1, 3] + qwen_image(n[0]) + [4] + qwen_image(n[1]) + [5, 6],
+                         [1, 7] + qwen_image(n[2]) + [8]], padding)
+    batch = dict(input_ids=ids, attention_mask=am, image_grid_thw=QWEN_GRIDS,
+                 pixel_values=torch.randn(int(QWEN_GRIDS.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int()
+    return batch
+
+
+def _qwen_spec(version):
+    return FamilySpec(name=version, build=lambda: build_qwen(version), batch=qwen_batch,
+                      prunable=lambda b: b["input_ids"] == QWEN_IMAGE,
+                      image_tokens=lambda b: (b["image_grid_thw"].prod(-1) // 4).tolist(),
+                      extend=lambda b, t: _append(b, t, "mm_token_type_ids"),
+                      placeholders=(QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END))
+
+
+QWEN2_VL = _qwen_spec("qwen2_vl")
+QWEN2_5_VL = _qwen_spec("qwen2_5_vl")
+
+SPECS = (LLAVA, QWEN2_VL, QWEN2_5_VL)

@@ -1,0 +1,173 @@
+"""The test set every HF family passes, on tiny random-weight models (tests/hf_families.py).
+
+Per family: the pruned prefill equals the masked unpruned forward (tests/hf_check.py) on a
+batch of two prompts with different image counts, left- and right-padded; kept tokens keep
+their original positions; ``keep_ratio=1.0`` and ``k >= N`` reproduce the unpruned logits;
+the selection is the one :func:`mmrprune.select_varlen` makes on the model's own features,
+with per-image budgets; the pruned cached ``generate`` equals an uncached recompute of the
+pruned prompt.  A new family adds its :class:`hf_families.FamilySpec` to ``SPECS``.
+"""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import mmrprune  # noqa: E402
+from mmrprune import importance as imp  # noqa: E402
+from mmrprune.integrations import prune_visual_tokens  # noqa: E402
+
+from hf_check import cache_key, check_cached_generate, check_pruned_prefill, language_model, recording  # noqa: E402
+from hf_families import LLAVA, QWEN2_5_VL, SPECS, one_thread  # noqa: E402,F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module", params=SPECS, ids=[s.name for s in SPECS])
+def family(request):
+    spec = request.param
+    return spec, spec.build()
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_pruned_prefill_equals_masked_unpruned_forward(family, padding):
+    spec, model = family
+    batch = spec.batch(model, seed=1, padding=padding)
+    got = check_pruned_prefill(model, batch, spec, keep_ratio=0.25, method="mmr", lam=0.5)
+    last = got.pruner.last
+    assert last["right_padded"] == (padding == "right")
+    assert last["orig_len"] == batch["input_ids"].shape[1] and last["pruned_len"] == len(got.slots[0])
+    # several images per prompt: row 0 holds two, and the shorter row 1 was re-padded
+    assert len(got.slots[1]) < len(got.slots[0])
+    assert [c.tolist() for c in last["kept_columns"]] == [k.nonzero()[:, 0].tolist() for k in got.keep]
+
+
+def test_selection_is_select_varlen_on_the_models_features(family):
+    spec, model = family
+    batch = spec.batch(model, seed=2)
+    with torch.no_grad(), recording(language_model(model)) as (calls, _):
+        model(**batch)
+    features = calls[0][1]["inputs_embeds"][spec.prunable(batch)]      # what the model merged
+    counts = spec.image_tokens(batch)
+    cu = torch.tensor([0] + counts).cumsum(0)
+    for budget in (dict(keep_ratio=0.25), dict(k=5)):
+        want, want_cu = mmrprune.select_varlen(features, imp.token_norm(features), cu, method="mmr", lam=0.5,
+                                               **budget)
+        with torch.no_grad(), prune_visual_tokens(model, method="mmr", lam=0.5, **budget) as p:
+            model(**batch)
+        assert torch.equal(p.last["kept_indices"], want)
+        assert torch.equal(p.last["cu_k"], want_cu) and torch.equal(p.last["cu_seqlens"], cu)
+        per_image = [min(budget["k"], n) if "k" in budget else max(1, round(n * 0.25)) for n in counts]
+        assert (want_cu[1:] - want_cu[:-1]).tolist() == per_image
+        assert p.last["visual_before"] == sum(counts) and p.last["visual_after"] == sum(per_image)
+
+
+def test_kept_tokens_keep_their_original_positions(family):
+    spec, model = family
+    got = check_pruned_prefill(model, spec.batch(model, seed=3), spec, k=3, method="dpp")
+    # the check compared the position ids column by column; and pruning did leave gaps
+    pos = got.pruned_call["position_ids"]
+    row0 = pos[-1, 0] if pos.ndim == 3 else pos[0]
+    assert bool((row0[1:] - row0[:-1] > 1).any())
+
+
+@pytest.mark.parametrize("budget", [dict(keep_ratio=1.0), dict(k=10**6)], ids=["keep_ratio=1", "k>=N"])
+def test_full_budget_reproduces_unpruned_logits(family, budget):
+    spec, model = family
+    batch = spec.batch(model, seed=4)
+    labels = batch["input_ids"].masked_fill(spec.prunable(batch) | (batch["attention_mask"] == 0), -100)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels)
+        with prune_visual_tokens(model, method="mmr", **budget) as p:
+            got = model(**batch, labels=labels)
+        after = model(**batch, labels=labels)                          # the hook is gone after the block
+    assert p.last["pruned_len"] == p.last["orig_len"]
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after.logits, ref.logits)
+
+
+def test_pruned_cached_generate_equals_uncached_recompute(family):
+    spec, model = family
+    batch = spec.batch(model, seed=5)
+    check_cached_generate(model, batch, spec, steps=4, keep_ratio=0.25, method="mmr", lam=0.5)
+    # and pruning did change what the model saw
+    with torch.no_grad():
+        full = model(**batch).logits[:, -1]
+        with prune_visual_tokens(model, keep_ratio=0.25, method="mmr", lam=0.5):
+            pruned = model(**batch).logits[:, -1]
+    assert not torch.allclose(full, pruned, atol=1e-4)
+
+
+def test_decode_steps_without_position_ids_continue_the_original_numbering(family):
+    """Two hand-written decode steps (no ``position_ids``; the mask and any per-token input at
+    the unpruned length) equal the uncached recompute of the extended prompt, and their
+    per-token inputs reach the model mapped onto the pruned cache."""
+    spec, model = family
+    batch = spec.batch(model, seed=10)
+    per_token = [k for k, v in batch.items() if k not in ("input_ids", "attention_mask")
+                 and v.shape == batch["input_ids"].shape]
+    key = cache_key(model)
+    banned = torch.tensor(spec.placeholders)
+    with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.25, method="mmr"), \
+            recording(model) as (calls, _):
+        out = model(**batch, use_cache=True)
+        longer = batch
+        for _ in range(2):
+            token = out.logits[:, -1].index_fill(-1, banned, -float("inf")).argmax(-1)[:, None]
+            longer = spec.extend(longer, token)
+            out = model(input_ids=token, attention_mask=longer["attention_mask"], **{key: getattr(out, key)},
+                        **{k: longer[k] for k in per_token})
+            want = model(**longer, use_cache=False)
+            torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], rtol=1e-4, atol=1e-5)
+    prefill, step = calls[0][1], calls[-2][1]
+    for k in per_token + ["attention_mask"]:
+        assert torch.equal(step[k], torch.cat([prefill[k], longer[k][:, -2:]], 1)), k
+
+
+# ----------------------------------------------------------------------------- the check can fail
+def _shift_a_kept_position(kw):
+    pos = kw["position_ids"].clone()
+    pos[..., 0, -2] += 1                       # a kept column of row 0 (its last text token but one)
+    return dict(kw, position_ids=pos)
+
+
+def _hide_a_kept_column(kw):
+    am = kw["attention_mask"].clone()
+    am[0, 3] = 0
+    return dict(kw, attention_mask=am)
+
+
+def _swap_two_kept_columns(kw):
+    emb = kw["inputs_embeds"].clone()
+    emb[0, [3, 4]] = emb[0, [4, 3]]
+    return dict(kw, inputs_embeds=emb)
+
+
+@pytest.mark.parametrize("spec", [LLAVA, QWEN2_5_VL], ids=lambda s: s.name)
+@pytest.mark.parametrize("tamper", [_shift_a_kept_position, _hide_a_kept_column, _swap_two_kept_columns],
+                         ids=["shifted-position", "hidden-column", "swapped-columns"])
+def test_strong_check_fails_on(spec, tamper):
+    model = spec.build()
+    batch = spec.batch(model, seed=6)
+    check_pruned_prefill(model, batch, spec, keep_ratio=0.5)                 # untampered: passes
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, spec, keep_ratio=0.5, tamper=tamper)
+
+
+def test_strong_check_fails_on_a_wrong_kept_column(monkeypatch):
+    """The surgery keeps a dropped image column instead of a selected one, while
+    ``p.last`` reports the selection."""
+    from mmrprune.integrations.hf import core
+    model = LLAVA.build()
+    batch = LLAVA.batch(model, seed=7)
+    check_pruned_prefill(model, batch, LLAVA, keep_ratio=0.25)
+    layout = core._Columns.of.__func__
+    prunable = LLAVA.prunable(batch)
+
+    def wrong_column(cls, keep, am):
+        keep = keep.clone()
+        kept, dropped = (prunable[0] & keep[0]).nonzero()[0], (prunable[0] & ~keep[0]).nonzero()[0]
+        keep[0, kept], keep[0, dropped] = False, True
+        return layout(cls, keep, am)
+
+    monkeypatch.setattr(core._Columns, "of", classmethod(wrong_column))
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, LLAVA, keep_ratio=0.25)
