@@ -2,7 +2,7 @@
 
     idx = mmrprune.select(features, importance, keep_ratio=0.25, method="mmr", lam=0.5)
 
-See ``mmrprune.info()`` for the backends of this installation and README.md
+See ``mmrprune.info()`` for the backends of this installation and docs/api.md
 for the methods.
 
 The public names and the submodules ``data``, ``importance``, ``integrations``,
@@ -15,7 +15,11 @@ import importlib.util
 
 __version__ = "0.1.0"
 
-_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api", "info": "info"}
+# Bound now, not lazily: importing the submodule mmrprune.info first would otherwise leave the
+# name `info` bound to that module. info.py imports nothing heavy until called.
+from .info import info  # noqa: E402
+
+_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api"}
 _SUBMODULES = ("metrics", "reference", "data", "importance", "integrations")
 __all__ = ["select", "select_varlen", "prune", "info", "metrics", "reference", "__version__"]
 

@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from .info import format_info, info
+from .info import info
 
 
 def main(argv=None) -> int:
@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         report = info()
-        print(json.dumps(report, indent=2) if args.json else format_info(report))
+        print(json.dumps(report, indent=2) if args.json else report)
     return 0
 
 

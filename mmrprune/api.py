@@ -13,7 +13,7 @@ import torch
 
 from . import dispatch, workspace
 from .reference import DEFAULT_LAM, LAM_METHODS, METHODS
-from .validation import Request, validate
+from .validation import Request, check_flag, validate
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -82,7 +82,11 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
         ``[B]``, or a scalar for ``[N, D]`` input) is the number of sequential rounds each
         image took, on backends that select in exact multi-pick rounds (``triton``,
         ``cuda``, ``cuda_emu``, ``numpy``); a backend that does not count leaves the key out.
+
+    Selection is not differentiable: features that require grad are read as detached
+    values, and neither the indices nor the stats carry an autograd graph.
     """
+    return_stats = check_flag(return_stats, "return_stats")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
     out, stats = _run(request, backend)
@@ -95,29 +99,54 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
     return out, {name: _to_user(v, request.numpy_in) for name, v in stats.items()}
 
 
-def select_varlen(features: ArrayLike, importance: Optional[ArrayLike], cu_seqlens: ArrayLike, *,
+def _is_offsets(x) -> bool:
+    """True for what looks like ``cu_seqlens`` (integer tensor, array or list), not importance."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype in (torch.int32, torch.int64)
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in ("i", "u")
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, int) for v in x)
+
+
+def select_varlen(features: ArrayLike, importance: Optional[ArrayLike] = None, cu_seqlens: ArrayLike = None, *,
                   k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: Optional[float] = None,
                   method: str = "mmr", order: str = "position", backend: str = "auto",
-                  check_finite: bool = True, **method_params):
+                  check_finite: bool = True, return_stats: bool = False, **method_params):
     """Selection over a packed batch: image ``b`` is ``features[cu_seqlens[b]:cu_seqlens[b+1]]``.
+
+    ``importance`` is ``[T]`` or ``None`` (all zeros), as in :func:`select`; ``cu_seqlens``
+    is required (``select_varlen(features, None, cu_seqlens, ...)`` or ``cu_seqlens=...``).
+    The other keywords are :func:`select`'s, except ``lengths``: the offsets are the images'
+    boundaries.
 
     Returns ``(indices, cu_k)``: ``indices`` are flat int64 row indices *into the
     packed tensor* (so ``features[indices]`` gathers the kept tokens), image b's
     in ``indices[cu_k[b]:cu_k[b+1]]``; ``cu_k [B+1]`` int64.  Reading the budgets
-    back makes this call synchronise with the device once.
+    back makes this call synchronise with the device once.  With ``return_stats=True``:
+    ``(indices, cu_k, stats)``, with ``stats`` as in :func:`select` (``stats["rounds"]``: ``[B]``).
     """
+    if "lengths" in method_params:
+        raise TypeError("lengths: select_varlen takes each image's length from cu_seqlens (image b is "
+                        "features[cu_seqlens[b]:cu_seqlens[b+1]]); lengths is for padded [B, N, D] batches "
+                        "in mmrprune.select")
     if cu_seqlens is None:  # else validate() would take the packed [T, D] tensor for one image
-        raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None; "
-                        "for one image or a padded batch call mmrprune.select")
+        hint = (" (the second positional argument is importance: did you mean "
+                "select_varlen(features, None, cu_seqlens, ...)?)" if _is_offsets(importance) else "")
+        raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None"
+                        f"{hint}; for one image or a padded batch call mmrprune.select")
+    return_stats = check_flag(return_stats, "return_stats")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch
-    local, _ = _run(request, backend)
+    local, stats = _run(request, backend)
     kept = local >= 0
     flat = (local + batch.starts[:, None])[kept]
     cu_k = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.device)
     cu_k[1:] = torch.cumsum(batch.ks, dim=0)
-    return _to_user(flat, request.numpy_in), _to_user(cu_k, request.numpy_in)
+    out = _to_user(flat, request.numpy_in), _to_user(cu_k, request.numpy_in)
+    if not return_stats:
+        return out
+    return *out, {name: _to_user(v, request.numpy_in) for name, v in stats.items()}
 
 
 def prune(features: ArrayLike, importance: Optional[ArrayLike] = None, **kwargs):
@@ -125,15 +154,22 @@ def prune(features: ArrayLike, importance: Optional[ArrayLike] = None, **kwargs)
 
     ``kept_features`` is ``[k, D]`` or ``[B, k_max, D]``; rows whose index is -1
     (images with fewer than ``k_max`` kept tokens) are zeros.  Takes every
-    keyword of :func:`select` except ``order``.
+    keyword of :func:`select` except ``order``.  With ``return_stats=True``:
+    ``(kept_features, indices, stats)``, ``stats`` as :func:`select` returns it.
+
+    The gather is an ordinary torch op: for features that require grad, ``kept_features``
+    carries the gradient to the kept rows (the indices themselves are not differentiable).
     """
     if "order" in kwargs:
         raise TypeError("prune: always gathers in positional order; it takes no 'order' argument")
-    idx = select(features, importance, **kwargs)
+    return_stats = check_flag(kwargs.pop("return_stats", False), "return_stats")
+    idx, stats = select(features, importance, return_stats=True, **kwargs)
     if isinstance(features, np.ndarray):
         safe = np.where(idx < 0, 0, idx)
         kept = np.take_along_axis(features, safe[..., None], axis=-2)
-        return np.where((idx < 0)[..., None], np.zeros((), features.dtype), kept), idx
-    safe = idx.clamp_min(0)
-    kept = torch.gather(features, -2, safe.unsqueeze(-1).expand(*safe.shape, features.shape[-1]))
-    return kept.masked_fill((idx < 0).unsqueeze(-1), 0), idx
+        kept = np.where((idx < 0)[..., None], np.zeros((), features.dtype), kept)
+    else:
+        safe = idx.clamp_min(0)
+        kept = torch.gather(features, -2, safe.unsqueeze(-1).expand(*safe.shape, features.shape[-1]))
+        kept = kept.masked_fill((idx < 0).unsqueeze(-1), 0)
+    return (kept, idx, stats) if return_stats else (kept, idx)

@@ -56,8 +56,14 @@ class SelectionBatch:
         return torch.float64 if self.features.dtype == torch.float64 else torch.float32
 
     def rows(self) -> torch.Tensor:
-        """``features`` as ``[rows, D]``, contiguous: the segment form of the kernels."""
+        """``features`` as ``[rows, D]``, contiguous: the segment form of the kernels (a view of
+        contiguous features, else a copy: :meth:`rows_copy_bytes`)."""
         return self.features.reshape(-1, self.dim).contiguous()
+
+    def rows_copy_bytes(self) -> int:
+        """Bytes :meth:`rows` allocates: 0 for contiguous features (a view), else a whole copy
+        (expanded, sliced or transposed input, e.g. ``x.expand(...)``, ``x[..., ::2]``)."""
+        return 0 if self.features.is_contiguous() else self.features.numel() * self.features.element_size()
 
     # ------------------------------------------------------------------ importance
     def _importance_range(self):

@@ -3,13 +3,27 @@ from __future__ import annotations
 
 import platform
 
-from . import dispatch
+# Loaded by ``import mmrprune`` itself (so that ``mmrprune.info`` stays the function even after
+# ``import mmrprune.info``): it imports dispatch, and with it torch, only when called.
 
 
-def info() -> dict:
-    """Versions and, for each backend, whether it is available and why (not)."""
+class Info(dict):
+    """The report of :func:`info`: a plain ``dict`` (``report["backends"]["cpu"]["available"]``,
+    ``json.dumps(report)``) that prints as the readable text of ``python -m mmrprune info``."""
+
+    def __str__(self) -> str:
+        return format_info(self)
+
+    __repr__ = __str__   # a REPL echo reads like print(); dict(report) gives the plain mapping
+
+
+def info() -> Info:
+    """Versions and, for each backend, whether it is available and why (not); ``print`` it to
+    read it, index it like the ``dict`` it is."""
     import numpy
     import torch
+
+    from . import dispatch
     try:
         import triton
         triton_version = triton.__version__
@@ -21,7 +35,7 @@ def info() -> dict:
         ok, detail = dispatch.status(name)
         hint = "" if ok else dispatch.how_to_get(name, detail)
         backends[name] = {"available": ok, "detail": detail + (f" — to get it, {hint}" if hint else "")}
-    return {
+    return Info({
         "mmrprune": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -31,10 +45,11 @@ def info() -> dict:
         "auto": {dev: next((b for b in order if backends[b]["available"]), None)
                  for dev, order in dispatch.AUTO_ORDER.items()},
         "backends": backends,
-    }
+    })
 
 
 def format_info(report: dict) -> str:
+    from . import dispatch
     lines = [f"mmrprune {report['mmrprune']}  (python {report['python']}, torch {report['torch']}, "
              f"triton {report['triton']}, numpy {report['numpy']})",
              f"cuda device: {report['cuda_device'] or 'none'}",

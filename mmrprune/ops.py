@@ -99,8 +99,11 @@ try:
 except ImportError as exc:  # not built: the cpu backend reports why
     _cpu = None
     CPU_IMPORT_ERROR = str(exc)
-if _cpu is not None and not hasattr(_cpu, "METHOD_CODES"):   # built before the enums were exported
-    _cpu, CPU_IMPORT_ERROR = None, "mmrprune._cpu is older than this package (no METHOD_CODES): rebuild it"
+# a module built before these were exported is older than this package
+_CPU_EXPORTS = ("METHOD_CODES", "SCRATCH_ALIGN")
+if _cpu is not None and not all(hasattr(_cpu, name) for name in _CPU_EXPORTS):
+    _missing = [name for name in _CPU_EXPORTS if not hasattr(_cpu, name)]
+    _cpu, CPU_IMPORT_ERROR = None, f"mmrprune._cpu is older than this package (no {', '.join(_missing)}): rebuild it"
 
 # The codes of csrc/cpu/select.h's Method and DType enums, as the compiled module exports them
 # (no copy of the numbering lives in Python).

@@ -115,9 +115,11 @@ def hybrid_pool_rows(batch: SelectionBatch) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- DivPrune's first step
 def normalize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x̂ = x / max(||x||, 1e-12)`` in ``dtype`` (float32 or float64)."""
-    x = x.to(dtype)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    """``x̂ = x / max(||x||, 1e-12)`` in ``dtype`` (float32 or float64): one new tensor the
+    size of ``x`` in ``dtype`` (a converted copy is divided in place; ``x`` is never written)."""
+    xd = x.to(dtype)
+    norm = torch.linalg.vector_norm(xd, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return xd / norm if x.dtype == dtype else xd.div_(norm)   # x.to(its own dtype) is x itself
 
 
 def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,10 +143,11 @@ def divprune_first_score(xn: torch.Tensor, valid: torch.Tensor, gram: torch.Tens
     return 1.0 - best
 
 
-def divprune_first_rows(batch: SelectionBatch) -> torch.Tensor:
+def divprune_first_rows(batch: SelectionBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows]`` fp32 DivPrune first score per row (+inf for a lone token and on rows that
-    are no token), computed in fp32 over the padded layout (packed input: one host sync)."""
-    feats = to_padded(batch, batch.rows(), 0.0)
+    are no token), computed in fp32 over the padded layout (packed input: one host sync).
+    ``rows``: the caller's ``batch.rows()``, so that non-contiguous features are not copied twice."""
+    feats = to_padded(batch, batch.rows() if rows is None else rows, 0.0)
     _, valid = batch.padded_index(feats.shape[1])
     first = divprune_first_score(normalize_rows(feats, torch.float32), valid)
     return from_padded(batch, first, float("inf"))

@@ -33,10 +33,10 @@ NORM_EPS = 1e-12  # norm guard: a zero vector stays zero
 # DPP: when the largest remaining marginal gain d^2 falls below DPP_EPS the
 # remaining tokens are numerically in the span of the picked ones; their gains
 # are set to exactly 0 so the rest of the budget is filled in index order
-# (the contract's tie rule) instead of by float noise.  See README, "Choices".
+# (the contract's tie rule) instead of by float noise.  See docs/api.md, "Choices".
 DPP_EPS = 1e-6
 
-# D²Pruner parameters.  See README, "Methods" for where each default comes from.
+# D²Pruner parameters.  See docs/api.md, "Methods" for where each default comes from.
 D2PRUNER_DEFAULTS = {"pivot_ratio": 0.5, "alpha": 0.5, "tau": 0.5, "radius": 1, "grid": None}
 
 METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp", "d2pruner")

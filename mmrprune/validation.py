@@ -3,7 +3,7 @@
 Every message names the argument, what was expected and what was received.
 Shape, dtype and device checks never touch tensor values.  The NaN/Inf scan,
 and the magnitude checks that keep the norms and the importance normalisation
-from overflowing (:func:`feature_limit`; README, "Size and value limits"), run
+from overflowing (:func:`feature_limit`; docs/api.md, "Size and value limits"), run
 only with ``check_finite=True``.  Range checks of ``lengths`` /
 ``cu_seqlens`` (which keep the kernels' memory accesses in bounds) always run
 on CPU input, where they cost no device sync, and on accelerator input only
@@ -80,15 +80,38 @@ def check_lam(lam) -> float:
     return lam
 
 
+def check_flag(value, name: str) -> bool:
+    """An on/off argument (``check_finite``, ``return_stats``): ``True``/``False`` or a NumPy
+    bool, as a Python bool.  Nothing else: ``"no"`` or ``1`` would be a guess at what was meant."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool (True or False), got {_describe(value)}")
+    return bool(value)
+
+
+def _integer_scalar(value, name: str) -> int:
+    """An integer scalar as a Python int: an int, a NumPy integer, or a 0-d integer tensor or
+    array (read on the host: one sync for an accelerator tensor).  Bools are not counts."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        integer = (value.dtype.kind in "iu" if isinstance(value, np.ndarray)
+                   else not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool))
+        if integer and not (isinstance(value, torch.Tensor) and value.is_meta):
+            return int(value.item())
+    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    hint = ("; a tensor or array must be 0-d (one value)"
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0 else "")
+    raise TypeError(f"{name}: expected an int >= 1 (a Python int, a NumPy integer or a 0-d integer tensor), "
+                    f"got {_describe(value)}{hint}")
+
+
 def check_budget(k, keep_ratio) -> tuple[int | None, float | None]:
     if (k is None) == (keep_ratio is None):
         raise ValueError(f"exactly one of k or keep_ratio must be given, got k={k!r}, keep_ratio={keep_ratio!r}")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k: expected an int >= 1, got {_describe(k)}")
+        k = _integer_scalar(k, "k")
         if k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k}")
-        return min(int(k), K_CAP), None
+        return min(k, K_CAP), None
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
         raise TypeError(f"keep_ratio: expected a float in (0, 1], got {_describe(keep_ratio)}")
     r = float(keep_ratio)
@@ -147,15 +170,17 @@ def _check_dense(t: torch.Tensor, name: str):
 
 
 def _as_tensor(x, name: str, numpy_in: bool):
-    """A float features/importance argument as a torch tensor (NumPy input: a zero-copy view
-    when it can be one), with its dtype checked under the caller's own dtype names."""
+    """A float features/importance argument as a torch tensor outside autograd (NumPy input: a
+    zero-copy view when it can be one), with its dtype checked under the caller's own dtype names."""
     if isinstance(x, torch.Tensor):
         if numpy_in:
             raise TypeError(f"{name}: features is a numpy array, so {name} must be one too; got {_describe(x)}")
         _check_dense(x, name)
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
-        return x
+        # selection is not differentiable: every backend reads the values only, and out= and in-place
+        # ops on a tensor that requires grad are refused by autograd (a view: nothing is copied)
+        return x.detach()
     if isinstance(x, np.ndarray):
         if not numpy_in:
             raise TypeError(f"{name}: features is a torch.Tensor, so {name} must be one too; got {_describe(x)}")
@@ -186,7 +211,10 @@ def feature_limit(dtype: torch.dtype, dim: int) -> float:
 
 def _check_values(t: torch.Tensor, name: str, limit: float | None = None):
     """NaN/Inf (and, with ``limit``, magnitude) scan: one pass, one host sync."""
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # NaN anywhere makes both NaN
+    # per row first: a reduction over every element copies a non-contiguous (expanded,
+    # strided) tensor whole, before any workspace check could refuse the call
+    row_lo, row_hi = torch.aminmax(t, dim=-1)
+    lo, hi = torch.stack((row_lo.amin(), row_hi.amax())).tolist()  # NaN anywhere makes both NaN
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False "
@@ -253,12 +281,6 @@ def _budgets(lengths: torch.Tensor, k, keep_ratio, n_padded: int | None, lengths
     else:
         width = int(ks.max().item())
     return ks, width
-
-
-def _check_flag(check_finite) -> bool:
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite: expected a bool, got {_describe(check_finite)}")
-    return check_finite
 
 
 def _features(features, packed: bool):
@@ -346,7 +368,7 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
     lam = check_lam(lam)
     k, keep_ratio = check_budget(k, keep_ratio)
     params = check_method_params(method, dict(method_params or {}))
-    check_finite = _check_flag(check_finite)
+    check_finite = check_flag(check_finite, "check_finite")
 
     packed = cu_seqlens is not None
     x, numpy_in = _features(features, packed)

@@ -7,44 +7,63 @@ The dominant buffer is DPP's greedy-MAP state, ``N x k`` Cholesky rows per image
 buffers it allocates beyond the input and the output, per call.
 
 The limit is ``DEFAULT_LIMIT_BYTES`` (4 GiB) unless the environment variable
-``MMRPRUNE_MAX_WORKSPACE`` says otherwise: a byte count with an optional binary
-suffix (``512M``, ``16G``, ``1T``) or ``unlimited``.  It is read at every call.
+``MMRPRUNE_MAX_WORKSPACE`` says otherwise, read at every call.  Accepted, case and
+surrounding spaces aside:
+
+* a byte count: a decimal number (digits, with an optional fraction) and an optional
+  binary suffix ``K``, ``M``, ``G`` or ``T`` (``KiB``/``KB`` and so on too), e.g.
+  ``8589934592``, ``512M``, ``1.5G``; at least 1 byte and at most ``MAX_LIMIT_BYTES``,
+  fractions of a byte rounded down;
+* ``unlimited``: no limit, the only spelling of it.
+
+Anything else (``inf``, ``1e9``, ``0``, ``-1``, ``0.5``, a number past 2**63) raises a
+``ValueError`` that names the variable and these forms.
 """
 from __future__ import annotations
 
 import os
+import re
+from fractions import Fraction
 
 import torch
 
 from .batch import SelectionBatch
 
 ENV_VAR = "MMRPRUNE_MAX_WORKSPACE"
+UNLIMITED = "unlimited"
 DEFAULT_LIMIT_BYTES = 4 << 30
+MAX_LIMIT_BYTES = 2**63 - 1        # what an int64 byte count holds; far past any machine
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_BYTE_COUNT = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[KMGT])I?)?B?", re.IGNORECASE | re.ASCII)
+_MAX_DIGITS = 40      # no number this long is a limit (and Python refuses to parse > 4300 digits)
+_QUOTED_CHARS = 40    # a message quotes at most this much of the variable's value
 
 
 class WorkspaceLimitError(MemoryError):
     """The call would need more scratch memory than the workspace limit allows."""
 
 
+def parse_limit(raw: str) -> int | None:
+    """``MMRPRUNE_MAX_WORKSPACE``'s value as bytes (None: unlimited); see the module docstring."""
+    text = raw.strip()
+    if text.lower() == UNLIMITED:
+        return None
+    match = _BYTE_COUNT.fullmatch(text)
+    value = 0
+    if match and len(match["number"]) <= _MAX_DIGITS:   # longer is past MAX_LIMIT_BYTES anyway
+        value = int(Fraction(match["number"]) * _SUFFIX[(match["unit"] or "").upper()])
+    if not 1 <= value <= MAX_LIMIT_BYTES:
+        shown = repr(raw) if len(raw) <= _QUOTED_CHARS else f"{raw[:_QUOTED_CHARS]!r}... ({len(raw)} characters)"
+        raise ValueError(f"{ENV_VAR}: expected a byte count of at least 1 byte (digits with an optional K, M, G "
+                         f"or T suffix, e.g. 8589934592, 512M or 1.5G; at most {MAX_LIMIT_BYTES}) or "
+                         f"'{UNLIMITED}' for no limit; got {shown}")
+    return value
+
+
 def limit_bytes() -> int | None:
     """The workspace limit in bytes (None: unlimited), from ``MMRPRUNE_MAX_WORKSPACE``."""
-    raw = os.environ.get(ENV_VAR, "").strip()
-    if not raw:
-        return DEFAULT_LIMIT_BYTES
-    if raw.lower() == "unlimited":
-        return None
-    text = raw.upper().removesuffix("B").removesuffix("I")
-    suffix = text[-1] if text and text[-1] in _SUFFIX else ""
-    number = text[:-1] if suffix else text
-    try:
-        value = float(number) * _SUFFIX[suffix]
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{ENV_VAR}: expected a positive byte count such as 8589934592, 512M or 16G, "
-                         f"or 'unlimited'; got {raw!r}")
-    return int(value)
+    raw = os.environ.get(ENV_VAR, "")
+    return DEFAULT_LIMIT_BYTES if not raw.strip() else parse_limit(raw)
 
 
 def _n_max(batch: SelectionBatch) -> int:
@@ -56,11 +75,14 @@ def _n_max(batch: SelectionBatch) -> int:
 
 def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
     """Scratch bytes ``backend`` allocates for ``batch`` beyond its input and output (an upper
-    estimate of the large buffers; per-call constants of a few KB are left out)."""
+    estimate of the large buffers; per-call constants of a few KB are left out).  Every copy
+    of the input counts: ``batch.rows()`` copies non-contiguous (expanded, strided) features
+    whole (``batch.rows_copy_bytes()``) for the backends that read rows."""
     method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     n = _n_max(batch)
     c = 8 if batch.compute_dtype == torch.float64 else 4       # bytes of the compute dtype
+    rows_copy = batch.rows_copy_bytes()
     if backend == "numpy":       # float64, one image at a time, plus a float64 copy of every row
         per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
         if method == "dpp":
@@ -69,13 +91,14 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             per_image += 2 * n * n * 8                     # xh @ xh.T and 1 - it
         elif method == "d2pruner":
             per_image += 3 * n * n * 8 + n * n             # sims, near, their sum, the edge mask
-        return rows * dim * 8 + per_image
-    if backend == "cpu":         # per-thread scratch, one image at a time per thread
-        threads = max(1, min(torch.get_num_threads(), bsz))
-        per_image = n * dim * c + 6 * n * 8
+        return rows_copy + rows * dim * 8 + per_image
+    if backend == "cpu":         # per-thread scratch (whole blocks of SCRATCH_ALIGN), one image at a time
+        from .ops import _cpu
+        threads, align = max(1, min(torch.get_num_threads(), bsz)), _cpu.SCRATCH_ALIGN
+        per_image = -(-n * dim * c // align) * align + 6 * n * 8
         if method == "dpp":
             per_image += n * k * c
-        return 2 * rows * c + threads * per_image
+        return rows_copy + 2 * rows * c + threads * per_image
     if backend == "torch":       # batched [B, N] state; the normalised copy [B, N, D] and its transpose
         padded = bsz * n
         total = 2 * padded * dim * c + 8 * padded * 8
@@ -92,11 +115,15 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
                 from .prepare import GRAM_CHUNK_BYTES
                 total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
         return total
-    if backend in ("cuda", "cuda_emu"):   # row mode; Gram mode is chosen only under its own cap
-        from .backends.cuda_backend import workspace_bytes
-        return workspace_bytes(method, bsz, rows, dim, k, n)
-    if backend == "triton":      # per-row fp32 state, the fp32 rows of float64 input, dpp's Cholesky rows
-        total = rows * 6 * 4 + (rows * dim * 4 if batch.features.dtype == torch.float64 else 0)
+    if backend in ("cuda", "cuda_emu"):   # the similarity mode the backend picks, its copies
+        from .backends import cuda_backend
+        if not cuda_backend.runs_kernel(batch):
+            return estimate_bytes("torch", batch)
+        return cuda_backend.call_workspace_bytes(batch, n)
+    if backend == "triton":      # per-row fp32 state, dpp's Cholesky rows; float64 input is scaled
+        total = rows_copy + rows * 6 * 4          # (a float64 copy) and converted (an fp32 copy) first
+        if batch.features.dtype == torch.float64:
+            total += rows * dim * (8 + 4)
         if method == "dpp":
             total += max(k - 1, 1) * rows * 4
         return total
@@ -121,5 +148,5 @@ def check(backend: str, batch: SelectionBatch) -> None:
             f"workspace: backend {backend!r} would need about {_human(need)} ({need} bytes) of scratch memory "
             f"for method {batch.method!r} with B={batch.batch_size}, N={_n_max(batch)}, D={batch.dim}, "
             f"k={batch.k_max}, above the limit of {_human(limit)} ({limit} bytes); raise the limit with the "
-            f"environment variable {ENV_VAR} (e.g. {ENV_VAR}=32G, or {ENV_VAR}=unlimited), or lower k, "
+            f"environment variable {ENV_VAR} (e.g. {ENV_VAR}=32G, or {ENV_VAR}={UNLIMITED}), or lower k, "
             "or split the batch")

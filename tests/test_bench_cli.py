@@ -244,12 +244,140 @@ def test_speed_data_file_errors_name_the_array(tmp_path, capsys, arrays, message
     assert message in err and data in err, err
 
 
-def test_speed_data_file_unreadable(tmp_path, capsys):
-    bad = tmp_path / "nope.npz"
-    bad.write_text("not an npz")
-    with pytest.raises(SystemExit):
-        cli.main(["--data", str(bad), "--backend", "torch", "--quiet"])
-    assert "cannot read it as an .npz file" in capsys.readouterr().err
+def _data_run(path, capsys, *extra):
+    rc = cli.main(["--data", str(path), "--k", "4", "--backend", "numpy,torch", "--method", "mmr", "--repeats", "1",
+                   "--quiet", *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _refused(path, capsys, *extra):
+    """The run exits 2 with one error line naming the file; returns that line."""
+    with pytest.raises(SystemExit) as exc:
+        _data_run(path, capsys, *extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mmrprune-bench: error: --data " + str(path) + ": "), err
+    return line
+
+
+def test_data_file_without_importance_runs_every_backend(tmp_path, capsys):
+    data = _npz(tmp_path, features=np.random.default_rng(0).standard_normal((2, 16, 4)).astype(np.float32))
+    path = tmp_path / "out.json"
+    rc, out, err = _data_run(data, capsys, "--json", str(path))
+    assert rc == 0, out + err
+    assert sorted(r["backend"] for r in json.loads(path.read_text())) == ["numpy", "torch"]
+    assert "failed" not in out + err
+
+
+def test_data_file_dtype_is_the_files_unless_given(tmp_path, capsys):
+    data = _npz(tmp_path, features=np.random.default_rng(0).standard_normal((1, 16, 4)).astype(np.float32))
+    path = tmp_path / "out.json"
+    rc, out, err = _data_run(data, capsys, "--json", str(path))
+    assert rc == 0, err
+    assert {r["dtype"] for r in json.loads(path.read_text())} == {"float32"}
+    assert "dtype: float32, the file's" in out
+    rc, out, err = _data_run(data, capsys, "--json", str(path), "--dtype", "float16")
+    assert rc == 0, err
+    assert {r["dtype"] for r in json.loads(path.read_text())} == {"float16"} and "the file's" not in out
+
+
+def test_data_file_unknown_arrays_are_named_with_the_accepted_ones(tmp_path, capsys):
+    data = _npz(tmp_path, features=np.ones((1, 8, 2), np.float32), weights=np.ones((1, 8)), extra=np.ones(3))
+    rc, out, err = _data_run(data, capsys)
+    assert rc == 0, err
+    assert "ignoring array(s) ['extra', 'weights']" in err
+    assert "accepted: features (float16/32/64 [B, N, D]), importance (numeric [B, N], optional), lengths" in err
+
+
+def test_data_file_in_big_endian_is_benchmarked_as_the_native_one(tmp_path, capsys):
+    from mmrprune.bench.token_file import read_token_file
+    x = np.random.default_rng(1).standard_normal((2, 16, 4)).astype(np.float32)
+    w = np.random.default_rng(2).random((2, 16))
+    native = read_token_file(_npz(tmp_path, features=x, importance=w, lengths=np.array([16, 9])))
+    swapped = read_token_file(_npz(tmp_path, features=x.astype(">f4"), importance=w.astype(">f8"),
+                                   lengths=np.array([16, 9], dtype=">i8")))
+    for a, b in zip((native.features, native.importance, native.lengths),
+                    (swapped.features, swapped.importance, swapped.lengths)):
+        assert b.dtype.isnative and np.array_equal(a, b)
+    rc, out, err = _data_run(tmp_path / "tokens.npz", capsys)
+    assert rc == 0 and "failed" not in out + err, out + err
+
+
+def _zip(path, members):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _npy_bytes(array=None, header=None):
+    import io
+    buf = io.BytesIO()
+    if header is None:
+        np.save(buf, array)
+    else:
+        np.lib.format.write_array_header_1_0(buf, header)
+        buf.write(b"\0" * 64)
+    return buf.getvalue()
+
+
+def test_data_file_npy_instead_of_npz_says_what_to_save(tmp_path, capsys):
+    path = tmp_path / "tok.npy"
+    np.save(path, np.zeros((1, 4, 2), np.float32))
+    line = _refused(path, capsys)
+    assert "single .npy array" in line and "numpy.savez(path, features=" in line and "lengths" in line
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "the file is empty"),
+    ("text", "not an .npz archive"),
+    ("member without .npy", "archive member(s) ['features'] are not .npy arrays"),
+    ("truncated", "not a readable .npz (zip) archive"),
+    ("bad crc", "'features' cannot be read (Bad CRC-32"),
+    ("header of 3.55 PiB", "declares float32 [1000000, 1000000, 1000] = 4,000,000,000,000,000 bytes, "
+                           "but the file holds 64 bytes"),
+    ("float128", "'features' is float128 (16 bytes per value), which torch cannot hold"),
+    ("objects", "'features' holds Python objects"),
+    ("bad header", "'features' has no valid .npy header"),
+])
+def test_malformed_data_files_are_one_clear_line(tmp_path, capsys, case, message):
+    path = tmp_path / "tokens.npz"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("features,importance\n1,2\n")
+    elif case == "member without .npy":
+        _zip(path, {"features": _npy_bytes(np.zeros((1, 4, 2), np.float32))})
+    elif case == "truncated":
+        np.savez(path, features=np.zeros((1, 64, 8), np.float32))
+        path.write_bytes(path.read_bytes()[:1000])
+    elif case == "bad crc":
+        np.savez(path, features=np.full((1, 64, 8), 1.5, np.float32))
+        raw = bytearray(path.read_bytes())
+        at = raw.index(np.full(64, 1.5, np.float32).tobytes())
+        raw[at] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif case == "header of 3.55 PiB":
+        _zip(path, {"features.npy": _npy_bytes(header={"descr": "<f4", "fortran_order": False,
+                                                        "shape": (10**6, 10**6, 1000)})})
+    elif case == "float128":
+        np.savez(path, features=np.zeros((1, 4, 2), np.longdouble))
+    elif case == "objects":
+        np.savez(path, features=np.array([[[1.0, None]]], dtype=object))
+    elif case == "bad header":
+        _zip(path, {"features.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': nonsense"})
+    assert message in _refused(path, capsys)
+
+
+def test_data_file_larger_than_memory_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    from mmrprune.bench import token_file
+    data = _npz(tmp_path, features=np.zeros((1, 64, 8), np.float32))
+    monkeypatch.setattr(token_file, "_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(token_file.npy_format, "read_array", lambda *a, **k: pytest.fail("read the data"))
+    assert "'features' is 2,048 bytes, more than this machine's 1,000 bytes of memory" in _refused(data, capsys)
 
 
 def test_d2pruner_is_benchmarkable_with_the_presets_grid_and_its_flags(tmp_path, capsys):
@@ -294,3 +422,70 @@ def test_table_leads_with_the_anchor_speedup_and_explains_every_column(capsys):
     for column in ("x anchor", "median ms", "us/step", "img/s", "x torch"):
         assert f"\n{column}" in "\n" + legend and legend in out
     assert "baselines.py" in legend and "host sync" in legend
+
+
+# ----------------------------------------------------------------------------- committed results
+def test_downstream_writes_a_fresh_folder_unless_update_committed(tmp_path, monkeypatch, capsys):
+    """A full ``downstream`` run from the repository root leaves the committed records alone."""
+    from mmrprune.bench import downstream
+    with open(os.path.join(REPO, "bench", "results", "downstream.json"), encoding="utf-8") as f:
+        records = json.load(f)   # stands in for the 13-minute run
+    monkeypatch.setattr(downstream, "check_inputs", lambda cfg: None)
+    monkeypatch.setattr(downstream, "run_downstream", lambda cfg, env, progress: [dict(r) for r in records])
+    committed = tmp_path / "bench" / "results"
+    committed.mkdir(parents=True)
+    (tmp_path / "bench" / "figures").mkdir()
+    for name in ("downstream.json", "downstream.csv"):
+        (committed / name).write_text("committed\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["downstream", "--quiet"]) in (0, 1)    # 1 only without matplotlib
+    (run,) = (tmp_path / cli.FRESH_OUT).iterdir()
+    assert run.name.startswith("downstream-") and len(json.loads((run / "downstream.json").read_text())) == len(records)
+    assert all((committed / name).read_text() == "committed\n" for name in ("downstream.json", "downstream.csv"))
+    assert not (tmp_path / "bench" / "figures" / "downstream.png").exists()
+    assert cli.main(["downstream", "--quiet", "--update-committed"]) in (0, 1)
+    assert len(json.loads((committed / "downstream.json").read_text())) == len(records)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["downstream", "--quick", "--update-committed"])
+    assert exc.value.code == 2 and "drop --quick" in capsys.readouterr().err
+
+
+def test_speed_figures_colour_each_backend_the_same_and_have_a_legend():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    def records(backends, methods=("mmr", "divprune")):
+        base = dict(device="cpu", preset="p", batch=1, tokens=64, dim=8, k=8, dtype="float16")
+        return [dict(base, backend=b, method=m, median_ms=1.0 + i, p20_ms=0.9 + i, p80_ms=1.1 + i)
+                for i, (b, m) in enumerate((b, m) for b in backends for m in methods)]
+
+    colour_of = {}
+    for backends in (["cpu", "torch", "anchor"], ["anchor", "numpy"], ["torch", "triton", "cuda"]):
+        fig = plotting.speed_figure(records(backends))
+        try:
+            ((ax,),) = [fig.axes]
+            for bar, label in zip(ax.patches, ax.get_yticklabels()):
+                backend = label.get_text().split(" / ")[1]
+                assert colour_of.setdefault(backend, to_hex(bar.get_facecolor())) == to_hex(bar.get_facecolor())
+            (legend,) = fig.legends
+            assert sorted(t.get_text() for t in legend.get_texts()) == sorted(backends)
+            for handle, text in zip(legend.legend_handles, legend.get_texts()):
+                assert to_hex(handle.get_facecolor()) == colour_of[text.get_text()]
+        finally:
+            plt.close(fig)
+    assert len(set(colour_of.values())) == len(colour_of) == 6
+
+
+def test_downstream_selectors_run_without_warnings():
+    """Every default downstream method runs at its defaults; lam goes only to the methods that use it."""
+    import warnings
+
+    from mmrprune.bench import downstream
+    g = torch.Generator().manual_seed(0)
+    feats, imp = torch.randn(2, 256, 8, generator=g), torch.rand(2, 256, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in downstream.default_methods():
+            idx = downstream.choose(m, feats, imp, 16, (16, 16), first_image=0, layer=3)
+            assert tuple(idx.shape) == (2, 16), m.name

@@ -131,3 +131,18 @@ def test_update_committed_needs_the_repository_root(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         cli.main(QUICK + ["--update-committed"])
     assert exc.value.code == 2 and "repository root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images,photos", [(1, ["astronaut"]), (2, ["astronaut", "chelsea"]),
+                                           (8, ["astronaut", "chelsea", "coffee"])])
+def test_token_mask_figure_shows_only_the_runs_photos(tmp_path, monkeypatch, capsys, images, photos):
+    pytest.importorskip("matplotlib")   # the mask figure is drawn after the Pareto plot
+    from mmrprune.bench import plotting
+    drawn = []
+    monkeypatch.setattr(plotting, "plot_token_masks", lambda masks, path: drawn.append(masks))
+    argv = ["quality", "--images", str(images), "--tokens", "1024", "--seeds", "0", "--mmr-lams", "0.5",
+            "--hybrid-lams", "1", "--methods", "topk", "--out-dir", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert cli.main(argv) in (0, 1)
+    capsys.readouterr()
+    (masks,) = drawn
+    assert masks["images"] == photos and masks["masks"].shape[0] == len(photos)

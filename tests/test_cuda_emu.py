@@ -206,3 +206,28 @@ def test_emulator_build_needs_all_three_cuda_headers(tmp_path, monkeypatch):
     assert build_recipe.cuda_include_dir() is None          # cuda_bf16.h missing: unavailable
     (inc / "cuda_bf16.h").write_text("")
     assert build_recipe.cuda_include_dir() == str(inc)
+
+
+# ----------------------------------------------------------------------------- aborts under pytest
+@pytest.mark.parametrize("capture", ["fd", "no"])
+def test_abort_reason_reaches_the_pytest_report(tmp_path, capture):
+    """An emulator abort kills the pytest process in the middle of a test, while pytest holds fd 2
+    in a temporary file: the emulator's reason must still reach pytest's output (conftest.py hands
+    it the runner's stderr), once, with capture on and off.  The abort here is an unknown
+    CUDA_EMU_SCHED, which goes through the same fail() as a divergent barrier or a deadlock."""
+    test = tmp_path / "test_emu_abort.py"
+    test.write_text("import os, torch, mmrprune\n"
+                    "def test_abort():\n"
+                    "    os.environ['CUDA_EMU_SCHED'] = 'no-such-order'\n"
+                    "    mmrprune.select(torch.randn(16, 8), None, k=2, backend='cuda_emu')\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(here), here,
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    env.pop("CUDA_EMU_SCHED", None)
+    # -p conftest loads this suite's conftest.py (whose pytest_configure is under test) as a plugin
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                           f"--capture={capture}", str(test)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Fatal Python error: Aborted" in out, out[-3000:]
+    assert out.count("cuda_emu: CUDA_EMU_SCHED=no-such-order: use linear, reverse or random:SEED") == 1, out[-3000:]

@@ -75,3 +75,24 @@ def test_info_says_the_auto_choice_in_words():
     text = format_info(report)
     assert f"backend='auto' runs CPU tensors and NumPy arrays on the {report['auto']['cpu']!r} backend" in text
     assert "->" not in text
+
+
+def test_info_prints_as_the_report_and_indexes_as_the_dict():
+    out = run_py("""
+        import importlib, json, sys
+        module = importlib.import_module("mmrprune.info")   # the submodule first, then the function
+        import mmrprune
+        print(json.dumps({"callable": callable(mmrprune.info), "torch": "torch" in sys.modules}))
+    """)
+    assert out == {"callable": True, "torch": False}
+    import mmrprune
+    from mmrprune.info import format_info
+    report = mmrprune.info()
+    text = format_info(dict(report))
+    assert str(report) == repr(report) == text and text.startswith("mmrprune ") and "{" not in text
+    assert report["backends"]["cpu"]["available"] is dict(report)["backends"]["cpu"]["available"]
+    assert json.loads(json.dumps(report)) == dict(report)
+    for argv, expect in ((["info"], text), (["info", "--json"], json.dumps(dict(report), indent=2))):
+        proc = subprocess.run([sys.executable, "-m", "mmrprune"] + argv, capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout == expect + "\n", proc.stderr

@@ -525,3 +525,38 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
 
 # registered (with every other op) through mmrprune.ops: one version floor, one eager fast path
 triton_greedy = _ops.register_triton_op("triton_greedy", _triton_greedy_impl)
+
+
+# =========================================================================== interpreter check
+@triton.jit
+def _interpreter_probe(out_ptr, n):
+    """Counts to ``n`` in a loop bounded by a scalar argument, as every kernel above does."""
+    acc = tl.zeros([1], dtype=tl.int32)
+    for _ in range(0, n):
+        acc += 1
+    tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
+def _check_interpreter() -> None:
+    """Under ``TRITON_INTERPRET=1``, refuse at import (so ``backend="triton"`` is reported
+    unavailable, saying why) when this Triton's interpreter cannot run a loop bounded by a
+    scalar argument.  Triton 3.6's interpreter turns such an argument into a one-element
+    array and converts it with ``int()``, which NumPy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); Triton 3.7.1 and later squeeze it first.
+    Compiled kernels (a GPU) are unaffected."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _interpreter_probe[(1,)](out, 3)
+        ok = int(out[0]) == 3
+        why = f"it counted to {int(out[0])} instead of 3"
+    except Exception as exc:
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        import numpy
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run these "
+                           f"kernels with NumPy {numpy.__version__}: a loop bounded by a kernel argument fails "
+                           f"({why}); use Triton >= 3.7 for the interpreter (compiled kernels are unaffected)")
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _check_interpreter()

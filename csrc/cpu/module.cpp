@@ -66,6 +66,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("scratch_bytes", &scratch_bytes, "Bytes of row scratch kept between calls (at most SCRATCH_CACHE_LIMIT)");
   m.def("release_scratch", &release_scratch, "Free the row scratch kept between calls; returns the bytes freed");
   m.attr("SCRATCH_CACHE_LIMIT") = SCRATCH_CACHE_LIMIT;
+  m.attr("SCRATCH_ALIGN") = SCRATCH_ALIGN;
   m.def("isa", [] { return std::string(dot_kernels().isa); }, "SIMD kernels chosen for this CPU at load time");
   m.def("isa_supported", [](const std::string& isa) {
     try {

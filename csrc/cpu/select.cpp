@@ -151,20 +151,24 @@ class RowBuffer {
     if (data_) BlockCache::get().give(data_, capacity_ * sizeof(T));
   }
   T* data() { return data_; }
-  // room for `count` elements; the contents are undefined after a growth
+  // room for `count` elements; the contents are undefined after a growth.  The outgrown
+  // block is freed first, not cached: a thread then holds one block at a time, so a call
+  // over images of growing sizes needs one block of the largest per thread (the workspace
+  // estimate, mmrprune/workspace.py), not the sum of every size it passed through.
   void reserve(size_t count) {
     if (count <= capacity_) return;
-    constexpr size_t HUGE_PAGE = size_t(2) << 20;
-    size_t bytes = (count * sizeof(T) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    std::free(data_);
+    data_ = nullptr;
+    capacity_ = 0;
+    size_t bytes = (count * sizeof(T) + SCRATCH_ALIGN - 1) / SCRATCH_ALIGN * SCRATCH_ALIGN;
     void* p = BlockCache::get().take(bytes);
     if (!p) {
-      p = std::aligned_alloc(HUGE_PAGE, bytes);
+      p = std::aligned_alloc(SCRATCH_ALIGN, bytes);
       if (!p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       madvise(p, bytes, MADV_HUGEPAGE);  // advice only: a kernel without THP ignores it
 #endif
     }
-    if (data_) BlockCache::get().give(data_, capacity_ * sizeof(T));
     data_ = static_cast<T*>(p);
     capacity_ = bytes / sizeof(T);
   }

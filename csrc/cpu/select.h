@@ -40,6 +40,8 @@ void select_batch(const SelectArgs& args);
 // Scratch memory for the normalised rows is kept between calls, up to
 // SCRATCH_CACHE_LIMIT bytes (select.cpp, BlockCache, says why).
 constexpr size_t SCRATCH_CACHE_LIMIT = size_t(256) << 20;
+// Each thread's row scratch is one block, a whole number of 2 MiB (huge) pages.
+constexpr size_t SCRATCH_ALIGN = size_t(2) << 20;
 size_t scratch_bytes();    // bytes held now
 size_t release_scratch();  // frees them (blocks in use by a running call stay with it); returns the bytes freed
 

@@ -23,7 +23,8 @@
 //
 // Environment: CUDA_EMU_SCHED=linear|reverse|random:SEED (resume order), CUDA_EMU_SMEM_FILL
 // (0..255, default 0xff), CUDA_EMU_SMEM_OPTIN (bytes, default 232448 as an H100),
-// CUDA_EMU_STACK_KB (fiber stack, default 256).
+// CUDA_EMU_STACK_KB (fiber stack, default 256), CUDA_EMU_REPORT_FD=FD:PID (a second
+// destination of abort messages: report_fd() below).
 #pragma once
 
 #include <cuda_runtime.h>  // real CUDA headers: types, enums and API declarations only
@@ -31,6 +32,7 @@
 #include <cuda_bf16.h>
 
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -131,14 +133,50 @@ inline void make_context(Context& c, char* stack, std::size_t size, void (*entry
 }
 #endif
 
-[[noreturn]] inline void fail(const char* fmt, ...) {
+// Where a diagnostic goes besides stderr: the descriptor FD of CUDA_EMU_REPORT_FD=FD:PID when
+// this is process PID (a forked or exec'd child may hold another file under that number) and FD
+// is not stderr's own file (no line twice).  A test runner that captures fd 2 into a temporary
+// file shows it only after the test, which an abort never reaches; tests/conftest.py points FD
+// at a copy of the runner's own stderr, so the reason for an abort shows in the report.
+inline int report_fd() {
+  const char* v = std::getenv("CUDA_EMU_REPORT_FD");
+  if (!v || !*v) return -1;
+  char* end = nullptr;
+  const long fd = std::strtol(v, &end, 10);
+  if (end == v || *end != ':' || fd < 0 || std::strtol(end + 1, nullptr, 10) != static_cast<long>(getpid()))
+    return -1;
+  struct stat mine, err;
+  if (fstat(static_cast<int>(fd), &mine) != 0) return -1;
+  if (fstat(2, &err) == 0 && mine.st_dev == err.st_dev && mine.st_ino == err.st_ino) return -1;
+  return static_cast<int>(fd);
+}
+
+// One line of a diagnostic, to stderr and to report_fd().
+__attribute__((format(printf, 1, 2))) inline void report_line(const char* fmt, ...) {
+  char line[1024];
   va_list ap;
   va_start(ap, fmt);
-  std::fprintf(stderr, "cuda_emu: ");
-  std::vfprintf(stderr, fmt, ap);
-  std::fprintf(stderr, "\n");
+  const int n = std::vsnprintf(line, sizeof line - 1, fmt, ap);
   va_end(ap);
+  if (n < 0) return;
+  const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(n), sizeof line - 2);
+  line[len] = '\n';
+  line[len + 1] = '\0';
+  std::fputs(line, stderr);
   std::fflush(stderr);
+  const int fd = report_fd();
+  if (fd >= 0 && write(fd, line, len + 1) < 0) {
+    // nothing left to tell: the line already went to stderr
+  }
+}
+
+[[noreturn]] __attribute__((format(printf, 1, 2))) inline void fail(const char* fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  report_line("cuda_emu: %s", msg);
   std::abort();
 }
 
@@ -549,12 +587,12 @@ inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, st
       if (f.state.load(std::memory_order_relaxed) == kDone) ++done;
     }
     if (!progress && done < n) {
-      std::fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u); waiting threads:\n", bid.x, bid.y, bid.z);
+      report_line("cuda_emu: deadlock in block (%u,%u,%u); waiting threads:", bid.x, bid.y, bid.z);
       int shown = 0;
       for (int i = 0; i < n && shown < 16; ++i) {
         const int s = fibers[i].state.load();
         if (s == kDone) continue;
-        std::fprintf(stderr, "  thread %d: %s at %s:%d\n", i, s == kWaitBlock ? "__syncthreads" : "warp collective",
+        report_line("  thread %d: %s at %s:%d", i, s == kWaitBlock ? "__syncthreads" : "warp collective",
                      fibers[i].file, fibers[i].line);
         ++shown;
       }

@@ -88,26 +88,55 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     score (4) plus, in row mode, torch's fp32 normalised copy [B, n_max, D] and one Gram
     row block (prepare.GRAM_CHUNK_BYTES), in Gram mode one scaled row block of the
     Gram; dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
-    adds the Gram [B, n_max, n_max] fp32 and the row norms (4 per row), and for packed
-    input (``packed_elem_bytes`` = the feature element size) the padded copy
-    [B, n_max, D].  The output is [B, k_max] int64.
+    adds the Gram [B, n_max, n_max] fp32 and the row norms (4 per row).  Packed input
+    (``packed_elem_bytes`` = the feature element size) is gathered into a padded copy
+    [B, n_max, D] wherever the padded layout is read: Gram mode, and row-mode divprune.
+    The output is [B, k_max] int64.  :func:`call_workspace_bytes` adds the copies that
+    depend on the input's layout and device.
     """
     per_row = 4 + 4 + 1 + 4
     extra = 0
     full_gram = gram_bytes(batch, n_max)
+    padded_copy = batch * n_max * dim * packed_elem_bytes
     if method == "hybrid":
         per_row += 1 + 3 * 8
     elif method == "divprune":
         per_row += 4
         if not gram:
-            extra += batch * n_max * dim * 4
+            extra += batch * n_max * dim * 4 + padded_copy
         extra += min(GRAM_CHUNK_BYTES, full_gram)
     elif method == "dpp":
         per_row += 4 + 4 * k_max
     if gram:
         per_row += 4
-        extra += full_gram + batch * n_max * dim * packed_elem_bytes
+        extra += full_gram + padded_copy
     return rows * per_row + extra + batch * k_max * 8
+
+
+def runs_kernel(batch: SelectionBatch) -> bool:
+    """True when the fused kernel runs ``batch``; topk (a sort) and float64 input go to the
+    torch backend."""
+    return batch.method in KERNEL_METHODS and batch.features.dtype in KERNEL_DTYPES
+
+
+def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
+    """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
+    output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
+    made on the way there: the contiguous rows of non-contiguous features
+    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, the fp32 cast of the rows
+    that the norms read and, where torch has no fp32-output bmm (CPU: the emulator), the fp32
+    operand of the Gram product."""
+    dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
+    rows = batch.features.numel() // dim
+    packed_elem = batch.features.element_size() if batch.packed else 0
+    gram = use_gram(batch.method, bsz, rows, dim, k_max, n_max, dtype, packed=batch.packed)
+    total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
+    total += batch.rows_copy_bytes()
+    if gram and dtype != torch.float32:
+        total += rows * dim * 4
+        if not _fp32_output_bmm(batch.device):
+            total += bsz * n_max * dim * 4
+    return total
 
 
 def tf32_matmul_enabled() -> bool:
@@ -158,12 +187,17 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     (``torch.bmm(..., out_dtype=torch.float32)``); the products of two 16-bit numbers are exact
     in fp32, so nothing is rounded to 16 bits.  fp32: plain fp32 matmul (callers check TF32 is
     off).  CPU (tests only) or a torch without ``out_dtype``: the same product upcast to fp32."""
-    xt = x.transpose(1, 2)
     if x.dtype == torch.float32:
-        return torch.bmm(x, xt)
-    if x.device.type in ("cuda", "meta") and _HAS_BMM_OUT_DTYPE:
-        return torch.bmm(x, xt, out_dtype=torch.float32)
-    return torch.bmm(x.to(torch.float32), xt.to(torch.float32))
+        return torch.bmm(x, x.transpose(1, 2))
+    if _fp32_output_bmm(x.device):
+        return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+    x = x.to(torch.float32)   # one fp32 copy serves as both operands
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _fp32_output_bmm(device: torch.device) -> bool:
+    """True where a 16-bit bmm can write fp32 directly (CUDA, with torch's ``out_dtype``)."""
+    return device.type in ("cuda", "meta") and _HAS_BMM_OUT_DTYPE
 
 
 def _probe_bmm_out_dtype() -> bool:
@@ -277,7 +311,7 @@ def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> KernelCall:
         if plan.divprune:
             score = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # importance ignored
             if call.gram is None:
-                call.first_score = divprune_first_rows(batch)
+                call.first_score = divprune_first_rows(batch, rows)
             else:
                 inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
                 first = divprune_first_from_gram(call.gram, inv_p, valid)
@@ -356,7 +390,7 @@ class FusedGreedy:
     def select(self, batch: SelectionBatch):
         """``[B, k_max]`` local indices in selection order, -1 past each image's budget; from the
         kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick)."""
-        if batch.method not in KERNEL_METHODS or batch.features.dtype not in KERNEL_DTYPES:
+        if not runs_kernel(batch):
             return _tb.select(batch)   # topk (a sort), float64 input
         out, rounds = self.op(*prepare(batch).args())
         return out, {"rounds": rounds}

@@ -17,14 +17,14 @@ import time
 
 from ..reference import D2PRUNER_DEFAULTS, METHODS
 from .defaults import add_downstream_arguments
+from .records import COMMITTED_OUT, FRESH_OUT
 from .defaults import BACKEND_NAMES, DTYPE_NAMES, HYBRID_LAMS, MMR_LAMS, PRESETS, SINGLE_METHODS
 
 # Argument parsing imports no torch (so --help and usage errors are instant); the
 # subcommands import it when they run.
 
 SUBCOMMANDS = ("speed", "quality", "downstream")
-FRESH_OUT = "bench-out"  # default parent of the quality runs' output folders (git-ignored)
-COMMITTED_OUT, COMMITTED_FIGURE = "bench/results", "bench/figures/token_masks.png"
+COMMITTED_FIGURE = "bench/figures/token_masks.png"
 
 
 def _csv_list(kind, choices=None):
@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma list of {list(PRESETS)} or 'all' (default: dinov2, or a custom "
                          "random shape when --tokens and --dim are given)")
     sp.add_argument("--data", metavar="FILE.npz",
-                    help="benchmark your own tokens: features [B, N, D], optional importance [B, N] and "
-                         "lengths [B] (instead of --preset / --tokens / --dim)")
+                    help="benchmark your own tokens, an .npz archive (numpy.savez) of features [B, N, D] "
+                         "(float16/32/64), optional importance [B, N] and lengths [B] (instead of --preset / "
+                         "--tokens / --dim)")
     sp.add_argument("--batch", type=int, help="images per call (overrides the preset)")
     sp.add_argument("--tokens", type=int, help="tokens per image N (overrides the preset)")
     sp.add_argument("--dim", type=int, help="feature dim D (overrides the preset)")
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep-ratio", type=float, default=0.25, help="kept share of tokens (default 0.25)")
     budget.add_argument("--k", type=int, help="tokens kept per image (instead of --keep-ratio)")
     sp.add_argument("--lam", type=float, default=0.5, help="MMR trade-off lam (default 0.5)")
-    sp.add_argument("--dtype", type=_csv_list("dtype", list(DTYPE_NAMES)), default=["float16"],
-                    help="comma list of float16,bfloat16,float32,float64 (default float16)")
+    sp.add_argument("--dtype", type=_csv_list("dtype", list(DTYPE_NAMES)), default=None,
+                    help="comma list of float16,bfloat16,float32,float64 (default float16; with --data, "
+                         "the file's dtype)")
     sp.add_argument("--method", type=_csv_list("method", list(METHODS)), default=["mmr", "divprune", "topk"],
                     help=f"comma list of {list(METHODS)} or 'all' (default mmr,divprune,topk)")
     d2 = sp.add_argument_group("d2pruner parameters (default: the library's; the preset's grid)")
@@ -185,6 +187,7 @@ def _speed(args, argv, parser) -> int:
 
     from . import speed
     from .records import SPEED_FIELDS, environment, write_csv, write_json
+    from .token_file import ACCEPTED_TEXT, read_token_file
     device = _device(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available to torch {torch.__version__}")
@@ -205,13 +208,24 @@ def _speed(args, argv, parser) -> int:
         presets = [] if (args.tokens and args.dim) else ["dinov2"]
     if args.data and (args.preset or args.batch or args.tokens or args.dim):
         parser.error("--data takes its shape from the file: drop --preset / --batch / --tokens / --dim")
+    dtypes = args.dtype or ["float16"]
     try:
-        shapes = [speed.file_shape(args.data)] if args.data else speed.make_shapes(presets, args.batch, args.tokens,
-                                                                                     args.dim)
+        if args.data:
+            tokens = read_token_file(args.data)
+            shapes = [speed.Shape("data", *tokens.features.shape, "file", path=args.data)]
+        else:
+            shapes = speed.make_shapes(presets, args.batch, args.tokens, args.dim)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.data:
+        if tokens.ignored:
+            print(f"warning: --data {args.data}: ignoring array(s) {tokens.ignored}; accepted: {ACCEPTED_TEXT}",
+                  file=sys.stderr)
+        if args.dtype is None:
+            dtypes = [tokens.features.dtype.name]
+            print(f"dtype: {dtypes[0]}, the file's (--dtype to benchmark others)")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    cfg = speed.Config(shapes=shapes, methods=args.method, dtypes=args.dtype, device=device,
+    cfg = speed.Config(shapes=shapes, methods=args.method, dtypes=dtypes, device=device,
                        backends=args.backend or list(speed.DEFAULT_BACKENDS[device_type]),
                        k=args.k, keep_ratio=args.keep_ratio, lam=args.lam, repeats=args.repeats,
                        warmup=args.warmup, max_seconds=args.max_seconds, check_finite=not args.no_check_finite,
@@ -254,31 +268,11 @@ def _write(args, records, fields, write_json, write_csv, plot) -> int:
     return 0
 
 
-def _quality_paths(args, parser) -> tuple:
-    """``(out_dir, figure)``: a fresh folder by default, the committed paths only when asked."""
-    import os
-    if args.update_committed:
-        if args.out_dir or args.figure:
-            parser.error("--update-committed sets --out-dir and --figure itself; give one or the other")
-        if not os.path.isdir(COMMITTED_OUT) or not os.path.isdir(os.path.dirname(COMMITTED_FIGURE)):
-            parser.error(f"--update-committed: run it from the repository root (no {COMMITTED_OUT}/ here)")
-        return COMMITTED_OUT, COMMITTED_FIGURE
-    out = args.out_dir
-    if out is None:
-        base = out = os.path.join(FRESH_OUT, time.strftime("quality-%Y%m%d-%H%M%S"))
-        n = 1
-        while os.path.exists(out):  # two runs within one second
-            n += 1
-            out = f"{base}-{n}"
-        os.makedirs(out)
-    return out, args.figure or os.path.join(out, "token_masks.png")
-
-
 def _quality(args, argv, parser) -> int:
     import os
 
     from . import quality
-    from .records import REQUIRED_FIELDS, environment, write_csv, write_json
+    from .records import REQUIRED_FIELDS, environment, output_paths, write_csv, write_json
     device = _device(args.device)
     if not 1 <= args.images <= 8:
         parser.error("--images must be in 1..8")
@@ -291,7 +285,8 @@ def _quality(args, argv, parser) -> int:
     for lam in list(args.mmr_lams) + list(args.hybrid_lams) + [args.mask_lam]:
         if not 0.0 <= lam <= 1.0:
             parser.error(f"lam {lam} is outside [0, 1]")
-    out, figure = _quality_paths(args, parser)
+    out, figure = output_paths("quality", args.out_dir, args.figure, args.update_committed, COMMITTED_FIGURE,
+                               "token_masks.png", parser.error)
     env = environment(device, argv)
     cfg = quality.QualityConfig(images=args.images, tokens=args.tokens, seeds=args.seeds,
                                 keep_ratio=args.keep_ratio, mmr_lams=args.mmr_lams, hybrid_lams=args.hybrid_lams,
@@ -317,7 +312,8 @@ def _quality(args, argv, parser) -> int:
         plot_pareto(records, comparison, paths["png"])
         print(f"wrote {paths['png']}")
         if not args.no_figure:
-            masks = quality.token_masks(args.mask_lam, args.keep_ratio, args.backend, device)
+            photos = records[0]["images"].split(",")[:quality.MASK_PHOTO_COUNT]   # only the run's photos
+            masks = quality.token_masks(args.mask_lam, args.keep_ratio, args.backend, device, photos)
             plot_token_masks(masks, figure)
             print(f"wrote {figure}")
             for (name, m), s in masks["stats"].items():

@@ -52,7 +52,11 @@ def add_downstream_arguments(p) -> None:
     p.add_argument("--fmnist-dir", help=f"folder of the Fashion-MNIST *-ubyte.gz files (default {DOWNSTREAM_FMNIST_DIR} "
                                         "or $MMRPRUNE_FMNIST_DIR)")
     p.add_argument("--no-photos", action="store_true", help="skip the photo task")
-    p.add_argument("--out-dir", help="writes downstream.json and downstream.csv here (full run default: "
-                                     "bench/results)")
-    p.add_argument("--plot", help="accuracy-retained figure (full run default: bench/figures/downstream.png)")
+    p.add_argument("--out-dir", help="writes downstream.json and downstream.csv here (default: a new folder "
+                                     "bench-out/downstream-<date>-<time>, so no run overwrites an earlier one or "
+                                     "the committed results)")
+    p.add_argument("--plot", help="accuracy-retained figure (default OUT_DIR/downstream.png)")
+    p.add_argument("--update-committed", action="store_true",
+                   help="regenerate the committed results: --out-dir bench/results --plot "
+                        "bench/figures/downstream.png (a full run, from the repository root)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

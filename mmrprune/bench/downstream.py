@@ -54,6 +54,7 @@ BUDGETS = (64, 32, 16)
 RANDOM_SEED = 0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BOOTSTRAP = 1000
+COMMITTED_FIGURE = "bench/figures/downstream.png"
 
 
 class MissingData(RuntimeError):
@@ -115,7 +116,7 @@ def choose(m: Method, feats: torch.Tensor, imp: torch.Tensor, k: int, grid: tupl
         return torch.from_numpy(np.stack(rows))
     from ..api import select
     params = dict(m.params)
-    lam = params.pop("lam", 0.5)
+    lam = params.pop("lam", None)   # None: the method's default, and no warning from methods without lam
     return select(feats, imp, k=k, lam=lam, method=m.method, **params)
 
 
@@ -469,14 +470,21 @@ def config_from_args(args, parser) -> DownstreamConfig:
 def run_cli(args, argv, parser) -> int:
     import sys
 
-    from .records import environment, write_csv, write_json
+    from .records import environment, output_paths, write_csv, write_json
     cfg = config_from_args(args, parser)
+    if args.quick and args.update_committed:
+        parser.error("--update-committed regenerates the committed full run; drop --quick")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
         check_inputs(cfg)
     except MissingData as exc:
         print(f"downstream: cannot run:\n{exc}", file=sys.stderr)
         return 2
+    if args.quick and not args.out_dir:
+        out_dir, plot = None, args.plot
+    else:
+        out_dir, plot = output_paths("downstream", args.out_dir, args.plot, args.update_committed,
+                                     COMMITTED_FIGURE, "downstream.png", parser.error)
     env = environment("cpu", argv)
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"downstream: {cfg.test_images} Fashion-MNIST test images, {len(cfg.photos)} photos x {len(CROPS)} crops, "
@@ -489,10 +497,6 @@ def run_cli(args, argv, parser) -> int:
         r["wall_s"] = round(wall, 1)
     print(format_downstream(records))
     print(f"downstream run: {wall:.0f} s")
-    out_dir, plot = args.out_dir, args.plot
-    if not args.quick:
-        out_dir = out_dir or "bench/results"
-        plot = plot or "bench/figures/downstream.png"
     if out_dir:
         fields = ("task", "method", "params", "P", "k", "metric", "value", "stderr", "n", "commit", "command")
         write_json(os.path.join(out_dir, "downstream.json"), records)

@@ -29,24 +29,40 @@ def _save(fig, path: str, dpi: int = 130) -> None:
 
 
 def plot_speed(records: list, path: str) -> None:
+    """Write :func:`speed_figure` of ``records`` to ``path``."""
+    plt = _pyplot()
+    fig = speed_figure(records)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def backend_color(plt, backend: str):
+    """A backend's bar colour, the same in every figure (fixed by its place in BACKEND_NAMES)."""
+    from .defaults import BACKEND_NAMES
+    names = list(BACKEND_NAMES)
+    return plt.cm.tab10(names.index(backend) if backend in names else len(names))
+
+
+def speed_figure(records: list):
     """One panel per (preset, shape, dtype): median ms per method x backend (log scale,
     whiskers p20..p80), each bar labelled with its time and its speed-up over the anchor
-    loop; the label starts past the whisker, so no line crosses it."""
+    loop; the label starts past the whisker, so no line crosses it.  Bars are coloured by
+    backend, with one legend for the figure."""
+    from matplotlib.patches import Patch
+
     from .records import format_number
     plt = _pyplot()
     groups = {}
     for r in records:
         groups.setdefault((r.get("preset"), r["batch"], r["tokens"], r["dim"], r["k"], r["dtype"]), []).append(r)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.9 + 0.32 * max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.3 + 0.32 * max(len(g) for g in groups.values())
                                                       * len(groups)), squeeze=False)
-    backends = sorted({r["backend"] for r in records})
-    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
     for ax, ((preset, b, n, d, k, dt), rows) in zip(axes[:, 0], groups.items()):
         rows = sorted(rows, key=lambda r: (r["method"], r["median_ms"]))
         y = np.arange(len(rows))
         med = np.array([r["median_ms"] for r in rows])
         err = np.array([[r["median_ms"] - r["p20_ms"] for r in rows], [r["p80_ms"] - r["median_ms"] for r in rows]])
-        ax.barh(y, med, xerr=err, color=[colors[r["backend"]] for r in rows], error_kw={"lw": 0.8})
+        ax.barh(y, med, xerr=err, color=[backend_color(plt, r["backend"]) for r in rows], error_kw={"lw": 0.8})
         ax.set_yticks(y, [f"{r['method']} / {r['backend']}" for r in rows])
         ax.invert_yaxis()
         ax.set_xscale("log")
@@ -60,9 +76,11 @@ def plot_speed(records: list, path: str) -> None:
             if r.get("speedup_vs_anchor") is not None:
                 label += f"  {format_number(r['speedup_vs_anchor'])}x anchor"
             ax.text(r["p80_ms"] * 1.15, yi, label, va="center", fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    backends = list(dict.fromkeys(r["backend"] for r in sorted(records, key=lambda r: r["backend"])))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.legend(handles=[Patch(color=backend_color(plt, b), label=b) for b in backends], title="backend",
+               loc="upper center", ncol=len(backends), fontsize=8, title_fontsize=8, frameon=False)
+    return fig
 
 
 def plot_pareto(records: list, comparison: dict, path: str) -> None:

@@ -31,7 +31,7 @@ from ..metrics import hopkins, importance_retention
 from ..reference import LAM_METHODS, budget, hybrid_pool_size
 from .defaults import HYBRID_LAMS, MMR_LAMS, SINGLE_METHODS
 
-MASK_IMAGES = ("astronaut", "chelsea", "coffee")
+MASK_PHOTO_COUNT = 3   # photos in the token-mask figure: the run's first ones
 MASK_METHODS = ("mmr", "divprune", "topk")
 
 
@@ -216,7 +216,7 @@ def format_quality(records: list, comparison: dict) -> str:
 
 # --------------------------------------------------------------------------- token masks
 def token_masks(lam: float, keep_ratio: float, backend: str, device: str,
-                images: Sequence[str] = MASK_IMAGES, methods: Sequence[str] = MASK_METHODS) -> dict:
+                images: Sequence[str], methods: Sequence[str] = MASK_METHODS) -> dict:
     """Kept-patch masks ``[len(images), len(methods), h, w]`` with ``cls_attention`` as importance."""
     from ..data import load_dinov2
     d = load_dinov2()

@@ -84,6 +84,36 @@ def environment(device: str, argv: Sequence[str] | None) -> dict:
     return {"device": device_name(device), "commit": git_commit(), **versions(), "command": command_line(argv)}
 
 
+FRESH_OUT = "bench-out"           # parent of the fresh output folders (git-ignored)
+COMMITTED_OUT = "bench/results"   # the committed records, rewritten only with --update-committed
+
+
+def output_paths(kind: str, out_dir, figure, update_committed: bool, committed_figure: str, figure_name: str,
+                 error) -> tuple:
+    """``(out_dir, figure)`` of a subcommand that writes records and a figure.
+
+    By default a new folder ``bench-out/<kind>-<date>-<time>`` (the figure inside it), so no
+    run overwrites an earlier one or the committed results; ``update_committed`` gives the
+    committed paths (from the repository root only).  ``error(message)`` reports a usage error.
+    """
+    import time
+    if update_committed:
+        if out_dir or figure:
+            error(f"--update-committed writes {COMMITTED_OUT}/ and {committed_figure} itself; "
+                  "drop --out-dir and the figure path")
+        if not os.path.isdir(COMMITTED_OUT) or not os.path.isdir(os.path.dirname(committed_figure)):
+            error(f"--update-committed: run it from the repository root (no {COMMITTED_OUT}/ here)")
+        return COMMITTED_OUT, committed_figure
+    if out_dir is None:
+        base = out_dir = os.path.join(FRESH_OUT, time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
+        n = 1
+        while os.path.exists(out_dir):  # two runs within one second
+            n += 1
+            out_dir = f"{base}-{n}"
+        os.makedirs(out_dir)
+    return out_dir, figure or os.path.join(out_dir, figure_name)
+
+
 def _parent(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

@@ -27,6 +27,7 @@ from .. import dispatch
 from ..reference import D2PRUNER_DEFAULTS, LAM_METHODS, budget
 from .defaults import DINOV2_IMAGES, DTYPE_NAMES, PRESET_GRIDS, PRESETS
 from .records import format_number
+from .token_file import read_token_file
 
 # --------------------------------------------------------------------------- shapes
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -58,7 +59,7 @@ class Shape:
     tokens: int
     dim: int
     source: str  # "random", "dinov2" or "file"
-    path: Optional[str] = None   # source "file": the user's .npz (see load_token_file)
+    path: Optional[str] = None   # source "file": the user's .npz (see token_file.py)
     grid: Optional[tuple] = None  # (rows, cols) of the patch grid, when the preset knows it
 
     def label(self) -> str:
@@ -89,52 +90,13 @@ def make_shapes(presets, batch=None, tokens=None, dim=None) -> list:
     return shapes
 
 
-def load_token_file(path: str) -> dict:
-    """A user's saved tokens for ``--data``: ``features [B, N, D]`` (a float array), optional
-    ``importance [B, N]`` and ``lengths [B]`` (integers in ``0 .. N``).
-
-    Returns ``{"features", "importance", "lengths"}`` as NumPy arrays (``None`` where
-    absent).  Raises ``ValueError`` naming the array and the shape expected.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--data {path}: cannot read it as an .npz file ({exc})") from None
-    if "features" not in arrays:
-        raise ValueError(f"--data {path}: no array 'features' (expected features [B, N, D]; "
-                         f"found {sorted(arrays) or 'no arrays'})")
-    x = arrays["features"]
-    if x.ndim != 3 or min(x.shape) < 1 or x.dtype.kind != "f":
-        raise ValueError(f"--data {path}: 'features' must be a float array [B, N, D] with B, N, D >= 1, "
-                         f"got {x.dtype} {list(x.shape)}")
-    b, n, _ = x.shape
-    w = arrays.get("importance")
-    if w is not None and (w.shape != (b, n) or w.dtype.kind not in "fiu"):
-        raise ValueError(f"--data {path}: 'importance' must be a numeric array [B, N] = [{b}, {n}], "
-                         f"got {w.dtype} {list(w.shape)}")
-    lengths = arrays.get("lengths")
-    if lengths is not None:
-        if lengths.shape != (b,) or lengths.dtype.kind not in "iu":
-            raise ValueError(f"--data {path}: 'lengths' must be an integer array [B] = [{b}], "
-                             f"got {lengths.dtype} {list(lengths.shape)}")
-        if (lengths < 0).any() or (lengths > n).any():
-            raise ValueError(f"--data {path}: 'lengths' must lie in 0 .. N = {n}, got {lengths.tolist()}")
-    return {"features": x, "importance": w, "lengths": lengths}
-
-
-def file_shape(path: str) -> Shape:
-    """The :class:`Shape` of a ``--data`` file (validated by :func:`load_token_file`)."""
-    b, n, d = load_token_file(path)["features"].shape
-    return Shape("data", b, n, d, "file", path=path)
-
-
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """``(features [B, N, D] dtype, importance [B, N] float32 or None)`` on ``device``."""
+    """``(features [B, N, D] dtype, importance [B, N] float32)`` on ``device``; importance is
+    ``None`` for a ``--data`` file without one."""
     if shape.source == "file":
-        arrays = load_token_file(shape.path)
-        x = torch.from_numpy(np.ascontiguousarray(arrays["features"]))
-        w = arrays["importance"]
+        tokens = read_token_file(shape.path)
+        x = torch.from_numpy(np.ascontiguousarray(tokens.features))
+        w = tokens.importance
         w = None if w is None else torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device)
         return x.to(device=device, dtype=dtype).contiguous(), w
     if shape.source == "dinov2":
@@ -338,8 +300,8 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         tag = f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {backend:<7} {method:<9} {shape.label()} k={k} {dt}"
         lengths = None
         if shape.source == "file":
-            lengths = load_token_file(shape.path)["lengths"]
-            lengths = None if lengths is None else torch.from_numpy(lengths.astype(np.int64)).to(cfg.device)
+            lengths = read_token_file(shape.path).lengths
+            lengths = None if lengths is None else torch.from_numpy(lengths).to(cfg.device)
         params, why = cfg.method_params(method, shape)
         fn2, why = (None, why) if params is None else make_runner(backend, method, k, cfg.lam, device_type,
                                                                   cfg.check_finite, params, lengths)
@@ -350,8 +312,9 @@ def run_sweep(cfg: Config, env: dict, quiet: bool = False) -> tuple[list, list]:
         _progress(quiet, f"{tag} ...", end="")
         try:
             x, w = make_inputs(shape, DTYPES[dt], cfg.device, cfg.seed)
-            nbytes = x.numel() * x.element_size() + w.numel() * 4
-            inputs = [(x, w)] + [(x.clone(), w.clone()) for _ in range(_n_buffers(nbytes, cfg.device) - 1)]
+            nbytes = x.numel() * x.element_size() + (0 if w is None else w.numel() * 4)
+            inputs = [(x, w)] + [(x.clone(), None if w is None else w.clone())
+                                 for _ in range(_n_buffers(nbytes, cfg.device) - 1)]
             call = _rotating(fn2, inputs)
             if device_type == "cuda":
                 t = time_cuda(call, cfg.repeats, cfg.device)
