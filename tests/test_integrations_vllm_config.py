@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+import warnings
+
+from mmrprune.integrations.selection import Budget, Selector
 from mmrprune.integrations.vllm import ENV, PruneConfig, parse_config
 from mmrprune.reference import budget
 
@@ -15,24 +18,34 @@ def test_unset_or_blank_is_off(text):
 
 
 def test_full_config():
-    c = parse_config(" k=64 , method=divprune,lam=0.25, importance=none,backend=torch")
-    assert c == PruneConfig(k=64, keep_ratio=None, method="divprune", lam=0.25, importance=None, backend="torch")
-    assert parse_config("keep_ratio=0.25") == PruneConfig(keep_ratio=0.25)       # defaults: mmr, 0.5, norm, auto
+    c = parse_config(" k=64 , video_keep_ratio=0.3, method=hybrid,lam=0.25, importance=none,backend=torch")
+    assert c == PruneConfig(images=Budget(k=64), videos=Budget(keep_ratio=0.3),
+                            selector=Selector(method="hybrid", lam=0.25, backend="torch", importance="none"))
+    # defaults: mmr at its own default lam, norm importance, auto backend; videos not pruned
+    assert parse_config("keep_ratio=0.25") == PruneConfig(images=Budget(keep_ratio=0.25))
+    assert parse_config("video_k=100") == PruneConfig(videos=Budget(k=100))
 
 
-@pytest.mark.parametrize("text", ["k=8", "keep_ratio=0.3", "keep_ratio=0.01"])
+@pytest.mark.parametrize("text", ["k=8", "keep_ratio=0.3", "keep_ratio=0.01", "video_k=8", "video_keep_ratio=0.3"])
 def test_tokens_kept_is_the_selection_budget(text):
     c = parse_config(text)
+    pruned = c.images if c.images.prunes else c.videos
+    other = c.videos if c.images.prunes else c.images
     for n in (1, 2, 5, 8, 9, 20, 576, 1000):
-        assert c.tokens_kept(n) == budget(n, c.k, c.keep_ratio)
-    assert parse_config("k=8").tokens_kept(20) == 8 and parse_config("k=8").tokens_kept(5) == 5
+        assert pruned.tokens_kept(n) == budget(n, pruned.k, pruned.keep_ratio)
+        assert other.tokens_kept(n) == n                    # the modality without a budget keeps every token
+    assert parse_config("k=8").images.tokens_kept(20) == 8 and parse_config("k=8").images.tokens_kept(5) == 5
 
 
 @pytest.mark.parametrize("text, message", [
     ("k=0", "k: expected an int >= 1, got 0"),
     ("k=eight", "k: expected an int, got 'eight'"),
-    ("k=8,keep_ratio=0.5", "exactly one of k or keep_ratio"),
-    ("method=mmr", "exactly one of k or keep_ratio"),
+    ("k=8,keep_ratio=0.5", "give one of k or keep_ratio, not both"),
+    ("video_k=8,video_keep_ratio=0.5", "give one of video_k or video_keep_ratio, not both"),
+    ("method=mmr", "nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k or"),
+    ("video_k=0", "video_k: expected an int >= 1, got 0"),
+    ("video_keep_ratio=0", "video_keep_ratio: expected a value in (0, 1], got 0"),
+    ("k=8,video_k=2.5", "video_k: expected an int, got '2.5'"),
     ("keep_ratio=1.5", "keep_ratio: expected a value in (0, 1]"),
     ("k=8,lam=2", "lam: expected a value in [0, 1]"),
     ("k=8,method=nope", "method: expected one of"),
@@ -42,12 +55,46 @@ def test_tokens_kept_is_the_selection_budget(text):
     ("k=8,ratio=0.5", "keys ['k', 'keep_ratio'"),
     ("k8", "key=value"),
     ("k=8,k=9", "k given twice"),
-    ("k=8,method=d2pruner", "d2pruner with alpha < 1 needs the patch grid"),
+    ("k=8,method=d2pruner,grid=4", "d2pruner's grid is each image's own patch grid, set by the plugin"),
+    ("k=8,method=d2pruner,alpha=2", "alpha: expected a value in [0, 1], got 2.0"),
+    ("k=8,method=d2pruner,radius=1.5", "radius: expected an int, got '1.5'"),
+    ("k=8,method=mmr,alpha=1", "method 'mmr' got unexpected parameter(s) ['alpha']; it takes none"),
+    ("video_k=8,method=d2pruner", "video_k/video_keep_ratio with method=d2pruner needs alpha=1.0"),
 ])
 def test_bad_config_names_the_variable_and_the_problem(text, message):
     with pytest.raises(ValueError) as exc:
         parse_config(text)
     assert ENV in str(exc.value) and message in str(exc.value)
+
+
+def test_d2pruner_takes_the_parameters_its_messages_suggest():
+    # the grid comes from each image; alpha, tau, pivot_ratio and radius are settings
+    c = parse_config("k=8,method=d2pruner")
+    assert c.selector.params == {"pivot_ratio": 0.5, "alpha": 0.5, "tau": 0.5, "radius": 1} and c.selector.needs_grid
+    c = parse_config("k=8,video_k=16,method=d2pruner,alpha=1.0,tau=0.3,pivot_ratio=0.25,radius=2")
+    assert c.selector.params == {"pivot_ratio": 0.25, "alpha": 1.0, "tau": 0.3, "radius": 2}
+    assert not c.selector.needs_grid
+
+
+@pytest.mark.parametrize("text", ["k=" + "9" * 5000, "k=-" + "9" * 5000, "k=x" + "9" * 5000, "method=" + "m" * 5000,
+                                  "k=8,importance=" + "n" * 5000, "k" * 5000])
+def test_long_values_are_cut_in_messages(text):
+    try:
+        config = parse_config(text)
+    except ValueError as exc:
+        assert ENV in str(exc) and len(str(exc)) < 400, len(str(exc))
+    else:   # a k of any length is a budget beyond every image: every token
+        assert config.images.tokens_kept(10 ** 6) == 10 ** 6
+
+
+def test_lam_only_when_given():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("dpp", "divprune", "topk", "fps", "d2pruner", "mmr", "hybrid"):
+            assert parse_config(f"k=8,method={method}").selector.lam is None
+    with pytest.warns(UserWarning, match=r"lam=0.3 is ignored by method='dpp'"):
+        assert parse_config("k=8,method=dpp,lam=0.3").selector.lam is None   # warned once, at start
+    assert parse_config("k=8,method=hybrid,lam=0.3").selector.lam == 0.3
 
 
 def _run(code, env_value):
@@ -67,4 +114,4 @@ def test_register_is_inert_when_off():
 
 def test_register_rejects_bad_config_before_touching_vllm():
     out = _run("import mmrprune.integrations.vllm as p; p.register()", "k=-3")
-    assert out.returncode != 0 and f"ValueError: {ENV}='k=-3': k: expected an int >= 1, got -3" in out.stderr
+    assert out.returncode != 0 and f"ValueError: {ENV}: k: expected an int >= 1, got -3" in out.stderr

