@@ -4,8 +4,9 @@ from __future__ import annotations
 from .family import Family
 from .llava import Llava
 from .qwen2_vl import Qwen2VL
+from .qwen3_vl import Qwen3VL
 
-FAMILIES: tuple = (Llava, Qwen2VL)
+FAMILIES: tuple = (Llava, Qwen2VL, Qwen3VL)
 
 
 def family_of(model) -> type[Family]:
