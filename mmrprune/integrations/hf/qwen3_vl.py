@@ -143,14 +143,15 @@ def _deepstack_once(language_model, embeds: torch.Tensor, **deepstack) -> None:
     """Hand ``deepstack`` to the next call of ``language_model`` whose ``inputs_embeds`` is
     ``embeds`` (the pruned call's): the model's own forward passes none, since the pruned call
     carries no pixels.  The hook removes itself on the first call it sees, so a call that
-    fails before reaching the language model leaves nothing behind for the next one."""
+    fails before reaching the language model leaves nothing behind for the next one.  It runs
+    before any other pre-hook, so those see the call the language model gets."""
     def inject(module, args, kwargs):
         handle.remove()
         if kwargs.get("inputs_embeds") is not embeds:
             return None
         return args, dict(kwargs, **deepstack)
 
-    handle = language_model.register_forward_pre_hook(inject, with_kwargs=True)
+    handle = language_model.register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
 
 
 # ----------------------------------------------------------------------------- version-dependent calls

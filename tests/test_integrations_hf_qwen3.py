@@ -1,0 +1,117 @@
+"""Qwen3-VL beyond the family suite: the strong check covers DeepStack (it fails when a level
+keeps other rows than the main features, or none reach the language model), DeepStack
+reaches the pruned language model once and only for the kept rows, unpruned videos keep
+their DeepStack rows, and the frames of a video are found from its tokens.
+
+Tiny random-weight models from tests/hf_families.py (no downloads).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from mmrprune.integrations import prune_visual_tokens  # noqa: E402
+from mmrprune.integrations.hf import qwen3_vl  # noqa: E402
+
+from hf_check import check_pruned_prefill, language_model, recording  # noqa: E402
+from hf_families import (QWEN_IMAGE, QWEN_VIDEO, QWEN3_VL, QWEN3_VL_FRAME, QWEN3_VL_VIDEO,  # noqa: E402
+                         one_thread)  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return QWEN3_VL.build()       # the video specs build the same model
+
+
+def _wrong_row_of_level(level):
+    """A ``keep_rows`` that gives DeepStack level ``level`` one dropped row in place of a kept one."""
+    real = qwen3_vl.keep_rows
+
+    def keep_rows(idx, *levels):
+        out = list(real(idx, *levels))
+        dropped = [i for i in range(levels[level].shape[0]) if i not in set(idx.tolist())]
+        wrong = idx.clone()
+        wrong[len(wrong) // 2] = dropped[0]
+        out[level] = real(wrong, levels[level])[0]
+        return tuple(out)
+    return keep_rows
+
+
+@pytest.mark.parametrize("spec", [QWEN3_VL, QWEN3_VL_FRAME], ids=lambda s: s.name)
+@pytest.mark.parametrize("level", [0, 1])
+def test_strong_check_fails_on_a_wrong_deepstack_row(model, spec, level, monkeypatch):
+    batch = spec.batch(model, seed=6)
+    check_pruned_prefill(model, batch, spec, keep_ratio=0.5)                 # untampered: passes
+    monkeypatch.setattr(qwen3_vl, "keep_rows", _wrong_row_of_level(level))
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, spec, keep_ratio=0.5)
+
+
+def test_strong_check_fails_without_deepstack(model, monkeypatch):
+    batch = QWEN3_VL.batch(model, seed=6)
+    monkeypatch.setattr(qwen3_vl, "_deepstack_once", lambda *args, **kwargs: None)
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, QWEN3_VL, keep_ratio=0.5)
+
+
+def test_deepstack_reaches_the_language_model_once_with_the_kept_rows(model):
+    spec = QWEN3_VL_VIDEO
+    batch = spec.batch(model, seed=8)
+    lm = language_model(model)
+    with torch.no_grad(), recording(lm) as (calls, _):
+        model(**batch)
+    full = calls[0][1]
+    got = check_pruned_prefill(model, batch, spec, k=3)
+    with torch.no_grad(), prune_visual_tokens(model, **spec.enable(dict(k=3))), recording(lm) as (calls, _):
+        model(**batch)
+        model(**dict(batch, pixel_values=None, pixel_values_videos=None))  # no visual inputs: no DeepStack
+    pruned, plain = calls[0][1], calls[1][1]
+    visual = full["visual_pos_masks"]
+    kept = got.keep[visual]                                              # kept rows of the visual slots
+    assert int(pruned["visual_pos_masks"].sum()) == int(kept.sum()) < int(visual.sum())
+    assert len(pruned["deepstack_visual_embeds"]) == len(full["deepstack_visual_embeds"]) == 2
+    for mine, theirs in zip(pruned["deepstack_visual_embeds"], full["deepstack_visual_embeds"]):
+        assert torch.equal(mine, theirs[kept])
+    assert plain.get("deepstack_visual_embeds") is None and plain.get("visual_pos_masks") is None
+    assert not lm._forward_pre_hooks                                     # the one-shot hook is gone
+
+
+def test_unpruned_videos_keep_their_deepstack_rows(model):
+    """Without a video budget the videos stay whole (and keep their DeepStack rows) while the
+    image is pruned; a prompt with videos only then passes through unpruned."""
+    images_only = dataclasses.replace(QWEN3_VL_VIDEO, name="qwen3_vl-unpruned-video", enable=dict,
+                                      prunable=lambda b: b["input_ids"] == QWEN_IMAGE,
+                                      image_tokens=lambda b: (b["image_grid_thw"].prod(-1) // 4).tolist())
+    batch = images_only.batch(model, seed=9)
+    got = check_pruned_prefill(model, batch, images_only, keep_ratio=0.25)
+    assert bool(got.keep[batch["input_ids"] == QWEN_VIDEO].all())
+    assert got.pruner.last["visual_before"] == int((batch["input_ids"] == QWEN_IMAGE).sum())
+    videos = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in videos:
+        videos["mm_token_type_ids"] = 2 * (batch["input_ids"] == QWEN_VIDEO).int()
+    videos["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == QWEN_IMAGE, 9)
+    with torch.no_grad():
+        ref = model(**videos).logits
+        with prune_visual_tokens(model, keep_ratio=0.25) as p:
+            out = model(**videos).logits
+    assert p.last is None and torch.equal(out, ref)
+
+
+def test_frames_are_runs_of_video_tokens():
+    slots = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0, 1],
+                          [1, 1, 1, 0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert qwen3_vl.video_unit_counts(slots, [4, 1, 6], "frame") == [2, 2, 1, 3, 3]
+    assert qwen3_vl.video_unit_counts(slots, [4, 1, 6], "video") == [4, 1, 6]
+    with pytest.raises(ValueError, match="whole frames"):
+        qwen3_vl.video_unit_counts(slots, [3, 2, 6], "frame")
+
+
+def test_m_rope_needs_mm_token_type_ids_where_the_model_does(model):
+    batch = QWEN3_VL.batch(model, seed=11)
+    if "mm_token_type_ids" not in batch:
+        pytest.skip("this transformers release finds the vision tokens in input_ids itself")
+    del batch["mm_token_type_ids"]
+    with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.5), pytest.raises(ValueError, match="mm_token_type_ids"):
+        model(**batch)
