@@ -115,3 +115,16 @@ def test_m_rope_needs_mm_token_type_ids_where_the_model_does(model):
     del batch["mm_token_type_ids"]
     with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.5), pytest.raises(ValueError, match="mm_token_type_ids"):
         model(**batch)
+
+
+@pytest.mark.parametrize("importance", ["text", "tensor"])
+def test_importance_scores_image_and_video_tokens_in_unit_order(model, importance):
+    spec = QWEN3_VL_FRAME
+    batch = spec.batch(model, seed=12)
+    n = int(spec.prunable(batch).sum())
+    w = torch.linspace(1.0, 2.0, n) if importance == "tensor" else importance
+    got = check_pruned_prefill(model, batch, spec, k=2, method="topk", importance=w)
+    if importance == "tensor":     # top-2 of increasing scores: the last two tokens of every unit
+        cu = torch.tensor([0] + spec.image_tokens(batch)).cumsum(0)
+        want = torch.stack([cu[1:] - 2, cu[1:] - 1], 1).flatten()
+        assert torch.equal(got.pruner.last["kept_indices"], want)
