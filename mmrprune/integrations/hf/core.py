@@ -115,7 +115,7 @@ class VisualTokenPruner:
     ``last`` describes the latest pruned prefill: ``orig_len`` / ``pruned_len``
     (sequence lengths), ``visual_before`` / ``visual_after`` (visual tokens),
     ``kept_indices`` (flat indices into the packed image features, as returned by
-    :func:`mmrprune.select_varlen`), ``cu_seqlens`` / ``cu_k``, ``kept_columns``
+    :func:`mmrprune.select_varlen`), ``cu_seqlens`` / ``cu_k`` (per budget unit), ``video_units``, ``kept_columns``
     (per row, the original sequence columns that survived, in order) and ``right_padded``.
     """
     model: Any
