@@ -88,10 +88,7 @@ def test_unpruned_videos_keep_their_deepstack_rows(model):
     got = check_pruned_prefill(model, batch, images_only, keep_ratio=0.25)
     assert bool(got.keep[batch["input_ids"] == QWEN_VIDEO].all())
     assert got.pruner.last["visual_before"] == int((batch["input_ids"] == QWEN_IMAGE).sum())
-    videos = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "mm_token_type_ids" in videos:
-        videos["mm_token_type_ids"] = 2 * (batch["input_ids"] == QWEN_VIDEO).int()
-    videos["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == QWEN_IMAGE, 9)
+    videos = _without_images(batch)
     with torch.no_grad():
         ref = model(**videos).logits
         with prune_visual_tokens(model, keep_ratio=0.25) as p:
@@ -128,3 +125,35 @@ def test_importance_scores_image_and_video_tokens_in_unit_order(model, importanc
         cu = torch.tensor([0] + spec.image_tokens(batch)).cumsum(0)
         want = torch.stack([cu[1:] - 2, cu[1:] - 1], 1).flatten()
         assert torch.equal(got.pruner.last["kept_indices"], want)
+
+
+def test_videos_without_images(model):
+    """A batch whose only media are videos with a budget: every unit is a video unit."""
+    videos_only = dataclasses.replace(
+        QWEN3_VL_VIDEO, name="qwen3_vl-videos-only",
+        batch=lambda m, seed=0, padding="left": _without_images(QWEN3_VL_VIDEO.batch(m, seed, padding)),
+        image_tokens=lambda b: [12, 12])
+    batch = videos_only.batch(model, seed=13)
+    got = check_pruned_prefill(model, batch, videos_only, keep_ratio=0.25)
+    assert got.pruner.last["video_units"].tolist() == [True, True]
+    assert got.pruner.last["cu_k"].tolist() == [0, 3, 6]
+
+
+def _without_images(batch):
+    out = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    out["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == QWEN_IMAGE, 9)
+    if "mm_token_type_ids" in out:
+        out["mm_token_type_ids"] = 2 * (out["input_ids"] == QWEN_VIDEO).int()
+    return out
+
+
+def test_a_stale_deepstack_hook_leaves_other_calls_alone(model):
+    """A pruned call that failed before its language model ran leaves a hook that must not
+    touch the next call: it removes itself there and changes nothing."""
+    batch = QWEN3_VL.batch(model, seed=14)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        qwen3_vl._deepstack_once(model, torch.zeros(2, 5, 32), torch.ones(2, 5, dtype=torch.bool),
+                                 [torch.ones(10, 32)] * 2)
+        out = model(**batch).logits
+    assert torch.equal(out, ref) and not language_model(model)._forward_pre_hooks

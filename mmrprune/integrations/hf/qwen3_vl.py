@@ -88,8 +88,7 @@ class Qwen3VL(Family):
         # one too (rows keep their order and the columns within a row theirs)
         kept = pruned.keep[visual.visual].nonzero()[:, 0]
         levels = list(keep_rows(kept, *visual.deepstack))
-        _deepstack_once(self.model.model.language_model, pruned.embeds,
-                        visual_pos_masks=pruned.move(visual.visual, False), deepstack_visual_embeds=levels)
+        _deepstack_once(self.model, pruned.embeds, pruned.move(visual.visual, False), levels)
         return kw
 
 
@@ -139,29 +138,32 @@ def _joint_levels(visual: torch.Tensor, levels: list) -> list:
     return out
 
 
-def _deepstack_once(language_model, embeds: torch.Tensor, **deepstack) -> None:
-    """Hand ``deepstack`` to the next call of ``language_model`` whose ``inputs_embeds`` is
-    ``embeds`` (the pruned call's): the model's own forward passes none, since the pruned call
-    carries no pixels.  The hook removes itself on the first call it sees, so a call that
-    fails before reaching the language model leaves nothing behind for the next one.  It runs
-    before any other pre-hook, so those see the call the language model gets."""
-    def inject(module, args, kwargs):
-        handle.remove()
-        if kwargs.get("inputs_embeds") is not embeds:
-            return None
-        return args, dict(kwargs, **deepstack)
-
-    handle = language_model.register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
-
-
 # ----------------------------------------------------------------------------- version-dependent calls
 # Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
+def _deepstack_once(model, embeds: torch.Tensor, visual_pos_masks: torch.Tensor, levels: list) -> None:
+    """Hand the DeepStack inputs to the language model's call that gets the pruned ``embeds``:
+    the model's own forward passes none, since the pruned call carries no pixels.  The
+    language model takes them as ``visual_pos_masks`` / ``deepstack_visual_embeds`` in
+    4.57.6-5.25.  The pre-hook removes itself on the first call it sees, so a call that fails
+    before reaching the language model leaves nothing behind; it acts only on a call whose
+    ``inputs_embeds`` are the pruned ones (possibly moved to another device by a device map),
+    and runs before any other pre-hook, so those see the call the language model gets."""
+    def inject(module, args, kwargs):
+        handle.remove()
+        x = kwargs.get("inputs_embeds")
+        if x is None or x.shape != embeds.shape or not (x is embeds or torch.equal(x.to(embeds.device), embeds)):
+            return None
+        return args, dict(kwargs, visual_pos_masks=visual_pos_masks.to(x.device), deepstack_visual_embeds=levels)
+
+    handle = model.model.language_model.register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
+
+
 def _features(inner, kw, modality: str):
     """``(per item [n_i, H] features, per DeepStack level [n, H])`` of the images (or videos),
     or None without that input.  ``get_*_features`` returns a tuple ``(split features,
-    levels)`` in 4.57 and an output with ``pooler_output`` / ``deepstack_features`` in 5.0-5.25,
-    the levels split per item from 5.2x on; ``generate`` in 5.19 and later passes the output
-    precomputed as ``mm_encoder_outputs``."""
+    levels)`` in 4.57 and an output with ``pooler_output`` / ``deepstack_features`` in
+    5.0-5.25, whose levels are split per item in 5.19-5.25 (not in 5.0-5.17); ``generate`` in
+    5.19 and later passes that output precomputed as ``mm_encoder_outputs``."""
     out = versions.encoder_output(kw, modality)
     if out is None:
         if modality == "image" and kw.get("pixel_values") is not None:
@@ -181,8 +183,8 @@ def _features(inner, kw, modality: str):
 
 def rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
     """[3, B, L] M-RoPE positions of the unpruned prompt.  ``get_rope_index`` takes the
-    processor's ``mm_token_type_ids`` (text 0, image 1, video 2) from 5.3 on and finds the
-    vision tokens in ``input_ids`` itself in 4.57-5.2."""
+    processor's ``mm_token_type_ids`` (text 0, image 1, video 2) in 5.17-5.25 of the tested
+    releases and finds the vision tokens in ``input_ids`` itself in 4.57.6 and 5.0."""
     params = inspect.signature(inner.get_rope_index).parameters
     args = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
                 attention_mask=attention_mask)
