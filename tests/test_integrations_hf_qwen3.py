@@ -157,3 +157,19 @@ def test_a_stale_deepstack_hook_leaves_other_calls_alone(model):
                                  [torch.ones(10, 32)] * 2)
         out = model(**batch).logits
     assert torch.equal(out, ref) and not language_model(model)._forward_pre_hooks
+
+
+def test_frames_must_match_the_video_grid(model):
+    """Frames without their own separators (two frames' tokens in one run) are refused when
+    the grid says otherwise, instead of being pruned as one frame."""
+    batch = QWEN3_VL_FRAME.batch(model, seed=15)
+    ids = batch["input_ids"].clone()
+    row1 = (ids[1] == QWEN_VIDEO).nonzero()[:, 0]
+    ids[1, row1[3] + 1:row1[4]] = QWEN_VIDEO            # joins frames 0 and 1 of row 1's video ...
+    ids[1, row1[4]:row1[4] + (row1[4] - row1[3] - 1)] = 9  # ... keeping the token count
+    batch = dict(batch, input_ids=ids)
+    if "mm_token_type_ids" in batch:
+        batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
+    with torch.no_grad(), prune_visual_tokens(model, **QWEN3_VL_FRAME.enable(dict(k=2))), \
+            pytest.raises(ValueError, match="video_grid_thw gives"):
+        model(**batch)

@@ -64,8 +64,9 @@ class Qwen3VL(Family):
             if modality == "image":
                 maps.append(units_from_counts(slots, [f.shape[0] for f in feats]))
             elif self.video_unit is not None:
-                maps.append(units_from_counts(slots, video_unit_counts(slots, [f.shape[0] for f in feats],
-                                                                       self.video_unit)))
+                counts = video_unit_counts(slots, [f.shape[0] for f in feats], self.video_unit)
+                _check_frames(counts, kw.get("video_grid_thw"), inner, self.video_unit)
+                maps.append(units_from_counts(slots, counts))
             else:
                 continue
             is_video.append(modality == "video")
@@ -115,6 +116,19 @@ def video_unit_counts(slots: torch.Tensor, per_video: list, unit: str) -> list:
                              "form whole frames (each frame's video tokens between its own vision start and end "
                              "tokens, as the Qwen3-VL processor lays them out)")
     return frames
+
+
+def _check_frames(counts: list, grid_thw, inner, unit: str) -> None:
+    """With the videos' patch grids at hand, the frames found in the tokens must be their
+    temporal grid steps (a layout without per-frame separators would merge them)."""
+    if unit != "frame" or grid_thw is None:
+        return
+    merge = inner.visual.spatial_merge_size ** 2
+    want = [int(h * w) // merge for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+    if counts != want:
+        raise ValueError(f"prune_visual_tokens: video_unit='frame' found frames of {counts} tokens in input_ids, "
+                         f"but video_grid_thw gives {want}; each frame's video tokens must lie between their own "
+                         "vision start and end tokens, as the Qwen3-VL processor lays them out")
 
 
 def _given(kw, modality: str) -> bool:
