@@ -108,10 +108,14 @@ def _video_features(inner, kw, slots: torch.Tensor):
     if out is None:
         if kw.get("pixel_values_videos") is None:
             return None
-        out = inner.get_video_features(kw["pixel_values_videos"],
-                                       vision_feature_layer=kw.get("vision_feature_layer"),
-                                       vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                                       **versions.output_kwargs())
+        # 4.57's get_video_features does not fill these in from the config (its forward does)
+        cfg = inner.config
+        layer, strategy = kw.get("vision_feature_layer"), kw.get("vision_feature_select_strategy")
+        out = inner.get_video_features(
+            kw["pixel_values_videos"],
+            vision_feature_layer=cfg.vision_feature_layer if layer is None else layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy if strategy is None else strategy,
+            **versions.output_kwargs())
     feats = versions.per_item(out)
     if int(slots.sum()) == sum(f.shape[0] + 1 for f in feats):
         feats = [torch.cat([f, inner.image_newline[None].to(f.device, f.dtype)]) for f in feats]
