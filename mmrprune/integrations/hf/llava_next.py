@@ -102,8 +102,9 @@ def _video_features(inner, kw, slots: torch.Tensor):
     """Per video, its [n_i, H] features (pooled frames, then one newline token), or None
     without videos.  ``get_video_features`` returns a [B, n, H] tensor in 4.57 and its
     output's ``pooler_output`` in 5.0-5.25; the newline token is appended by the model's
-    forward in 4.57-5.17 and by ``get_video_features`` itself in 5.25, so it is appended here
-    when the placeholders (``slots``) count one token per video more than the features."""
+    forward in 4.57-5.17 and by ``get_video_features`` itself in 5.19 and 5.25, so it is
+    appended here when the placeholders (``slots``) count one more per video than the
+    features."""
     out = versions.encoder_output(kw, "video")
     if out is None:
         if kw.get("pixel_values_videos") is None:
