@@ -67,10 +67,9 @@ class LlavaOnevision(LlavaNext):
     image_keys = ("batch_num_images",)
 
     def _merge_videos(self, kw, input_ids):
-        feats = _video_features(self.model.model, kw, input_ids == self.model.config.video_token_id)
-        if feats is None:
-            return None
-        return input_ids == self.model.config.video_token_id, feats
+        slots = input_ids == self.model.config.video_token_id
+        feats = _video_features(self.model.model, kw, slots)
+        return None if feats is None else (slots, feats)
 
 
 def _newline_rows(features: torch.Tensor, image_newline: torch.Tensor) -> torch.Tensor:
