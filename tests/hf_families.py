@@ -167,3 +167,95 @@ QWEN2_VL = _qwen_spec("qwen2_vl")
 QWEN2_5_VL = _qwen_spec("qwen2_5_vl")
 
 SPECS = (LLAVA, QWEN2_VL, QWEN2_5_VL)
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT / LLaVA-OneVision
+# Anyres with 16x16 tiles of 4x4 patches: each image is a 16-token base tile, then its crop
+# grid (2x2 patch blocks per crop, unpadded to the image's aspect ratio) row by row, each row
+# followed by one image_newline token.  The layouts below are worked out by hand from the
+# grid pinpoints and the image sizes (independently of the adapter): (rows, cols) of the crop
+# grid, or None for an image that is not split (its base tile and one newline token).
+ANYRES_IMAGE, ANYRES_VIDEO = 63, 62
+ANYRES_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+ANYRES_BASE = 16
+NEXT_SIZES = torch.tensor([[32, 32], [30, 20], [12, 30]])      # (H, W)
+# 32x32: 2x2 crops, 8x8 grid; 30x20: 2x2 crops, 8 columns unpadded to 6; 12x30: 1x2 crops, 4x8
+NEXT_LAYOUT = [(8, 8), (8, 6), (4, 8)]
+# OneVision splits only the images of single-image prompts: row 0's two images are not split;
+# row 1's 32x32 image has an 8x8 grid that anyres_max_2 interpolates down to 5x5
+ONEVISION_LAYOUT = [None, None, (5, 5)]
+
+
+def anyres_pattern(layout) -> list:
+    """Per image token of one image, whether it is prunable (False: a newline token)."""
+    if layout is None:
+        return [True] * ANYRES_BASE + [False]
+    rows, cols = layout
+    return [True] * ANYRES_BASE + ([True] * cols + [False]) * rows
+
+
+def anyres_prunable(layouts: list) -> Callable[[dict], torch.Tensor]:
+    def prunable(batch):
+        slots = batch["input_ids"] == ANYRES_IMAGE
+        out = torch.zeros_like(slots)
+        out[slots] = torch.tensor([p for layout in layouts for p in anyres_pattern(layout)])
+        return out
+    return prunable
+
+
+def _anyres_text(version: str):
+    from transformers import LlamaConfig, Qwen2Config
+    cls = LlamaConfig if version == "llava_next" else Qwen2Config
+    return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+
+
+def build_anyres(version: str):
+    torch.manual_seed(0)
+    if version == "llava_next":
+        from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=4, projection_dim=32)
+        cfg = LlavaNextConfig(vision_config=vc, text_config=_anyres_text(version), image_token_index=ANYRES_IMAGE,
+                              image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
+                              vision_feature_select_strategy="default")
+        return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=16, patch_size=4)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=_anyres_text(version), image_token_index=ANYRES_IMAGE,
+                               video_token_index=ANYRES_VIDEO, image_grid_pinpoints=ANYRES_PINPOINTS,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_2")
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+
+
+def anyres_batch(layouts: list, model=None, seed=0, padding="left"):
+    """Row 0: two images and text between them.  Row 1: one image, padded.  ``pixel_values``
+    [images, 5, 3, 16, 16] as the processor stacks them (each image's unused crops are padding)."""
+    g = torch.Generator().manual_seed(seed)
+    n = [len(anyres_pattern(layout)) for layout in layouts]
+    # row 0 stays the longer one after pruning (OneVision's row 1 holds the only split image)
+    middle = [7] if layouts is NEXT_LAYOUT else list(range(20, 36))
+    ids, am = _pad_rows([[1, 5, 6] + [ANYRES_IMAGE] * n[0] + middle + [ANYRES_IMAGE] * n[1] + [8, 9],
+                         [1, 10] + [ANYRES_IMAGE] * n[2] + [11, 12, 13]], padding)
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(3, 5, 3, 16, 16, generator=g),
+                 image_sizes=NEXT_SIZES if layouts is NEXT_LAYOUT else NEXT_SIZES[[0, 1, 0]])
+    if layouts is ONEVISION_LAYOUT:
+        batch["batch_num_images"] = torch.tensor([2, 1])
+    return batch
+
+
+def _anyres_spec(version: str, layouts: list, placeholders: tuple):
+    return FamilySpec(name=version, build=lambda: build_anyres(version),
+                      batch=lambda model=None, seed=0, padding="left": anyres_batch(layouts, model, seed, padding),
+                      prunable=anyres_prunable(layouts),
+                      image_tokens=lambda b: [sum(anyres_pattern(layout)) for layout in layouts],
+                      extend=lambda b, t: _append(b, t), placeholders=placeholders)
+
+
+LLAVA_NEXT = _anyres_spec("llava_next", NEXT_LAYOUT, (ANYRES_IMAGE,))
+LLAVA_ONEVISION = _anyres_spec("llava_onevision", ONEVISION_LAYOUT, (ANYRES_IMAGE, ANYRES_VIDEO))
+
+SPECS += (LLAVA_NEXT, LLAVA_ONEVISION)

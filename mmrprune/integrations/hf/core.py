@@ -310,7 +310,7 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
 
     Args:
         model: a model of a supported family (docs/integrations.md): LLaVA-1.5
-            (``LlavaForConditionalGeneration``), ``Qwen2VLForConditionalGeneration`` or
+            (``LlavaForConditionalGeneration``), LLaVA-NeXT, LLaVA-OneVision, ``Qwen2VLForConditionalGeneration`` or
             ``Qwen2_5_VLForConditionalGeneration``, on a transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).

@@ -4,8 +4,10 @@ from __future__ import annotations
 from .family import Family
 from .llava import Llava
 from .qwen2_vl import Qwen2VL
+from .llava_next import LlavaNext, LlavaOnevision
 
 FAMILIES: tuple = (Llava, Qwen2VL)
+FAMILIES += (LlavaNext, LlavaOnevision)
 
 
 def family_of(model) -> type[Family]:
