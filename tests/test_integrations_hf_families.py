@@ -113,7 +113,10 @@ def test_decode_steps_without_position_ids_continue_the_original_numbering(famil
         for _ in range(2):
             token = out.logits[:, -1].index_fill(-1, banned, -float("inf")).argmax(-1)[:, None]
             longer = spec.extend(longer, token)
-            out = model(input_ids=token, attention_mask=longer["attention_mask"], **{key: getattr(out, key)},
+            # use_cache=True as generate passes it: Gemma 3's config in 4.57 has no use_cache, so
+            # without it the model returns no cache to continue from
+            out = model(input_ids=token, attention_mask=longer["attention_mask"], use_cache=True,
+                        **{key: getattr(out, key)},
                         **{k: longer[k] for k in per_token})
             want = model(**longer, use_cache=False)
             torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], rtol=1e-4, atol=1e-5)
@@ -171,3 +174,37 @@ def test_strong_check_fails_on_a_wrong_kept_column(monkeypatch):
     monkeypatch.setattr(core._Columns, "of", classmethod(wrong_column))
     with pytest.raises(AssertionError):
         check_pruned_prefill(model, batch, LLAVA, keep_ratio=0.25)
+
+
+# ----------------------------------------------------------------------------- Gemma 3's bidirectional image blocks
+def _drop_token_type_ids(kw):
+    return {k: v for k, v in kw.items() if k != "token_type_ids"}
+
+
+def _merge_two_images(kw):
+    """One block from row 0's first image token to its last: the text between its images joins it."""
+    tt = kw["token_type_ids"].clone()
+    cols = tt[0].nonzero()[:, 0]
+    tt[0, int(cols[0]):int(cols[-1]) + 1] = 1
+    return dict(kw, token_type_ids=tt)
+
+
+@pytest.mark.parametrize("tamper", [_drop_token_type_ids, _merge_two_images], ids=["causal-only", "merged-images"])
+def test_strong_check_fails_on_a_wrong_image_block(tamper):
+    from hf_families import GEMMA3
+    model = GEMMA3.build()
+    batch = GEMMA3.batch(model, seed=8)
+    check_pruned_prefill(model, batch, GEMMA3, keep_ratio=0.5)
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, GEMMA3, keep_ratio=0.5, tamper=tamper)
+
+
+def test_gemma3_image_blocks_are_bidirectional():
+    """The reference must allow them: a causal-only reference fails on the true model."""
+    from dataclasses import replace
+
+    from hf_families import GEMMA3
+    model = GEMMA3.build()
+    batch = GEMMA3.batch(model, seed=9)
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, replace(GEMMA3, extra_allowed=None), keep_ratio=0.5)

@@ -4,8 +4,10 @@ from __future__ import annotations
 from .family import Family
 from .llava import Llava
 from .qwen2_vl import Qwen2VL
+from .gemma3 import Gemma3
 
 FAMILIES: tuple = (Llava, Qwen2VL)
+FAMILIES += (Gemma3,)
 
 
 def family_of(model) -> type[Family]:
