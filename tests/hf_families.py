@@ -207,3 +207,42 @@ GEMMA3 = FamilySpec(name="gemma3", build=build_gemma3, batch=gemma3_batch,
                     extend=lambda b, t: _append(b, t, "token_type_ids"), placeholders=(GEMMA_BOI, GEMMA_EOI),
                     extra_allowed=lambda b: image_blocks(b["token_type_ids"] == 1))
 SPECS += (GEMMA3,)
+
+
+# ----------------------------------------------------------------------------- InternVL
+INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END = 63, 60, 61
+INTERNVL_TILES = [2, 1, 2]                  # tiles per image; 16 tokens per tile
+
+
+def build_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[4, 4])     # 8x8 patches, pixel-shuffled to 16 tokens per tile
+    cfg = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_CONTEXT,
+                         image_seq_length=16)
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
+def internvl_image(tiles: int) -> list:
+    return [INTERNVL_START] + [INTERNVL_CONTEXT] * (16 * tiles) + [INTERNVL_END]
+
+
+def internvl_batch(model=None, seed=0, padding="left"):
+    """Row 0: an image of two tiles and one of a single tile.  Row 1: an image of two tiles,
+    padded.  ``pixel_values`` holds the tiles of all images in order, as the processor packs them."""
+    g = torch.Generator().manual_seed(seed)
+    t = INTERNVL_TILES
+    ids, am = _pad_rows([[1, 5] + internvl_image(t[0]) + [7] + internvl_image(t[1]) + [8, 9],
+                         [1, 10] + internvl_image(t[2]) + [11]], padding)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(sum(t), 3, 32, 32, generator=g))
+
+
+INTERNVL = FamilySpec(name="internvl", build=build_internvl, batch=internvl_batch,
+                      prunable=lambda b: b["input_ids"] == INTERNVL_CONTEXT,
+                      image_tokens=lambda b: [16 * n for n in INTERNVL_TILES], extend=lambda b, t: _append(b, t),
+                      placeholders=(INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END))
+SPECS += (INTERNVL,)

@@ -208,3 +208,21 @@ def test_gemma3_image_blocks_are_bidirectional():
     batch = GEMMA3.batch(model, seed=9)
     with pytest.raises(AssertionError):
         check_pruned_prefill(model, batch, replace(GEMMA3, extra_allowed=None), keep_ratio=0.5)
+
+
+# ----------------------------------------------------------------------------- InternVL's images of several tiles
+def test_internvl_unit_is_an_image_of_all_its_tiles():
+    """One budget unit per image across its tiles (not one per tile), and a run of
+    image-context tokens that is not whole tiles is refused."""
+    from hf_families import INTERNVL, INTERNVL_CONTEXT, INTERNVL_END, INTERNVL_START
+    model = INTERNVL.build()
+    batch = INTERNVL.batch(model, seed=11)
+    with torch.no_grad(), prune_visual_tokens(model, k=3) as p:
+        model(**batch)
+    assert p.last["cu_seqlens"].tolist() == [0, 32, 48, 80] and p.last["visual_after"] == 9
+    ids = batch["input_ids"].clone()
+    # row 0 with its images' boundary moved by half a tile: 24 + 24 tokens instead of 32 + 16
+    ids[0] = torch.tensor([1, 5, INTERNVL_START] + [INTERNVL_CONTEXT] * 24 + [INTERNVL_END, 7, INTERNVL_START]
+                          + [INTERNVL_CONTEXT] * 24 + [INTERNVL_END, 8, 9])
+    with torch.no_grad(), prune_visual_tokens(model, k=3), pytest.raises(ValueError, match="whole number of tiles"):
+        model(**dict(batch, input_ids=ids))

@@ -285,7 +285,8 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
         model: a model of a supported family (docs/integrations.md): LLaVA-1.5
             (``LlavaForConditionalGeneration``), ``Qwen2VLForConditionalGeneration``,
             ``Qwen2_5_VLForConditionalGeneration``,
-            Gemma 3 (``Gemma3ForConditionalGeneration``), on a transformers release of the tested
+            Gemma 3 (``Gemma3ForConditionalGeneration``),
+            InternVL (``InternVLForConditionalGeneration``), on a transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
         method, lam, backend, **method_params: as :func:`mmrprune.select`.

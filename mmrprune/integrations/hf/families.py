@@ -5,9 +5,11 @@ from .family import Family
 from .llava import Llava
 from .qwen2_vl import Qwen2VL
 from .gemma3 import Gemma3
+from .internvl import InternVL
 
 FAMILIES: tuple = (Llava, Qwen2VL)
 FAMILIES += (Gemma3,)
+FAMILIES += (InternVL,)
 
 
 def family_of(model) -> type[Family]:
