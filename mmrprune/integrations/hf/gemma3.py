@@ -6,7 +6,8 @@ The model finds an image's bidirectional block as a run of consecutive ``token_t
 columns (every release of the window).  Listing ``token_type_ids`` in ``token_keys`` re-packs
 it with the sequence, so the model rebuilds the blocks over the kept tokens: an image's kept
 tokens stay consecutive, and the text tokens between two images (the processor's
-begin/end-of-image tokens) are never pruned, so two images' blocks never merge.
+begin/end-of-image tokens, which its ``token_type_ids`` mark 0 in every release) are never
+pruned, so two images' blocks never merge.
 """
 from __future__ import annotations
 
