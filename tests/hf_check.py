@@ -115,7 +115,7 @@ def check_pruned_prefill(model, batch: dict, spec, atol: float = 1e-5, tamper: O
     lm = language_model(model)
     with torch.no_grad(), recording(lm) as (unpruned, _):
         model(**batch)
-    with torch.no_grad(), prune_visual_tokens(model, **prune) as p, \
+    with torch.no_grad(), prune_visual_tokens(model, **spec.enable(prune)) as p, \
             recording(model, tamper=tamper) as (calls, _), recording(lm, pre=False, post=True) as (_, hidden):
         out = model(**batch)
     call, pruned_hidden = calls[0][1], hidden[0]
@@ -162,7 +162,7 @@ def check_cached_generate(model, batch: dict, spec, steps: int = 4, **prune):
     Neither emits the family's placeholder tokens (a random model may pick them, and an extra
     placeholder without features is an invalid prompt)."""
     banned = list(spec.placeholders)
-    with torch.no_grad(), prune_visual_tokens(model, **prune):
+    with torch.no_grad(), prune_visual_tokens(model, **spec.enable(prune)):
         g = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                            suppress_tokens=banned, return_dict_in_generate=True, output_logits=True)
         b, ref, ref_logits = dict(batch), [], []

@@ -3,8 +3,9 @@ and the batches the family test suite (tests/test_integrations_hf_families.py) r
 
 A family joins the suite with one :class:`FamilySpec`: a model factory, a batch factory
 (row 0 with two images, row 1 with one, the shorter row padded on the given side), the
-mask of its prunable placeholder slots, the tokens per image and how to append a
-generated token for the uncached recompute.
+mask of its prunable placeholder slots, the tokens per image how to append a
+generated token for the uncached recompute, and (for videos) the enable arguments that give
+the videos a budget; ``image_tokens`` then counts the tokens of every budget unit.
 """
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ class FamilySpec:
     # [B, L, L] extra (query, key) pairs the model lets attend beyond causality (e.g. Gemma 3's
     # bidirectional image blocks), from the inputs; None: plain causal
     extra_allowed: Optional[Callable[[dict], torch.Tensor]] = None
+    # the enable_visual_token_pruning arguments for the suite's budget and method arguments
+    # (a video spec adds its video budget, e.g. the same one as video_k / video_keep_ratio)
+    enable: Callable[[dict], dict] = dict
+
+
+def with_video_budget(unit: str = "video") -> Callable[[dict], dict]:
+    """A spec's ``enable`` that gives every video (``unit="video"``) or every frame
+    (``unit="frame"``) the suite's image budget."""
+    def enable(prune: dict) -> dict:
+        out = dict(prune, video_unit=unit)
+        for key in ("k", "keep_ratio"):
+            if key in prune:
+                out["video_" + key] = prune[key]
+        return out
+    return enable
 
 
 def _pad_rows(rows: list, padding: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,39 @@ def test_enable_checks_every_argument_with_selects_messages(llava, kwargs):
     assert hooks_of(llava) == 0 and getattr(llava, "_mmrprune_pruner", None) is None
 
 
+@pytest.mark.parametrize("kwargs, error, text", [
+    (dict(video_k=0), ValueError, "video_k: expected an int >= 1, got 0"),
+    (dict(video_keep_ratio=1.5), ValueError, "video_keep_ratio: expected a value in (0, 1], got 1.5"),
+    (dict(video_k=2.5), TypeError, "video_k: expected an int >= 1"),
+    (dict(video_k=4, video_keep_ratio=0.5), ValueError, "at most one of video_k or video_keep_ratio"),
+    (dict(video_keep_ratio=0.5, video_unit="clip"), ValueError, "video_unit: expected one of ('video', 'frame')"),
+    (dict(video_unit=None), ValueError, "video_unit: expected one of"),
+])
+def test_video_budgets_are_checked_when_enabling(qwen, kwargs, error, text):
+    with pytest.raises(error) as got:
+        enable_visual_token_pruning(qwen, k=2, **kwargs)
+    assert text in str(got.value)
+    assert hooks_of(qwen) == 0 and getattr(qwen, "_mmrprune_pruner", None) is None
+
+
+def test_a_video_budget_on_a_family_without_videos_is_refused(llava):
+    with pytest.raises(ValueError, match="llava models take no videos this integration prunes; families that prune "
+                                         "videos: "):
+        enable_visual_token_pruning(llava, k=2, video_k=8)
+    assert hooks_of(llava) == 0
+
+
+def test_unit_maps_merge_in_row_major_order():
+    from mmrprune.integrations.hf.family import merge_unit_maps
+    images = torch.tensor([[0, 0, -1, -1, 1, 1], [-1, 2, 2, -1, -1, -1]])
+    videos = torch.tensor([[-1, -1, 0, 0, -1, -1], [1, -1, -1, 2, 2, -1]])
+    units, source = merge_unit_maps(images, videos)
+    assert units.tolist() == [[0, 0, 1, 1, 2, 2], [3, 4, 4, 5, 5, -1]]
+    assert source.tolist() == [0, 1, 0, 1, 0, 1]
+    units, source = merge_unit_maps(images, torch.full_like(images, -1))
+    assert torch.equal(units, images) and source.tolist() == [0, 0, 0]
+
+
 def test_failed_enable_leaves_the_model_as_it_was(qwen):
     """importance='cls' on Qwen2-VL (no [CLS] token) is refused when enabling, not at the first
     forward, and no hook stays behind: plain forwards still work."""

@@ -50,7 +50,7 @@ def test_selection_is_select_varlen_on_the_models_features(family):
     for budget in (dict(keep_ratio=0.25), dict(k=5)):
         want, want_cu = mmrprune.select_varlen(features, imp.token_norm(features), cu, method="mmr", lam=0.5,
                                                **budget)
-        with torch.no_grad(), prune_visual_tokens(model, method="mmr", lam=0.5, **budget) as p:
+        with torch.no_grad(), prune_visual_tokens(model, **spec.enable(dict(method="mmr", lam=0.5, **budget))) as p:
             model(**batch)
         assert torch.equal(p.last["kept_indices"], want)
         assert torch.equal(p.last["cu_k"], want_cu) and torch.equal(p.last["cu_seqlens"], cu)
@@ -75,7 +75,7 @@ def test_full_budget_reproduces_unpruned_logits(family, budget):
     labels = batch["input_ids"].masked_fill(spec.prunable(batch) | (batch["attention_mask"] == 0), -100)
     with torch.no_grad():
         ref = model(**batch, labels=labels)
-        with prune_visual_tokens(model, method="mmr", **budget) as p:
+        with prune_visual_tokens(model, **spec.enable(dict(method="mmr", **budget))) as p:
             got = model(**batch, labels=labels)
         after = model(**batch, labels=labels)                          # the hook is gone after the block
     assert p.last["pruned_len"] == p.last["orig_len"]
@@ -91,7 +91,7 @@ def test_pruned_cached_generate_equals_uncached_recompute(family):
     # and pruning did change what the model saw
     with torch.no_grad():
         full = model(**batch).logits[:, -1]
-        with prune_visual_tokens(model, keep_ratio=0.25, method="mmr", lam=0.5):
+        with prune_visual_tokens(model, **spec.enable(dict(keep_ratio=0.25, method="mmr", lam=0.5))):
             pruned = model(**batch).logits[:, -1]
     assert not torch.allclose(full, pruned, atol=1e-4)
 
@@ -106,7 +106,7 @@ def test_decode_steps_without_position_ids_continue_the_original_numbering(famil
                  and v.shape == batch["input_ids"].shape]
     key = cache_key(model)
     banned = torch.tensor(spec.placeholders)
-    with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.25, method="mmr"), \
+    with torch.no_grad(), prune_visual_tokens(model, **spec.enable(dict(keep_ratio=0.25, method="mmr"))), \
             recording(model) as (calls, _):
         out = model(**batch, use_cache=True)
         longer = batch

@@ -115,7 +115,7 @@ class VisualTokenPruner:
     ``last`` describes the latest pruned prefill: ``orig_len`` / ``pruned_len``
     (sequence lengths), ``visual_before`` / ``visual_after`` (visual tokens),
     ``kept_indices`` (flat indices into the packed image features, as returned by
-    :func:`mmrprune.select_varlen`), ``cu_seqlens`` / ``cu_k``, ``kept_columns``
+    :func:`mmrprune.select_varlen`), ``cu_seqlens`` / ``cu_k`` (per budget unit), ``video_units``, ``kept_columns``
     (per row, the original sequence columns that survived, in order) and ``right_padded``.
     """
     model: Any
@@ -129,6 +129,9 @@ class VisualTokenPruner:
     text_reduce: str
     position_bias: Optional[torch.Tensor]
     method_params: dict
+    video_k: Optional[int] = None
+    video_keep_ratio: Optional[float] = None
+    video_unit: Optional[str] = None
     last: Optional[dict] = None
     adapter: Optional[Family] = None
     # the decode state of each KV cache that holds a pruned prompt (weakly: it goes with the cache)
@@ -223,20 +226,43 @@ class VisualTokenPruner:
         self._pending = _DecodeState(orig_len=input_ids.shape[1], cols=cols, mask=pruned.attention_mask,
                                    next_pos=positions[..., -1] + 1)
         self.last = dict(orig_len=input_ids.shape[1], pruned_len=cols.new_len, visual_before=int(units.packed.shape[0]),
-                         visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k.cpu(),
+                         visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k,
+                         video_units=visual.video_units,
                          kept_columns=[cols.src[cols.rows == b] for b in range(cols.bsz)],
                          right_padded=cols.right_padded)
         return self.adapter.pruned_call(kw, pruned)
 
     def _select(self, kw, am, visual: Visual, units: _Units):
         """``(kept_indices, cu_seqlens, cu_k)``: flat indices into the packed tokens (on the
-        input's device), the unit offsets (CPU) and the kept offsets."""
+        input's device), the unit offsets (CPU) and the kept offsets (CPU).  Image units take
+        the image budget and video units the video budget: one selection call per kind."""
         cu = torch.zeros(len(units.counts) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(torch.tensor(units.counts, dtype=torch.int64), 0)
         w = imp.compute(self, kw, am, visual, units.packed, units.counts, units.rows)
-        idx, cu_k = select_varlen(units.packed, w, cu.to(units.packed.device), k=self.k, keep_ratio=self.keep_ratio,
-                                  lam=self.lam, method=self.method, backend=self.backend, **self.method_params)
-        return idx.to(units.slots.device), cu, cu_k
+        is_video = visual.video_units
+        if is_video is None or not bool(is_video.any()):
+            idx, cu_k = self._select_units(units.packed, w, cu, self.k, self.keep_ratio)
+            return idx.to(units.slots.device), cu, cu_k.cpu()
+        is_video = is_video.cpu()
+        kept = [None] * len(units.counts)
+        for video, k, ratio in ((False, self.k, self.keep_ratio), (True, self.video_k, self.video_keep_ratio)):
+            members = (is_video == video).nonzero()[:, 0].tolist()
+            if not members:
+                continue
+            rows = torch.cat([torch.arange(int(cu[u]), int(cu[u + 1])) for u in members]).to(units.packed.device)
+            sub_cu = torch.zeros(len(members) + 1, dtype=torch.int64)
+            sub_cu[1:] = torch.cumsum(torch.tensor([units.counts[u] for u in members]), 0)
+            idx, cu_k = self._select_units(units.packed[rows], None if w is None else w[rows], sub_cu, k, ratio)
+            cu_k = cu_k.cpu()
+            for j, u in enumerate(members):
+                kept[u] = rows[idx[cu_k[j]:cu_k[j + 1]]]
+        cu_k = torch.zeros(len(kept) + 1, dtype=torch.int64)
+        cu_k[1:] = torch.cumsum(torch.tensor([t.numel() for t in kept]), 0)
+        return torch.cat(kept).to(units.slots.device), cu, cu_k
+
+    def _select_units(self, packed, w, cu, k, keep_ratio):
+        return select_varlen(packed, w, cu.to(packed.device), k=k, keep_ratio=keep_ratio, lam=self.lam,
+                             method=self.method, backend=self.backend, **self.method_params)
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict, past_len: int, st: _DecodeState) -> dict:
@@ -275,7 +301,8 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
                                 importance: Union[str, None, torch.Tensor, Callable] = "norm",
                                 backend: str = "auto", text_reduce: str = "max",
                                 position_bias: Optional[torch.Tensor] = None,
-                                **method_params) -> VisualTokenPruner:
+                                video_k: Optional[int] = None, video_keep_ratio: Optional[float] = None,
+                                video_unit: str = "video", **method_params) -> VisualTokenPruner:
     """Make ``model`` prune its visual tokens once per prefill until ``.remove()``.
 
     Every argument is checked here, with the messages of :func:`mmrprune.select`; on any
@@ -289,6 +316,10 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
             InternVL (``InternVLForConditionalGeneration``), on a transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
+        video_k / video_keep_ratio: at most one; the budget of each video (``video_unit=
+            "video"``: one selection over all its frames) or of each frame of it
+            (``video_unit="frame"``).  Neither: videos are merged unpruned.  Families that
+            prune videos: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (docs/integrations.md).
         method, lam, backend, **method_params: as :func:`mmrprune.select`.
         importance: where the raw importance ``w`` comes from:
 
@@ -310,6 +341,7 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     import transformers
     versions.check(transformers.__version__, fam)
     k, keep_ratio = check_budget(k, keep_ratio)
+    video_k, video_keep_ratio, video_unit = _check_video_budget(fam, video_k, video_keep_ratio, video_unit)
     check_method(method)
     if lam is not None:
         check_lam(lam)
@@ -323,7 +355,9 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
         raise RuntimeError("prune_visual_tokens: pruning is already enabled on this model")
     pruner = VisualTokenPruner(model=model, family=fam.name, k=k, keep_ratio=keep_ratio, method=method, lam=lam,
                                importance=importance, backend=backend, text_reduce=text_reduce,
-                               position_bias=position_bias, method_params=method_params, adapter=fam(model),
+                               position_bias=position_bias, method_params=method_params, video_k=video_k,
+                               video_keep_ratio=video_keep_ratio, video_unit=video_unit,
+                               adapter=fam(model, video_unit=video_unit),
                                _sig_params=tuple(inspect.signature(model.forward).parameters))
     handles = []
     try:
@@ -338,6 +372,29 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     pruner._handles = handles
     model._mmrprune_pruner = pruner
     return pruner
+
+
+def _check_video_budget(fam, video_k, video_keep_ratio, video_unit):
+    """``(video_k, video_keep_ratio, video_unit)`` checked; ``video_unit`` is None when videos
+    stay unpruned."""
+    if video_unit not in Family.VIDEO_UNITS:
+        raise ValueError(f"video_unit: expected one of {Family.VIDEO_UNITS} (one budget per video, or per frame), "
+                         f"got {video_unit!r}")
+    if video_k is None and video_keep_ratio is None:
+        return None, None, None
+    if video_k is not None and video_keep_ratio is not None:
+        raise ValueError(f"at most one of video_k or video_keep_ratio may be given, got video_k={video_k!r}, "
+                         f"video_keep_ratio={video_keep_ratio!r}")
+    try:
+        video_k, video_keep_ratio = check_budget(video_k, video_keep_ratio)
+    except (TypeError, ValueError) as e:         # the same rules as k / keep_ratio, named as video ones
+        raise type(e)(f"video_{e}") from None
+    if not fam.videos:
+        from .families import FAMILIES
+        able = ", ".join(f.name for f in FAMILIES if f.videos) or "none"
+        raise ValueError(f"video_k / video_keep_ratio: {fam.name} models take no videos this integration prunes; "
+                         f"families that prune videos: {able}")
+    return video_k, video_keep_ratio, video_unit
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ in :mod:`.families` and its tiny-model tests (docs/integrations.md, "Adding a fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,12 +38,14 @@ class Visual:
     handed to the selector) and each lies within one row; every unit gets its own ``k`` /
     ``keep_ratio`` budget.  ``visual`` marks every visual slot, prunable or not (a video
     that is merged unpruned, a crop-separator token): ``importance="text"`` skips them.
-    An adapter whose :meth:`Family.pruned_call` needs more (DeepStack features) returns a
-    subclass carrying it.
+    ``video_units`` [U] bool marks the units that belong to a video (they take the video
+    budget); ``None``: every unit is an image.  An adapter whose :meth:`Family.pruned_call`
+    needs more (DeepStack features) returns a subclass carrying it.
     """
     embeds: torch.Tensor          # [B, L, H]
     units: torch.Tensor           # [B, L] int64
     visual: torch.Tensor          # [B, L] bool
+    video_units: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Family:
         model_classes: class names it covers, matched against the model's MRO.
         transformers: a version specifier (e.g. ``">=5.3"``) when the family is tested on
             less than the whole window of :data:`.versions.REQUIREMENT`; empty otherwise.
+        videos: whether the family's adapter can prune videos (it then honours
+            ``self.video_unit``).
         multimodal_keys: forward arguments that carry visual inputs or their layout; the
             pruned call drops them, since its ``inputs_embeds`` already hold the features.
         token_keys: per-token ``[B, L]`` forward arguments the pruned call keeps, re-packed
@@ -83,12 +87,18 @@ class Family:
     name = ""
     model_classes: tuple = ()
     transformers = ""
+    videos = False
     multimodal_keys: tuple = ()
     token_keys: tuple = ()
     cls_importance = False
 
-    def __init__(self, model):
+    VIDEO_UNITS = ("video", "frame")
+
+    def __init__(self, model, video_unit: Optional[str] = None):
         self.model = model
+        # how videos are pruned: one budget unit per "video" or per "frame"; None: videos
+        # are merged unpruned (visual, never prunable)
+        self.video_unit = video_unit
 
     def carries_visual(self, kw: dict) -> bool:
         """Whether this forward call brings visual inputs the family prunes."""
@@ -145,3 +155,27 @@ def units_from_counts(slots: torch.Tensor, counts: list) -> torch.Tensor:
     units[slots] = ids
     return units
 
+
+
+def merge_unit_maps(*maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [B, L] unit map from several with disjoint slots (e.g. the images' and the videos'
+    maps, each numbered 0, 1, ... on its own), renumbered in row-major order of each unit's
+    first slot as :class:`Visual` requires.  Returns ``(units, source)``: ``source[u]`` is the
+    index in ``maps`` of the map unit ``u`` came from."""
+    flat_index = torch.arange(maps[0].numel(), device=maps[0].device).view_as(maps[0])
+    firsts, sources, olds = [], [], []
+    for i, m in enumerate(maps):
+        n = int(m.max()) + 1 if bool((m >= 0).any()) else 0
+        first = torch.full((n,), maps[0].numel(), dtype=torch.int64, device=m.device)
+        first.scatter_reduce_(0, m[m >= 0], flat_index[m >= 0], reduce="amin")
+        firsts.append(first)
+        sources.append(torch.full((n,), i, dtype=torch.int64, device=m.device))
+        olds.append(torch.arange(n, device=m.device))
+    order = torch.argsort(torch.cat(firsts))
+    source, old = torch.cat(sources)[order], torch.cat(olds)[order]
+    units = torch.full_like(maps[0], -1)
+    for i, m in enumerate(maps):
+        new_id = torch.empty(int((source == i).sum()), dtype=torch.int64, device=m.device)
+        new_id[old[source == i]] = (source == i).nonzero()[:, 0]
+        units[m >= 0] = new_id[m[m >= 0]]
+    return units, source

@@ -19,8 +19,8 @@ class Llava(Family):
                        "mm_encoder_outputs")
     cls_importance = True
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
         self._attn_store: Optional[list] = None     # set when importance="cls" records attention
 
     def carries_visual(self, kw):
