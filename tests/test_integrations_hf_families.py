@@ -220,6 +220,9 @@ def test_internvl_unit_is_an_image_of_all_its_tiles():
     with torch.no_grad(), prune_visual_tokens(model, k=3) as p:
         model(**batch)
     assert p.last["cu_seqlens"].tolist() == [0, 32, 48, 80] and p.last["visual_after"] == 9
+    # a video's frames reach the model as images: they take the image budget, a video budget is refused
+    with pytest.raises(ValueError, match="video_k"):
+        mmrprune.integrations.enable_visual_token_pruning(model, k=3, video_k=2)
     ids = batch["input_ids"].clone()
     # row 0 with its images' boundary moved by half a tile: 24 + 24 tokens instead of 32 + 16
     ids[0] = torch.tensor([1, 5, INTERNVL_START] + [INTERNVL_CONTEXT] * 24 + [INTERNVL_END, 7, INTERNVL_START]

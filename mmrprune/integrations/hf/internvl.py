@@ -5,7 +5,8 @@ The model returns one feature block per *tile* and never says which tiles form a
 processor splits an image into tiles and writes their image-context tokens as one run
 between the image's start and end tokens.  So an image is a run of consecutive
 image-context tokens in ``input_ids``, and its tiles' features, packed in order, fill it.
-A video reaches the model as images, one run per frame, so each frame is a unit.
+A video reaches the model as images, one run per frame, so each frame is a unit with the
+image budget (the model's inputs do not tell a frame from an image).
 """
 from __future__ import annotations
 
