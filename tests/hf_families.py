@@ -259,3 +259,97 @@ LLAVA_NEXT = _anyres_spec("llava_next", NEXT_LAYOUT, (ANYRES_IMAGE,))
 LLAVA_ONEVISION = _anyres_spec("llava_onevision", ONEVISION_LAYOUT, (ANYRES_IMAGE, ANYRES_VIDEO))
 
 SPECS += (LLAVA_NEXT, LLAVA_ONEVISION)
+
+# ----------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 64, 61, 62        # the image token is out of vocabulary, as the model allows
+
+
+def build_gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    # one sliding and one full layer; the window covers the whole tiny prompt, since a window
+    # counts sequence columns and the reference forward (tests/hf_check.py) masks with causality only
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, vocab_size=64,
+                max_position_embeddings=256, sliding_window=256, layer_types=["sliding_attention", "full_attention"],
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)                                               # 4x4 patches -> 16 tokens
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=GEMMA_IMAGE,
+                       boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def gemma3_image() -> list:
+    return [GEMMA_BOI] + [GEMMA_IMAGE] * 16 + [GEMMA_EOI]
+
+
+def gemma3_batch(model=None, seed=0, padding="left"):
+    """Row 0: two images, each between begin/end-of-image tokens.  Row 1: one image, padded.
+    ``token_type_ids`` marks the image tokens, as the processor does."""
+    g = torch.Generator().manual_seed(seed)
+    ids, am = _pad_rows([[1, 5] + gemma3_image() + [7] + gemma3_image() + [8, 9],
+                         [1, 10] + gemma3_image() + [11, 12, 13]], padding)
+    return dict(input_ids=ids, attention_mask=am, token_type_ids=(ids == GEMMA_IMAGE).long(),
+                pixel_values=torch.randn(3, 3, 32, 32, generator=g))
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """[B, L, L]: (query, key) pairs inside one run of consecutive image columns -- Gemma 3's
+    bidirectional blocks, written out here independently of the model and the integration."""
+    bsz, seqlen = is_image.shape
+    block = torch.full((bsz, seqlen), -1, dtype=torch.long)
+    for b in range(bsz):
+        n = -1
+        for col in range(seqlen):
+            if is_image[b, col]:
+                if col == 0 or not is_image[b, col - 1]:
+                    n += 1
+                block[b, col] = n
+    return (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+
+
+GEMMA3 = FamilySpec(name="gemma3", build=build_gemma3, batch=gemma3_batch,
+                    prunable=lambda b: b["input_ids"] == GEMMA_IMAGE, image_tokens=lambda b: [16, 16, 16],
+                    extend=lambda b, t: _append(b, t, "token_type_ids"), placeholders=(GEMMA_BOI, GEMMA_EOI),
+                    extra_allowed=lambda b: image_blocks(b["token_type_ids"] == 1))
+SPECS += (GEMMA3,)
+
+
+# ----------------------------------------------------------------------------- InternVL
+INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END = 63, 60, 61
+INTERNVL_TILES = [2, 1, 2]                  # tiles per image; 16 tokens per tile
+
+
+def build_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[4, 4])     # 8x8 patches, pixel-shuffled to 16 tokens per tile
+    cfg = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_CONTEXT,
+                         image_seq_length=16)
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
+def internvl_image(tiles: int) -> list:
+    return [INTERNVL_START] + [INTERNVL_CONTEXT] * (16 * tiles) + [INTERNVL_END]
+
+
+def internvl_batch(model=None, seed=0, padding="left"):
+    """Row 0: an image of two tiles and one of a single tile.  Row 1: an image of two tiles,
+    padded.  ``pixel_values`` holds the tiles of all images in order, as the processor packs them."""
+    g = torch.Generator().manual_seed(seed)
+    t = INTERNVL_TILES
+    ids, am = _pad_rows([[1, 5] + internvl_image(t[0]) + [7] + internvl_image(t[1]) + [8, 9],
+                         [1, 10] + internvl_image(t[2]) + [11]], padding)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(sum(t), 3, 32, 32, generator=g))
+
+
+INTERNVL = FamilySpec(name="internvl", build=build_internvl, batch=internvl_batch,
+                      prunable=lambda b: b["input_ids"] == INTERNVL_CONTEXT,
+                      image_tokens=lambda b: [16 * n for n in INTERNVL_TILES], extend=lambda b, t: _append(b, t),
+                      placeholders=(INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END))
+SPECS += (INTERNVL,)

@@ -5,9 +5,10 @@ from .family import Family
 from .llava import Llava
 from .qwen2_vl import Qwen2VL
 from .llava_next import LlavaNext, LlavaOnevision
+from .gemma3 import Gemma3
+from .internvl import InternVL
 
-FAMILIES: tuple = (Llava, Qwen2VL)
-FAMILIES += (LlavaNext, LlavaOnevision)
+FAMILIES: tuple = (Llava, LlavaNext, LlavaOnevision, Qwen2VL, Gemma3, InternVL)
 
 
 def family_of(model) -> type[Family]:
