@@ -20,7 +20,6 @@ for v in "$FLOOR" 5.0.0 5.17.0 5.19.0; do
     "transformers[kernels,hub-kernels]==$v" 2>&1 | grep -v "does not provide the extra" || true
   "$venv/bin/python" -c "import transformers; assert transformers.__version__ == '$v', transformers.__version__"
   echo "[ci/hf_matrix] transformers $v (${SECONDS}s)"
-  "$venv/bin/python" -m pytest tests/test_integrations_hf.py tests/test_integrations_hf_families.py \
-    tests/test_examples.py -q -p no:cacheprovider
+  "$venv/bin/python" -m pytest tests/test_integrations_hf*.py tests/test_examples.py -q -p no:cacheprovider
 done
 echo "[ci/hf_matrix] total ${SECONDS}s"

@@ -160,8 +160,10 @@ def check_cached_generate(model, batch: dict, spec, steps: int = 4, **prune):
     """Pruned cached ``generate`` == an uncached greedy recompute of the whole pruned prompt at
     every step (tokens exactly, logits within float32 noise); returns the generated tokens.
     Neither emits the family's placeholder tokens (a random model may pick them, and an extra
-    placeholder without features is an invalid prompt)."""
-    banned = list(spec.placeholders)
+    placeholder without features is an invalid prompt), nor the end-of-sequence token, which
+    ``min_new_tokens`` keeps ``generate`` from emitting."""
+    eos = model.generation_config.eos_token_id
+    banned = list(spec.placeholders) + ([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
     with torch.no_grad(), prune_visual_tokens(model, **spec.enable(prune)):
         g = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                            suppress_tokens=banned, return_dict_in_generate=True, output_logits=True)

@@ -166,6 +166,193 @@ def _qwen_spec(version):
 QWEN2_VL = _qwen_spec("qwen2_vl")
 QWEN2_5_VL = _qwen_spec("qwen2_5_vl")
 
+SPECS = (LLAVA, QWEN2_VL, QWEN2_5_VL)
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT / LLaVA-OneVision
+# Anyres with 16x16 tiles of 4x4 patches: each image is a 16-token base tile, then its crop
+# grid (2x2 patch blocks per crop, unpadded to the image's aspect ratio) row by row, each row
+# followed by one image_newline token.  The layouts below are worked out by hand from the
+# grid pinpoints and the image sizes (independently of the adapter): (rows, cols) of the crop
+# grid, or None for an image that is not split (its base tile and one newline token).
+ANYRES_IMAGE, ANYRES_VIDEO = 63, 62
+ANYRES_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+ANYRES_BASE = 16
+NEXT_SIZES = torch.tensor([[32, 32], [30, 20], [12, 30]])      # (H, W)
+# 32x32: 2x2 crops, 8x8 grid; 30x20: 2x2 crops, 8 columns unpadded to 6; 12x30: 1x2 crops, 4x8
+NEXT_LAYOUT = [(8, 8), (8, 6), (4, 8)]
+# OneVision splits only the images of single-image prompts: row 0's two images are not split;
+# row 1's 32x32 image has an 8x8 grid that anyres_max_2 interpolates down to 5x5
+ONEVISION_LAYOUT = [None, None, (5, 5)]
+
+
+def anyres_pattern(layout) -> list:
+    """Per image token of one image, whether it is prunable (False: a newline token)."""
+    if layout is None:
+        return [True] * ANYRES_BASE + [False]
+    rows, cols = layout
+    return [True] * ANYRES_BASE + ([True] * cols + [False]) * rows
+
+
+def anyres_prunable(layouts: list) -> Callable[[dict], torch.Tensor]:
+    def prunable(batch):
+        slots = batch["input_ids"] == ANYRES_IMAGE
+        out = torch.zeros_like(slots)
+        out[slots] = torch.tensor([p for layout in layouts for p in anyres_pattern(layout)])
+        return out
+    return prunable
+
+
+def _anyres_text(version: str):
+    from transformers import LlamaConfig, Qwen2Config
+    cls = LlamaConfig if version == "llava_next" else Qwen2Config
+    return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+
+
+def build_anyres(version: str):
+    torch.manual_seed(0)
+    if version == "llava_next":
+        from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=4, projection_dim=32)
+        cfg = LlavaNextConfig(vision_config=vc, text_config=_anyres_text(version), image_token_index=ANYRES_IMAGE,
+                              image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
+                              vision_feature_select_strategy="default")
+        return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=16, patch_size=4)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=_anyres_text(version), image_token_index=ANYRES_IMAGE,
+                               video_token_index=ANYRES_VIDEO, image_grid_pinpoints=ANYRES_PINPOINTS,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_2")
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+
+
+def anyres_batch(layouts: list, model=None, seed=0, padding="left"):
+    """Row 0: two images and text between them.  Row 1: one image, padded.  ``pixel_values``
+    [images, 5, 3, 16, 16] as the processor stacks them (each image's unused crops are padding)."""
+    g = torch.Generator().manual_seed(seed)
+    n = [len(anyres_pattern(layout)) for layout in layouts]
+    # row 0 stays the longer one after pruning (OneVision's row 1 holds the only split image)
+    middle = [7] if layouts is NEXT_LAYOUT else list(range(20, 36))
+    ids, am = _pad_rows([[1, 5, 6] + [ANYRES_IMAGE] * n[0] + middle + [ANYRES_IMAGE] * n[1] + [8, 9],
+                         [1, 10] + [ANYRES_IMAGE] * n[2] + [11, 12, 13]], padding)
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(3, 5, 3, 16, 16, generator=g),
+                 image_sizes=NEXT_SIZES if layouts is NEXT_LAYOUT else NEXT_SIZES[[0, 1, 0]])
+    if layouts is ONEVISION_LAYOUT:
+        batch["batch_num_images"] = torch.tensor([2, 1])
+    return batch
+
+
+def _anyres_spec(version: str, layouts: list, placeholders: tuple):
+    return FamilySpec(name=version, build=lambda: build_anyres(version),
+                      batch=lambda model=None, seed=0, padding="left": anyres_batch(layouts, model, seed, padding),
+                      prunable=anyres_prunable(layouts),
+                      image_tokens=lambda b: [sum(anyres_pattern(layout)) for layout in layouts],
+                      extend=lambda b, t: _append(b, t), placeholders=placeholders)
+
+
+LLAVA_NEXT = _anyres_spec("llava_next", NEXT_LAYOUT, (ANYRES_IMAGE,))
+LLAVA_ONEVISION = _anyres_spec("llava_onevision", ONEVISION_LAYOUT, (ANYRES_IMAGE, ANYRES_VIDEO))
+
+SPECS += (LLAVA_NEXT, LLAVA_ONEVISION)
+
+# ----------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 64, 61, 62        # the image token is out of vocabulary, as the model allows
+
+
+def build_gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    # one sliding and one full layer; the window covers the whole tiny prompt, since a window
+    # counts sequence columns and the reference forward (tests/hf_check.py) masks with causality only
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, vocab_size=64,
+                max_position_embeddings=256, sliding_window=256, layer_types=["sliding_attention", "full_attention"],
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)                                               # 4x4 patches -> 16 tokens
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=GEMMA_IMAGE,
+                       boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def gemma3_image() -> list:
+    return [GEMMA_BOI] + [GEMMA_IMAGE] * 16 + [GEMMA_EOI]
+
+
+def gemma3_batch(model=None, seed=0, padding="left"):
+    """Row 0: two images, each between begin/end-of-image tokens.  Row 1: one image, padded.
+    ``token_type_ids`` marks the image tokens, as the processor does."""
+    g = torch.Generator().manual_seed(seed)
+    ids, am = _pad_rows([[1, 5] + gemma3_image() + [7] + gemma3_image() + [8, 9],
+                         [1, 10] + gemma3_image() + [11, 12, 13]], padding)
+    return dict(input_ids=ids, attention_mask=am, token_type_ids=(ids == GEMMA_IMAGE).long(),
+                pixel_values=torch.randn(3, 3, 32, 32, generator=g))
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """[B, L, L]: (query, key) pairs inside one run of consecutive image columns -- Gemma 3's
+    bidirectional blocks, written out here independently of the model and the integration."""
+    bsz, seqlen = is_image.shape
+    block = torch.full((bsz, seqlen), -1, dtype=torch.long)
+    for b in range(bsz):
+        n = -1
+        for col in range(seqlen):
+            if is_image[b, col]:
+                if col == 0 or not is_image[b, col - 1]:
+                    n += 1
+                block[b, col] = n
+    return (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+
+
+GEMMA3 = FamilySpec(name="gemma3", build=build_gemma3, batch=gemma3_batch,
+                    prunable=lambda b: b["input_ids"] == GEMMA_IMAGE, image_tokens=lambda b: [16, 16, 16],
+                    extend=lambda b, t: _append(b, t, "token_type_ids"), placeholders=(GEMMA_BOI, GEMMA_EOI),
+                    extra_allowed=lambda b: image_blocks(b["token_type_ids"] == 1))
+SPECS += (GEMMA3,)
+
+
+# ----------------------------------------------------------------------------- InternVL
+INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END = 63, 60, 61
+INTERNVL_TILES = [2, 1, 2]                  # tiles per image; 16 tokens per tile
+
+
+def build_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[4, 4])     # 8x8 patches, pixel-shuffled to 16 tokens per tile
+    cfg = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_CONTEXT,
+                         image_seq_length=16)
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
+def internvl_image(tiles: int) -> list:
+    return [INTERNVL_START] + [INTERNVL_CONTEXT] * (16 * tiles) + [INTERNVL_END]
+
+
+def internvl_batch(model=None, seed=0, padding="left"):
+    """Row 0: an image of two tiles and one of a single tile.  Row 1: an image of two tiles,
+    padded.  ``pixel_values`` holds the tiles of all images in order, as the processor packs them."""
+    g = torch.Generator().manual_seed(seed)
+    t = INTERNVL_TILES
+    ids, am = _pad_rows([[1, 5] + internvl_image(t[0]) + [7] + internvl_image(t[1]) + [8, 9],
+                         [1, 10] + internvl_image(t[2]) + [11]], padding)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(sum(t), 3, 32, 32, generator=g))
+
+
+INTERNVL = FamilySpec(name="internvl", build=build_internvl, batch=internvl_batch,
+                      prunable=lambda b: b["input_ids"] == INTERNVL_CONTEXT,
+                      image_tokens=lambda b: [16 * n for n in INTERNVL_TILES], extend=lambda b, t: _append(b, t),
+                      placeholders=(INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END))
+SPECS += (INTERNVL,)
 
 # ----------------------------------------------------------------------------- Qwen3-VL / Qwen3-VL-MoE
 QWEN3_VIDEO_GRIDS = torch.tensor([[2, 4, 6], [3, 4, 4]])    # 2 frames of 6 tokens; 3 frames of 4
@@ -248,4 +435,4 @@ QWEN3_VL_MOE = _qwen3_spec("qwen3_vl_moe", moe=True)
 QWEN3_VL_VIDEO = _qwen3_spec("qwen3_vl-video", unit="video")
 QWEN3_VL_FRAME = _qwen3_spec("qwen3_vl-frame", unit="frame")
 
-SPECS = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_VL_VIDEO, QWEN3_VL_FRAME)
+SPECS += (QWEN3_VL, QWEN3_VL_MOE, QWEN3_VL_VIDEO, QWEN3_VL_FRAME)

@@ -113,7 +113,10 @@ def test_decode_steps_without_position_ids_continue_the_original_numbering(famil
         for _ in range(2):
             token = out.logits[:, -1].index_fill(-1, banned, -float("inf")).argmax(-1)[:, None]
             longer = spec.extend(longer, token)
-            out = model(input_ids=token, attention_mask=longer["attention_mask"], **{key: getattr(out, key)},
+            # use_cache=True as generate passes it: Gemma 3's config in 4.57 has no use_cache, so
+            # without it the model returns no cache to continue from
+            out = model(input_ids=token, attention_mask=longer["attention_mask"], use_cache=True,
+                        **{key: getattr(out, key)},
                         **{k: longer[k] for k in per_token})
             want = model(**longer, use_cache=False)
             torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], rtol=1e-4, atol=1e-5)
@@ -171,3 +174,58 @@ def test_strong_check_fails_on_a_wrong_kept_column(monkeypatch):
     monkeypatch.setattr(core._Columns, "of", classmethod(wrong_column))
     with pytest.raises(AssertionError):
         check_pruned_prefill(model, batch, LLAVA, keep_ratio=0.25)
+
+
+# ----------------------------------------------------------------------------- Gemma 3's bidirectional image blocks
+def _drop_token_type_ids(kw):
+    return {k: v for k, v in kw.items() if k != "token_type_ids"}
+
+
+def _merge_two_images(kw):
+    """One block from row 0's first image token to its last: the text between its images joins it."""
+    tt = kw["token_type_ids"].clone()
+    cols = tt[0].nonzero()[:, 0]
+    tt[0, int(cols[0]):int(cols[-1]) + 1] = 1
+    return dict(kw, token_type_ids=tt)
+
+
+@pytest.mark.parametrize("tamper", [_drop_token_type_ids, _merge_two_images], ids=["causal-only", "merged-images"])
+def test_strong_check_fails_on_a_wrong_image_block(tamper):
+    from hf_families import GEMMA3
+    model = GEMMA3.build()
+    batch = GEMMA3.batch(model, seed=8)
+    check_pruned_prefill(model, batch, GEMMA3, keep_ratio=0.5)
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, GEMMA3, keep_ratio=0.5, tamper=tamper)
+
+
+def test_gemma3_image_blocks_are_bidirectional():
+    """The reference must allow them: a causal-only reference fails on the true model."""
+    from dataclasses import replace
+
+    from hf_families import GEMMA3
+    model = GEMMA3.build()
+    batch = GEMMA3.batch(model, seed=9)
+    with pytest.raises(AssertionError):
+        check_pruned_prefill(model, batch, replace(GEMMA3, extra_allowed=None), keep_ratio=0.5)
+
+
+# ----------------------------------------------------------------------------- InternVL's images of several tiles
+def test_internvl_unit_is_an_image_of_all_its_tiles():
+    """One budget unit per image across its tiles (not one per tile), and a run of
+    image-context tokens that is not whole tiles is refused."""
+    from hf_families import INTERNVL, INTERNVL_CONTEXT, INTERNVL_END, INTERNVL_START
+    model = INTERNVL.build()
+    batch = INTERNVL.batch(model, seed=11)
+    with torch.no_grad(), prune_visual_tokens(model, k=3) as p:
+        model(**batch)
+    assert p.last["cu_seqlens"].tolist() == [0, 32, 48, 80] and p.last["visual_after"] == 9
+    # a video's frames reach the model as images: they take the image budget, a video budget is refused
+    with pytest.raises(ValueError, match="video_k"):
+        mmrprune.integrations.enable_visual_token_pruning(model, k=3, video_k=2)
+    ids = batch["input_ids"].clone()
+    # row 0 with its images' boundary moved by half a tile: 24 + 24 tokens instead of 32 + 16
+    ids[0] = torch.tensor([1, 5, INTERNVL_START] + [INTERNVL_CONTEXT] * 24 + [INTERNVL_END, 7, INTERNVL_START]
+                          + [INTERNVL_CONTEXT] * 24 + [INTERNVL_END, 8, 9])
+    with torch.no_grad(), prune_visual_tokens(model, k=3), pytest.raises(ValueError, match="whole number of tiles"):
+        model(**dict(batch, input_ids=ids))

@@ -310,9 +310,9 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
 
     Args:
         model: a model of a supported family (docs/integrations.md): LLaVA-1.5
-            (``LlavaForConditionalGeneration``), ``Qwen2VLForConditionalGeneration``,
-            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
-            ``Qwen3VLMoeForConditionalGeneration``, on a transformers release of the tested
+            (``LlavaForConditionalGeneration``), LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+            Gemma 3, InternVL, Qwen3-VL or Qwen3-VL-MoE (the ``...ForConditionalGeneration`` classes), on a
+            transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
         video_k / video_keep_ratio: at most one; the budget of each video (``video_unit=
@@ -348,8 +348,11 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     dispatch.resolve(backend, model.get_input_embeddings().weight.device.type, method)
     importance, position_bias = imp.check(importance, position_bias, text_reduce)
     if isinstance(importance, str) and importance in imp.CLS_NAMES and not fam.cls_importance:
-        raise ValueError(f"importance: {importance!r} needs a vision tower with a [CLS] token, which "
-                         f"{type(model).__name__} has not; use 'norm', 'text', a tensor or a callable")
+        from .families import FAMILIES
+        able = ", ".join(f.name for f in FAMILIES if f.cls_importance)
+        raise ValueError(f"importance: {importance!r} reads the [CLS] attention of the vision tower, which this "
+                         f"integration does for {able} models only, not {type(model).__name__}; use 'norm', "
+                         "'text', a tensor or a callable")
     if getattr(model, "_mmrprune_pruner", None) is not None:
         raise RuntimeError("prune_visual_tokens: pruning is already enabled on this model")
     pruner = VisualTokenPruner(model=model, family=fam.name, k=k, keep_ratio=keep_ratio, method=method, lam=lam,
