@@ -65,7 +65,8 @@ class Qwen3VL(Family):
                 maps.append(units_from_counts(slots, [f.shape[0] for f in feats]))
             elif self.video_unit is not None:
                 counts = video_unit_counts(slots, [f.shape[0] for f in feats], self.video_unit)
-                _check_frames(counts, kw.get("video_grid_thw"), inner, self.video_unit)
+                _check_frames(counts, kw.get("video_grid_thw"), cfg.vision_config.spatial_merge_size ** 2,
+                              self.video_unit)
                 maps.append(units_from_counts(slots, counts))
             else:
                 continue
@@ -118,12 +119,12 @@ def video_unit_counts(slots: torch.Tensor, per_video: list, unit: str) -> list:
     return frames
 
 
-def _check_frames(counts: list, grid_thw, inner, unit: str) -> None:
+def _check_frames(counts: list, grid_thw, merge: int, unit: str) -> None:
     """With the videos' patch grids at hand, the frames found in the tokens must be their
-    temporal grid steps (a layout without per-frame separators would merge them)."""
+    temporal grid steps of ``merge`` patches per token (a layout without per-frame separators
+    would merge them)."""
     if unit != "frame" or grid_thw is None:
         return
-    merge = inner.visual.spatial_merge_size ** 2
     want = [int(h * w) // merge for t, h, w in grid_thw.tolist() for _ in range(int(t))]
     if counts != want:
         raise ValueError(f"prune_visual_tokens: video_unit='frame' found frames of {counts} tokens in input_ids, "
