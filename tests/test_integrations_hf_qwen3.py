@@ -110,7 +110,8 @@ def test_m_rope_needs_mm_token_type_ids_where_the_model_does(model):
     if "mm_token_type_ids" not in batch:
         pytest.skip("this transformers release finds the vision tokens in input_ids itself")
     del batch["mm_token_type_ids"]
-    with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.5), pytest.raises(ValueError, match="mm_token_type_ids"):
+    with torch.no_grad(), prune_visual_tokens(model, keep_ratio=0.5), \
+            pytest.raises(ValueError, match="mm_token_type_ids"):
         model(**batch)
 
 
