@@ -353,3 +353,86 @@ INTERNVL = FamilySpec(name="internvl", build=build_internvl, batch=internvl_batc
                       image_tokens=lambda b: [16 * n for n in INTERNVL_TILES], extend=lambda b, t: _append(b, t),
                       placeholders=(INTERNVL_CONTEXT, INTERNVL_START, INTERNVL_END))
 SPECS += (INTERNVL,)
+
+# ----------------------------------------------------------------------------- Qwen3-VL / Qwen3-VL-MoE
+QWEN3_VIDEO_GRIDS = torch.tensor([[2, 4, 6], [3, 4, 4]])    # 2 frames of 6 tokens; 3 frames of 4
+QWEN3_TIMESTAMP = [20, 21]                                   # a frame's timestamp text, e.g. "<0.5 seconds>"
+
+
+def build_qwen3(moe: bool = False):
+    """Two decoder layers, two DeepStack levels (from both vision layers): every level feeds
+    a decoder layer, so a wrong row in any of them changes the compared hidden states."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    if transformers.__version__.startswith("4."):         # 4.57 names the rope settings differently
+        text.update(rope_theta=10000.0, rope_scaling=dict(text.pop("rope_parameters"), rope_type="default"))
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+               vision_end_token_id=QWEN_VISION_END)
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Config, Qwen3VLMoeForConditionalGeneration as Model
+    else:
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+    return Model(Config(vision_config=vision, text_config=text, **ids)).eval()
+
+
+def qwen3_video(grid) -> list:
+    """A video as Qwen3-VL lays it out: per frame its timestamp, then the frame's tokens."""
+    t, h, w = grid.tolist()
+    frame = [QWEN_VISION_START] + [QWEN_VIDEO] * (h * w // 4) + [QWEN_VISION_END]
+    return [tok for _ in range(t) for tok in QWEN3_TIMESTAMP + frame]
+
+
+def qwen3_video_batch(model, seed=0, padding="left"):
+    """Row 0: an 8x8 image (16 tokens) and a video of two 4x6 frames (6 tokens each).  Row 1:
+    a video of three 4x4 frames (4 tokens each), padded."""
+    g = torch.Generator().manual_seed(seed)
+    n_image = int(QWEN_GRIDS[0].prod()) // 4
+    ids, am = _pad_rows([[1, 3] + qwen_image(n_image) + [4] + qwen3_video(QWEN3_VIDEO_GRIDS[0]) + [5, 6],
+                         [1, 7] + qwen3_video(QWEN3_VIDEO_GRIDS[1]) + [8]], padding)
+    batch = dict(input_ids=ids, attention_mask=am, image_grid_thw=QWEN_GRIDS[:1],
+                 pixel_values=torch.randn(int(QWEN_GRIDS[0].prod()), 3 * 2 * 4 * 4, generator=g),
+                 video_grid_thw=QWEN3_VIDEO_GRIDS,
+                 pixel_values_videos=torch.randn(int(QWEN3_VIDEO_GRIDS.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
+    return batch
+
+
+def _qwen3_units(batch, unit: str) -> list:
+    """Tokens per budget unit of :func:`qwen3_video_batch`: row 0's image, its video, row 1's video."""
+    images = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    videos = [[int(h * w) // 4] * (int(t) if unit == "frame" else 1) for t, h, w in batch["video_grid_thw"]]
+    if unit == "video":
+        videos = [[n[0] * int(g[0])] for n, g in zip(videos, batch["video_grid_thw"])]
+    return images + [n for v in videos for n in v]
+
+
+def _qwen3_spec(name, moe=False, unit=None):
+    placeholders = (QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END)
+    extend = lambda b, t: _append(b, t, "mm_token_type_ids")      # noqa: E731
+    if unit is None:
+        return FamilySpec(name=name, build=lambda: build_qwen3(moe), batch=qwen_batch,
+                          prunable=lambda b: b["input_ids"] == QWEN_IMAGE,
+                          image_tokens=lambda b: (b["image_grid_thw"].prod(-1) // 4).tolist(),
+                          extend=extend, placeholders=placeholders)
+    return FamilySpec(name=name, build=lambda: build_qwen3(moe), batch=qwen3_video_batch,
+                      prunable=lambda b: (b["input_ids"] == QWEN_IMAGE) | (b["input_ids"] == QWEN_VIDEO),
+                      image_tokens=lambda b: _qwen3_units(b, unit), extend=extend, placeholders=placeholders,
+                      enable=with_video_budget(unit))
+
+
+QWEN3_VL = _qwen3_spec("qwen3_vl")
+QWEN3_VL_MOE = _qwen3_spec("qwen3_vl_moe", moe=True)
+QWEN3_VL_VIDEO = _qwen3_spec("qwen3_vl-video", unit="video")
+QWEN3_VL_FRAME = _qwen3_spec("qwen3_vl-frame", unit="frame")
+
+SPECS += (QWEN3_VL, QWEN3_VL_MOE, QWEN3_VL_VIDEO, QWEN3_VL_FRAME)

@@ -1,7 +1,7 @@
 """Drop-in visual-token pruning for model libraries.
 
 ``mmrprune.integrations.prune_visual_tokens(model, keep_ratio=0.25)`` works on the
-Hugging Face transformers LLaVA (1.5 family) and Qwen2-VL / Qwen2.5-VL models.
+Hugging Face transformers LLaVA (1.5 family), Qwen2-VL / Qwen2.5-VL and Qwen3-VL models.
 transformers is imported lazily: importing this package does not import it.
 """
 from __future__ import annotations

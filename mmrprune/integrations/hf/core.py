@@ -311,7 +311,8 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     Args:
         model: a model of a supported family (docs/integrations.md): LLaVA-1.5
             (``LlavaForConditionalGeneration``), LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-            Gemma 3 or InternVL (the ``...ForConditionalGeneration`` classes), on a transformers release of the tested
+            Gemma 3, InternVL, Qwen3-VL or Qwen3-VL-MoE (the ``...ForConditionalGeneration`` classes), on a
+            transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
         video_k / video_keep_ratio: at most one; the budget of each video (``video_unit=
