@@ -390,6 +390,14 @@ def qwen25():
     return QWEN2_5_VL.build()
 
 
+# the video specs' prunable slots, with budgets given here instead of the suite's
+VIDEO_SPEC = dataclasses.replace(QWEN2_5_VL_VIDEO, enable=dict)
+
+
+def _kept_per_unit(last) -> list:
+    return (last["cu_k"][1:] - last["cu_k"][:-1]).tolist()
+
+
 def _image_and_video_batch():
     """One prompt: a 16-token image, then an 8-token video of two frames."""
     g = torch.Generator().manual_seed(11)
@@ -409,10 +417,10 @@ def _with_token_types(model, batch):
     return batch
 
 
-def test_qwen_videos_without_a_video_budget_are_merged_unpruned(qwen25):
-    """A prompt with an image and a video: the image is pruned, every video token stays, and the
-    prefill still equals the masked unpruned forward; a prompt whose only visual input is a
-    video goes through untouched."""
+def test_qwen_videos_are_pruned_only_with_a_video_budget(qwen25):
+    """Without a video budget, a prompt with an image and a video: the image is pruned, every
+    video token stays, and the prefill still equals the masked unpruned forward; a prompt whose
+    only visual input is a video goes through untouched.  With one, that prompt is pruned."""
     batch = _with_token_types(qwen25, _image_and_video_batch())
     ids = batch["input_ids"]
     got = check_pruned_prefill(qwen25, batch, QWEN2_5_VL, k=4)
@@ -425,14 +433,8 @@ def test_qwen_videos_without_a_video_budget_are_merged_unpruned(qwen25):
     with torch.no_grad(), prune_visual_tokens(qwen25, k=1) as p:
         qwen25(**video_only)
     assert p.last is None
-
-
-# the video specs' prunable slots, with budgets given here instead of the suite's
-VIDEO_SPEC = dataclasses.replace(QWEN2_5_VL_VIDEO, enable=dict)
-
-
-def _kept_per_unit(last) -> list:
-    return (last["cu_k"][1:] - last["cu_k"][:-1]).tolist()
+    got = check_pruned_prefill(qwen25, video_only, VIDEO_SPEC, k=1, video_k=3)
+    assert got.pruner.last["video_units"].tolist() == [True] and _kept_per_unit(got.pruner.last) == [3]
 
 
 @pytest.mark.parametrize("budgets, per_unit", [
