@@ -5,7 +5,9 @@ A family joins the suite with one :class:`FamilySpec`: a model factory, a batch 
 (row 0 with two images, row 1 with one, the shorter row padded on the given side), the
 mask of its prunable placeholder slots, the tokens per image how to append a
 generated token for the uncached recompute, and (for videos) the enable arguments that give
-the videos a budget; ``image_tokens`` then counts the tokens of every budget unit.
+the videos a budget; ``image_tokens`` then counts the tokens of every budget unit.  The Qwen
+video specs run the same suite on a batch with videos (row 0: a video, an image and a
+second video; row 1: one video), with one budget per video or per frame.
 """
 from __future__ import annotations
 

@@ -492,6 +492,8 @@ def test_qwen_frames_without_a_grid_are_found_from_the_positions(qwen25):
     no_grid = {k: v for k, v in batch.items() if k != "video_grid_thw"}
     assert adapter._video_counts(dict(no_grid, position_ids=positions), ids, videos, feats) == with_grid
     assert with_grid == [4, 4, 4, 4, 4, 6, 6]
+    with pytest.raises(ValueError, match="needs video_grid_thw \\(or position_ids\\)"):
+        adapter._video_counts(no_grid, ids, videos, feats)
 
 
 def test_qwen_needs_mm_token_type_ids_where_the_model_does(qwen):
