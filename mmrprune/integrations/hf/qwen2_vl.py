@@ -71,6 +71,9 @@ class Qwen2VL(Family):
         """Frames per video when the call brings no ``video_grid_thw`` (``generate`` in 5.19
         and later hands the encoder outputs over without it): every frame's (h, w) positions
         start again from the video's first token's, so its frames are counted there."""
+        if kw.get("position_ids") is None:
+            raise ValueError("prune_visual_tokens: video_unit='frame' needs video_grid_thw (or position_ids) to find "
+                             "each video's frames")
         am = kw.get("attention_mask")
         pos = self.positions(kw, input_ids, torch.ones_like(input_ids) if am is None else am)
         hw = pos[1:, videos].T                                         # [T_video, 2], row-major
