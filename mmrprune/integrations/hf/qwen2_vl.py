@@ -74,13 +74,8 @@ class Qwen2VL(Family):
         if kw.get("position_ids") is None:
             raise ValueError("prune_visual_tokens: video_unit='frame' needs video_grid_thw (or position_ids) to find "
                              "each video's frames")
-        am = kw.get("attention_mask")
-        pos = self.positions(kw, input_ids, torch.ones_like(input_ids) if am is None else am)
-        hw = pos[1:, videos].T                                         # [T_video, 2], row-major
-        frames = []
-        for part in hw.split(counts):
-            frames.append(int((part == part[0]).all(dim=1).sum()))
-        return frames
+        hw = self.positions(kw, input_ids, kw.get("attention_mask"))[1:, videos].T   # [T_video, 2], row-major
+        return [int((part == part[0]).all(dim=1).sum()) for part in hw.split(counts)]
 
     def positions(self, kw, input_ids, attention_mask):
         pos = kw.get("position_ids")
