@@ -176,6 +176,20 @@ QWEN_VIDEO_IMAGE_GRID = torch.tensor([[1, 4, 6]])                      # 6 merge
 QWEN_SECONDS_PER_GRID = torch.tensor([0.5, 1.0, 2.0])
 
 
+def qwen_seconds_per_grid(model, seconds: torch.Tensor) -> dict:
+    """``second_per_grid_ts`` (one per video) where the model takes it.  None on transformers
+    5.3-5.4: their Qwen2.5-VL ``get_rope_index`` takes one per image as well (transformers
+    issue 45325), so the model itself fails on a prompt with images, videos and the
+    processor's per-video list; without it every video gets the default spacing."""
+    from packaging.version import Version
+
+    if "second_per_grid_ts" not in inspect.signature(model.forward).parameters:
+        return {}
+    if Version("5.3") <= Version(transformers.__version__) < Version("5.5"):
+        return {}
+    return dict(second_per_grid_ts=seconds)
+
+
 def qwen_video(n_tokens: int) -> list:
     return [QWEN_VISION_START] + [QWEN_VIDEO] * n_tokens + [QWEN_VISION_END]
 
@@ -194,8 +208,7 @@ def qwen_video_batch(model, seed=0, padding="left"):
                  video_grid_thw=QWEN_VIDEO_GRIDS,
                  pixel_values_videos=torch.randn(int(QWEN_VIDEO_GRIDS.prod(-1).sum()), 96, generator=g))
     params = inspect.signature(model.forward).parameters
-    if "second_per_grid_ts" in params:
-        batch["second_per_grid_ts"] = QWEN_SECONDS_PER_GRID
+    batch.update(qwen_seconds_per_grid(model, QWEN_SECONDS_PER_GRID))
     if "mm_token_type_ids" in params:
         batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
     return batch

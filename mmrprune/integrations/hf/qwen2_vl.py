@@ -105,7 +105,8 @@ def _features(inner, kw, modality: str):
 def _rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
     """[3, B, L] M-RoPE positions of the unpruned prompt.  ``get_rope_index`` takes the
     processor's ``mm_token_type_ids`` from 5.3 on and finds the vision tokens in
-    ``input_ids`` itself in 4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts``."""
+    ``input_ids`` itself in 4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts`` (one per
+    video; in 5.3-5.4 one per image and video, and it spaces images in time too)."""
     params = inspect.signature(inner.get_rope_index).parameters
     args = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
                 attention_mask=attention_mask)
@@ -117,5 +118,12 @@ def _rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
         args["mm_token_type_ids"] = kw["mm_token_type_ids"]
     if "second_per_grid_ts" in params:
         args["second_per_grid_ts"] = kw.get("second_per_grid_ts")
-    positions, _ = inner.get_rope_index(input_ids, **args)
+    try:
+        positions, _ = inner.get_rope_index(input_ids, **args)
+    except StopIteration:
+        # the model's own forward fails the same way; a StopIteration would read as a silent end
+        raise ValueError("prune_visual_tokens: get_rope_index ran out of image_grid_thw / video_grid_thw / "
+                         "second_per_grid_ts rows for the images and videos of input_ids (transformers 5.3-5.4's "
+                         "Qwen2.5-VL takes one second_per_grid_ts per image as well as per video; leave it out "
+                         "there, or use another release)") from None
     return positions
