@@ -5,7 +5,9 @@ A family joins the suite with one :class:`FamilySpec`: a model factory, a batch 
 (row 0 with two images, row 1 with one, the shorter row padded on the given side), the
 mask of its prunable placeholder slots, the tokens per image how to append a
 generated token for the uncached recompute, and (for videos) the enable arguments that give
-the videos a budget; ``image_tokens`` then counts the tokens of every budget unit.
+the videos a budget; ``image_tokens`` then counts the tokens of every budget unit.  The Qwen
+video specs run the same suite on a batch with videos (row 0: a video, an image and a
+second video; row 1: one video), with one budget per video or per frame.
 """
 from __future__ import annotations
 
@@ -167,6 +169,84 @@ QWEN2_VL = _qwen_spec("qwen2_vl")
 QWEN2_5_VL = _qwen_spec("qwen2_5_vl")
 
 SPECS = (LLAVA, QWEN2_VL, QWEN2_5_VL)
+
+# videos: (t, h, w) patch grids, t temporal steps (frames after temporal patching) of h*w/4 merged tokens
+QWEN_VIDEO_GRIDS = torch.tensor([[2, 4, 4], [3, 4, 4], [2, 4, 6]])      # 2x4, 3x4 and 2x6 merged tokens
+QWEN_VIDEO_IMAGE_GRID = torch.tensor([[1, 4, 6]])                      # 6 merged tokens
+# seconds per temporal step (Qwen2.5-VL spaces its temporal positions by them)
+QWEN_SECONDS_PER_GRID = torch.tensor([0.5, 1.0, 2.0])
+
+
+def qwen_seconds_per_grid(model, seconds: torch.Tensor) -> dict:
+    """``second_per_grid_ts`` (one per video) where the model takes it.  None on transformers
+    5.3-5.4: their Qwen2.5-VL ``get_rope_index`` takes one per image as well (transformers
+    issue 45325), so the model itself fails on a prompt with images, videos and the
+    processor's per-video list; without it every video gets the default spacing."""
+    from packaging.version import Version
+
+    if "second_per_grid_ts" not in inspect.signature(model.forward).parameters:
+        return {}
+    if Version("5.3") <= Version(transformers.__version__) < Version("5.5"):
+        return {}
+    return dict(second_per_grid_ts=seconds)
+
+
+def qwen_video(n_tokens: int) -> list:
+    return [QWEN_VISION_START] + [QWEN_VIDEO] * n_tokens + [QWEN_VISION_END]
+
+
+def qwen_video_batch(model, seed=0, padding="left"):
+    """Row 0: a 2-frame video, an image, a 3-frame video and text between them.  Row 1: one
+    2-frame video, padded.  Qwen2.5-VL gets ``second_per_grid_ts``; ``mm_token_type_ids``
+    (image 1, video 2) where the model takes them."""
+    g = torch.Generator().manual_seed(seed)
+    n_video = (QWEN_VIDEO_GRIDS.prod(-1) // 4).tolist()
+    n_image = int(QWEN_VIDEO_IMAGE_GRID.prod(-1)) // 4
+    ids, am = _pad_rows([[1, 3] + qwen_video(n_video[0]) + [4] + qwen_image(n_image) + [5] + qwen_video(n_video[1])
+                         + [6, 9], [1, 7] + qwen_video(n_video[2]) + [8]], padding)
+    batch = dict(input_ids=ids, attention_mask=am, image_grid_thw=QWEN_VIDEO_IMAGE_GRID,
+                 pixel_values=torch.randn(int(QWEN_VIDEO_IMAGE_GRID.prod(-1).sum()), 96, generator=g),
+                 video_grid_thw=QWEN_VIDEO_GRIDS,
+                 pixel_values_videos=torch.randn(int(QWEN_VIDEO_GRIDS.prod(-1).sum()), 96, generator=g))
+    params = inspect.signature(model.forward).parameters
+    batch.update(qwen_seconds_per_grid(model, QWEN_SECONDS_PER_GRID))
+    if "mm_token_type_ids" in params:
+        batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
+    return batch
+
+
+def qwen_unit_tokens(batch: dict, video_unit: str) -> list:
+    """Tokens per budget unit, row-major: one per image, and one per video or per frame."""
+    images = iter((batch["image_grid_thw"].prod(-1) // 4).tolist())
+    videos = iter(batch["video_grid_thw"].tolist())
+    counts = []
+    for row in batch["input_ids"].tolist():
+        for prev, tok in zip([None] + row, row):
+            if prev != QWEN_VISION_START:
+                continue
+            if tok == QWEN_IMAGE:
+                counts.append(next(images))
+            elif tok == QWEN_VIDEO:
+                t, h, w = next(videos)
+                counts += [t * h * w // 4] if video_unit == "video" else [h * w // 4] * t
+    return counts
+
+
+def _qwen_video_spec(version, unit):
+    return FamilySpec(name=f"{version}-video-per-{unit}", build=lambda: build_qwen(version), batch=qwen_video_batch,
+                      prunable=lambda b: (b["input_ids"] == QWEN_IMAGE) | (b["input_ids"] == QWEN_VIDEO),
+                      image_tokens=lambda b: qwen_unit_tokens(b, unit),
+                      extend=lambda b, t: _append(b, t, "mm_token_type_ids"),
+                      placeholders=(QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END),
+                      enable=with_video_budget(unit))
+
+
+QWEN2_VL_VIDEO = _qwen_video_spec("qwen2_vl", "video")
+QWEN2_5_VL_VIDEO = _qwen_video_spec("qwen2_5_vl", "video")
+QWEN2_VL_FRAMES = _qwen_video_spec("qwen2_vl", "frame")
+QWEN2_5_VL_FRAMES = _qwen_video_spec("qwen2_5_vl", "frame")
+
+SPECS += (QWEN2_VL_VIDEO, QWEN2_5_VL_VIDEO, QWEN2_VL_FRAMES, QWEN2_5_VL_FRAMES)
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT / LLaVA-OneVision

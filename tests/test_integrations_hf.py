@@ -4,6 +4,7 @@ the transformers window), the importance sources, labels, FLOPs and decode-step 
 Tiny random-weight models from tests/hf_families.py (no downloads); every check compares
 the pruned model with quantities computed here from the unpruned model.
 """
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from mmrprune.integrations import enable_visual_token_pruning, prefill_flops, pr
 from mmrprune.integrations.hf import versions  # noqa: E402
 
 from hf_check import cache_key, check_pruned_prefill, language_model, recording  # noqa: E402
-from hf_families import (LLAVA, LLAVA_IMAGE, QWEN2_5_VL, QWEN2_VL, QWEN_IMAGE, QWEN_VIDEO,  # noqa: E402
-                         QWEN_VISION_END, QWEN_VISION_START, one_thread, qwen_image)  # noqa: F401 (autouse)
+from hf_families import (LLAVA, LLAVA_IMAGE, QWEN2_5_VL, QWEN2_5_VL_VIDEO, QWEN2_VL,  # noqa: E402
+                         QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START, one_thread,  # noqa: F401
+                         qwen_image, qwen_seconds_per_grid, qwen_video_batch)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_video_budgets_are_checked_when_enabling(qwen, kwargs, error, text):
 
 def test_a_video_budget_on_a_family_without_videos_is_refused(llava):
     with pytest.raises(ValueError, match="llava models take no videos this integration prunes; families that prune "
-                                         "videos: "):
+                                         "videos: .*qwen2_vl"):
         enable_visual_token_pruning(llava, k=2, video_k=8)
     assert hooks_of(llava) == 0
 
@@ -384,10 +386,34 @@ def test_static_caches_are_refused(llava):
             llava.generate(**LLAVA.batch(llava), max_new_tokens=2, cache_implementation="static")
 
 
-def test_qwen_videos_are_merged_unpruned():
-    """A prompt with an image and a video: the image is pruned, every video token stays, and the
-    prefill still equals the masked unpruned forward."""
-    model = QWEN2_5_VL.build()
+@pytest.fixture(scope="module")
+def qwen25():
+    return QWEN2_5_VL.build()
+
+
+# the video specs' prunable slots, with budgets given here instead of the suite's
+VIDEO_SPEC = dataclasses.replace(QWEN2_5_VL_VIDEO, enable=dict)
+
+
+def test_qwen25_second_per_grid_ts_per_image_is_a_clear_error_on_5_3_to_5_4(qwen25):
+    """transformers 5.3-5.4's Qwen2.5-VL takes a second_per_grid_ts per image too; the
+    processor's per-video list then runs out (a StopIteration in the model itself)."""
+    from packaging.version import Version
+    if not Version("5.3") <= Version(transformers.__version__) < Version("5.5"):
+        pytest.skip("only transformers 5.3-5.4 take second_per_grid_ts per image")
+    batch = _with_token_types(qwen25, _image_and_video_batch())
+    batch["second_per_grid_ts"] = torch.tensor([1.0])
+    with pytest.raises(ValueError, match="takes one second_per_grid_ts per image as well"):
+        with torch.no_grad(), prune_visual_tokens(qwen25, k=2, video_k=2):
+            qwen25(**batch)
+
+
+def _kept_per_unit(last) -> list:
+    return (last["cu_k"][1:] - last["cu_k"][:-1]).tolist()
+
+
+def _image_and_video_batch():
+    """One prompt: a 16-token image, then an 8-token video of two frames."""
     g = torch.Generator().manual_seed(11)
     image_grid, video_grid = torch.tensor([[1, 8, 8]]), torch.tensor([[2, 4, 4]])     # 16 and 8 tokens
     row = [1, 3] + qwen_image(16) + [4, QWEN_VISION_START] + [QWEN_VIDEO] * 8 + [QWEN_VISION_END, 5]
@@ -395,10 +421,102 @@ def test_qwen_videos_are_merged_unpruned():
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=image_grid,
                  pixel_values=torch.randn(64, 96, generator=g), video_grid_thw=video_grid,
                  pixel_values_videos=torch.randn(32, 96, generator=g))
+    return batch
+
+
+def _with_token_types(model, batch):
+    ids = batch["input_ids"]
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         batch["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
-    got = check_pruned_prefill(model, batch, QWEN2_5_VL, k=4)
-    assert bool(got.keep[ids == QWEN_VIDEO].all()) and int(got.keep[ids == QWEN_IMAGE].sum()) == 4
+    return batch
+
+
+def test_qwen_videos_are_pruned_only_with_a_video_budget(qwen25):
+    """Without a video budget, a prompt with an image and a video: the image is pruned, every
+    video token stays, and the prefill still equals the masked unpruned forward; a prompt whose
+    only visual input is a video goes through untouched.  With one, that prompt is pruned."""
+    batch = _with_token_types(qwen25, _image_and_video_batch())
+    batch.update(qwen_seconds_per_grid(qwen25, torch.tensor([1.0])))
+    ids = batch["input_ids"]
+    got = check_pruned_prefill(qwen25, batch, QWEN2_5_VL, k=4)
+    assert bool(got.keep[ids == QWEN_IMAGE].sum() == 4) and bool(got.keep[ids == QWEN_VIDEO].all())
+    assert got.pruner.last["video_units"] is None
+    video_only = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    video_only["input_ids"] = torch.tensor([[1, 3, QWEN_VISION_START] + [QWEN_VIDEO] * 8 + [QWEN_VISION_END, 5]])
+    video_only["attention_mask"] = torch.ones_like(video_only["input_ids"])
+    video_only = _with_token_types(qwen25, video_only)
+    with torch.no_grad(), prune_visual_tokens(qwen25, k=1) as p:
+        qwen25(**video_only)
+    assert p.last is None
+    got = check_pruned_prefill(qwen25, video_only, VIDEO_SPEC, k=1, video_k=3)
+    assert got.pruner.last["video_units"].tolist() == [True] and _kept_per_unit(got.pruner.last) == [3]
+
+
+@pytest.mark.parametrize("budgets, per_unit", [
+    # row 0: video (8 tokens), image (6), video (12); row 1: video (12)
+    (dict(k=2, video_k=5), [5, 2, 5, 5]),
+    (dict(k=4, video_keep_ratio=0.25), [2, 4, 3, 3]),
+    (dict(keep_ratio=0.5, video_k=1), [1, 3, 1, 1]),
+], ids=["k-video_k", "k-video_keep_ratio", "keep_ratio-video_k"])
+def test_qwen_videos_and_images_take_their_own_budgets(qwen25, budgets, per_unit):
+    batch = qwen_video_batch(qwen25, seed=12)
+    ids = batch["input_ids"]
+    got = check_pruned_prefill(qwen25, batch, VIDEO_SPEC, video_unit="video", **budgets)
+    last = got.pruner.last
+    assert last["video_units"].tolist() == [True, False, True, True]
+    assert _kept_per_unit(last) == per_unit
+    assert int(got.keep[ids == QWEN_IMAGE].sum()) == per_unit[1]
+    assert int(got.keep[ids == QWEN_VIDEO].sum()) == sum(per_unit) - per_unit[1]
+    assert last["visual_before"] == int(((ids == QWEN_IMAGE) | (ids == QWEN_VIDEO)).sum())
+
+
+def test_qwen_video_frames_are_budget_units(qwen25):
+    """``video_unit="frame"``: one budget per temporal grid step, its tokens the frame's own
+    (one temporal position per frame: Qwen2.5-VL spaces them by ``second_per_grid_ts``)."""
+    batch = qwen_video_batch(qwen25, seed=13)
+    ids = batch["input_ids"]
+    got = check_pruned_prefill(qwen25, batch, VIDEO_SPEC, k=4, video_k=3, video_unit="frame")
+    last = got.pruner.last
+    # row 0: frames 4, 4, image 6, frames 4, 4, 4; row 1: frames 6, 6
+    assert last["video_units"].tolist() == [True, True, False, True, True, True, True, True]
+    assert (last["cu_seqlens"][1:] - last["cu_seqlens"][:-1]).tolist() == [4, 4, 6, 4, 4, 4, 6, 6]
+    assert _kept_per_unit(last) == [3, 3, 4, 3, 3, 3, 3, 3]
+    # every frame's kept tokens lie in that frame: one temporal position per frame
+    temporal = got.unpruned_call[1]["position_ids"][-3]
+    slots = ((ids == QWEN_IMAGE) | (ids == QWEN_VIDEO)).nonzero()
+    kept = slots[last["kept_indices"]]
+    t_kept = temporal[kept[:, 0], kept[:, 1]].split(_kept_per_unit(last))
+    t_all = temporal[slots[:, 0], slots[:, 1]].split(last["cu_seqlens"].diff().tolist())
+    for u, (tk, ta) in enumerate(zip(t_kept, t_all)):
+        assert ta.unique().numel() == 1 and bool((tk == ta[0]).all()), f"unit {u}"
+    if not _frames_share_a_temporal_position():
+        assert len({int(ta[0]) for ta in t_all[3:6]}) == 3
+
+
+def _frames_share_a_temporal_position() -> bool:
+    """transformers 5.3-5.5 give every frame of a Qwen video the same temporal position
+    (transformers issue 45381, fixed in 5.6); the pruned prompt keeps the model's positions."""
+    from packaging.version import Version
+    return Version("5.3") <= Version(transformers.__version__) < Version("5.6")
+
+
+def test_qwen_frames_without_a_grid_are_found_from_the_positions(qwen25):
+    """generate in 5.19 and later hands the video encoder output over without video_grid_thw:
+    the frames are then counted on the M-RoPE positions, and agree with the grid."""
+    from mmrprune.integrations.hf.qwen2_vl import Qwen2VL, _rope_index
+    batch = qwen_video_batch(qwen25, seed=14)
+    adapter = Qwen2VL(qwen25, video_unit="frame")
+    ids = batch["input_ids"]
+    videos = ids == QWEN_VIDEO
+    counts = (batch["video_grid_thw"].prod(-1) // 4).tolist()
+    feats = [torch.zeros(n, 1) for n in counts]
+    with_grid = adapter._video_counts(batch, ids, videos, feats)
+    positions = _rope_index(qwen25.model, ids, batch["attention_mask"], batch)
+    no_grid = {k: v for k, v in batch.items() if k != "video_grid_thw"}
+    assert adapter._video_counts(dict(no_grid, position_ids=positions), ids, videos, feats) == with_grid
+    assert with_grid == [4, 4, 4, 4, 4, 6, 6]
+    with pytest.raises(ValueError, match="needs video_grid_thw \\(or position_ids\\)"):
+        adapter._video_counts(no_grid, ids, videos, feats)
 
 
 def test_qwen_needs_mm_token_type_ids_where_the_model_does(qwen):

@@ -1,6 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``): one budget unit per image, M-RoPE (t, h, w)
-positions from the model's ``get_rope_index``.  Videos are merged unpruned."""
+``Qwen2_5_VLForConditionalGeneration``): one budget unit per image and, with a video budget,
+one per video or per frame; M-RoPE (t, h, w) positions from the model's ``get_rope_index``
+on the unpruned prompt.  Without a video budget videos are merged unpruned."""
 from __future__ import annotations
 
 import inspect
@@ -8,7 +9,7 @@ import inspect
 import torch
 
 from . import versions
-from .family import Family, Visual, scatter_features, units_from_counts
+from .family import Family, Visual, merge_unit_maps, scatter_features, units_from_counts
 
 
 class Qwen2VL(Family):
@@ -18,21 +19,63 @@ class Qwen2VL(Family):
                        "second_per_grid_ts", "mm_encoder_outputs")
     token_keys = ("mm_token_type_ids",)
 
+    videos = True
+
     def carries_visual(self, kw):
-        return kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None
+        if kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None:
+            return True
+        # a prompt whose only visual input is an unpruned video goes through untouched
+        return self.video_unit is not None and (kw.get("pixel_values_videos") is not None
+                                                or versions.encoder_output(kw, "video") is not None)
 
     def merge(self, kw, input_ids, embeds):
         cfg = self.model.config
-        feats = _features(self.model.model, kw, "image")
+        feats = _features(self.model.model, kw, "image") or []
         images = input_ids == cfg.image_token_id
         embeds = scatter_features(embeds, images, feats, "image")
-        videos = torch.zeros_like(images)
+        units = units_from_counts(images, [f.shape[0] for f in feats])
         video_feats = _features(self.model.model, kw, "video")
-        if video_feats is not None:
-            videos = input_ids == cfg.video_token_id
-            embeds = scatter_features(embeds, videos, video_feats, "video")
-        return Visual(embeds=embeds, units=units_from_counts(images, [f.shape[0] for f in feats]),
-                      visual=images | videos)
+        if video_feats is None:
+            return Visual(embeds=embeds, units=units, visual=images)
+        videos = input_ids == cfg.video_token_id
+        embeds = scatter_features(embeds, videos, video_feats, "video")
+        if self.video_unit is None:
+            return Visual(embeds=embeds, units=units, visual=images | videos)
+        video_units = units_from_counts(videos, self._video_counts(kw, input_ids, videos, video_feats))
+        units, source = merge_unit_maps(units, video_units)
+        return Visual(embeds=embeds, units=units, visual=images | videos, video_units=source == 1)
+
+    def _video_counts(self, kw, input_ids, videos, video_feats) -> list:
+        """Tokens per budget unit of the videos (``videos`` [B, L] marks their slots): per
+        video, or per temporal grid step -- a video's merged tokens are laid out frame after
+        frame, each frame ``h * w / merge**2`` of them."""
+        counts = [f.shape[0] for f in video_feats]
+        if self.video_unit == "video":
+            return counts
+        grid = kw.get("video_grid_thw")
+        if grid is not None:
+            frames = grid[:, 0].tolist()
+        else:
+            frames = self._frames_from_positions(kw, input_ids, videos, counts)
+        if len(frames) != len(counts):
+            raise ValueError(f"prune_visual_tokens: video_grid_thw has {len(frames)} rows for {len(counts)} videos")
+        per_frame = []
+        for n, t in zip(counts, frames):
+            if t < 1 or n % t:
+                raise ValueError(f"prune_visual_tokens: a video of {n} tokens does not split into the {t} frames "
+                                 "of its video_grid_thw row")
+            per_frame += [n // t] * t
+        return per_frame
+
+    def _frames_from_positions(self, kw, input_ids, videos, counts) -> list:
+        """Frames per video when the call brings no ``video_grid_thw`` (``generate`` in 5.19
+        and later hands the encoder outputs over without it): every frame's (h, w) positions
+        start again from the video's first token's, so its frames are counted there."""
+        if kw.get("position_ids") is None:
+            raise ValueError("prune_visual_tokens: video_unit='frame' needs video_grid_thw (or position_ids) to find "
+                             "each video's frames")
+        hw = self.positions(kw, input_ids, kw.get("attention_mask"))[1:, videos].T   # [T_video, 2], row-major
+        return [int((part == part[0]).all(dim=1).sum()) for part in hw.split(counts)]
 
     def positions(self, kw, input_ids, attention_mask):
         pos = kw.get("position_ids")
@@ -49,9 +92,9 @@ def _features(inner, kw, modality: str):
     (``generate`` in 5.19 and later passes them precomputed)."""
     out = versions.encoder_output(kw, modality)
     if out is None:
-        if modality == "image":
+        if modality == "image" and kw.get("pixel_values") is not None:
             out = inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
-        elif kw.get("pixel_values_videos") is not None:
+        elif modality == "video" and kw.get("pixel_values_videos") is not None:
             out = inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
                                            **versions.output_kwargs())
         else:
@@ -62,7 +105,8 @@ def _features(inner, kw, modality: str):
 def _rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
     """[3, B, L] M-RoPE positions of the unpruned prompt.  ``get_rope_index`` takes the
     processor's ``mm_token_type_ids`` from 5.3 on and finds the vision tokens in
-    ``input_ids`` itself in 4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts``."""
+    ``input_ids`` itself in 4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts`` (one per
+    video; in 5.3-5.4 one per image and video, and it spaces images in time too)."""
     params = inspect.signature(inner.get_rope_index).parameters
     args = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
                 attention_mask=attention_mask)
@@ -74,5 +118,12 @@ def _rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
         args["mm_token_type_ids"] = kw["mm_token_type_ids"]
     if "second_per_grid_ts" in params:
         args["second_per_grid_ts"] = kw.get("second_per_grid_ts")
-    positions, _ = inner.get_rope_index(input_ids, **args)
+    try:
+        positions, _ = inner.get_rope_index(input_ids, **args)
+    except StopIteration:
+        # the model's own forward fails the same way; a StopIteration would read as a silent end
+        raise ValueError("prune_visual_tokens: get_rope_index ran out of image_grid_thw / video_grid_thw / "
+                         "second_per_grid_ts rows for the images and videos of input_ids (transformers 5.3-5.4's "
+                         "Qwen2.5-VL takes one second_per_grid_ts per image as well as per video; leave it out "
+                         "there, or use another release)") from None
     return positions
