@@ -164,8 +164,8 @@ def hf_integration(hf):
     for family in FAMILIES:
         model, proc, _ = hf[family]
         prompts = [p for ps in CASES.values() for p in ps if _covered(family, p)]
-        out[family] = hf_reference.integration(family, model, proc, prompts, k=K, method=METHOD, lam=LAM,
-                                               importance="norm")
+        out[family] = hf_reference.integration(family, model, proc, prompts, k=K, video_keep_ratio=VIDEO_RATIO,
+                                               method=METHOD, lam=LAM, importance="norm")
     return out
 
 
@@ -181,7 +181,7 @@ def test_pruned_output_matches_hf(engines, hf, hf_integration, family, case):
         ref = hf[family][2][p]
         got = res["cases"][case]["prompts"][p]["output_ids"]
         if _covered(family, p):
-            assert vllm_kept(res, ref)["image"] == hf_integration[family][p]["kept"], p
+            assert vllm_kept(res, ref) == hf_integration[family][p]["kept"], p
             assert got == hf_integration[family][p]["output_ids"], p
         else:
             keep = hf_reference.keep_columns(model, ref, vllm_kept(res, ref))
