@@ -174,3 +174,15 @@ def test_frames_must_match_the_video_grid(model):
     with torch.no_grad(), prune_visual_tokens(model, **QWEN3_VL_FRAME.enable(dict(k=2))), \
             pytest.raises(ValueError, match="video_grid_thw gives"):
         model(**batch)
+
+
+@pytest.mark.parametrize("release", ["5.3.0", "5.3.2"])
+def test_video_budgets_are_refused_where_the_model_cannot_run_videos(model, monkeypatch, release):
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", release)
+    with pytest.raises(RuntimeError, match=f"qwen3_vl videos are not pruned on transformers {release}, whose "
+                                           r"model cannot run them \(video budgets need transformers!=5.3.\*\)"):
+        prune_visual_tokens(model, k=2, video_k=4).__enter__()
+    assert getattr(model, "_mmrprune_pruner", None) is None
+    with prune_visual_tokens(model, k=2):             # images still are
+        pass

@@ -396,6 +396,13 @@ def _check_video_budget(fam, video_k, video_keep_ratio, video_unit):
         able = ", ".join(f.name for f in FAMILIES if f.videos) or "none"
         raise ValueError(f"video_k / video_keep_ratio: {fam.name} models take no videos this integration prunes; "
                          f"families that prune videos: {able}")
+    if fam.videos_transformers:
+        import transformers
+        from packaging.specifiers import SpecifierSet
+        if transformers.__version__ not in SpecifierSet(fam.videos_transformers):
+            raise RuntimeError(f"prune_visual_tokens: {fam.name} videos are not pruned on transformers "
+                               f"{transformers.__version__}, whose model cannot run them (video budgets need "
+                               f"transformers{fam.videos_transformers}); images are")
     return video_k, video_keep_ratio, video_unit
 
 

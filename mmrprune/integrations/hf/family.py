@@ -74,6 +74,9 @@ class Family:
             less than the whole window of :data:`.versions.REQUIREMENT`; empty otherwise.
         videos: whether the family's adapter can prune videos (it then honours
             ``self.video_unit``).
+        videos_transformers: a version specifier narrowing, for video budgets only, the
+            releases the family is tested on (a release whose model itself cannot run the
+            family's videos); empty otherwise.
         multimodal_keys: forward arguments that carry visual inputs or their layout; the
             pruned call drops them, since its ``inputs_embeds`` already hold the features.
         token_keys: per-token ``[B, L]`` forward arguments the pruned call keeps, re-packed
@@ -88,6 +91,7 @@ class Family:
     model_classes: tuple = ()
     transformers = ""
     videos = False
+    videos_transformers = ""
     multimodal_keys: tuple = ()
     token_keys: tuple = ()
     cls_importance = False

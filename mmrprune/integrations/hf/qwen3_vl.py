@@ -40,6 +40,9 @@ class Qwen3VL(Family):
     name = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     videos = True
+    # 5.3's get_rope_index takes one grid per run of video tokens, so a video whose frames are
+    # split by timestamp text fails in the model itself (5.2 and 5.4 number it right)
+    videos_transformers = "!=5.3.*"
     multimodal_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                        "mm_encoder_outputs")
     token_keys = ("mm_token_type_ids",)
