@@ -503,7 +503,7 @@ def _frames_share_a_temporal_position() -> bool:
 def test_qwen_frames_without_a_grid_are_found_from_the_positions(qwen25):
     """generate in 5.19 and later hands the video encoder output over without video_grid_thw:
     the frames are then counted on the M-RoPE positions, and agree with the grid."""
-    from mmrprune.integrations.hf.qwen2_vl import Qwen2VL, _rope_index
+    from mmrprune.integrations.hf.qwen2_vl import Qwen2VL, rope_index
     batch = qwen_video_batch(qwen25, seed=14)
     adapter = Qwen2VL(qwen25, video_unit="frame")
     ids = batch["input_ids"]
@@ -511,7 +511,7 @@ def test_qwen_frames_without_a_grid_are_found_from_the_positions(qwen25):
     counts = (batch["video_grid_thw"].prod(-1) // 4).tolist()
     feats = [torch.zeros(n, 1) for n in counts]
     with_grid = adapter._video_counts(batch, ids, videos, feats)
-    positions = _rope_index(qwen25.model, ids, batch["attention_mask"], batch)
+    positions = rope_index(qwen25, ids, batch["attention_mask"], batch)
     no_grid = {k: v for k, v in batch.items() if k != "video_grid_thw"}
     assert adapter._video_counts(dict(no_grid, position_ids=positions), ids, videos, feats) == with_grid
     assert with_grid == [4, 4, 4, 4, 4, 6, 6]

@@ -82,7 +82,7 @@ class Qwen2VL(Family):
         if pos is not None:
             # generate() passes [4, B, L]: the plain text numbering, then the (t, h, w) rows
             return pos[-3:] if pos.ndim == 3 else pos.expand(3, input_ids.shape[0], -1)
-        return _rope_index(self.model.model, input_ids, attention_mask, kw)
+        return rope_index(self.model, input_ids, attention_mask, kw)
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
@@ -102,19 +102,22 @@ def _features(inner, kw, modality: str):
     return versions.per_item(out)
 
 
-def _rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
-    """[3, B, L] M-RoPE positions of the unpruned prompt.  ``get_rope_index`` takes the
-    processor's ``mm_token_type_ids`` from 5.3 on and finds the vision tokens in
-    ``input_ids`` itself in 4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts`` (one per
-    video; in 5.3-5.4 one per image and video, and it spaces images in time too)."""
+def rope_index(model, input_ids, attention_mask, kw) -> torch.Tensor:
+    """[3, B, L] M-RoPE positions of the unpruned prompt, for Qwen2-VL, Qwen2.5-VL and
+    Qwen3-VL (interleaved by the rotary embedding, not here).  ``get_rope_index`` takes the
+    processor's ``mm_token_type_ids`` (text 0, image 1, video 2) from 5.3 on (Qwen3-VL: in
+    5.17-5.25 of the tested releases) and finds the vision tokens in ``input_ids`` itself in
+    4.57-5.2; only Qwen2.5-VL's takes ``second_per_grid_ts`` (one per video; in 5.3-5.4 one per
+    image and video, and it spaces images in time too)."""
+    inner = model.model
     params = inspect.signature(inner.get_rope_index).parameters
     args = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
                 attention_mask=attention_mask)
     if "mm_token_type_ids" in params:
         if kw.get("mm_token_type_ids") is None:
             # the model itself would then silently fall back to 1-D positions
-            raise ValueError("prune_visual_tokens: Qwen2-VL needs mm_token_type_ids (returned by the processor) "
-                             "or explicit position_ids to compute its M-RoPE positions")
+            raise ValueError(f"prune_visual_tokens: {type(model).__name__} needs mm_token_type_ids (returned by the "
+                             "processor) or explicit position_ids to compute its M-RoPE positions")
         args["mm_token_type_ids"] = kw["mm_token_type_ids"]
     if "second_per_grid_ts" in params:
         args["second_per_grid_ts"] = kw.get("second_per_grid_ts")

@@ -19,7 +19,6 @@ unpruned (visual, with their DeepStack rows, never prunable).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from ..selection import keep_rows
 from . import versions
 from .family import Family, PrunedPrompt, Visual, merge_unit_maps, scatter_features, units_from_counts
+from .qwen2_vl import Qwen2VL
 
 
 @dataclass
@@ -79,12 +79,8 @@ class Qwen3VL(Family):
         return DeepStackVisual(embeds=embeds, units=units, visual=visual, video_units=video_units,
                                deepstack=_joint_levels(visual, levels))
 
-    def positions(self, kw, input_ids, attention_mask):
-        pos = kw.get("position_ids")
-        if pos is not None:
-            # generate() passes [4, B, L]: the plain text numbering, then the (t, h, w) rows
-            return pos[-3:] if pos.ndim == 3 else pos.expand(3, input_ids.shape[0], -1)
-        return rope_index(self.model.model, input_ids, attention_mask, kw)
+    # the M-RoPE numbering of Qwen2-VL: the caller's position ids, else get_rope_index's
+    positions = Qwen2VL.positions
 
     def pruned_call(self, kw, pruned: PrunedPrompt):
         kw = super().pruned_call(kw, pruned)
@@ -197,19 +193,3 @@ def _features(inner, kw, modality: str):
         feats, levels = out
     levels = [torch.cat(list(level)) if isinstance(level, (list, tuple)) else level for level in levels]
     return list(feats), levels
-
-
-def rope_index(inner, input_ids, attention_mask, kw) -> torch.Tensor:
-    """[3, B, L] M-RoPE positions of the unpruned prompt.  ``get_rope_index`` takes the
-    processor's ``mm_token_type_ids`` (text 0, image 1, video 2) in 5.17-5.25 of the tested
-    releases and finds the vision tokens in ``input_ids`` itself in 4.57.6 and 5.0."""
-    params = inspect.signature(inner.get_rope_index).parameters
-    args = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw.get("video_grid_thw"),
-                attention_mask=attention_mask)
-    if "mm_token_type_ids" in params:
-        if kw.get("mm_token_type_ids") is None:
-            raise ValueError("prune_visual_tokens: Qwen3-VL needs mm_token_type_ids (returned by the processor) "
-                             "or explicit position_ids to compute its M-RoPE positions")
-        args["mm_token_type_ids"] = kw["mm_token_type_ids"]
-    positions, _ = inner.get_rope_index(input_ids, **args)
-    return positions
