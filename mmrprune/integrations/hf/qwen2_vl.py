@@ -87,19 +87,25 @@ class Qwen2VL(Family):
 
 # ----------------------------------------------------------------------------- version-dependent calls
 # Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
-def _features(inner, kw, modality: str):
-    """Per image (or video), its [n_i, H] merged features, or None without that input
-    (``generate`` in 5.19 and later passes them precomputed)."""
+def encoder_output(inner, kw, modality: str):
+    """What the Qwen vision tower returns for the images (or videos) of the call: ``generate``'s
+    precomputed output (5.19 and later), else ``get_image_features`` / ``get_video_features``
+    run here; None without that input."""
     out = versions.encoder_output(kw, modality)
-    if out is None:
-        if modality == "image" and kw.get("pixel_values") is not None:
-            out = inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
-        elif modality == "video" and kw.get("pixel_values_videos") is not None:
-            out = inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
-                                           **versions.output_kwargs())
-        else:
-            return None
-    return versions.per_item(out)
+    if out is not None:
+        return out
+    if modality == "image" and kw.get("pixel_values") is not None:
+        return inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
+    if modality == "video" and kw.get("pixel_values_videos") is not None:
+        return inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
+                                        **versions.output_kwargs())
+    return None
+
+
+def _features(inner, kw, modality: str):
+    """Per image (or video), its [n_i, H] merged features, or None without that input."""
+    out = encoder_output(inner, kw, modality)
+    return None if out is None else versions.per_item(out)
 
 
 def rope_index(model, input_ids, attention_mask, kw) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from ..selection import keep_rows
 from . import versions
 from .family import Family, PrunedPrompt, Visual, merge_unit_maps, scatter_features, units_from_counts
-from .qwen2_vl import Qwen2VL
+from .qwen2_vl import Qwen2VL, encoder_output
 
 
 @dataclass
@@ -178,15 +178,9 @@ def _features(inner, kw, modality: str):
     levels)`` in 4.57 and an output with ``pooler_output`` / ``deepstack_features`` in
     5.0-5.25, whose levels are split per item in 5.19-5.25 (not in 5.0-5.17); ``generate`` in
     5.19 and later passes that output precomputed as ``mm_encoder_outputs``."""
-    out = versions.encoder_output(kw, modality)
+    out = encoder_output(inner, kw, modality)
     if out is None:
-        if modality == "image" and kw.get("pixel_values") is not None:
-            out = inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
-        elif modality == "video" and kw.get("pixel_values_videos") is not None:
-            out = inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
-                                           **versions.output_kwargs())
-        else:
-            return None
+        return None
     if hasattr(out, "pooler_output"):
         feats, levels = out.pooler_output, out.deepstack_features
     else:
