@@ -77,19 +77,34 @@ def select_items(features: torch.Tensor, lengths: Sequence[int], budget_: Budget
         return idx, cu_k.cpu()
     if grids is None or len(grids) != len(lengths):
         raise ValueError(f"select_items: method {selector.method!r} with alpha < 1 needs one (h, w) grid per item")
-    # select_varlen takes one grid per call: one call per distinct grid, then back in item order
+    # select_varlen takes one grid per call: one call per distinct grid
+    return select_by_group(features, w, lengths, [tuple(g) for g in grids],
+                           lambda f, w_, cu_, grid: _select(f, w_, cu_, budget_, selector, {"grid": grid}))
+
+
+def select_by_group(features: torch.Tensor, w: Optional[torch.Tensor], lengths: Sequence[int], groups: Sequence,
+                    select):
+    """Items that share a group key selected together, for what one selection call cannot mix
+    (a budget, a patch grid): ``select(features_g, w_g, cu_g, key)`` returns ``(idx, cu_k)``
+    over the group's items, packed in item order.  Returns ``(idx, cu_k)`` over all items in
+    their order, ``cu_k`` on the CPU; one group is one call on the tensors as given."""
+    keys = list(dict.fromkeys(groups))
+    if not keys:
+        return torch.zeros(0, dtype=torch.int64, device=features.device), offsets([])
+    if len(keys) == 1:
+        idx, cu_k = select(features, w, offsets(lengths), keys[0])
+        return idx, cu_k.cpu()
+    cu = offsets(lengths)
     per_item = [None] * len(lengths)
-    for grid in dict.fromkeys(tuple(g) for g in grids):
-        members = [b for b, g in enumerate(grids) if tuple(g) == grid]
+    for key in keys:
+        members = [b for b, g in enumerate(groups) if g == key]
         rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in members]).to(features.device)
-        sub_cu = offsets([lengths[b] for b in members])
-        idx, cu_k = _select(features[rows], None if w is None else w[rows], sub_cu, budget_, selector,
-                            {"grid": grid})
+        idx, cu_k = select(features[rows], None if w is None else w[rows], offsets([lengths[b] for b in members]),
+                           key)
         cu_k = cu_k.cpu()
         for j, b in enumerate(members):
             per_item[b] = rows[idx[cu_k[j]:cu_k[j + 1]]]
-    kept = torch.cat(per_item)
-    return kept, offsets([p.numel() for p in per_item])
+    return torch.cat(per_item), offsets([p.numel() for p in per_item])
 
 
 def _select(features, w, cu, budget_, selector, extra):

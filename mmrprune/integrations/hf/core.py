@@ -31,6 +31,7 @@ import torch
 
 from ... import dispatch
 from ...api import select_varlen
+from ..selection import select_by_group
 from ...validation import check_budget, check_lam, check_method, check_method_params
 from . import importance as imp
 from . import versions
@@ -240,25 +241,11 @@ class VisualTokenPruner:
         cu[1:] = torch.cumsum(torch.tensor(units.counts, dtype=torch.int64), 0)
         w = imp.compute(self, kw, am, visual, units.packed, units.counts, units.rows)
         is_video = visual.video_units
-        if is_video is None or not bool(is_video.any()):
-            idx, cu_k = self._select_units(units.packed, w, cu, self.k, self.keep_ratio)
-            return idx.to(units.slots.device), cu, cu_k.cpu()
-        is_video = is_video.cpu()
-        kept = [None] * len(units.counts)
-        for video, k, ratio in ((False, self.k, self.keep_ratio), (True, self.video_k, self.video_keep_ratio)):
-            members = (is_video == video).nonzero()[:, 0].tolist()
-            if not members:
-                continue
-            rows = torch.cat([torch.arange(int(cu[u]), int(cu[u + 1])) for u in members]).to(units.packed.device)
-            sub_cu = torch.zeros(len(members) + 1, dtype=torch.int64)
-            sub_cu[1:] = torch.cumsum(torch.tensor([units.counts[u] for u in members]), 0)
-            idx, cu_k = self._select_units(units.packed[rows], None if w is None else w[rows], sub_cu, k, ratio)
-            cu_k = cu_k.cpu()
-            for j, u in enumerate(members):
-                kept[u] = rows[idx[cu_k[j]:cu_k[j + 1]]]
-        cu_k = torch.zeros(len(kept) + 1, dtype=torch.int64)
-        cu_k[1:] = torch.cumsum(torch.tensor([t.numel() for t in kept]), 0)
-        return torch.cat(kept).to(units.slots.device), cu, cu_k
+        kinds = [False] * len(units.counts) if is_video is None else is_video.tolist()
+        budgets = {False: (self.k, self.keep_ratio), True: (self.video_k, self.video_keep_ratio)}
+        idx, cu_k = select_by_group(units.packed, w, units.counts, kinds,
+                                    lambda f, w_, cu_, video: self._select_units(f, w_, cu_, *budgets[video]))
+        return idx.to(units.slots.device), cu, cu_k
 
     def _select_units(self, packed, w, cu, k, keep_ratio):
         return select_varlen(packed, w, cu.to(packed.device), k=k, keep_ratio=keep_ratio, lam=self.lam,

@@ -22,11 +22,8 @@ class Qwen2VL(Family):
     videos = True
 
     def carries_visual(self, kw):
-        if kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None:
-            return True
-        # a prompt whose only visual input is an unpruned video goes through untouched
-        return self.video_unit is not None and (kw.get("pixel_values_videos") is not None
-                                                or versions.encoder_output(kw, "video") is not None)
+        """Images, or videos with a video budget (unpruned videos alone go through untouched)."""
+        return given(kw, "image") or (self.video_unit is not None and given(kw, "video"))
 
     def merge(self, kw, input_ids, embeds):
         cfg = self.model.config
@@ -87,6 +84,13 @@ class Qwen2VL(Family):
 
 # ----------------------------------------------------------------------------- version-dependent calls
 # Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
+def given(kw, modality: str) -> bool:
+    """Whether the call brings images (or videos): pixels, or ``generate``'s precomputed
+    encoder output (5.19 and later)."""
+    key = "pixel_values" if modality == "image" else "pixel_values_videos"
+    return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
+
+
 def encoder_output(inner, kw, modality: str):
     """What the Qwen vision tower returns for the images (or videos) of the call: ``generate``'s
     precomputed output (5.19 and later), else ``get_image_features`` / ``get_video_features``

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..selection import keep_rows
-from . import versions
 from .family import Family, PrunedPrompt, Visual, merge_unit_maps, scatter_features, units_from_counts
 from .qwen2_vl import Qwen2VL, encoder_output
 
@@ -47,9 +46,7 @@ class Qwen3VL(Family):
                        "mm_encoder_outputs")
     token_keys = ("mm_token_type_ids",)
 
-    def carries_visual(self, kw):
-        """Images, or videos with a video budget (unpruned videos alone pass through)."""
-        return _given(kw, "image") or (self.video_unit is not None and _given(kw, "video"))
+    carries_visual = Qwen2VL.carries_visual
 
     def merge(self, kw, input_ids, embeds):
         cfg, inner = self.model.config, self.model.model
@@ -129,11 +126,6 @@ def _check_frames(counts: list, grid_thw, merge: int, unit: str) -> None:
         raise ValueError(f"prune_visual_tokens: video_unit='frame' found frames of {counts} tokens in input_ids, "
                          f"but video_grid_thw gives {want}; each frame's video tokens must lie between their own "
                          "vision start and end tokens, as the Qwen3-VL processor lays them out")
-
-
-def _given(kw, modality: str) -> bool:
-    key = "pixel_values" if modality == "image" else "pixel_values_videos"
-    return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
 
 
 def _joint_levels(visual: torch.Tensor, levels: list) -> list:
