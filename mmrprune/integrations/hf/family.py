@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import versions
+
 
 @dataclass
 class Visual:
@@ -105,8 +107,9 @@ class Family:
         self.video_unit = video_unit
 
     def carries_visual(self, kw: dict) -> bool:
-        """Whether this forward call brings visual inputs the family prunes."""
-        raise NotImplementedError
+        """Whether this forward call brings visual inputs the family prunes; by default,
+        images."""
+        return given(kw, "image")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings of ``input_ids`` [B, L, H] (placeholders included)."""
@@ -138,6 +141,13 @@ class Family:
 
 
 # ----------------------------------------------------------------------------- helpers for adapters
+def given(kw: dict, modality: str) -> bool:
+    """Whether the call brings images (or videos): pixels, or ``generate``'s precomputed
+    encoder output (5.19 and later)."""
+    key = "pixel_values" if modality == "image" else "pixel_values_videos"
+    return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
+
+
 def scatter_features(embeds: torch.Tensor, slots: torch.Tensor, features: list, what: str) -> torch.Tensor:
     """``embeds`` with ``features`` (a list of [n_i, H]) written into the ``slots`` [B, L]
     in row-major order, as the models' ``masked_scatter`` does; the counts must agree."""

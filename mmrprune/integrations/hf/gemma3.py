@@ -21,9 +21,6 @@ class Gemma3(Family):
     multimodal_keys = ("pixel_values", "mm_encoder_outputs")
     token_keys = ("token_type_ids",)
 
-    def carries_visual(self, kw):
-        return kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None
-
     def embed(self, input_ids):
         # The model embeds an out-of-vocabulary image token as the padding id (0) before
         # writing the image features over it; any other id is embedded as is.
@@ -40,7 +37,7 @@ class Gemma3(Family):
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0, 5.17.0, 5.19.0 and 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
+# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _image_features(inner, kw) -> list:
     """Per image, its [mm_tokens_per_image, H] projected features (``generate`` in 5.19 and
     later passes them precomputed; 4.57's ``get_image_features`` takes ``pixel_values`` only)."""

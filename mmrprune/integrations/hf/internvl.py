@@ -22,9 +22,6 @@ class InternVL(Family):
     multimodal_keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy",
                        "mm_encoder_outputs")
 
-    def carries_visual(self, kw):
-        return kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None
-
     def merge(self, kw, input_ids, embeds):
         tiles = _tile_features(self.model.model, kw)
         slots = input_ids == self.model.config.image_token_id
@@ -49,7 +46,7 @@ def image_runs(slots: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0, 5.17.0, 5.19.0 and 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
+# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _tile_features(inner, kw) -> list:
     """Per tile, its [n, H] projected features, tiles in order (``generate`` in 5.19 and later
     passes them precomputed).  The feature layer and strategy default to the config's, as the

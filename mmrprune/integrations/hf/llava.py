@@ -23,9 +23,6 @@ class Llava(Family):
         super().__init__(model, **options)
         self._attn_store: Optional[list] = None     # set when importance="cls" records attention
 
-    def carries_visual(self, kw):
-        return kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None
-
     def merge(self, kw, input_ids, embeds):
         feats = _image_features(self.model.model, kw, attentions=self._attn_store is not None)
         slots = input_ids == self.model.config.image_token_id

@@ -33,9 +33,6 @@ class LlavaNext(Family):
     # forward arguments, besides the common ones, that reach get_image_features
     image_keys: tuple = ()
 
-    def carries_visual(self, kw):
-        return kw.get("pixel_values") is not None or versions.encoder_output(kw, "image") is not None
-
     def merge(self, kw, input_ids, embeds):
         inner = self.model.model
         feats = _image_features(inner, kw, {key: kw.get(key) for key in self.image_keys})

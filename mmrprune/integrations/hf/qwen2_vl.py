@@ -9,7 +9,7 @@ import inspect
 import torch
 
 from . import versions
-from .family import Family, Visual, merge_unit_maps, scatter_features, units_from_counts
+from .family import Family, Visual, given, merge_unit_maps, scatter_features, units_from_counts
 
 
 class Qwen2VL(Family):
@@ -84,13 +84,6 @@ class Qwen2VL(Family):
 
 # ----------------------------------------------------------------------------- version-dependent calls
 # Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
-def given(kw, modality: str) -> bool:
-    """Whether the call brings images (or videos): pixels, or ``generate``'s precomputed
-    encoder output (5.19 and later)."""
-    key = "pixel_values" if modality == "image" else "pixel_values_videos"
-    return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
-
-
 def encoder_output(inner, kw, modality: str):
     """What the Qwen vision tower returns for the images (or videos) of the call: ``generate``'s
     precomputed output (5.19 and later), else ``get_image_features`` / ``get_video_features``
