@@ -2,9 +2,13 @@
 
 ``backend_device`` runs a test once per (backend, device) pair this machine can
 run: on CPU every registered backend that is available and takes CPU tensors
-(the C++ ``cpu`` backend joins automatically once built), and on a CUDA machine
-every available backend that takes CUDA tensors (except the NumPy reference,
-which is checked on CPU).
+(the C++ ``cpu`` backend included), and on a CUDA machine every available
+backend that takes CUDA tensors (except the NumPy reference, which is checked
+on CPU).
+
+The tests import the installed ``mmrprune`` wherever pytest runs from, and a
+session whose ``mmrprune`` lacks the compiled CPU backend stops with how to
+build it (``tested_package``; ``MMRPRUNE_TEST_WITHOUT_BUILD=1`` opts out).
 """
 from __future__ import annotations
 
@@ -20,7 +24,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tested_package  # noqa: E402
+
+_SHADOW_NOTE = tested_package.prefer_installed()   # before anything imports mmrprune
+
 import certify  # noqa: E402
+import mmrprune  # noqa: E402
 from mmrprune import dispatch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -39,6 +48,22 @@ def pytest_configure(config):
     fd = os.dup(2)
     config.stash[_EMU_REPORT_FD] = fd
     os.environ[EMU_REPORT_VAR] = f"{fd}:{os.getpid()}"
+
+
+def pytest_report_header(config):
+    where = os.path.dirname(os.path.abspath(mmrprune.__file__))
+    lines = [f"mmrprune under test: {where}"]
+    if _SHADOW_NOTE:
+        lines.append(f"  ({_SHADOW_NOTE})")
+    return lines
+
+
+def pytest_sessionstart(session):
+    """The tests test what is built: a missing compiled CPU backend stops the session (with
+    how to build it) instead of skipping its tests in silence."""
+    why = tested_package.missing_build(mmrprune.info())
+    if why:
+        pytest.exit(why, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_unconfigure(config):

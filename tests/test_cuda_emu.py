@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import tested_package
 import torch
 
 import certify
@@ -221,7 +223,7 @@ def test_abort_reason_reaches_the_pytest_report(tmp_path, capture):
                     "    os.environ['CUDA_EMU_SCHED'] = 'no-such-order'\n"
                     "    mmrprune.select(torch.randn(16, 8), None, k=2, backend='cuda_emu')\n")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(here), here,
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (tested_package.package_parent(), here,
                                                                   os.environ.get("PYTHONPATH")) if p))
     env.pop("CUDA_EMU_SCHED", None)
     # -p conftest loads this suite's conftest.py (whose pytest_configure is under test) as a plugin

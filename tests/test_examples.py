@@ -5,12 +5,14 @@ import sys
 
 import pytest
 
+import tested_package
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_prune_tiny_llava_example_runs():
     pytest.importorskip("transformers", reason='needs transformers: pip install ".[hf]"')
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")  # this checkout's mmrprune
+    env = dict(os.environ, PYTHONPATH=tested_package.package_parent(), OMP_NUM_THREADS="1")  # the mmrprune under test
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "prune_tiny_llava.py")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import tested_package
 import torch
 
 import mmrprune
@@ -345,7 +347,7 @@ def measured_peaks():
     cases = {name: c for name, c in _PEAK_CASES.items() if dispatch.status(c["backend"])[0]}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+               PYTHONPATH=os.pathsep.join(p for p in (tested_package.package_parent(), os.environ.get("PYTHONPATH")) if p))
     res = subprocess.run([sys.executable, "-c", _PEAK_CHILD, json.dumps(cases)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -503,9 +505,8 @@ def test_requires_grad_under_the_triton_interpreter():
     interpreter takes 2-4 s a case."""
     pytest.importorskip("triton")
     here = os.path.abspath(__file__)
-    root = os.path.dirname(os.path.dirname(here))
     env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+               PYTHONPATH=os.pathsep.join(p for p in (tested_package.package_parent(), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here,
                            "-k", "require_grad and triton and (float32 or float64 or varlen)"],
                           cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)

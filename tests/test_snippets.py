@@ -38,6 +38,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+import tested_package
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 PYTHON, SHELL, NOT_CODE = ("python", "py"), ("bash", "sh", "shell"), ("text", "json", "csv", "diff", "")
@@ -239,7 +241,7 @@ def run_shell(block, tmp_path):
                          ("mmrprune-bench", f'exec "{sys.executable}" -m mmrprune.bench "$@"')):
         (bin_dir / name).write_text(f"#!/bin/sh\n{target}\n")
         (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=REPO,
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=tested_package.package_parent(),
                OMP_NUM_THREADS="1")
     return subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import tested_package
 import torch
 
 import certify as C
@@ -33,9 +35,8 @@ inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 sub
 def test_interpreter_suite():
     pytest.importorskip("triton")
     here = os.path.abspath(__file__)
-    # the subprocess runs in tests/: put this checkout first, or an installed mmrprune would be tested
-    root = os.path.dirname(os.path.dirname(here))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    # the subprocess runs in tests/: put the mmrprune under test first, not another installed one
+    path = os.pathsep.join(p for p in (tested_package.package_parent(), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, TRITON_INTERPRET="1", MMRPRUNE_INTERPRET_INNER="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-o", "python_functions=inner_*", here],
