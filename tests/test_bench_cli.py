@@ -254,7 +254,9 @@ def test_speed_data_file_benchmarks_user_tokens(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arrays,message", [
-    ({"tokens": np.zeros((1, 4, 2), np.float32)}, "no array 'features'"),
+    ({"tokens": np.zeros((1, 4, 2), np.float32), "w": np.zeros((1, 4))},
+     "no array named 'features': found 'tokens' (float32 [1, 4, 2]), 'w' (float64 [1, 4]); --data reads"),
+    ({"tokens": np.zeros((4, 2), np.float32)}, "'tokens' (the file's only array, read as the features) must be"),
     ({"features": np.zeros((4, 2), np.float32)}, "'features' must be a float array [B, N, D]"),
     ({"features": np.zeros((1, 4, 2), np.int32)}, "'features' must be a float array"),
     ({"features": np.zeros((2, 4, 2), np.float32), "importance": np.zeros((2, 5))}, "'importance' must be"),
@@ -267,6 +269,19 @@ def test_speed_data_file_errors_name_the_array(tmp_path, capsys, arrays, message
         cli.main(["--data", data, "--backend", "torch", "--quiet"])
     err = capsys.readouterr().err
     assert message in err and data in err, err
+
+
+@pytest.mark.parametrize("name", ["arr_0", "feats"])
+def test_speed_data_file_with_one_array_of_another_name(tmp_path, capsys, name):
+    """np.savez(path, x) names its array arr_0; a file of one array can only hold the features."""
+    path = tmp_path / "tokens.npz"
+    x = np.random.default_rng(0).standard_normal((2, 30, 8)).astype(np.float32)
+    np.savez(path, x) if name == "arr_0" else np.savez(path, **{name: x})
+    rc, out, err = _data_run(path, capsys)
+    assert rc == 0, err
+    assert f"its only array, '{name}', read as the features" in err
+    from mmrprune.bench.token_file import read_token_file
+    assert read_token_file(str(path)).features.shape == (2, 30, 8)
 
 
 def _data_run(path, capsys, *extra):

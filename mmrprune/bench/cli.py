@@ -226,6 +226,9 @@ def _speed(args, argv, parser) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if args.data:
+        if tokens.features_from != "features":
+            print(f"--data {args.data}: its only array, '{tokens.features_from}', read as the features",
+                  file=sys.stderr)
         if tokens.ignored:
             print(f"warning: --data {args.data}: ignoring array(s) {tokens.ignored}; accepted: {ACCEPTED_TEXT}",
                   file=sys.stderr)

@@ -37,6 +37,7 @@ class TokenFile:
     importance: Optional[np.ndarray]     # [B, N] or None
     lengths: Optional[np.ndarray]        # [B] int64 or None
     ignored: list = field(default_factory=list)   # names of arrays that are not in ACCEPTED
+    features_from: str = "features"      # the array read as features: another name when it is the only one
 
 
 def _memory_bytes() -> Optional[int]:
@@ -78,14 +79,14 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, fail) -> tuple:
     return shape, dtype
 
 
-def _check_shapes(headers: dict, fail) -> None:
+def _check_shapes(headers: dict, fail, label: str = "'features'") -> None:
     if "features" not in headers:
         fail(f"no array 'features' (found {sorted(headers) or 'no arrays'}); accepted: {ACCEPTED_TEXT}")
     shape, dtype = headers["features"]
     if len(shape) != 3 or min(shape) < 1 or dtype.kind != "f":
-        fail(f"'features' must be a float array [B, N, D] with B, N, D >= 1, got {dtype} {list(shape)}")
+        fail(f"{label} must be a float array [B, N, D] with B, N, D >= 1, got {dtype} {list(shape)}")
     if dtype.itemsize not in FEATURE_ITEMSIZES:
-        fail(f"'features' is {dtype.name} ({dtype.itemsize} bytes per value), which torch cannot hold; "
+        fail(f"{label} is {dtype.name} ({dtype.itemsize} bytes per value), which torch cannot hold; "
              f"convert it to float16, float32 or float64")
     b, n, _ = shape
     if "importance" in headers:
@@ -138,8 +139,20 @@ def read_token_file(path: str) -> TokenFile:
         if stray:
             fail(f"archive member(s) {stray} are not .npy arrays; an .npz holds only name.npy members ({HOW_TO_SAVE})")
         by_name = {m.filename[:-4]: m for m in members}
+        features_from = "features"
+        if "features" not in by_name:
+            if len(by_name) == 1:
+                # one array, whatever its name (np.savez(path, x) calls it arr_0): it can only be the tokens
+                features_from = next(iter(by_name))
+                by_name = {"features": by_name[features_from]}
+            else:
+                found = ", ".join(f"'{name}' ({dtype} {list(shape)})" for name, (shape, dtype)
+                                  in ((name, _header(zf, m, fail)) for name, m in by_name.items()))
+                fail(f"no array named 'features': found {found or 'no arrays'}; --data reads the arrays "
+                     f"named {ACCEPTED_TEXT}: {HOW_TO_SAVE}")
         headers = {name: _header(zf, m, fail) for name, m in by_name.items() if name in ACCEPTED}
-        _check_shapes(headers, fail)
+        _check_shapes(headers, fail, "'features'" if features_from == "features" else
+                      f"'{features_from}' (the file's only array, read as the features)")
         arrays = {name: _read(zf, by_name[name], fail) for name in headers}
     lengths = arrays.get("lengths")
     if lengths is not None:
@@ -148,4 +161,4 @@ def read_token_file(path: str) -> TokenFile:
             fail(f"'lengths' must lie in 0 .. N = {n}, got {lengths.tolist()}")
         lengths = lengths.astype(np.int64)
     return TokenFile(arrays["features"], arrays.get("importance"), lengths,
-                     sorted(name for name in by_name if name not in ACCEPTED))
+                     sorted(name for name in by_name if name not in ACCEPTED), features_from)
