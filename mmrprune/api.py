@@ -5,7 +5,6 @@ Inputs are never modified.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from . import dispatch, workspace
 from .reference import DEFAULT_LAM, LAM_METHODS, METHODS
-from .validation import Request, check_flag, validate
+from .validation import Request, check_flag, validate, warn_lam_ignored
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -40,8 +39,7 @@ def _lam(lam, method):
     if lam is None:
         return DEFAULT_LAM
     if method in METHODS and method not in LAM_METHODS:
-        warnings.warn(f"lam={lam!r} is ignored by method={method!r}: only {' and '.join(LAM_METHODS)} use lam",
-                      UserWarning, stacklevel=3)
+        warn_lam_ignored(lam, method, stacklevel=3)
     return lam
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .batch import SelectionBatch
-from .reference import D2PRUNER_DEFAULTS, METHODS, budget
+from .reference import D2PRUNER_DEFAULTS, LAM_METHODS, METHODS, budget
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -78,6 +78,26 @@ def check_lam(lam) -> float:
     return lam
 
 
+_LAM_WARNED: set = set()   # call sites already told that their lam is ignored
+
+
+def warn_lam_ignored(lam, method: str, stacklevel: int) -> None:
+    """Warn that ``method`` ignores ``lam``, once per call site (the caller ``stacklevel``
+    frames up): a loop or a test suite calling from one line would otherwise repeat it on every
+    call and bury other warnings, and the default warning filter's own once-per-line memory is
+    reset by every ``warnings.catch_warnings`` block (pytest opens one per test)."""
+    import sys
+    import warnings
+
+    frame = sys._getframe(stacklevel)
+    site = (frame.f_code.co_filename, frame.f_lineno)
+    if site in _LAM_WARNED:
+        return
+    _LAM_WARNED.add(site)
+    warnings.warn(f"lam={lam!r} is ignored by method={method!r}: only {' and '.join(LAM_METHODS)} use lam "
+                  f"(said once per call site)", UserWarning, stacklevel=stacklevel + 1)
+
+
 def check_flag(value, name: str) -> bool:
     """An on/off argument (``check_finite``, ``return_stats``): ``True``/``False`` or a NumPy
     bool, as a Python bool.  Nothing else: ``"no"`` or ``1`` would be a guess at what was meant."""
@@ -120,12 +140,41 @@ def check_budget(k, keep_ratio) -> tuple[int | None, float | None]:
     return None, r
 
 
+def _call_keywords() -> set:
+    """The keyword arguments of the public calls (``lam``, ``keep_ratio``, ...): a misspelt one
+    lands in ``**method_params``.  Read from the signatures, so the list never goes stale."""
+    import inspect
+
+    from . import api
+    return {name for fn in (api.select, api.select_varlen)
+            for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def _did_you_mean(unknown: list, method: str) -> str:
+    """``"; did you mean lam= (for lamda=)?"``: the near names among the call's own keywords and
+    this method's parameters, and which other method takes a parameter given to the wrong one."""
+    import difflib
+    known = _call_keywords() | set(METHOD_PARAMS[method])
+    near, elsewhere = [], []
+    for name in unknown:
+        owners = [m for m, p in METHOD_PARAMS.items() if name in p]
+        if owners:
+            elsewhere.append(f"{name}= belongs to method {' and '.join(map(repr, owners))}")
+            continue
+        match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        if match:
+            near.append(f"{match[0]}= (for {name}=)")
+    return (f"; did you mean {' and '.join(near)}?" if near else "") + \
+        "".join(f"; {e}" for e in elsewhere)
+
+
 def check_method_params(method: str, params: dict) -> dict:
     allowed = METHOD_PARAMS[method]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        hint = f"it takes {sorted(allowed)}" if allowed else "it takes none"
-        raise TypeError(f"method {method!r} got unexpected parameter(s) {unknown}; {hint}")
+        hint = f"it takes {sorted(allowed)}" if allowed else "it takes none of its own"
+        raise TypeError(f"method {method!r} got unexpected parameter(s) {unknown}; {hint}"
+                        f"{_did_you_mean(unknown, method)}")
     merged = {**allowed, **params}
     if method == "d2pruner":
         for name in ("pivot_ratio", "alpha"):
@@ -366,8 +415,9 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
     method = check_method(method)
     order = check_order(order)
     lam = check_lam(lam)
-    k, keep_ratio = check_budget(k, keep_ratio)
+    # unknown names first: a misspelt keep_ratio= would otherwise read as "no budget given"
     params = check_method_params(method, dict(method_params or {}))
+    k, keep_ratio = check_budget(k, keep_ratio)
     check_finite = check_flag(check_finite, "check_finite")
 
     packed = cu_seqlens is not None

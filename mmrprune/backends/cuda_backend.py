@@ -501,9 +501,13 @@ def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, d
 def _gpu_ready() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, ""
-    return False, (f"torch.cuda is not available (torch {torch.__version__}, "
-                   f"built with CUDA {torch.version.cuda}); the extension is built: run on a machine with a CUDA GPU "
-                   "and a CUDA build of torch")
+    if torch.version.cuda is None:
+        return False, (f"torch.cuda is not available (torch {torch.__version__} is a CPU-only build); the "
+                       "extension is built: run on a machine with a CUDA GPU and a CUDA build of torch")
+    # a CUDA build that sees no GPU: the torch build is right, the device or its driver is not
+    return False, (f"torch.cuda is not available (torch {torch.__version__}, built with CUDA {torch.version.cuda}, "
+                   "finds no GPU); the extension is built: run on a machine with a CUDA GPU, its driver loaded "
+                   "(nvidia-smi lists it) and the GPU visible (CUDA_VISIBLE_DEVICES)")
 
 
 KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready,
