@@ -3,7 +3,7 @@
 # nvcc is found, CUDA) extensions, editable install, and the `mmrprune-bench`
 # command on PATH.
 #
-# Installs with pip what is missing: torch (torch==2.13.0 when absent), numpy,
+# Installs with pip what is missing: torch (pinned, CPU-only, when absent), numpy,
 # pybind11, ninja, pytest, pytest-benchmark, setuptools, wheel, triton, then the
 # optional matplotlib (plots) and transformers (the HF integration and its tests).
 # Nothing else: the data of `mmrprune-bench downstream` is a separate, opt-in step,
@@ -21,8 +21,8 @@
 #
 # Works offline when the dependencies are already installed (the GPU machines
 # have torch/triton/pybind11/ninja/pytest preinstalled and no network).
-# Never installs an unpinned torch: on a CPU-only machine the local CPU wheel
-# torch==2.13.0 is taken. Needs a C++17 compiler (g++, or $CXX).
+# Never installs an unpinned torch: an absent torch is $TORCH_PIN from PyTorch's CPU index
+# ($MMRPRUNE_TORCH_INDEX overrides it, e.g. with a CUDA index). Needs a C++17 compiler (g++, or $CXX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -67,9 +67,14 @@ ensure() {
 # find_spec looks a package up without importing it (importing torch takes seconds)
 has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 
+# A plain pin resolves pip's default torch, the CUDA build on Linux x86-64 (with ~20 nvidia-*
+# packages): the CPU-only one comes from PyTorch's CPU index. Install torch yourself first for
+# another build; a present torch is never touched.
+TORCH_PIN=torch==2.13.0
+TORCH_INDEX=${MMRPRUNE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 if ! has torch; then
-  echo "[setup] installing torch==2.13.0 (CPU wheel)"
-  $PIP torch==2.13.0
+  echo "[setup] installing $TORCH_PIN from $TORCH_INDEX"
+  $PIP "$TORCH_PIN" --index-url "$TORCH_INDEX"
 fi
 # build + test requirements (already satisfied offline on the GPU machines)
 ensure numpy pybind11 ninja pytest pytest-benchmark "setuptools>=64" wheel

