@@ -817,13 +817,45 @@ void select_image(const SelectArgs& a, int64_t b, Workspace<T>& ws, DotsFn<T> do
   }
 }
 
+// Threads chosen by size.  A second thread pays for itself only on enough work: below
+// that, waking it and waiting for it costs more than it saves, and on a busy machine the
+// wait is for the scheduler to run it at all -- milliseconds for a call whose work takes
+// a fraction of one.  Work is counted as sum_b n_b * k_b * D (the dot products of the
+// plain greedy; top-k: n_b * D), and a call gets one thread per WORK_PER_THREAD of it,
+// up to num_threads.  The value comes from the size sweep in bench/threads_small.py.
+// Spare threads beyond one per image form a crew that meets at every greedy step (k
+// meetings per image, each a scheduler wait when the machine is busy), so a crew also
+// needs CREW_STEP_WORK of one step's work, n_b * D, in the largest image.
+// MMRPRUNE_CPU_WORK_PER_THREAD overrides WORK_PER_THREAD (0: always num_threads, both
+// limits off, which the tests use to run every thread layout on small inputs).
+constexpr double WORK_PER_THREAD = 4e6;
+constexpr double CREW_STEP_WORK = 2e6;
+
+int threads_for(const SelectArgs& a) {
+  double per = WORK_PER_THREAD;
+  if (const char* env = std::getenv("MMRPRUNE_CPU_WORK_PER_THREAD")) per = std::strtod(env, nullptr);
+  if (!(per > 0.0) || a.num_threads <= 1) return std::max(a.num_threads, 1);
+  double work = 0.0;
+  for (int64_t b = 0; b < a.batch; ++b)
+    work += (double)a.lengths[b] * (a.method == Method::TOPK ? 1.0 : (double)std::max<int64_t>(a.ks[b], 1)) *
+            (double)a.dim;
+  int threads = (int)std::min<double>(a.num_threads, std::max(1.0, std::floor(work / per)));
+  if (threads > a.batch) {
+    int64_t widest = 0;
+    for (int64_t b = 0; b < a.batch; ++b) widest = std::max(widest, a.lengths[b]);
+    if ((double)widest * (double)a.dim < CREW_STEP_WORK) threads = (int)std::max<int64_t>(1, a.batch);
+  }
+  return threads;
+}
+
 template <class T>
 void run_batch(const SelectArgs& a, DotsFn<T> dots, GramFn<T> gram) {
   const int64_t B = a.batch;
-  // images over up to num_threads callers; fewer images than threads: the spare
+  const int threads = threads_for(a);
+  // images over up to `threads` callers; fewer images than threads: the spare
   // threads are the callers' crews
-  const int callers = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B));
-  const int per_caller = (int)std::max<int64_t>(1, a.num_threads / std::max<int64_t>(B, 1));
+  const int callers = (int)std::max<int64_t>(1, std::min<int64_t>(threads, B));
+  const int per_caller = (int)std::max<int64_t>(1, threads / std::max<int64_t>(B, 1));
   std::atomic<int64_t> next{0};
   run_crews(callers, per_caller, [&](SpinCrew& crew) {
     Workspace<T> ws;
