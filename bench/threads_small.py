@@ -4,18 +4,19 @@ average around each measurement.  ``call`` is ``kernel`` (the C++ call alone, on
 rows: what the thread choice governs) or ``select`` (the public call, whose input checks and
 preparation are torch ops on torch's own threads).
 
-    python bench/threads_small.py --out bench-out/threads.json [--repeats 30] [--label quiet]
+    python bench/threads_small.py --label quiet|loaded [--repeats 30] [--out PATH | --update-committed]
 
 Writes a list of flat records (bench/results/README.md); ``mode`` is ``1`` / ``2-always`` /
-``2-by-size``.  Run it once on a quiet machine and once beside other busy processes.
+``2-by-size``.  Run it once on a quiet machine and once beside other busy processes; each
+record keeps the 1-minute load average before and after its measurement.  The file goes to
+bench-out/threads_small-<date>-<time>/ unless --out is given; --update-committed (from the
+repository root) rewrites bench/results/cpu_threads_small_<label>.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
+import sys
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 import mmrprune
 from mmrprune import ops
+from mmrprune.bench.records import add_output_arguments, environment, output_file, write_json
 
 ENV = "MMRPRUNE_CPU_WORK_PER_THREAD"
 # (B, N, D, k): the issue's small call, a sweep around the threshold, and the large B = 1 shape
@@ -52,13 +54,15 @@ def _time(fn, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--label", default="", help="e.g. quiet, loaded: kept in every record")
+    p.add_argument("--label", required=True, choices=("quiet", "loaded"), help="the machine's state, kept in every record")
+    add_output_arguments(p, "threads_small", "the JSON records", "bench/results/cpu_threads_small_<label>.json")
     args = p.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    command = "python bench/threads_small.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    out = output_file("threads_small", args.out, args.update_committed,
+                      f"bench/results/cpu_threads_small_{args.label}.json", p.error)
+    given = sys.argv[1:] if argv is None else list(argv)
+    common = dict(environment("cpu", given), command=" ".join(["python bench/threads_small.py"] + given))
     records = []
     for b, n, d, k in SHAPES:
         rng = np.random.default_rng(0)
@@ -74,20 +78,18 @@ def main(argv=None):
             load0 = os.getloadavg()[0]
             t = _time(fn, repeats)
             load1 = os.getloadavg()[0]
-            rec = dict(device=f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)",
-                       backend="cpu", call=call, method="mmr", batch=b, tokens=n, dim=d, k=k, lam=0.5, dtype="float32",
+            rec = dict(common, backend="cpu", call=call, method="mmr", batch=b, tokens=n, dim=d, k=k, lam=0.5, dtype="float32",
                        mode=mode, threads=threads, median_ms=float(np.median(t)),
                        p20_ms=float(np.percentile(t, 20)), p80_ms=float(np.percentile(t, 80)),
                        max_ms=float(t.max()), repeats=repeats, us_per_step=float(np.median(t)) * 1e3 / k,
                        load_1min=[round(load0, 2), round(load1, 2)], label=args.label,
-                       work=b * n * k * d, commit=commit, torch=torch.__version__, triton=None, command=command)
+                       work=b * n * k * d)
             records.append(rec)
             print(f"{b}x{n}x{d} k={k:<4} {call:<6} {mode:<10} median {rec['median_ms']:8.3f} ms  max {rec['max_ms']:8.3f} ms"
                   f"  load {load0:.2f}-{load1:.2f}", flush=True)
         os.environ.pop(ENV, None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(out, records)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
