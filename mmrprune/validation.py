@@ -141,13 +141,18 @@ def check_budget(k, keep_ratio) -> tuple[int | None, float | None]:
 
 
 def _call_keywords() -> set:
-    """The keyword arguments of the public calls (``lam``, ``keep_ratio``, ...): a misspelt one
-    lands in ``**method_params``.  Read from the signatures, so the list never goes stale."""
-    import inspect
-
-    from . import api
-    return {name for fn in (api.select, api.select_varlen)
-            for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    """The keyword-only arguments (``lam``, ``keep_ratio``, ...) of the public call being
+    validated, where a misspelt one lands in ``**method_params``: read from that call's frame
+    on the stack (the innermost ``mmrprune.api`` function), since this lower layer may not import
+    the API, and a copied list would go stale."""
+    import sys
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") != "mmrprune.api":
+        frame = frame.f_back
+    if frame is None:
+        return set()
+    code = frame.f_code
+    return set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount])
 
 
 def _did_you_mean(unknown: list, method: str) -> str:
