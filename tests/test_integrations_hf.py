@@ -68,7 +68,7 @@ def _select_error(**kwargs):
 @pytest.mark.parametrize("kwargs", [dict(k=0), dict(keep_ratio=1.5), dict(k=2, keep_ratio=0.5), dict(k=2.5),
                                     dict(k=2, method="foo"), dict(k=2, backend="cuda"), dict(k=2, backend="gpu"),
                                     dict(k=2, lam=3), dict(k=2, lam="0.5"), dict(k=2, foo=1),
-                                    dict(k=2, method="d2pruner", alpha=0.5), dict(k=2, method="d2pruner", tau=None)],
+                                    dict(k=2, method="d2pruner", tau=None)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_enable_checks_every_argument_with_selects_messages(llava, kwargs):
     want = _select_error(**kwargs)
@@ -528,3 +528,50 @@ def test_qwen_needs_mm_token_type_ids_where_the_model_does(qwen):
         with torch.no_grad(), prune_visual_tokens(qwen, k=2):
             qwen(**batch)
     assert (batch["input_ids"] == QWEN_IMAGE).any()
+
+
+# ----------------------------------------------------------------------------- one spec, its messages
+def test_a_video_budget_alone_prunes_only_videos(qwen25):
+    """video_keep_ratio alone (no image budget) is accepted: every image token stays and each
+    video keeps its budget; the prefill still equals the masked unpruned forward."""
+    batch = qwen_video_batch(qwen25, seed=12)
+    ids = batch["input_ids"]
+    got = check_pruned_prefill(qwen25, batch, VIDEO_SPEC, video_keep_ratio=0.25)
+    assert _kept_per_unit(got.pruner.last) == [2, 6, 3, 3]
+    assert bool(got.keep[ids == QWEN_IMAGE].all())
+
+
+def test_d2pruner_takes_each_images_grid_from_the_model(qwen):
+    """Qwen images of 8x8, 4x6 and 6x4 patches (4x4, 2x3, 3x2 merged tokens): d2pruner's spatial
+    term gets each image's own (h, w), read off its M-RoPE positions; the kept indices are what
+    select_varlen gives each image with its grid."""
+    batch = QWEN2_VL.batch(qwen)
+    params = dict(method="d2pruner", alpha=0.5, radius=1)
+    got = check_pruned_prefill(qwen, batch, QWEN2_VL, k=3, **params)
+    last = got.pruner.last
+    packed = got.unpruned_call[1]["inputs_embeds"][batch["input_ids"] == QWEN_IMAGE]
+    want = []
+    cu = last["cu_seqlens"]
+    for b, grid in enumerate([(4, 4), (2, 3), (3, 2)]):
+        f = packed[cu[b]:cu[b + 1]]
+        idx, _ = mmrprune.select_varlen(f, imp.token_norm(f), torch.tensor([0, f.shape[0]]), k=3, grid=grid,
+                                        **params)
+        want.append(idx + cu[b])
+    assert torch.equal(last["kept_indices"], torch.cat(want))
+    with pytest.raises(ValueError, match="llava_next images do not have as one grid"):
+        from hf_families import LLAVA_NEXT
+        enable_visual_token_pruning(LLAVA_NEXT.build(), k=3, **params)
+
+
+def test_a_stray_position_bias_or_lam_warns_once_at_the_users_line(llava):
+    for enable in (enable_visual_token_pruning, prune_visual_tokens):
+        with pytest.warns(UserWarning) as record:
+            p = enable(llava, k=2, importance="norm", position_bias=torch.ones(16), method="dpp", lam=0.4)
+            p = p.__enter__() if enable is prune_visual_tokens else p
+            with torch.no_grad():
+                llava(**LLAVA.batch(llava))
+            p.remove()
+        texts = sorted(str(r.message) for r in record)
+        assert texts == ["lam=0.4 is ignored by method='dpp': only mmr and hybrid use lam",
+                         "position_bias is ignored by importance='norm': only importance='debiased_cls' reads it"]
+        assert all(r.filename == __file__ for r in record), [r.filename for r in record]

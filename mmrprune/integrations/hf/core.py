@@ -29,10 +29,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ... import dispatch
-from ...api import select_varlen
-from ..selection import select_by_group
-from ...validation import check_budget, check_lam, check_method, check_method_params
+from .. import selection
 from . import importance as imp
 from . import versions
 from .families import family_of
@@ -113,6 +110,7 @@ class _Units:
 class VisualTokenPruner:
     """Handle returned by :func:`enable_visual_token_pruning`; ``remove()`` restores the model.
 
+    ``spec`` holds the validated budgets and selector (:class:`..selection.Spec`).
     ``last`` describes the latest pruned prefill: ``orig_len`` / ``pruned_len``
     (sequence lengths), ``visual_before`` / ``visual_after`` (visual tokens),
     ``kept_indices`` (flat indices into the packed image features, as returned by
@@ -121,17 +119,10 @@ class VisualTokenPruner:
     """
     model: Any
     family: str
-    k: Optional[int]
-    keep_ratio: Optional[float]
-    method: str
-    lam: Optional[float]
+    spec: selection.Spec
     importance: Any
-    backend: str
     text_reduce: str
     position_bias: Optional[torch.Tensor]
-    method_params: dict
-    video_k: Optional[int] = None
-    video_keep_ratio: Optional[float] = None
     video_unit: Optional[str] = None
     last: Optional[dict] = None
     adapter: Optional[Family] = None
@@ -207,7 +198,7 @@ class VisualTokenPruner:
             raise ValueError(f"prune_visual_tokens: position_ids of shape {tuple(positions.shape)} do not match "
                              f"input_ids {tuple(input_ids.shape)}")
         units = _Units.of(visual)
-        idx, cu, cu_k = self._select(kw, am, visual, units)
+        idx, cu, cu_k = self._select(kw, am, visual, units, positions)
         keep = visual.units < 0
         keep[units.slots[idx, 0], units.slots[idx, 1]] = True
         keep &= am != 0
@@ -233,23 +224,21 @@ class VisualTokenPruner:
                          right_padded=cols.right_padded)
         return self.adapter.pruned_call(kw, pruned)
 
-    def _select(self, kw, am, visual: Visual, units: _Units):
+    def _select(self, kw, am, visual: Visual, units: _Units, positions: torch.Tensor):
         """``(kept_indices, cu_seqlens, cu_k)``: flat indices into the packed tokens (on the
         input's device), the unit offsets (CPU) and the kept offsets (CPU).  Image units take
-        the image budget and video units the video budget: one selection call per kind."""
-        cu = torch.zeros(len(units.counts) + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(torch.tensor(units.counts, dtype=torch.int64), 0)
+        the image budget and video units the video budget."""
+        cu = selection.offsets(units.counts)
         w = imp.compute(self, kw, am, visual, units.packed, units.counts, units.rows)
         is_video = visual.video_units
         kinds = [False] * len(units.counts) if is_video is None else is_video.tolist()
-        budgets = {False: (self.k, self.keep_ratio), True: (self.video_k, self.video_keep_ratio)}
-        idx, cu_k = select_by_group(units.packed, w, units.counts, kinds,
-                                    lambda f, w_, cu_, video: self._select_units(f, w_, cu_, *budgets[video]))
+        grids = None
+        if self.spec.selector.needs_grid:
+            pos = positions if positions.ndim == 3 else positions[None]
+            grids = self.adapter.grids(units.counts, pos[:, units.slots[:, 0], units.slots[:, 1]])
+        idx, cu_k = selection.select_items(units.packed, units.counts, [self.spec.budget(v) for v in kinds],
+                                           self.spec.selector, grids, w=w)
         return idx.to(units.slots.device), cu, cu_k
-
-    def _select_units(self, packed, w, cu, k, keep_ratio):
-        return select_varlen(packed, w, cu.to(packed.device), k=k, keep_ratio=keep_ratio, lam=self.lam,
-                             method=self.method, backend=self.backend, **self.method_params)
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict, past_len: int, st: _DecodeState) -> dict:
@@ -301,12 +290,14 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
             Gemma 3, InternVL, Qwen3-VL or Qwen3-VL-MoE (the ``...ForConditionalGeneration`` classes), on a
             transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
-        keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
+        keep_ratio / k: at most one; the budget of each image (see :func:`mmrprune.select`).
+            Neither: images are merged unpruned (a video budget must then be given).
         video_k / video_keep_ratio: at most one; the budget of each video (``video_unit=
             "video"``: one selection over all its frames) or of each frame of it
             (``video_unit="frame"``).  Neither: videos are merged unpruned.  Families that
             prune videos: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (docs/integrations.md).
-        method, lam, backend, **method_params: as :func:`mmrprune.select`.
+        method, lam, backend, **method_params: as :func:`mmrprune.select`; ``d2pruner``'s
+            ``grid`` is each image's own patch grid, taken from the model.
         importance: where the raw importance ``w`` comes from:
 
             * ``"norm"`` (default): L2 norm of each projected visual token;
@@ -323,17 +314,26 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
               ``context`` holding ``input_ids``, ``attention_mask``, ``image_rows``,
               ``inputs_embeds`` and ``model``.
     """
+    return _enable(model, 2, keep_ratio=keep_ratio, k=k, method=method, lam=lam, importance=importance,
+                   backend=backend, text_reduce=text_reduce, position_bias=position_bias, video_k=video_k,
+                   video_keep_ratio=video_keep_ratio, video_unit=video_unit, **method_params)
+
+
+def _enable(model, stacklevel, *, keep_ratio, k, method, lam, importance, backend, text_reduce, position_bias,
+            video_k, video_keep_ratio, video_unit, **method_params) -> VisualTokenPruner:
+    """:func:`enable_visual_token_pruning`; its warnings name the user's line, ``stacklevel`` frames above
+    the caller of this function (as :func:`warnings.warn` counts)."""
     fam = family_of(model)
     import transformers
     versions.check(transformers.__version__, fam)
-    k, keep_ratio = check_budget(k, keep_ratio)
-    video_k, video_keep_ratio, video_unit = _check_video_budget(fam, video_k, video_keep_ratio, video_unit)
-    check_method(method)
-    if lam is not None:
-        check_lam(lam)
-    check_method_params(method, dict(method_params))
-    dispatch.resolve(backend, model.get_input_embeddings().weight.device.type, method)
-    importance, position_bias = imp.check(importance, position_bias, text_reduce)
+    importance, position_bias = imp.check(importance, position_bias, text_reduce, stacklevel=stacklevel + 1)
+    spec = selection.spec(k=k, keep_ratio=keep_ratio, video_k=video_k, video_keep_ratio=video_keep_ratio,
+                          method=method, lam=lam, backend=backend, importance=importance, importance_names=imp.NAMES,
+                          device=model.get_input_embeddings().weight.device.type, stacklevel=stacklevel + 1,
+                          **method_params)
+    video_unit = _check_video_budget(fam, spec, video_unit)
+    if spec.selector.needs_grid:
+        fam.check_grids()
     if isinstance(importance, str) and importance in imp.CLS_NAMES and not fam.cls_importance:
         from .families import FAMILIES
         able = ", ".join(f.name for f in FAMILIES if f.cls_importance)
@@ -342,10 +342,8 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
                          "'text', a tensor or a callable")
     if getattr(model, "_mmrprune_pruner", None) is not None:
         raise RuntimeError("prune_visual_tokens: pruning is already enabled on this model")
-    pruner = VisualTokenPruner(model=model, family=fam.name, k=k, keep_ratio=keep_ratio, method=method, lam=lam,
-                               importance=importance, backend=backend, text_reduce=text_reduce,
-                               position_bias=position_bias, method_params=method_params, video_k=video_k,
-                               video_keep_ratio=video_keep_ratio, video_unit=video_unit,
+    pruner = VisualTokenPruner(model=model, family=fam.name, spec=spec, importance=importance,
+                               text_reduce=text_reduce, position_bias=position_bias, video_unit=video_unit,
                                adapter=fam(model, video_unit=video_unit),
                                _sig_params=tuple(inspect.signature(model.forward).parameters))
     handles = []
@@ -363,21 +361,13 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     return pruner
 
 
-def _check_video_budget(fam, video_k, video_keep_ratio, video_unit):
-    """``(video_k, video_keep_ratio, video_unit)`` checked; ``video_unit`` is None when videos
-    stay unpruned."""
+def _check_video_budget(fam, spec: selection.Spec, video_unit):
+    """``video_unit`` checked; None when videos stay unpruned."""
     if video_unit not in Family.VIDEO_UNITS:
         raise ValueError(f"video_unit: expected one of {Family.VIDEO_UNITS} (one budget per video, or per frame), "
                          f"got {video_unit!r}")
-    if video_k is None and video_keep_ratio is None:
-        return None, None, None
-    if video_k is not None and video_keep_ratio is not None:
-        raise ValueError(f"at most one of video_k or video_keep_ratio may be given, got video_k={video_k!r}, "
-                         f"video_keep_ratio={video_keep_ratio!r}")
-    try:
-        video_k, video_keep_ratio = check_budget(video_k, video_keep_ratio)
-    except (TypeError, ValueError) as e:         # the same rules as k / keep_ratio, named as video ones
-        raise type(e)(f"video_{e}") from None
+    if not spec.videos.prunes:
+        return None
     if not fam.videos:
         from .families import FAMILIES
         able = ", ".join(f.name for f in FAMILIES if f.videos) or "none"
@@ -390,7 +380,11 @@ def _check_video_budget(fam, video_k, video_keep_ratio, video_unit):
             raise RuntimeError(f"prune_visual_tokens: {fam.name} videos are not pruned on transformers "
                                f"{transformers.__version__}, whose model cannot run them (video budgets need "
                                f"transformers{fam.videos_transformers}); images are")
-    return video_k, video_keep_ratio, video_unit
+    return video_unit
+
+
+_DEFAULTS = {name: p.default for name, p in inspect.signature(enable_visual_token_pruning).parameters.items()
+             if p.kind is p.KEYWORD_ONLY}
 
 
 @contextlib.contextmanager
@@ -401,7 +395,7 @@ def prune_visual_tokens(model, **kwargs):
             out = model.generate(**inputs)
         print(p.last["orig_len"], "->", p.last["pruned_len"])
     """
-    pruner = enable_visual_token_pruning(model, **kwargs)
+    pruner = _enable(model, 3, **{**_DEFAULTS, **kwargs})
     try:
         yield pruner
     finally:

@@ -130,6 +130,19 @@ class Family:
             return torch.arange(seqlen, device=input_ids.device).expand(bsz, seqlen)
         return pos.expand(bsz, -1) if pos.ndim == 2 else pos
 
+    def grids(self, counts: list, positions: torch.Tensor) -> list:
+        """Each budget unit's ``(h, w)`` patch grid (d2pruner's spatial term), from its token
+        count and the ``[R, T]`` positions of the packed prunable tokens.  A family whose units
+        have a grid overrides this; :meth:`check_grids` then lets ``alpha < 1`` through."""
+        raise AssertionError("unreachable: check_grids refuses the family when pruning is enabled")
+
+    @classmethod
+    def check_grids(cls) -> None:
+        """Refuse, at enable time, d2pruner's spatial term on a family whose units have no grid."""
+        if cls.grids is Family.grids:
+            raise ValueError(f"method='d2pruner' with alpha < 1 reads each image's patch grid, which {cls.name} "
+                             "images do not have as one grid (crops or tiles); use alpha=1.0")
+
     def pruned_call(self, kw: dict, pruned: PrunedPrompt) -> dict:
         """The keyword arguments of the pruned forward call (``kw`` already has its labels
         and ``token_keys`` re-packed)."""
@@ -146,6 +159,19 @@ def given(kw: dict, modality: str) -> bool:
     encoder output (5.19 and later)."""
     key = "pixel_values" if modality == "image" else "pixel_values_videos"
     return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
+
+
+def square_grids(counts: list) -> list:
+    """``(n, n)`` for units of ``n * n`` tokens: an image encoded as one square grid."""
+    out = []
+    for c in counts:
+        side = int(round(c ** 0.5))
+        if side * side != c:
+            raise ValueError(f"prune_visual_tokens: method='d2pruner' with alpha < 1 needs each image's patch grid; "
+                             f"an image of {c} tokens is not a square grid (a [CLS] token kept by "
+                             "vision_feature_select_strategy='full'?); use alpha=1.0")
+        out.append((side, side))
+    return out
 
 
 def scatter_features(embeds: torch.Tensor, slots: torch.Tensor, features: list, what: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ pruned, so two images' blocks never merge.
 from __future__ import annotations
 
 from . import versions
-from .family import Family, Visual, scatter_features, units_from_counts
+from .family import Family, Visual, scatter_features, square_grids, units_from_counts
 
 
 class Gemma3(Family):
@@ -34,6 +34,9 @@ class Gemma3(Family):
         slots = input_ids == self.model.config.image_token_id
         embeds = scatter_features(embeds, slots, feats, "image")
         return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+
+    def grids(self, counts, positions):
+        return square_grids(counts)
 
 
 # ----------------------------------------------------------------------------- version-dependent calls

@@ -9,7 +9,7 @@ import torch
 
 from ... import importance as imp_mod
 from . import versions
-from .family import Family, Visual, scatter_features, units_from_counts
+from .family import Family, Visual, scatter_features, square_grids, units_from_counts
 
 
 class Llava(Family):
@@ -28,6 +28,9 @@ class Llava(Family):
         slots = input_ids == self.model.config.image_token_id
         embeds = scatter_features(embeds, slots, feats, "image")
         return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+
+    def grids(self, counts, positions):
+        return square_grids(counts)
 
     # [CLS] attention: forward hooks on the vision tower's attention modules record the
     # attention probabilities of its latest run (ours, or generate()'s pre-encoding).
