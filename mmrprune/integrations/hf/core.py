@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -320,12 +321,12 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
 
 
 def _enable(model, stacklevel, *, keep_ratio, k, method, lam, importance, backend, text_reduce, position_bias,
-            video_k, video_keep_ratio, video_unit, **method_params) -> VisualTokenPruner:
+            video_k, video_keep_ratio, video_unit, _release_checked=False, **method_params) -> VisualTokenPruner:
     """:func:`enable_visual_token_pruning`; its warnings name the user's line, ``stacklevel`` frames above
     the caller of this function (as :func:`warnings.warn` counts)."""
     fam = family_of(model)
-    import transformers
-    versions.check(transformers.__version__, fam)
+    release = versions.installed()
+    tested = _release_checked or versions.check(release, fam)
     importance, position_bias = imp.check(importance, position_bias, text_reduce, stacklevel=stacklevel + 1)
     spec = selection.spec(k=k, keep_ratio=keep_ratio, video_k=video_k, video_keep_ratio=video_keep_ratio,
                           method=method, lam=lam, backend=backend, importance=importance, importance_names=imp.NAMES,
@@ -342,6 +343,8 @@ def _enable(model, stacklevel, *, keep_ratio, k, method, lam, importance, backen
                          "'text', a tensor or a callable")
     if getattr(model, "_mmrprune_pruner", None) is not None:
         raise RuntimeError("prune_visual_tokens: pruning is already enabled on this model")
+    if not tested:
+        _self_check(model, fam, release, stacklevel + 1)
     pruner = VisualTokenPruner(model=model, family=fam.name, spec=spec, importance=importance,
                                text_reduce=text_reduce, position_bias=position_bias, video_unit=video_unit,
                                adapter=fam(model, video_unit=video_unit),
@@ -374,13 +377,29 @@ def _check_video_budget(fam, spec: selection.Spec, video_unit):
         raise ValueError(f"video_k / video_keep_ratio: {fam.name} models take no videos this integration prunes; "
                          f"families that prune videos: {able}")
     if fam.videos_transformers:
-        import transformers
         from packaging.specifiers import SpecifierSet
-        if transformers.__version__ not in SpecifierSet(fam.videos_transformers):
+        if versions.installed() not in SpecifierSet(fam.videos_transformers):
             raise RuntimeError(f"prune_visual_tokens: {fam.name} videos are not pruned on transformers "
-                               f"{transformers.__version__}, whose model cannot run them (video budgets need "
+                               f"{versions.installed()}, whose model cannot run them (video budgets need "
                                f"transformers{fam.videos_transformers}); images are")
     return video_unit
+
+
+def _self_check(model, fam, installed: str, stacklevel: int) -> None:
+    """A release newer than the window: the self-check on a tiny model of the family, and
+    one warning per model class and release when it passes."""
+    from . import selfcheck
+
+    def enable(tiny, **options):
+        return _enable(tiny, 1, **{**_DEFAULTS, **options, "_release_checked": True})
+
+    seconds = selfcheck.verify(model, fam, installed, enable)
+    if seconds is not None:
+        warnings.warn(f"prune_visual_tokens: transformers {installed} is newer than the releases this integration is "
+                      f"tested on ({versions.specifier()}); its self-check on a tiny {fam.name} model passed "
+                      f"({seconds:.1f} s: pruned prefill against the masked unpruned forward, one cached decode "
+                      "step against the uncached recompute), so pruning proceeds", UserWarning,
+                      stacklevel=stacklevel + 1)
 
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(enable_visual_token_pruning).parameters.items()
