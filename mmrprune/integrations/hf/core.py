@@ -47,6 +47,7 @@ class _Columns:
     bsz: int
     new_len: int
     right_padded: bool
+    pads: tuple = ()              # (rows, src, dest) of the padding columns that keep their place
 
     @classmethod
     def of(cls, keep: torch.Tensor, am: torch.Tensor) -> "_Columns":
@@ -59,14 +60,30 @@ class _Columns:
         offset = torch.zeros_like(n_keep) if right_padded else new_len - n_keep
         dest = rank + offset[:, None]
         b_i, l_i = keep.nonzero(as_tuple=True)
+        # padding columns keep their place counted from the padded edge, where the new
+        # padding has room for them
+        seqlen = keep.shape[1]
+        col = torch.arange(seqlen, device=keep.device).expand_as(keep)
+        pad_dest = col - (seqlen - new_len) if right_padded else col
+        room = (pad_dest >= n_keep[:, None]) if right_padded else (pad_dest < (new_len - n_keep)[:, None])
+        p_b, p_l = ((am == 0) & room & (pad_dest >= 0) & (pad_dest < new_len)).nonzero(as_tuple=True)
         return cls(rows=b_i, src=l_i, dest=dest[b_i, l_i], bsz=keep.shape[0], new_len=new_len,
-                   right_padded=right_padded)
+                   right_padded=right_padded, pads=(p_b, p_l, pad_dest[p_b, p_l]))
 
     def move(self, t: torch.Tensor, fill, lead: int = 0) -> torch.Tensor:
         """``t`` [*lead dims, B, L, ...] re-packed to [*lead dims, bsz, new_len, ...]: the kept
-        columns moved to their destinations, every other entry ``fill``."""
+        columns moved to their destinations, every other entry ``fill``; ``fill="pad"``: the
+        new padding holds what the unpruned prompt had at its padding (its columns counted
+        from the padded edge; beyond them the row's edge column)."""
         keep_lead = (slice(None),) * lead
-        out = t.new_full(tuple(t.shape[:lead]) + (self.bsz, self.new_len) + tuple(t.shape[lead + 2:]), fill)
+        shape = tuple(t.shape[:lead]) + (self.bsz, self.new_len) + tuple(t.shape[lead + 2:])
+        if isinstance(fill, str):
+            edge = t.select(lead + 1, -1 if self.right_padded else 0).unsqueeze(lead + 1)
+            out = edge.expand(shape).clone()
+            p_b, p_l, p_dest = self.pads
+            out[keep_lead + (p_b, p_dest)] = t[keep_lead + (p_b, p_l)]
+        else:
+            out = t.new_full(shape, fill)
         out[keep_lead + (self.rows, self.dest)] = t[keep_lead + (self.rows, self.src)]
         return out
 
@@ -205,8 +222,10 @@ class VisualTokenPruner:
         keep &= am != 0
         cols = _Columns.of(keep, am)
         lead = positions.ndim - 2
-        pruned = PrunedPrompt(visual=visual, keep=keep, embeds=cols.move(visual.embeds, 0),
-                              attention_mask=cols.move(am, 0), positions=cols.move(positions, 0, lead=lead),
+        # the new padding copies the old one (generate reads a right-padded row's next token
+        # off its last column, a padding column: 4.57 numbers padding 1, not 0)
+        pruned = PrunedPrompt(visual=visual, keep=keep, embeds=cols.move(visual.embeds, "pad"),
+                              attention_mask=cols.move(am, 0), positions=cols.move(positions, "pad", lead=lead),
                               move=cols.move)
         if kw.get("labels") is not None:
             kw["labels"] = cols.move(kw["labels"], -100)
@@ -214,10 +233,8 @@ class VisualTokenPruner:
             if kw.get(key) is not None:
                 kw[key] = cols.move(kw[key], 0)
         versions.set_cache_position(kw, 0, cols.new_len)
-        # generate's rule: the position after the prompt's last column (not after its largest
-        # position, which an image may hold: transformers 5.3-5.4 number Qwen2.5-VL images so)
         self._pending = _DecodeState(orig_len=input_ids.shape[1], cols=cols, mask=pruned.attention_mask,
-                                   next_pos=positions[..., -1] + 1)
+                                     next_pos=versions.next_position(positions, am))
         self.last = dict(orig_len=input_ids.shape[1], pruned_len=cols.new_len, visual_before=int(units.packed.shape[0]),
                          visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k,
                          video_units=visual.video_units,

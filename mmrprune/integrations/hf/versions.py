@@ -104,6 +104,18 @@ def set_cache_position(kw: dict, start: int, length: int) -> None:
         kw["cache_position"] = torch.arange(start, start + length, dtype=old.dtype, device=old.device)
 
 
+def next_position(positions, attention_mask):
+    """The position id of the first generated token, ``[B]`` (or ``[R, B]`` for M-RoPE), for
+    a model that numbers decode steps itself (generate passes none).  5.x continues from the
+    prompt's last column (after a right-padded row's padding; not from its largest position,
+    which 5.3-5.4 give Qwen2.5-VL images); 4.57 (the Qwen models' ``rope_deltas``) from the
+    largest position of the prompt's tokens."""
+    if installed().startswith("4."):
+        valid = (attention_mask != 0).expand_as(positions)
+        return positions.masked_fill(~valid, -1).amax(-1) + 1
+    return positions[..., -1] + 1
+
+
 def encoder_output(kw: dict, modality: str):
     """The encoder output ``generate`` computed ahead of the prefill (5.19 and later pass
     ``mm_encoder_outputs={"image": ..., "video": ...}``), or None."""
