@@ -353,7 +353,9 @@ def _spanning(batch):
 @pytest.mark.parametrize("change, error, text", [
     (lambda b: dict(b, pixel_values=b["pixel_values"][:2]), ValueError, "48 image placeholder tokens in input_ids "
                                                                         "but 32 image features"),
-    (_spanning, ValueError, "the 16 placeholder tokens of image 1 span prompts 0 and 1"),
+    (_spanning, ValueError, "the 16 placeholder tokens of image 1 span prompts 0 and 1; each image's placeholders "
+                            "must lie in one prompt.  From generate with num_beams > 1 or num_return_sequences > 1 "
+                            "over prompts with different image counts, this is generate's expansion"),
     (lambda b: dict(b, position_ids=torch.arange(5)[None]), ValueError, "position_ids of shape (2, 5) do not match"),
     (lambda b: dict(b, attention_mask=b["attention_mask"][:, None]), ValueError, "2-D attention mask"),
 ], ids=["feature-count", "image-across-prompts", "position-ids", "3-D-mask"])
@@ -596,3 +598,36 @@ def test_a_pruned_generate_logs_nothing_an_unpruned_one_does_not(llava, qwen, mo
             with prune_visual_tokens(model, k=2):
                 model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert set(said) <= unpruned, set(said) - unpruned
+
+
+def test_prune_visual_tokens_without_with_prunes_until_removed(llava):
+    """Forgetting the ``with``: the call itself enables pruning (enable / disable style), so
+    the forward is pruned and ``p.last`` is there; ``remove()`` disables it."""
+    batch = LLAVA.batch(llava)
+    with torch.no_grad():
+        llava(**batch)
+    before = hooks_of(llava)          # transformers may add hooks of its own at a first forward
+    p = prune_visual_tokens(llava, k=2)
+    with torch.no_grad():
+        out = llava(**batch)
+    assert p.last["visual_after"] == 6 and out.logits.shape[1] == p.last["pruned_len"] < p.last["orig_len"]
+    p.remove()
+    assert hooks_of(llava) == before
+    with prune_visual_tokens(llava, k=2) as q, torch.no_grad():
+        llava(**batch)
+    assert q.last["visual_after"] == 6 and hooks_of(llava) == before
+
+
+def test_cls_importance_without_eager_attention_is_refused_when_enabling(llava):
+    before = hooks_of(llava)
+    vt_config = llava.model.vision_tower.config
+    old = vt_config._attn_implementation
+    vt_config._attn_implementation = "sdpa"
+    try:
+        with pytest.raises(ValueError, match="importance='cls' reads the vision tower's attention probabilities, "
+                                             "which its 'sdpa' attention does not compute; load the model with "
+                                             "attn_implementation='eager'"):
+            enable_visual_token_pruning(llava, k=2, importance="cls")
+    finally:
+        vt_config._attn_implementation = old
+    assert hooks_of(llava) == before

@@ -21,7 +21,6 @@ be interleaved; a cache that holds no pruned prompt passes through untouched.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 import weakref
@@ -119,14 +118,19 @@ class _Units:
             u = int(split[0])
             raise ValueError(f"prune_visual_tokens: the {int(counts[u])} placeholder tokens of image {u} span "
                              f"prompts {int(first_row[u])} and {int(last_row[u])}; each image's placeholders "
-                             "must lie in one prompt")
+                             "must lie in one prompt.  From generate with num_beams > 1 or "
+                             "num_return_sequences > 1 over prompts with different image counts, this is "
+                             "generate's expansion: transformers 4.57 repeats each prompt but not its images' "
+                             "rows; generate such prompts one at a time (or with one image count), or use "
+                             "transformers 5.x")
         return cls(packed=visual.embeds[slots[:, 0], slots[:, 1]], counts=counts.tolist(), rows=first_row,
                    slots=slots)
 
 
 @dataclass
 class VisualTokenPruner:
-    """Handle returned by :func:`enable_visual_token_pruning`; ``remove()`` restores the model.
+    """Handle returned by :func:`enable_visual_token_pruning` and :func:`prune_visual_tokens`;
+    ``remove()`` (or leaving its ``with`` block) restores the model.
 
     ``spec`` holds the validated budgets and selector (:class:`..selection.Spec`).
     ``last`` describes the latest pruned prefill: ``orig_len`` / ``pruned_len``
@@ -423,16 +427,14 @@ _DEFAULTS = {name: p.default for name, p in inspect.signature(enable_visual_toke
              if p.kind is p.KEYWORD_ONLY}
 
 
-@contextlib.contextmanager
-def prune_visual_tokens(model, **kwargs):
-    """Context manager around :func:`enable_visual_token_pruning`; yields the :class:`VisualTokenPruner`.
+def prune_visual_tokens(model, **kwargs) -> VisualTokenPruner:
+    """:func:`enable_visual_token_pruning` (same arguments), for use as a context manager:
+    pruning is on from this call, and leaving the block removes it.
 
         with prune_visual_tokens(model, keep_ratio=0.25, method="mmr", lam=0.5, importance="norm") as p:
             out = model.generate(**inputs)
         print(p.last["orig_len"], "->", p.last["pruned_len"])
-    """
-    pruner = _enable(model, 3, **{**_DEFAULTS, **kwargs})
-    try:
-        yield pruner
-    finally:
-        pruner.remove()
+
+    Without ``with`` it works as ``enable`` / ``disable``: ``p = prune_visual_tokens(model,
+    k=8)`` prunes every later prefill until ``p.remove()``."""
+    return _enable(model, 2, **{**_DEFAULTS, **kwargs})

@@ -17,9 +17,10 @@ consistent with the pruned cache.  An adapter (one file per family, a subclass o
   (:meth:`Family.pruned_call`, e.g. DeepStack features restricted to the kept rows).
 
 Every transformers call of a family whose name, signature or result changed inside the
-tested window (:data:`.versions.REQUIREMENT`) sits in one marked section of its adapter
-that names the releases it was tested on.  Adding a family is one adapter file, one line
-in :mod:`.families` and its tiny-model tests (docs/integrations.md, "Adding a family").
+tested window (:data:`.versions.REQUIREMENT`, whose docstring says which releases it was
+tested on) sits in one marked section of its adapter ("version-dependent calls").  Adding a
+family is one adapter file, one line in :mod:`.families` and its tiny-model tests
+(docs/integrations.md, "Adding a family").
 """
 from __future__ import annotations
 
@@ -117,7 +118,17 @@ class Family:
 
     def merge(self, kw: dict, input_ids: torch.Tensor, embeds: torch.Tensor) -> Visual:
         """Run the encoder(s) (or take ``kw``'s precomputed outputs) and put every visual
-        feature into its slot of ``embeds``, exactly as the model's forward would."""
+        feature into its slot of ``embeds``, exactly as the model's forward would.  This
+        default serves families whose images each fill a run of the config's
+        ``image_token_id`` placeholders, one budget unit per image, from
+        :meth:`image_features`."""
+        feats = self.image_features(kw)
+        slots = input_ids == self.model.config.image_token_id
+        embeds = scatter_features(embeds, slots, feats, "image")
+        return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+
+    def image_features(self, kw: dict) -> list:
+        """Per image of the call, its [n_i, H] features (for the default :meth:`merge`)."""
         raise NotImplementedError
 
     def positions(self, kw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

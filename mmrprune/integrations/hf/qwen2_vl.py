@@ -99,20 +99,15 @@ class Qwen2VL(MRopeFamily):
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def encoder_output(inner, kw, modality: str):
     """What the Qwen vision tower returns for the images (or videos) of the call: ``generate``'s
     precomputed output (5.19 and later), else ``get_image_features`` / ``get_video_features``
     run here; None without that input."""
-    out = versions.encoder_output(kw, modality)
-    if out is not None:
-        return out
-    if modality == "image" and kw.get("pixel_values") is not None:
-        return inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
-    if modality == "video" and kw.get("pixel_values_videos") is not None:
-        return inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
-                                        **versions.output_kwargs())
-    return None
+    if modality == "image":
+        return versions.encoder_call(kw, modality, lambda **out: inner.get_image_features(
+            kw["pixel_values"], kw.get("image_grid_thw"), **out))
+    return versions.encoder_call(kw, modality, lambda **out: inner.get_video_features(
+        kw["pixel_values_videos"], kw.get("video_grid_thw"), **out))
 
 
 def _features(inner, kw, modality: str):

@@ -138,7 +138,6 @@ def _joint_levels(visual: torch.Tensor, levels: list) -> list:
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _deepstack_once(model, embeds: torch.Tensor, visual_pos_masks: torch.Tensor, levels: list) -> None:
     """Hand the DeepStack inputs to the language model's call that gets the pruned ``embeds``:
     the model's own forward passes none, since the pruned call carries no pixels.  The

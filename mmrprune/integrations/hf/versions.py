@@ -1,6 +1,10 @@
 """The transformers releases the HF integration is tested on, and the calling conventions of
 transformers' family-independent code that changed inside that window.
 
+Tested on transformers 4.57.6 and 5.0.0 to 5.25.0 (``.ci/hf_matrix.sh`` runs the floor, 5.0,
+5.17 and 5.19; the main environment 5.25; docs/integrations.md), every adapter's marked
+"version-dependent calls" included.
+
 ``REQUIREMENT`` is the one statement of the window: the ``hf`` extra of setup.py and
 scripts/setup.sh read it from this file, ``.ci/hf_matrix.sh`` tests its floor, and
 :func:`check` refuses older releases when pruning is enabled.  The upper bound is the newest
@@ -129,6 +133,24 @@ def output_kwargs() -> dict:
     import transformers
 
     return {} if transformers.__version__.startswith("4.") else {"return_dict": True}
+
+
+def encoder_call(kw: dict, modality: str, compute):
+    """The encoder output for the images (or videos) of a forward call: ``generate``'s
+    precomputed one (5.19 and later), else ``compute(**output_kwargs())`` -- the model's
+    ``get_image_features`` / ``get_video_features`` -- when the call brings pixels; None
+    without that input."""
+    out = encoder_output(kw, modality)
+    if out is None and kw.get("pixel_values" if modality == "image" else "pixel_values_videos") is not None:
+        out = compute(**output_kwargs())
+    return out
+
+
+def item_features(kw: dict, modality: str, compute):
+    """Per image (or video), its [n_i, H] features (:func:`encoder_call`, split by
+    :func:`per_item`), or None without that input."""
+    out = encoder_call(kw, modality, compute)
+    return None if out is None else per_item(out)
 
 
 def per_item(out) -> list:
