@@ -309,7 +309,8 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     Args:
         model: a model of a supported family (docs/integrations.md): LLaVA-1.5
             (``LlavaForConditionalGeneration``), LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-            Gemma 3, InternVL, Qwen3-VL or Qwen3-VL-MoE (the ``...ForConditionalGeneration`` classes), on a
+            Gemma 3, InternVL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 or Qwen3.5-MoE (the
+            ``...ForConditionalGeneration`` classes), on a
             transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
         keep_ratio / k: at most one; the budget of each image (see :func:`mmrprune.select`).

@@ -77,9 +77,10 @@ class Qwen3VL(MRopeFamily):
         visual = pruned.visual
         # the kept visual tokens, row-major in the original layout, are row-major in the pruned
         # one too (rows keep their order and the columns within a row theirs)
-        kept = pruned.keep[visual.visual].nonzero()[:, 0]
-        levels = list(keep_rows(kept, *visual.deepstack))
-        _deepstack_once(self.model, pruned.embeds, pruned.move(visual.visual, False), levels)
+        if visual.deepstack:
+            kept = pruned.keep[visual.visual].nonzero()[:, 0]
+            levels = list(keep_rows(kept, *visual.deepstack))
+            _deepstack_once(self.model, pruned.embeds, pruned.move(visual.visual, False), levels)
         return kw
 
 
@@ -166,8 +167,21 @@ def _features(inner, kw, modality: str):
     if out is None:
         return None
     if hasattr(out, "pooler_output"):
-        feats, levels = out.pooler_output, out.deepstack_features
+        feats, levels = out.pooler_output, getattr(out, "deepstack_features", None) or []
     else:
         feats, levels = out
     levels = [torch.cat(list(level)) if isinstance(level, (list, tuple)) else level for level in levels]
     return list(feats), levels
+
+
+class Qwen3_5(Qwen3VL):
+    """Qwen3.5 and Qwen3.5-MoE (``Qwen3_5ForConditionalGeneration``,
+    ``Qwen3_5MoeForConditionalGeneration``): Qwen3-VL's image and video layout and positions,
+    no DeepStack.  Its decoder mixes Gated-DeltaNet linear-attention layers with full
+    attention, so a pruned prompt is exactly the model run on the kept tokens (a linear layer
+    carries a state through every token it reads: dropped tokens must be absent, not masked,
+    which is what pruning does)."""
+    name = "qwen3_5"
+    model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+    transformers = ">=5.25"
+    videos_transformers = ""
