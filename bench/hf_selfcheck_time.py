@@ -18,7 +18,8 @@ CASES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForCo
          "llava_onevision": "LlavaOnevisionForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
          "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-         "internvl": "InternVLForConditionalGeneration"}
+         "internvl": "InternVLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
+         "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 
 
 def enable(tiny, **options):

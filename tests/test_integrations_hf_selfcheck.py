@@ -83,3 +83,24 @@ def test_a_prerelease_of_the_next_release_is_newer(monkeypatch):
     with pytest.raises(RuntimeError, match="outside"):
         versions.check("4.57.5")
     assert sys.modules["transformers"].__version__ == versions.installed()
+
+
+def _qwen35():
+    if not hasattr(transformers, "Qwen3_5ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3.5")
+    from test_integrations_hf_qwen35 import build_qwen35
+    return build_qwen35()
+
+
+def test_qwen35_on_a_newer_release_is_checked_against_the_model_on_the_kept_tokens(newer, monkeypatch):
+    """The hybrid decoder's self-check compares with its language model run on the kept tokens
+    and passes; compared with a masked forward instead (a linear-attention layer reads the
+    masked tokens) it would refuse -- the reference matters, and the check can tell."""
+    model = _qwen35()
+    with pytest.warns(UserWarning, match="self-check on a tiny qwen3_5 model passed"):
+        enable_visual_token_pruning(model, k=2).remove()
+    from mmrprune.integrations.hf.qwen3_vl import Qwen3_5
+    monkeypatch.setattr(Qwen3_5, "hybrid", False)
+    monkeypatch.setattr(selfcheck, "_PASSED", {})
+    with pytest.raises(RuntimeError, match="the pruned prefill's logits differ from the masked unpruned forward's"):
+        enable_visual_token_pruning(model, k=2)

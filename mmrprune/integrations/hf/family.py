@@ -98,6 +98,9 @@ class Family:
     multimodal_keys: tuple = ()
     token_keys: tuple = ()
     cls_importance = False
+    # layers that read every token, masked or not (linear attention): pruning's reference is
+    # the model run on the kept tokens only, not a masked forward (the self-check's choice)
+    hybrid = False
 
     VIDEO_UNITS = ("video", "frame")
 

@@ -185,3 +185,4 @@ class Qwen3_5(Qwen3VL):
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
     transformers = ">=5.25"
     videos_transformers = ""
+    hybrid = True

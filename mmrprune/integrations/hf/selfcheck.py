@@ -6,7 +6,10 @@ with every size shrunk, on a batch of two left-padded prompts with one image eac
 
 1. the pruned prefill: its logits at every kept column equal those of the unpruned model run
    with the dropped columns masked out of the attention (2-D mask) and the original position
-   ids -- what pruning promises, computed by the model's own forward;
+   ids -- what pruning promises, computed by the model's own forward; for a hybrid decoder
+   (``Family.hybrid``: linear-attention layers fold masked tokens into their state) the
+   reference is its language model run on the kept columns only, with their embeddings and
+   position ids from the unpruned forward;
 2. one cached decode step: ``generate``'s second step (the first one that reads the pruned KV
    cache) equals the uncached recompute, the pruned prefill of the prompt plus the first
    generated token.
@@ -49,6 +52,8 @@ def _shrunk(sub: dict, sizes: dict, mrope: bool = False) -> dict:
         key = "rope_parameters" if "rope_parameters" in out else "rope_scaling"
         rope = out.get(key) or ({"rope_type": "default"} if key == "rope_parameters" else {"type": "mrope"})
         out[key] = dict(rope, mrope_section=[2, 3, 3])
+        if "partial_rotary_factor" in out[key]:
+            out[key]["partial_rotary_factor"] = 1.0
     return out
 
 
@@ -138,8 +143,8 @@ def _anyres(config, params):
     return cfg, batch          # input_ids: from the feature count (:func:`_anyres_ids`)
 
 
-PROBES = {"llava": _llava, "qwen2_vl": _qwen, "qwen3_vl": _qwen, "gemma3": _gemma3, "internvl": _internvl,
-          "llava_next": _anyres, "llava_onevision": _anyres}
+PROBES = {"llava": _llava, "qwen2_vl": _qwen, "qwen3_vl": _qwen, "qwen3_5": _qwen, "gemma3": _gemma3,
+          "internvl": _internvl, "llava_next": _anyres, "llava_onevision": _anyres}
 
 
 def _anyres_ids(model, batch):
@@ -205,14 +210,16 @@ def _differences(model, fam, probe, enable) -> str:
             recompute = tiny(**longer).logits
     finally:
         pruner.remove()
-    with torch.no_grad():
-        masked = _masked_forward(tiny, batch, kept)
     pruned_len = recompute.shape[1] - 1
     right = [torch.arange(len(c)) + pruned_len - len(c) for c in kept]       # left-padded pruned rows
-    worst = max(float((recompute[b, right[b]] - masked[b, kept[b]]).abs().max()) for b in range(len(kept)))
+    with torch.no_grad():
+        if fam.hybrid:
+            ref, ref_cols, what = _kept_forward(tiny, batch, kept), right, "the unpruned model run on the kept tokens"
+        else:
+            ref, ref_cols, what = _masked_forward(tiny, batch, kept), kept, "the masked unpruned forward"
+    worst = max(float((recompute[b, right[b]] - ref[b, ref_cols[b]]).abs().max()) for b in range(len(kept)))
     if worst > ATOL:
-        return (f"the pruned prefill's logits differ from the masked unpruned forward's by {worst:.3g} "
-                f"(tolerance {ATOL})")
+        return f"the pruned prefill's logits differ from {what}'s by {worst:.3g} (tolerance {ATOL})"
     step = float((out.logits[1] - recompute[:, -1]).abs().max())
     if step > ATOL:
         return (f"the cached decode step's logits differ from the uncached recompute's by {step:.3g} "
@@ -235,6 +242,39 @@ def _extend(batch: dict, token: torch.Tensor, token_keys: tuple) -> dict:
         if key in batch:
             out[key] = torch.cat([batch[key], torch.zeros_like(token, dtype=batch[key].dtype)], 1)
     return out
+
+
+def _language_model_inputs(model, batch: dict) -> dict:
+    """The keyword arguments the unpruned forward hands its language model."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("kw", kwargs)
+
+    h = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model(**batch)
+    finally:
+        h.remove()
+    return seen["kw"]
+
+
+def _kept_forward(model, batch: dict, kept: list) -> torch.Tensor:
+    """A hybrid decoder's reference (a linear-attention layer reads masked tokens too): its
+    language model run on each row's kept columns only, left-padded to the longest, with the
+    embeddings and position ids the unpruned forward gave those columns."""
+    kw = _language_model_inputs(model, batch)
+    embeds, pos = kw["inputs_embeds"], kw["position_ids"]
+    width = max(len(c) for c in kept)
+    rows_e = embeds.new_zeros(len(kept), width, embeds.shape[-1])
+    rows_p = pos.new_zeros(pos.shape[:-2] + (len(kept), width))
+    mask = torch.zeros(len(kept), width, dtype=torch.long)
+    for b, cols in enumerate(kept):
+        rows_e[b, width - len(cols):] = embeds[b, cols]
+        rows_p[..., b, width - len(cols):] = pos[..., b, cols]
+        mask[b, width - len(cols):] = 1
+    hidden = model.model.language_model(inputs_embeds=rows_e, position_ids=rows_p, attention_mask=mask)
+    return model.get_output_embeddings()(hidden.last_hidden_state)
 
 
 def _masked_forward(model, batch: dict, kept: list) -> torch.Tensor:
