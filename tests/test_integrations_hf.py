@@ -65,7 +65,7 @@ def _select_error(**kwargs):
     raise AssertionError(f"select accepted {kwargs}")
 
 
-@pytest.mark.parametrize("kwargs", [dict(k=0), dict(keep_ratio=1.5), dict(k=2, keep_ratio=0.5), dict(k=2.5),
+@pytest.mark.parametrize("kwargs", [dict(k=0), dict(keep_ratio=1.5), dict(k=2.5),
                                     dict(k=2, method="foo"), dict(k=2, backend="cuda"), dict(k=2, backend="gpu"),
                                     dict(k=2, lam=3), dict(k=2, lam="0.5"), dict(k=2, foo=1),
                                     dict(k=2, method="d2pruner", tau=None)],
@@ -83,12 +83,14 @@ def test_enable_checks_every_argument_with_selects_messages(llava, kwargs):
     (dict(video_keep_ratio=1.5), ValueError, "video_keep_ratio: expected a value in (0, 1], got 1.5"),
     (dict(video_k=2.5), TypeError, "video_k: expected an int >= 1"),
     (dict(video_k=4, video_keep_ratio=0.5), ValueError, "at most one of video_k or video_keep_ratio"),
+    (dict(keep_ratio=0.5), ValueError, "at most one of k or keep_ratio may be given, got k=2, keep_ratio=0.5"),
+    (dict(k=None), ValueError, "nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k"),
     (dict(video_keep_ratio=0.5, video_unit="clip"), ValueError, "video_unit: expected one of ('video', 'frame')"),
     (dict(video_unit=None), ValueError, "video_unit: expected one of"),
 ])
 def test_video_budgets_are_checked_when_enabling(qwen, kwargs, error, text):
     with pytest.raises(error) as got:
-        enable_visual_token_pruning(qwen, k=2, **kwargs)
+        enable_visual_token_pruning(qwen, **{"k": 2, **kwargs})
     assert text in str(got.value)
     assert hooks_of(qwen) == 0 and getattr(qwen, "_mmrprune_pruner", None) is None
 

@@ -108,7 +108,7 @@ def test_a_video_budget_alone_prunes_only_videos():
 
 @pytest.mark.parametrize("kwargs, error, text", [
     (dict(), ValueError, "nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k"),
-    (dict(k=2, keep_ratio=0.5), ValueError, "exactly one of k or keep_ratio"),
+    (dict(k=2, keep_ratio=0.5), ValueError, "at most one of k or keep_ratio may be given, got k=2, keep_ratio=0.5"),
     (dict(video_k=2, video_keep_ratio=0.5), ValueError, "at most one of video_k or video_keep_ratio"),
     (dict(video_k=0), ValueError, "video_k: expected an int >= 1, got 0"),
     (dict(k=2, method="d2pruner", grid=(2, 2)), TypeError, "grid: d2pruner's grid is each image's own patch grid"),

@@ -88,6 +88,8 @@ def spec(*, k=None, keep_ratio=None, video_k=None, video_keep_ratio=None, method
       also run ``method`` there."""
     if k is None and keep_ratio is None:
         images = Budget()
+    elif k is not None and keep_ratio is not None:
+        raise ValueError(f"at most one of k or keep_ratio may be given, got k={k!r}, keep_ratio={keep_ratio!r}")
     else:
         images = Budget(*check_budget(k, keep_ratio))
     videos = _video_budget(video_k, video_keep_ratio)
