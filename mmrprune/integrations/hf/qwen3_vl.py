@@ -183,6 +183,6 @@ class Qwen3_5(Qwen3VL):
     which is what pruning does)."""
     name = "qwen3_5"
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-    transformers = ">=5.25"
+    transformers = ">=5.19"
     videos_transformers = ""
     hybrid = True
