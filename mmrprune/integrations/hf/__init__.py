@@ -9,8 +9,9 @@ The families (one adapter each, :mod:`.family` states the interface) are listed 
 :mod:`.core` holds the hook and the sequence surgery shared by every family.
 
 Returned ``logits`` (and ``hidden_states``) of a pruned prefill have the *pruned* length.
-Not supported: pruning video tokens (videos are merged, never pruned), chunked prefill,
-assisted generation, continuing a cache that already holds a pruned prompt with new images.
+Videos are pruned with a video budget by the families that say so (``Family.videos``).
+Not supported: chunked prefill, assisted generation, static caches, continuing a cache that
+already holds a pruned prompt with new images.
 """
 from .core import VisualTokenPruner, enable_visual_token_pruning, prune_visual_tokens
 from .flops import prefill_flops

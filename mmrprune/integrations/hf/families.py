@@ -7,9 +7,9 @@ from .qwen2_vl import Qwen2VL
 from .llava_next import LlavaNext, LlavaOnevision
 from .gemma3 import Gemma3
 from .internvl import InternVL
-from .qwen3_vl import Qwen3VL
+from .qwen3_vl import Qwen3_5, Qwen3VL
 
-FAMILIES: tuple = (Llava, LlavaNext, LlavaOnevision, Qwen2VL, Gemma3, InternVL, Qwen3VL)
+FAMILIES: tuple = (Llava, LlavaNext, LlavaOnevision, Qwen2VL, Gemma3, InternVL, Qwen3VL, Qwen3_5)
 
 
 def family_of(model) -> type[Family]:
