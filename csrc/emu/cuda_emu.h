@@ -496,6 +496,44 @@ inline T shfl(ShflMode mode, const char* file, int line, unsigned mask, T v, int
   return r;
 }
 
+// Warp-wide reductions and votes (__reduce_*_sync, __ballot_sync): every lane stores its value,
+// the warp meets as for a shuffle, then every lane combines all lanes' values.  Each one is its
+// own shuffle level in the counters (one REDUX or VOTE instruction on the GPU).
+enum WarpOp { kRedMax, kRedMin, kRedAdd, kRedAnd, kRedOr, kBallot };
+
+inline unsigned warp_collective(WarpOp op, const char* file, int line, unsigned mask, unsigned v) {
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  Warp& w = b.warps[f.linear >> 5];
+  const unsigned want = w.lanes == 32 ? 0xffffffffu : ((1u << w.lanes) - 1u);
+  if (mask != want) fail("warp reduction/vote (0x%08x) at %s:%d: only full-warp masks are emulated", mask, file, line);
+  const int lane = f.linear & 31;
+  const int parity = static_cast<int>(w.gen.load(std::memory_order_relaxed) & 1u);
+  w.buf[parity][lane].store(v, std::memory_order_relaxed);
+  if (w.arrived + 1 == w.expected) {  // the last lane completes the generation: a new level
+    ++w.shfl_ops;
+    ++b.shfl_ops;
+    ++w.levels;
+    w.level_interval = b.interval;
+    w.pat_mode = -1;  // the next shuffle starts a level too
+  }
+  warp_barrier(w, f, "warp reduction/vote", file, line, false);
+  unsigned r = op == kRedMin || op == kRedAnd ? 0xffffffffu : 0u;
+  for (int l = 0; l < w.lanes; ++l) {
+    const unsigned x = static_cast<unsigned>(w.buf[parity][l].load(std::memory_order_relaxed));
+    switch (op) {
+      case kRedMax: r = std::max(r, x); break;
+      case kRedMin: r = std::min(r, x); break;
+      case kRedAdd: r += x; break;
+      case kRedAnd: r &= x; break;
+      case kRedOr: r |= x; break;
+      case kBallot: r |= (x != 0u ? 1u : 0u) << l; break;
+    }
+  }
+  return r;
+}
+
 // ------------------------------------------------------------------ shared memory
 inline void fill_garbage(void* p, std::size_t n) { std::memset(p, static_cast<int>(env_long("CUDA_EMU_SMEM_FILL", 0xff)), n); }
 
@@ -800,6 +838,15 @@ template <typename T> inline T shfl_w(ShflMode m, const char* f, int l, unsigned
 #define __shfl_down_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kDown, __FILE__, __LINE__, mask, v, __VA_ARGS__)
 #define __shfl_xor_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kXor, __FILE__, __LINE__, mask, v, __VA_ARGS__)
 
+// unsigned operands only (the kernels use no other overload)
+#define __reduce_max_sync(mask, v) \
+  ::cuda_emu::warp_collective(::cuda_emu::kRedMax, __FILE__, __LINE__, mask, static_cast<unsigned>(v))
+#define __reduce_min_sync(mask, v) \
+  ::cuda_emu::warp_collective(::cuda_emu::kRedMin, __FILE__, __LINE__, mask, static_cast<unsigned>(v))
+#define __ballot_sync(mask, pred) \
+  ::cuda_emu::warp_collective(::cuda_emu::kBallot, __FILE__, __LINE__, mask, (pred) ? 1u : 0u)
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 template <typename T>
 inline T __ldg(const T* p) {
   {
