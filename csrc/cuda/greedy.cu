@@ -535,9 +535,12 @@ __device__ __forceinline__ void maxsim_body(
         if (taken[i]) continue;
         float mi = m[i];
         const float ii = inv_b[i];
+        float g[kMaxRound];  // every load issued before the first use
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
 #pragma unroll
         for (int j = 0; j < kMaxRound; ++j)
-          if (j < r) mi = fmaxf(mi, __fmul_rn(__ldg(gram_b + cand_row[j] + i) * cand_inv[j], ii));
+          if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
         m[i] = mi;
         // no contraction into an FMA: same rounding as the torch backend's two products
         top_insert(__fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi)), i, ts, ti);
