@@ -140,6 +140,68 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float
   return warp_sum(acc);
 }
 
+// Picks whose dots a row-mode warp computes together per token (warp_dots).
+constexpr int kDotBatch = 4;
+
+// acc[q] = sum_d row[d] * xs[q * dim + d] for q < nb (<= B), each exactly as warp_dot computes it
+// (same per-lane order, same butterfly), but the row is read once for all nb staged rows and the
+// nb reductions share their 5 shuffle levels.  acc[q] for q >= nb is 0.
+template <typename T, bool kVec, int B>
+__device__ __forceinline__ void warp_dots(const T* __restrict__ row, const float* xs, std::int64_t dim, int lane,
+                                          int nb, float* acc) {
+#pragma unroll
+  for (int q = 0; q < B; ++q) acc[q] = 0.f;
+  if (kVec) {
+    constexpr int V = Pack<T>::kN;
+    const std::int64_t nv = dim / V;
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll 1
+    for (std::int64_t c = lane; c < nv; c += 32) {
+      const uint4 u = __ldg(r4 + c);
+      float f[V];
+      Pack<T>::unpack(u, f);
+      std::int64_t o0, o1;  // this lane's float4 offsets within a staged row (xs_pos)
+      if (V == 8) {
+        const std::int64_t g = c >> 5;
+        const std::int64_t left = nv - (g << 5);
+        const int gsize = left < 32 ? static_cast<int>(left) : 32;
+        o0 = (g << 8) + lane * 4;
+        o1 = o0 + gsize * 4;
+      } else {
+        o0 = c * 4;
+        o1 = o0;
+      }
+#pragma unroll
+      for (int q = 0; q < B; ++q) {
+        if (q < nb) {
+          const float* xq = xs + static_cast<std::int64_t>(q) * dim;
+          const float4 a = *reinterpret_cast<const float4*>(xq + o0);
+          float s[8];
+          s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
+          if (V == 8) {
+            const float4 b = *reinterpret_cast<const float4*>(xq + o1);
+            s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[q] = fmaf(f[j], s[j], acc[q]);
+        }
+      }
+    }
+  } else {
+    for (std::int64_t d = lane; d < dim; d += 32) {
+      const float v = to_float(row[d]);
+#pragma unroll
+      for (int q = 0; q < B; ++q)
+        if (q < nb) acc[q] = fmaf(v, xs[static_cast<std::int64_t>(q) * dim + d], acc[q]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int q = 0; q < B; ++q) acc[q] += __shfl_xor_sync(kFullMask, acc[q], off);
+  }
+}
+
 // sum_d row[d]^2 over the warp.
 template <typename T, bool kVec>
 __device__ __forceinline__ float warp_sumsq(const T* __restrict__ row, std::int64_t dim, int lane) {
@@ -550,11 +612,15 @@ __device__ __forceinline__ void maxsim_body(
       for (int i = warp; i < n; i += nwarps) {
         if (taken[i]) continue;  // warp-uniform, every lane reads the same byte
         float mi = lane == 0 ? m[i] : 0.f;  // lane 0 alone reads and writes m[i]
+        // kDotBatch picks at a time: the token's row is read once per batch, not once per pick
 #pragma unroll 1
-        for (int j = 0; j < r; ++j) {
-          const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs + static_cast<std::int64_t>(j) * dim, dim,
-                                              lane);
-          mi = fmaxf(mi, dot * inv_b[i]);
+        for (int j0 = 0; j0 < r; j0 += kDotBatch) {
+          float acc[kDotBatch];
+          warp_dots<T, kVec, kDotBatch>(x + (start + i) * dim, xs + static_cast<std::int64_t>(j0) * dim, dim, lane,
+                                        r - j0 < kDotBatch ? r - j0 : kDotBatch, acc);
+#pragma unroll
+          for (int q = 0; q < kDotBatch; ++q)
+            if (j0 + q < r) mi = fmaxf(mi, acc[q] * inv_b[i]);
         }
         if (lane == 0) {
           m[i] = mi;
