@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the records here (not into bench/results/)")
     ap.add_argument("--update-committed", action="store_true", help=f"rewrite {COMMITTED}")
     a = ap.parse_args(argv)
+    if a.json:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from mmrprune.bench.records import refuse_committed
+        refuse_committed({"--json": a.json}, ap.error)
     with open(a.report) as f:
         recs = parse(f.read())
     if not recs:
