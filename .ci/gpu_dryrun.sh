@@ -8,3 +8,14 @@ cd "$(dirname "$0")/.."
 OUT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/mmrprune-gpu-dryrun.XXXXXX")
 trap 'rm -rf "$OUT_DIR"' EXIT
 bash bench/gpu_session.sh --dry-run --out "$OUT_DIR"
+# The summary puts each timed cuda call's time per round beside the emulator's counts of the
+# kernels (bench/results/emu_counts.json): the join must find the (a) mmr counts.
+python3 - "$OUT_DIR/summary.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["targets"]["per_round"]
+hit = [r for r in rows if r["target"] == "a" and r["method"] == "mmr" and "shuffle_levels_per_round" in r]
+if not hit:
+    sys.exit(f"gpu dry run: no per-round row with emulator counts for (a) mmr in summary.json: {rows}")
+print(f"gpu dry run: per-round rows {len(rows)}, (a) mmr counted {hit[0]['shuffle_levels_per_round']:.1f} "
+      "shuffle levels per round")
+PY

@@ -32,23 +32,8 @@ report="$BUILD/resource-usage.txt"
 NVCC="$(command -v "$NVCC")" "$PYTHON" "$ROOT/csrc/build_recipe.py" cuda-module "$BUILD" --report "$report"
 so="$(ls "$BUILD"/_cuda*.so)"
 
-# Summary: one line per kernel and arch (demangled names shortened).
+# Summary: one line per kernel and arch with registers, shared memory and the occupancy they
+# allow; fails on any spill or stack frame; records in $BUILD/ptxas_resources.json.
 echo "--- resource usage (ptxas) ---"
-"$PYTHON" - "$report" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-bad = 0
-for m in re.finditer(r"Compiling entry function '([^']+)' for '(sm_\d+)'.*?"
-                     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
-                     r"Used (\d+) registers", text, re.S):
-    name, arch, stack, st, ld, regs = m.groups()
-    short = re.search(r"(inv_norm_kernel|greedy_maxsim_kernel|greedy_dpp_kernel)I(\w+?)Lb([01])", name)
-    label = f"{short.group(1)}<{short.group(2)}, vec={short.group(3)}>" if short else name
-    print(f"{arch} {label:55s} regs={regs:>3} stack={stack} spill_st={st} spill_ld={ld}")
-    if int(stack) or int(st) or int(ld):
-        bad += 1
-if bad:
-    print(f"FAIL: {bad} kernel(s) with a stack frame or spills")
-    sys.exit(1)
-PY
+"$PYTHON" "$ROOT/bench/ptxas_report.py" "$report" --json "$BUILD/ptxas_resources.json"
 echo "OK: built $so"

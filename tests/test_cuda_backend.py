@@ -78,6 +78,67 @@ def test_compile_check_gram_kernels_are_spill_free(compiled):
         assert all("spill_st=0 spill_ld=0" in ln and "stack=0" in ln for ln in maxsim + dpp)
 
 
+def _ptxas_report():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import ptxas_report
+    finally:
+        sys.path.pop(0)
+    return ptxas_report
+
+
+def test_committed_ptxas_record_is_current(compiled):
+    """bench/results/ptxas_resources.json (registers, shared memory, occupancy per kernel) is what
+    this compiler builds from these sources; regenerate with bench/ptxas_report.py
+    --update-committed on the compile check's report when a kernel changes."""
+    import json
+    proc, build = compiled
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
+    with open(os.path.join(build, "ptxas_resources.json")) as f:
+        fresh = json.load(f)
+    with open(os.path.join(ROOT, "bench", "results", "ptxas_resources.json")) as f:
+        committed = json.load(f)
+    if {r["nvcc"] for r in committed} != {r["nvcc"] for r in fresh}:
+        pytest.skip(f"record made with nvcc {committed[0]['nvcc']}, this is {fresh[0]['nvcc']}")
+    key = ("arch", "kernel", "regs", "stack", "spill_st", "spill_ld", "smem_static", "occupancy")
+    assert [[r[k] for k in key] for r in fresh] == [[r[k] for k in key] for r in committed]
+    assert len(fresh) == 2 * (6 * 3 + 2 + 1)   # per arch: 3 row kernels x 6 variants, 2 + 1 Gram kernels
+
+
+def test_ptxas_check_fails_on_a_spilling_kernel(tmp_path):
+    """The resource check can fail: greedy.cu with the Gram maxsim kernel's launch bounds asking for
+    two 1024-thread blocks per SM (32 registers) spills on sm_90, and the check names it."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    with open(os.path.join(ROOT, "csrc", "cuda", "greedy.cu")) as f:
+        src = f.read()
+    anchor = "__launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel("
+    assert src.count(anchor) == 1, "greedy.cu changed: update this mutant"
+    mutant = tmp_path / "greedy.cu"
+    mutant.write_text(src.replace(anchor, "__launch_bounds__(kGreedyThreads, 2) greedy_maxsim_gram_kernel("))
+    proc = subprocess.run([NVCC, "-c", str(mutant), "-o", str(tmp_path / "g.o"), "-O3", "-std=c++17",
+                           f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", "-gencode", "arch=compute_90,code=sm_90",
+                           "-Xptxas", "-v"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = tmp_path / "report.txt"
+    report.write_text(proc.stderr)
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ptxas_report.py"), str(report)],
+                           capture_output=True, text=True)
+    assert check.returncode == 1, check.stdout
+    assert "FAIL" in check.stdout and "sm_90 greedy_maxsim_gram_kernel<smem=" in check.stdout.split("FAIL")[-1]
+    assert _ptxas_report().bad(_ptxas_report().parse(proc.stderr))
+
+
+def test_occupancy_arithmetic():
+    occ = _ptxas_report().occupancy
+    # 64 registers x 1024 threads = the whole register file: one block, half the warps
+    assert occ("sm_90", 64, 1024, 2096) == {"blocks_per_sm": 1, "occupancy": 0.5, "limiter": "registers"}
+    # 40 registers round to 1280 per warp: 51 warps -> 3 blocks of 16 warps
+    assert occ("sm_90", 40, 512, 272)["blocks_per_sm"] == 3
+    # 120 KiB of shared memory per block: one block fits in 164 KiB (sm_80), the limiter is smem
+    assert occ("sm_80", 32, 256, 120 * 1024) == {"blocks_per_sm": 1, "occupancy": 0.125, "limiter": "smem"}
+
+
 @pytest.fixture(scope="module")
 def ext(compiled):
     """The freshly built extension module, imported from the build dir."""

@@ -233,3 +233,26 @@ def test_abort_reason_reaches_the_pytest_report(tmp_path, capture):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Fatal Python error: Aborted" in out, out[-3000:]
     assert out.count("cuda_emu: CUDA_EMU_SCHED=no-such-order: use linear, reverse or random:SEED") == 1, out[-3000:]
+
+
+@pytest.mark.parametrize("sim", ["gram", "rows"])
+def test_emu_counts_reports_the_kernels_rounds_and_counters(sim):
+    """bench/emu_counts.count (the cost model's source of per-round counts) runs the kernels:
+    its rounds are the kernel's own, and every round has at least the block barrier of its
+    candidate reduction and one shuffle level of a warp merge."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import emu_counts
+    finally:
+        sys.path.pop(0)
+    got = emu_counts.count("mmr", n=96, d=48, k=24, sim=sim, batch=2)
+    x, w = emu_counts._tokens(96, 48, 0, 2)
+    for b in range(2):
+        _, rounds = R.select_rounds(x[b].astype(np.float64), w[b].astype(np.float64), 24, "mmr", 0.5,
+                                    int(emu.KERNELS.ext.MAX_ROUND))
+        assert got["totals"]["barriers"][b] >= rounds
+    assert got["picks_ok"] and 1 <= got["rounds"] < 24
+    assert got["kernel_launches"] == (1 if sim == "gram" else 2)
+    assert got["barriers_per_round"] >= 1 and got["shuffle_levels_per_round"] >= 1
+    dpp = emu_counts.count("dpp", n=64, d=32, k=8, sim=sim)
+    assert dpp["rounds"] == 8   # one pick per step

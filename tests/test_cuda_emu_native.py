@@ -54,8 +54,8 @@ MUTATIONS = {
                                      ["dpp-row-bf16"]),
     # a round commits its candidates without the check sim(c_j, c_l) <= m_{c_j} (Gram mode, row mode)
     "round_commit_unchecked_gram": (
-        "ok = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= mc;",
-        "ok = true;", None, ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
+        "fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m[c]);",
+        "fails = false;", None, ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
     "round_commit_unchecked_row": ("if (lane == 0) pair_ok[q] = dot * inv_b[c] <= m[c] ? 1 : 0;",
                                    "if (lane == 0) pair_ok[q] = 1;", None, ["mmr-row-f32", "fps-row-f32-misaligned"]),
     # dynamic shared memory one float short of the row it holds
@@ -162,3 +162,27 @@ def test_cases_cover_every_kernel_variant(case_dirs):
         assert np.fromfile(os.path.join(path, "starts.bin"), dtype=np.int64).size == len(LENGTHS)
     assert kinds == {("maxsim", "row", ""), ("dpp", "row", ""), ("maxsim", "gram", "-1"), ("maxsim", "gram", "0"),
                      ("dpp", "gram", "")}
+
+
+def test_emulator_counters(tmp_path):
+    """The per-block counters (cuda_emu.h "Counters", read by bench/emu_counts.py) on a kernel
+    whose barriers, shuffle levels and __ldg loads are known by construction."""
+    import json
+    r = emu_build.recipe
+    cxx, inc = r.cxx(), r.cuda_include_dir()
+    src = r.emu_rewrite(os.path.join(emu_build.ROOT, "tests", "emu", "counters.cu"), str(tmp_path))
+    obj, exe = str(tmp_path / "counters.o"), str(tmp_path / "counters")
+    emu_build._run(r.emu_command(cxx, src, obj, inc))
+    emu_build._run([cxx, "-o", exe, obj])
+    path = tmp_path / "counts.jsonl"
+    import subprocess
+    proc = subprocess.run([exe], capture_output=True, text=True, env=dict(os.environ, CUDA_EMU_COUNTS=str(path)))
+    assert proc.returncode == 0, proc.stderr
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert launch["grid"] == [2, 1, 1] and launch["block"] == [64, 1, 1]
+    # interval 1: 5 butterfly levels (10 shuffles) in both warps, thread 5 loads 4 times;
+    # interval 2: warp 0's three same-pattern broadcasts (1 level) + xor 1 (1 level), 4 shuffles;
+    # interval 3: xor 1 again: a new level, the barrier cut the run
+    want = {"barriers": 2, "shfl_path": 5 + 2 + 1, "shfl_ops_path": 10 + 4 + 1, "shfl_ops": 2 * 10 + 4 + 1,
+            "ldg_path": 4, "ldg_total": 64 + 3}
+    assert launch["blocks"] == [want, want]

@@ -268,3 +268,32 @@ def test_triton_interpreter_works_or_says_why():
         import triton
         assert "interpreter" in status and f"Triton {triton.__version__}" in status, status
         assert f"NumPy {numpy.__version__}" in status, status
+
+
+def test_per_round_puts_measured_time_beside_the_emulator_counts():
+    counts = [dict(kernels="before", target="a", method="mmr", sim="gram", barriers_per_round=2.0,
+                   shuffle_levels_per_round=80.0, ldg_trips_per_round=9.7, kernel_launches=1, rounds=21.0),
+              dict(kernels="after", target="a", method="mmr", sim="gram", barriers_per_round=2.0,
+                   shuffle_levels_per_round=31.2, ldg_trips_per_round=3.7, kernel_launches=1, rounds=21.0,
+                   commit="abc"),
+              dict(kernels="after", target="a", method="mmr", sim="rows", shuffle_levels_per_round=269.0)]
+    records = [dict(backend="cuda", target="a", method="mmr", batch=1, k=64, rounds_per_k=0.328125,
+                    median_ms=0.042, gram_ms=0.01),
+               dict(backend="triton", target="a", method="mmr", batch=1, k=64, rounds_per_k=0.3, median_ms=0.05),
+               dict(backend="cuda", target="a", method="dpp", batch=1, k=64, rounds_per_k=None, median_ms=0.3),
+               dict(backend="cuda", target="b", method="mmr", batch=1, k=673, rounds_per_k=0.15, median_ms=0.3)]
+    rows = session.per_round(records, counts, "cuda")
+    assert [(r["target"], r["method"]) for r in rows] == [("a", "mmr"), ("b", "mmr")]
+    a = rows[0]
+    assert a["rounds"] == 21.0 and a["us_per_round_call"] == 2.0 and a["us_per_round_no_gram"] == 1.524
+    assert a["shuffle_levels_per_round"] == 31.2 and a["counts_kernels"] == "after"   # the newest generation
+    assert "shuffle_levels_per_round" not in rows[1]   # no counts for (b) in this list
+
+
+def test_committed_counts_cover_the_targets_the_session_times():
+    with open(session.COUNTS_FILE) as f:
+        counts = json.load(f)
+    kinds = {(c["kernels"], c["target"], c["method"], c["sim"]) for c in counts}
+    for gen in ("before", "after"):
+        assert {(gen, "a", "mmr", "gram"), (gen, "b", "mmr", "gram"), (gen, "b", "divprune", "gram")} <= kinds
+    assert all(c["picks_ok"] for c in counts)

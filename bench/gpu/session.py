@@ -136,6 +136,39 @@ def overall(stages: dict, missing: list = ()) -> tuple:
 
 
 # ----------------------------------------------------------------------------- environment
+COUNTS_FILE = os.path.join(ROOT, "bench", "results", "emu_counts.json")   # bench/emu_counts.py --record
+COUNTED = ("barriers_per_round", "shuffle_levels_per_round", "ldg_trips_per_round", "kernel_launches")
+
+
+def per_round(records: list, counts: list, cuda_backend: str) -> list:
+    """The cuda backend's measured time per sequential round beside the emulator's counts of the
+    kernels (bench/results/emu_counts.json, the newest generation) for the same target, method and
+    batch 1 Gram mode: what the cost model's per-round estimate is checked against.
+    ``us_per_round_call`` is the whole call's median over its rounds (an upper bound on the
+    greedy kernel's round); ``us_per_round_no_gram`` takes the separately timed bf16 Gram bmm off
+    first (approximate: the call's own Gram is fp32-output)."""
+    gens = [c.get("kernels") for c in counts]
+    newest = "after" if "after" in gens else (gens[-1] if gens else None)
+    rows = []
+    for r in records:
+        if r.get("backend") != cuda_backend or not r.get("rounds_per_k") or not r.get("k") or \
+                r.get("median_ms") is None:
+            continue
+        rounds = r["rounds_per_k"] * r["k"]
+        row = {"target": r.get("target"), "method": r.get("method"), "batch": r.get("batch"), "k": r["k"],
+               "rounds": round(rounds, 2), "median_ms": r["median_ms"],
+               "us_per_round_call": round(1000.0 * r["median_ms"] / rounds, 3)}
+        if r.get("gram_ms") is not None:
+            row["us_per_round_no_gram"] = round(1000.0 * (r["median_ms"] - r["gram_ms"]) / rounds, 3)
+        c = next((c for c in counts if c.get("kernels") == newest and c.get("target") == r.get("target")
+                  and c.get("method") == r.get("method") and c.get("sim") == "gram"), None)
+        if c is not None:
+            row.update({key: c.get(key) for key in COUNTED}, counted_rounds=c.get("rounds"), counts_kernels=newest,
+                       counts_commit=c.get("commit"))
+        rows.append(row)
+    return rows
+
+
 def _cmd_output(cmd: list, timeout: float = 20.0) -> Optional[str]:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -456,7 +489,9 @@ class Session:
     def targets(self) -> dict:
         records = (self.read_json(self.path("targets.json")) or []) + (self.read_json(self.path("prefill.json")) or [])
         rows = goals.evaluate(records, self.target.cuda_backend)
+        counts = self.read_json(COUNTS_FILE) or []
         return {"tally": goals.tally(rows), "rows": rows,
+                "per_round": per_round(records, counts, self.target.cuda_backend),
                 "note": "dry run: tiny CPU shapes, the numbers mean nothing" if self.dry_run else ""}
 
     def print_tail(self, name: str, lines: int = 25) -> None:
@@ -477,6 +512,11 @@ class Session:
             if row["ok"] is not None:
                 print(f"  ({row['target']}) {row['what']}: {row['value']:.4g} {row['unit']} "
                       f"(limit {row['limit']:g}) {'ok' if row['ok'] else 'MISSED'}")
+        for row in [] if self.dry_run else t.get("per_round", []):
+            print(f"  ({row['target']}) {row['method']} B={row['batch']}: {row['rounds']} rounds, "
+                  f"{row['us_per_round_call']} us/round (call), {row.get('us_per_round_no_gram')} us/round "
+                  f"(less the bf16 Gram); counted per round: {row.get('barriers_per_round')} barriers, "
+                  f"{row.get('shuffle_levels_per_round')} shuffle levels")
         print(f"result: {self.summary['result']} in {self.summary['elapsed_s']} s; files in {self.out}: "
               f"{', '.join(self.summary['files'])}", flush=True)
 

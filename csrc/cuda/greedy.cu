@@ -87,7 +87,25 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// sum_d row[d] * xs[d] over the warp (fp32 accumulation); all lanes get the result.
+// Where element d of a staged fp32 row (xs) lives in shared memory.  16-bit rows on the vector
+// path load 8 elements per lane (one 16-byte global load), which need 8 floats of xs: stored in
+// order, lane c would read 32 bytes at 32-byte lane stride (an 8-way bank conflict for scalar
+// reads, 2-way for float4).  So per group of 32 chunks (256 elements) the first halves of the
+// chunks come first, then the second halves: lane c reads float4 number c of each half, and
+// consecutive lanes read consecutive 16 bytes (no conflict).  fp32 (4 elements per load, one float4
+// per lane) and the scalar path keep the natural order.
+template <typename T, bool kVec>
+__device__ __forceinline__ std::int64_t xs_pos(std::int64_t d, std::int64_t dim) {
+  if (!kVec || Pack<T>::kN != 8) return d;
+  const std::int64_t g = d >> 8;
+  const int w = static_cast<int>(d & 255);
+  const std::int64_t left = (dim >> 3) - (g << 5);  // chunks in this group and after it
+  const int gsize = left < 32 ? static_cast<int>(left) : 32;
+  return (g << 8) + ((w >> 2) & 1) * gsize * 4 + (w >> 3) * 4 + (w & 3);
+}
+
+// sum_d row[d] * xs[d] over the warp (fp32 accumulation, in d order per lane); all lanes get the
+// result.  xs is laid out by xs_pos.
 template <typename T, bool kVec>
 __device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float* xs, std::int64_t dim,
                                           int lane) {
@@ -101,7 +119,18 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float
       const uint4 u = __ldg(r4 + c);
       float f[V];
       Pack<T>::unpack(u, f);
-      const float* s = xs + c * V;
+      float s[8];
+      if (V == 8) {  // c % 32 == lane: this lane's float4 in each half of the group (xs_pos)
+        const std::int64_t g = c >> 5;
+        const std::int64_t left = nv - (g << 5);
+        const int gsize = left < 32 ? static_cast<int>(left) : 32;
+        const float4 a = *reinterpret_cast<const float4*>(xs + (g << 8) + lane * 4);
+        const float4 b = *reinterpret_cast<const float4*>(xs + (g << 8) + gsize * 4 + lane * 4);
+        s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w, s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
+      } else {
+        const float4 a = *reinterpret_cast<const float4*>(xs + c * 4);
+        s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
+      }
 #pragma unroll
       for (int j = 0; j < V; ++j) acc = fmaf(f[j], s[j], acc);
     }
@@ -109,6 +138,68 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float
     for (std::int64_t d = lane; d < dim; d += 32) acc = fmaf(to_float(row[d]), xs[d], acc);
   }
   return warp_sum(acc);
+}
+
+// Picks whose dots a row-mode warp computes together per token (warp_dots).
+constexpr int kDotBatch = 4;
+
+// acc[q] = sum_d row[d] * xs[q * dim + d] for q < nb (<= B), each exactly as warp_dot computes it
+// (same per-lane order, same butterfly), but the row is read once for all nb staged rows and the
+// nb reductions share their 5 shuffle levels.  acc[q] for q >= nb is 0.
+template <typename T, bool kVec, int B>
+__device__ __forceinline__ void warp_dots(const T* __restrict__ row, const float* xs, std::int64_t dim, int lane,
+                                          int nb, float* acc) {
+#pragma unroll
+  for (int q = 0; q < B; ++q) acc[q] = 0.f;
+  if (kVec) {
+    constexpr int V = Pack<T>::kN;
+    const std::int64_t nv = dim / V;
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll 1
+    for (std::int64_t c = lane; c < nv; c += 32) {
+      const uint4 u = __ldg(r4 + c);
+      float f[V];
+      Pack<T>::unpack(u, f);
+      std::int64_t o0, o1;  // this lane's float4 offsets within a staged row (xs_pos)
+      if (V == 8) {
+        const std::int64_t g = c >> 5;
+        const std::int64_t left = nv - (g << 5);
+        const int gsize = left < 32 ? static_cast<int>(left) : 32;
+        o0 = (g << 8) + lane * 4;
+        o1 = o0 + gsize * 4;
+      } else {
+        o0 = c * 4;
+        o1 = o0;
+      }
+#pragma unroll
+      for (int q = 0; q < B; ++q) {
+        if (q < nb) {
+          const float* xq = xs + static_cast<std::int64_t>(q) * dim;
+          const float4 a = *reinterpret_cast<const float4*>(xq + o0);
+          float s[8];
+          s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
+          if (V == 8) {
+            const float4 b = *reinterpret_cast<const float4*>(xq + o1);
+            s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[q] = fmaf(f[j], s[j], acc[q]);
+        }
+      }
+    }
+  } else {
+    for (std::int64_t d = lane; d < dim; d += 32) {
+      const float v = to_float(row[d]);
+#pragma unroll
+      for (int q = 0; q < B; ++q)
+        if (q < nb) acc[q] = fmaf(v, xs[static_cast<std::int64_t>(q) * dim + d], acc[q]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int q = 0; q < B; ++q) acc[q] += __shfl_xor_sync(kFullMask, acc[q], off);
+  }
 }
 
 // sum_d row[d]^2 over the warp.
@@ -244,28 +335,43 @@ __device__ __forceinline__ void top_clear(float* ts, int* ti) {
   }
 }
 
-// The kMaxRound best entries of the union of the 32 lanes' sorted lists, best first, written by
-// lane 0 to (dst_s, dst_i): kMaxRound shuffle argmaxes over the lanes' heads, the winner's lane
-// pops its head (token indices are unique across lanes; kNoPick marks an empty slot).
-__device__ __forceinline__ void warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane) {
+// Order-preserving key of a score (NaN already mapped to -inf): a greater score gives a greater
+// unsigned key, and -0 and +0 get one key, as beats() treats them as equal.
+__device__ __forceinline__ unsigned score_key(float s) {
+  const unsigned u = __float_as_uint(s == 0.f ? 0.f : s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_score(unsigned k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The best `pops` (<= kMaxRound) entries of the union of the 32 lanes' sorted lists, best first,
+// written by lane 0 to (dst_s, dst_i) (kNoPick past the last real entry).  Each pop is two warp
+// reductions (REDUX), not a 5-level shuffle butterfly: the greatest score key, then the smallest
+// index among the lanes holding it; the winner's lane pops its head (token indices are unique
+// across lanes).  Returns the number of real entries written (uniform over the warp).
+__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops) {
+  int got = 0;
 #pragma unroll 1
-  for (int q = 0; q < kMaxRound; ++q) {
-    float bs = ts[0];
-    int bi = ti[0];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float s2 = __shfl_xor_sync(kFullMask, bs, off);
-      const int i2 = __shfl_xor_sync(kFullMask, bi, off);
-      if (beats(s2, i2, bs, bi)) {
-        bs = s2;
-        bi = i2;
-      }
-    }
+  for (int q = 0; q < pops; ++q) {
+    const unsigned key = score_key(ts[0]);
+    const unsigned best = __reduce_max_sync(kFullMask, key);
+    const int bi = static_cast<int>(
+        __reduce_min_sync(kFullMask, key == best ? static_cast<unsigned>(ti[0]) : 0xffffffffu));
     if (lane == 0) {
-      dst_s[q] = bs;
+      dst_s[q] = key_score(best);
       dst_i[q] = bi;
     }
-    if (bi != kNoPick && ti[0] == bi) {
+    if (bi == kNoPick) {  // every list is empty: so are the remaining pops (uniform exit)
+      if (lane == 0)
+        for (int u = q + 1; u < pops; ++u) {
+          dst_s[u] = -INFINITY;
+          dst_i[u] = kNoPick;
+        }
+      break;
+    }
+    ++got;
+    if (ti[0] == bi) {
 #pragma unroll
       for (int j = 0; j + 1 < kMaxRound; ++j) {
         ts[j] = ts[j + 1];
@@ -275,6 +381,7 @@ __device__ __forceinline__ void warp_merge_top(float* ts, int* ti, float* dst_s,
       ti[kMaxRound - 1] = kNoPick;
     }
   }
+  return got;
 }
 
 // MMR / FPS / hybrid / DivPrune in exact rounds (reference.select_rounds).
@@ -318,6 +425,8 @@ __device__ __forceinline__ void maxsim_body(
   __shared__ float list_s[32 * kMaxRound];  // each warp's best kMaxRound (score, index)
   __shared__ int list_i[32 * kMaxRound];
   __shared__ int cand_i[kMaxRound];         // the round's candidates, best first
+  __shared__ std::int64_t cand_row[kMaxRound];  // Gram mode: offset of candidate j's Gram row
+  __shared__ float cand_inv[kMaxRound];         // Gram mode: inv_norm of candidate j
   __shared__ std::uint8_t pair_ok[kMaxRound * (kMaxRound - 1) / 2];  // row mode: check of (c_j, c_l), l < j
   __shared__ int round_n[1];                // Gram: committed count; row: candidates to stage
 
@@ -368,40 +477,59 @@ __device__ __forceinline__ void maxsim_body(
   // in shared memory (a list in registers across the dot loop made ptxas spill on sm_80).
   float* warp_ls = list_s + warp * kMaxRound;
   int* warp_li = list_i + warp * kMaxRound;
-  if (!kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane);  // step 0 scored thread per token
+  if (!kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane, kMaxRound);  // step 0 scored thread per token
   std::int64_t t = 0;
   std::int64_t nrounds = 0;
   int cap = 1;  // candidates this round may commit: the first round is a round of one
   while (true) {
-    // ---- the block's best kMaxRound candidates, and (Gram mode) the commit check
-    if (kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane);
+    // ---- the block's best `cap` candidates (only they can commit this round), and (Gram mode)
+    // the commit check.  A warp list holds `cap` valid entries in Gram mode (the merge below
+    // writes that many), kMaxRound in row mode; warp 0 reads the first `cap` of each.
+    if (kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane, cap);
     __syncthreads();
     if (warp == 0) {
 #pragma unroll
       for (int j = 0; j < kMaxRound; ++j) {
-        ts[j] = lane < nwarps ? list_s[lane * kMaxRound + j] : -INFINITY;
-        ti[j] = lane < nwarps ? list_i[lane * kMaxRound + j] : kNoPick;
+        const bool in = lane < nwarps && j < cap;
+        ts[j] = in ? list_s[lane * kMaxRound + j] : -INFINITY;
+        ti[j] = in ? list_i[lane * kMaxRound + j] : kNoPick;
       }
       __syncwarp();  // every lane's reads are done before lane 0 overwrites list_s[0 ..)
-      warp_merge_top(ts, ti, list_s, cand_i, lane);  // warp 0's own list was read above
-      __syncwarp();
-      if (lane == 0) {
-        int r = 0;
-        while (r < cap && cand_i[r] != kNoPick) {
-          if (kGram && r > 0) {  // sim(c_r, c_l) <= m_{c_r} for every earlier c_l of the round
-            const int c = cand_i[r];
-            const float mc = m[c];
-            bool ok = true;
-            for (int l = 0; l < r && ok; ++l) {
-              const int cl = cand_i[l];
-              ok = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= mc;
-            }
-            if (!ok) break;
-          }
-          ++r;
-        }
-        round_n[0] = r;
+      const int valid = warp_merge_top(ts, ti, list_s, cand_i, lane, cap);  // warp 0's own list was read above
+      __syncwarp();  // cand_i visible to the warp
+      if (kGram && lane < valid) {  // read by the update after the barrier below
+        const int c = cand_i[lane];
+        cand_row[lane] = static_cast<std::int64_t>(c) * ld;
+        cand_inv[lane] = inv_b[c];
       }
+      int r = valid;
+      if (kGram && valid > 1) {
+        // sim(c_j, c_l) <= m_{c_j} for every earlier c_l of the round: pair q = j (j - 1) / 2 + l
+        // (l < j < valid) on lane q, all loads at once; the first failing pair in q order has the
+        // smallest j, which is the number of candidates that commit.
+        int j = 1, base = 0;
+        while (base + j <= lane) {
+          base += j;
+          ++j;
+        }
+        const int l = lane - base;
+        bool fails = false;
+        if (j < valid) {
+          const int c = cand_i[j], cl = cand_i[l];
+          fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m[c]);
+        }
+        const unsigned failed = __ballot_sync(kFullMask, fails);
+        if (failed != 0u) {
+          const int q = __ffs(static_cast<int>(failed)) - 1;
+          int jq = 1, bq = 0;
+          while (bq + jq <= q) {
+            bq += jq;
+            ++jq;
+          }
+          r = jq;
+        }
+      }
+      if (lane == 0) round_n[0] = r;
     }
     __syncthreads();
     int r = round_n[0];
@@ -413,7 +541,7 @@ __device__ __forceinline__ void maxsim_body(
         const float ic = inv_b[c];
         const T* xc = x + (start + c) * dim;
         float* xj = xs + static_cast<std::int64_t>(j) * dim;
-        for (std::int64_t d = tid; d < dim; d += nthreads) xj[d] = to_float(xc[d]) * ic;
+        for (std::int64_t d = tid; d < dim; d += nthreads) xj[xs_pos<T, kVec>(d, dim)] = to_float(xc[d]) * ic;
       }
       if (r > 1) {
         __syncthreads();  // the staged rows xs[0..r) visible to the whole block
@@ -462,33 +590,41 @@ __device__ __forceinline__ void maxsim_body(
     // ---- one state update for every committed pick, scoring the next round
     if (kGram) {
       top_clear(ts, ti);
-    } else if (lane == 0) {
-      top_clear(warp_ls, warp_li);
-    }
-    for (int i = worker; i < n; i += nworkers) {
-      if (taken[i]) continue;  // row mode: warp-uniform, every lane reads the same byte
-      float mi = kGram || lane == 0 ? m[i] : 0.f;  // row mode: lane 0 alone reads and writes m[i]
-#pragma unroll 1
-      for (int j = 0; j < r; ++j) {
-        float sim;
-        if (kGram) {
-          const int p = cand_i[j];
-          sim = __fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(p) * ld + i) * inv_b[p], inv_b[i]);
-        } else {
-          const float dot = warp_dot<T, kVec>(x + (start + i) * dim, xs + static_cast<std::int64_t>(j) * dim, dim,
-                                              lane);
-          sim = dot * inv_b[i];
-        }
-        mi = fmaxf(mi, sim);
-      }
-      if (kGram || lane == 0) {
+      // Gram mode: the picks' row offsets and norms come from shared memory (written once by
+      // warp 0); the loop over picks is unrolled and predicated, so a token's r Gram reads are all
+      // in flight at once.  (Register arrays of them made ptxas spill at the 64-register cap.)
+      for (int i = tid; i < n; i += nthreads) {
+        if (taken[i]) continue;
+        float mi = m[i];
+        const float ii = inv_b[i];
+        float g[kMaxRound];  // every load issued before the first use
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j)
+          if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
         m[i] = mi;
         // no contraction into an FMA: same rounding as the torch backend's two products
-        const float s = __fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi));
-        if (kGram) {
-          top_insert(s, i, ts, ti);
-        } else {
-          top_insert(s, i, warp_ls, warp_li);
+        top_insert(__fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi)), i, ts, ti);
+      }
+    } else {
+      if (lane == 0) top_clear(warp_ls, warp_li);
+      for (int i = warp; i < n; i += nwarps) {
+        if (taken[i]) continue;  // warp-uniform, every lane reads the same byte
+        float mi = lane == 0 ? m[i] : 0.f;  // lane 0 alone reads and writes m[i]
+        // kDotBatch picks at a time: the token's row is read once per batch, not once per pick
+#pragma unroll 1
+        for (int j0 = 0; j0 < r; j0 += kDotBatch) {
+          float acc[kDotBatch];
+          warp_dots<T, kVec, kDotBatch>(x + (start + i) * dim, xs + static_cast<std::int64_t>(j0) * dim, dim, lane,
+                                        r - j0 < kDotBatch ? r - j0 : kDotBatch, acc);
+#pragma unroll
+          for (int q = 0; q < kDotBatch; ++q)
+            if (j0 + q < r) mi = fmaxf(mi, acc[q] * inv_b[i]);
+        }
+        if (lane == 0) {
+          m[i] = mi;
+          top_insert(__fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi)), i, warp_ls, warp_li);
         }
       }
     }
@@ -610,7 +746,7 @@ __device__ __forceinline__ void dpp_body(
       ip = inv_norm[prow];
       if (!kGram) {
         const T* xp = x + prow * dim;
-        for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[d] = to_float(xp[d]) * ip;
+        for (std::int64_t d = tid; d < dim; d += blockDim.x) xs[xs_pos<T, kVec>(d, dim)] = to_float(xp[d]) * ip;
       }
     }
     __syncthreads();  // xs and taken[p] visible

@@ -24,7 +24,8 @@
 // Environment: CUDA_EMU_SCHED=linear|reverse|random:SEED (resume order), CUDA_EMU_SMEM_FILL
 // (0..255, default 0xff), CUDA_EMU_SMEM_OPTIN (bytes, default 232448 as an H100),
 // CUDA_EMU_STACK_KB (fiber stack, default 256), CUDA_EMU_REPORT_FD=FD:PID (a second
-// destination of abort messages: report_fd() below).
+// destination of abort messages: report_fd() below), CUDA_EMU_COUNTS=PATH (per-launch barrier,
+// shuffle-level and load counters appended to PATH: "Counters" below, bench/emu_counts.py).
 #pragma once
 
 #include <cuda_runtime.h>  // real CUDA headers: types, enums and API declarations only
@@ -218,6 +219,14 @@ struct Warp {
   int line = 0;
   char sync_obj[2];  // TSan happens-before objects of __syncwarp, alternating by generation
   std::atomic<std::uint64_t> buf[2][32];  // shuffle exchange, double-buffered by generation parity
+  // counters (see "Counters" below)
+  long levels = 0;           // shuffle levels of this warp in the current barrier interval
+  long shfl_ops = 0;         // shuffle generations of this warp in the current barrier interval
+  long level_interval = -1;  // the interval of the last shuffle (a new interval starts a new level)
+  int pat_mode = -1, pat_width = 0;  // pattern of the last shuffle generation
+  int pat_src[32] = {};
+  bool pat_differs = false;  // some lane of the generation being collected differs from pat_src
+  int next_src[32] = {};
 };
 
 struct Fiber {
@@ -230,6 +239,7 @@ struct Fiber {
   int line = 0;
   char* stack = nullptr;
   std::size_t stack_size = 0;
+  long ldg = 0;  // __ldg calls of this thread in the current barrier interval
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -271,7 +281,51 @@ struct Block {
   std::map<const void*, std::pair<void*, std::size_t>> static_smem;
   std::size_t static_bytes = 0;
   std::size_t smem_limit = 0;  // static + dynamic may not exceed this
+  // counters (see "Counters" below)
+  long interval = 0;     // barrier intervals closed so far
+  long barriers = 0;     // __syncthreads generations that opened
+  long shfl_path = 0;    // sum over intervals of the max over warps of shuffle levels
+  long shfl_ops_path = 0;  // same, counting every shuffle generation
+  long shfl_ops = 0;     // shuffle generations of all warps
+  long ldg_path = 0;     // sum over intervals of the max over threads of __ldg calls
+  long ldg_total = 0;    // __ldg calls of all threads
 };
+
+// ------------------------------------------------------------------ counters
+// Per block of every launch, for the cost model (bench/emu_counts.py):
+//   barriers   : __syncthreads generations (each one every thread of the block waits at).
+//   shfl_path  : shuffle levels on the critical path.  A *shuffle level* of a warp is a maximal
+//                run of consecutive full-warp __shfl_*_sync generations of that warp, inside one
+//                barrier interval, with the same pattern (mode, width, and the source lane of
+//                every lane): the (score, index) pair of one butterfly step is one level, the
+//                next xor offset starts another.  Barriers cut the launch into intervals; in
+//                each, the warps run in parallel, so the path adds the largest level count of
+//                any warp in the interval.  (A run of identical-pattern shuffles that do depend
+//                on each other would be under-counted; the kernels have none.)
+//   shfl_ops_path: the same sum counting every shuffle generation (no grouping).
+//   ldg_path   : the sum over intervals of the largest number of __ldg calls of one thread:
+//                an UPPER bound on dependent global-memory trips (the emulator cannot see
+//                whether the hardware overlaps a thread's independent loads).  Plain
+//                pointer reads of global memory are not counted.
+// CUDA_EMU_COUNTS=PATH appends one JSON line per launch to PATH (see write_counts).
+inline void close_interval(Block& b) {
+  long lv = 0, ops = 0;
+  for (int w = 0; w < b.nwarps; ++w) {
+    lv = std::max(lv, b.warps[w].levels);
+    ops = std::max(ops, b.warps[w].shfl_ops);
+    b.warps[w].levels = 0;
+    b.warps[w].shfl_ops = 0;
+  }
+  long ld = 0;
+  for (int i = 0; i < b.nthreads; ++i) {
+    ld = std::max(ld, b.fibers[i].ldg);
+    b.fibers[i].ldg = 0;
+  }
+  b.shfl_path += lv;
+  b.shfl_ops_path += ops;
+  b.ldg_path += ld;
+  ++b.interval;
+}
 
 inline thread_local Block* tl_block = nullptr;
 
@@ -336,6 +390,8 @@ inline void syncthreads(const char* file, int line) {
   hb_release(&b.bar_sync[gen & 1]);
   if (++b.bar_arrived == b.live) {  // last one opens the barrier, then yields like the others so
     b.bar_arrived = 0;              // that the order after the barrier follows CUDA_EMU_SCHED
+    ++b.barriers;
+    close_interval(b);
     b.bar_gen.store(gen + 1, std::memory_order_relaxed);
     f.state.store(kRunnable, std::memory_order_relaxed);
   } else {
@@ -403,10 +459,31 @@ inline T shfl(ShflMode mode, const char* file, int line, unsigned mask, T v, int
   std::uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   w.buf[parity][lane].store(bits, std::memory_order_relaxed);
-  warp_barrier(w, f, "__shfl_*_sync", file, line, false);
   const int seg = lane & ~(width - 1);
+  {  // counters: this lane's source, compared with the warp's last shuffle (see close_interval)
+    int s0 = lane;
+    switch (mode) {
+      case kIdx: s0 = seg + (arg & (width - 1)); break;
+      case kUp: s0 = (lane - arg >= seg) ? lane - arg : lane; break;
+      case kDown: s0 = (lane + arg < seg + width) ? lane + arg : lane; break;
+      case kXor: s0 = ((lane ^ arg) < seg + width) ? (lane ^ arg) : lane; break;
+    }
+    if (w.arrived == 0) w.pat_differs = w.level_interval != b.interval || w.pat_mode != mode || w.pat_width != width;
+    if (w.pat_src[lane] != s0) w.pat_differs = true;
+    w.next_src[lane] = s0;
+    if (w.arrived + 1 == w.expected) {  // the last lane completes the generation
+      ++w.shfl_ops;
+      ++b.shfl_ops;
+      if (w.pat_differs) ++w.levels;
+      w.level_interval = b.interval;
+      w.pat_mode = mode;
+      w.pat_width = width;
+      std::memcpy(w.pat_src, w.next_src, sizeof w.pat_src);
+    }
+  }
+  warp_barrier(w, f, "__shfl_*_sync", file, line, false);
   int src = lane;
-  switch (mode) {
+  switch (mode) {  // (the same mapping as the counters' above)
     case kIdx: src = seg + (arg & (width - 1)); break;
     case kUp: src = (lane - arg >= seg) ? lane - arg : lane; break;
     case kDown: src = (lane + arg < seg + width) ? lane + arg : lane; break;
@@ -416,6 +493,44 @@ inline T shfl(ShflMode mode, const char* file, int line, unsigned mask, T v, int
   bits = w.buf[parity][src].load(std::memory_order_relaxed);
   T r;
   std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+
+// Warp-wide reductions and votes (__reduce_*_sync, __ballot_sync): every lane stores its value,
+// the warp meets as for a shuffle, then every lane combines all lanes' values.  Each one is its
+// own shuffle level in the counters (one REDUX or VOTE instruction on the GPU).
+enum WarpOp { kRedMax, kRedMin, kRedAdd, kRedAnd, kRedOr, kBallot };
+
+inline unsigned warp_collective(WarpOp op, const char* file, int line, unsigned mask, unsigned v) {
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  Warp& w = b.warps[f.linear >> 5];
+  const unsigned want = w.lanes == 32 ? 0xffffffffu : ((1u << w.lanes) - 1u);
+  if (mask != want) fail("warp reduction/vote (0x%08x) at %s:%d: only full-warp masks are emulated", mask, file, line);
+  const int lane = f.linear & 31;
+  const int parity = static_cast<int>(w.gen.load(std::memory_order_relaxed) & 1u);
+  w.buf[parity][lane].store(v, std::memory_order_relaxed);
+  if (w.arrived + 1 == w.expected) {  // the last lane completes the generation: a new level
+    ++w.shfl_ops;
+    ++b.shfl_ops;
+    ++w.levels;
+    w.level_interval = b.interval;
+    w.pat_mode = -1;  // the next shuffle starts a level too
+  }
+  warp_barrier(w, f, "warp reduction/vote", file, line, false);
+  unsigned r = op == kRedMin || op == kRedAnd ? 0xffffffffu : 0u;
+  for (int l = 0; l < w.lanes; ++l) {
+    const unsigned x = static_cast<unsigned>(w.buf[parity][l].load(std::memory_order_relaxed));
+    switch (op) {
+      case kRedMax: r = std::max(r, x); break;
+      case kRedMin: r = std::min(r, x); break;
+      case kRedAdd: r += x; break;
+      case kRedAnd: r &= x; break;
+      case kRedOr: r |= x; break;
+      case kBallot: r |= (x != 0u ? 1u : 0u) << l; break;
+    }
+  }
   return r;
 }
 
@@ -448,7 +563,11 @@ inline A& static_smem(const void* key) {
 }
 
 // ------------------------------------------------------------------ runtime state
+struct BlockCounts {
+  long barriers, shfl_path, shfl_ops_path, shfl_ops, ldg_path, ldg_total;
+};
 struct Runtime {
+  std::vector<BlockCounts> blocks;  // counters of the blocks of the current launch
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
   std::vector<std::pair<char*, std::size_t>> stacks;  // reused across launches
@@ -600,6 +719,8 @@ inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, st
     }
   }
   tl_block = prev;
+  close_interval(b);
+  rt().blocks.push_back({b.barriers, b.shfl_path, b.shfl_ops_path, b.shfl_ops, b.ldg_path, b.ldg_total});
 #ifdef CUDA_EMU_TSAN
   for (int i = 0; i < n; ++i) __tsan_destroy_fiber(fibers[i].tsan_fiber);
   AnnotateIgnoreWritesBegin(__FILE__, __LINE__);  // freeing smem is not a kernel access
@@ -636,6 +757,25 @@ inline CfgBuilder launch_config(dim3 grid, dim3 block, std::size_t smem = 0, cud
   return CfgBuilder{LaunchCfg{grid, block, smem, stream}};
 }
 
+// One JSON line per launch to CUDA_EMU_COUNTS (read at every launch, so a process may switch it
+// on and off): grid, block, dynamic smem, parameter count (tells the kernels apart), and the
+// counters of every block (close_interval).
+inline void write_counts(const LaunchCfg& c, std::size_t nparams) {
+  const char* path = std::getenv("CUDA_EMU_COUNTS");
+  if (!path || !*path) return;
+  FILE* f = std::fopen(path, "a");
+  if (!f) fail("CUDA_EMU_COUNTS=%s: cannot open for appending", path);
+  std::fprintf(f, "{\"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], \"smem\": %zu, \"params\": %zu, \"blocks\": [",
+               c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z, c.smem, nparams);
+  const auto& bl = rt().blocks;
+  for (std::size_t i = 0; i < bl.size(); ++i)
+    std::fprintf(f, "%s{\"barriers\": %ld, \"shfl_path\": %ld, \"shfl_ops_path\": %ld, \"shfl_ops\": %ld, "
+                 "\"ldg_path\": %ld, \"ldg_total\": %ld}", i ? ", " : "", bl[i].barriers, bl[i].shfl_path,
+                 bl[i].shfl_ops_path, bl[i].shfl_ops, bl[i].ldg_path, bl[i].ldg_total);
+  std::fprintf(f, "]}\n");
+  std::fclose(f);
+}
+
 template <typename... P>
 void launch(void (*kernel)(P...), const LaunchCfg& c, std::tuple<std::decay_t<P>...> params) {
   Runtime& r = rt();
@@ -657,11 +797,13 @@ void launch(void (*kernel)(P...), const LaunchCfg& c, std::tuple<std::decay_t<P>
   // Blocks run one after another, but no happens-before joins them until the launch ends: a
   // race between two blocks (e.g. overlapping scratch) is reported under TSan.
   char exit_sync = 0;
+  r.blocks.clear();
   for (unsigned z = 0; z < c.grid.z; ++z)
     for (unsigned y = 0; y < c.grid.y; ++y)
       for (unsigned x = 0; x < c.grid.x; ++x)
         run_block(make_uint3(x, y, z), c.block, c.grid, c.smem, limit, body, &exit_sync);
   hb_acquire(&exit_sync);
+  write_counts(c, sizeof...(P));
 }
 
 // `kernel<<<cfg>>>(args)` is rewritten by cu_rewrite.py to `kernel | launch_config(cfg).args(args)`.
@@ -696,8 +838,25 @@ template <typename T> inline T shfl_w(ShflMode m, const char* f, int l, unsigned
 #define __shfl_down_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kDown, __FILE__, __LINE__, mask, v, __VA_ARGS__)
 #define __shfl_xor_sync(mask, v, ...) ::cuda_emu::shfl_w(::cuda_emu::kXor, __FILE__, __LINE__, mask, v, __VA_ARGS__)
 
+// unsigned operands only (the kernels use no other overload)
+#define __reduce_max_sync(mask, v) \
+  ::cuda_emu::warp_collective(::cuda_emu::kRedMax, __FILE__, __LINE__, mask, static_cast<unsigned>(v))
+#define __reduce_min_sync(mask, v) \
+  ::cuda_emu::warp_collective(::cuda_emu::kRedMin, __FILE__, __LINE__, mask, static_cast<unsigned>(v))
+#define __ballot_sync(mask, pred) \
+  ::cuda_emu::warp_collective(::cuda_emu::kBallot, __FILE__, __LINE__, mask, (pred) ? 1u : 0u)
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  {
+    ::cuda_emu::Internal guard;
+    ::cuda_emu::Block& b = ::cuda_emu::block();
+    ++b.cur.load(std::memory_order_relaxed)->ldg;
+    ++b.ldg_total;
+  }
+  return *p;
+}
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
