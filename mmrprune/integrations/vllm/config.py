@@ -10,10 +10,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..dispatch import BACKENDS
-from ..reference import LAM_METHODS
-from ..validation import K_CAP, check_budget, check_lam, check_method, check_method_params
-from .selection import IMPORTANCE_SOURCES, Budget, Selector
+from ...dispatch import BACKENDS
+from ...reference import LAM_METHODS
+from ...validation import K_CAP, check_budget, check_lam, check_method, check_method_params
+from ..selection import IMPORTANCE_SOURCES, Budget, Selector
 
 ENV = "MMRPRUNE_VLLM"
 _BUDGET_KEYS = ("k", "keep_ratio", "video_k", "video_keep_ratio")
@@ -111,11 +111,18 @@ def _budget(fields: dict, prefix: str) -> Budget:
         return Budget()
     try:
         return Budget(*check_budget(k, ratio))
-    except (TypeError, ValueError) as exc:   # its message names k / keep_ratio: name the key given
-        raise ValueError(f"{k_key if k is not None else ratio_key}: {str(exc).split(': ', 1)[1]}") from None
+    except (TypeError, ValueError) as exc:   # name the key given and echo the value as typed
+        key = k_key if k is not None else ratio_key
+        reason = str(exc).split(": ", 1)[1].rsplit(", got ", 1)[0]
+        raise ValueError(f"{key}: {reason}, got {_shown(fields[key])[1:-1]}") from None
 
 
+# One rule for every number: plain decimal digits, an optional sign, and for reals a decimal point
+# and exponent.  Python's int() and float() also take "1_000", "inf", "nan" and non-ASCII digits;
+# a setting spelled so is refused rather than read as something the user did not type.
 _INT = re.compile(r"[+-]?[0-9]+")
+_REAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_SPELLING = "plain decimal digits, no '_' separators"
 
 
 def _int(fields: dict, key: str) -> Optional[int]:
@@ -123,11 +130,11 @@ def _int(fields: dict, key: str) -> Optional[int]:
         return None
     value = fields[key]
     if not _INT.fullmatch(value):
-        raise ValueError(f"{key}: expected an int, got {_shown(value)}")
+        raise ValueError(f"{key}: expected an int ({_SPELLING}), got {_shown(value)}")
     digits = value.lstrip("+-").lstrip("0") or "0"
     if len(digits) > 19:   # Python refuses to parse ints of > 4300 digits; any such k means every token
         if value.startswith("-"):
-            raise ValueError(f"{key}: expected an int >= 1, got {_shown(value)}")
+            raise ValueError(f"{key}: expected an int >= 1, got {_shown(value)[1:-1]}")
         return K_CAP
     return int(value)
 
@@ -135,7 +142,20 @@ def _int(fields: dict, key: str) -> Optional[int]:
 def _real(fields: dict, key: str) -> Optional[float]:
     if key not in fields:
         return None
+    value = fields[key]
+    if not _REAL.fullmatch(value):
+        raise ValueError(f"{key}: expected a number ({_SPELLING}; a decimal point and exponent allowed), "
+                         f"got {_shown(value)}")
+    return float(value)
+
+
+def check_backend(selector: Selector, device_type: str) -> None:
+    """Refuse, when the engine starts, a ``backend`` that cannot run on the engine's device
+    (e.g. ``backend=cuda`` on a CPU-only vLLM), saying why."""
+    from ...dispatch import resolve
     try:
-        return float(fields[key])
-    except ValueError:
-        raise ValueError(f"{key}: expected a number, got {_shown(fields[key])}") from None
+        resolve(selector.backend, device_type, selector.method)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{ENV}: backend={selector.backend} cannot run on this vLLM engine, whose tensors are on "
+                         f"{device_type}: {exc}. Use backend=auto, or a backend of {list(BACKENDS)} that runs on "
+                         f"{device_type}") from None
