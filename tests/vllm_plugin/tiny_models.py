@@ -87,8 +87,8 @@ def build(family: str, out_dir: str) -> dict:
             from transformers import Qwen3_5ForConditionalGeneration as model_cls
             text["rope_parameters"]["partial_rotary_factor"] = 1.0
             text.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
-                        linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
-                        linear_num_value_heads=4)
+                        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
+                        linear_num_value_heads=2)
         cfg = config_cls(text_config=text, vision_config=vision, **_token_ids(ids))
         # its pixel limits count every frame
         videos = Qwen3VLVideoProcessor(size={"shortest_edge": MIN_PIXELS[family], "longest_edge": 16 * MAX_PIXELS[family]},
