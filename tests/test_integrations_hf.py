@@ -68,7 +68,7 @@ def _select_error(**kwargs):
 @pytest.mark.parametrize("kwargs", [dict(k=0), dict(keep_ratio=1.5), dict(k=2, keep_ratio=0.5), dict(k=2.5),
                                     dict(k=2, method="foo"), dict(k=2, backend="cuda"), dict(k=2, backend="gpu"),
                                     dict(k=2, lam=3), dict(k=2, lam="0.5"), dict(k=2, foo=1),
-                                    dict(k=2, method="d2pruner", alpha=0.5), dict(k=2, method="d2pruner", tau=None)],
+                                    dict(k=2, method="d2pruner", tau=None)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_enable_checks_every_argument_with_selects_messages(llava, kwargs):
     want = _select_error(**kwargs)
@@ -149,13 +149,15 @@ def test_enable_twice_and_unsupported_models(llava):
     assert hooks_of(llava) == 0
 
 
-@pytest.mark.parametrize("release", ["4.57.5", "4.56.2", "5.26.0", "6.0.0", "5.26.0.dev0", "not-a-version"])
-def test_releases_outside_the_window_are_refused_when_enabling(llava, monkeypatch, release):
+@pytest.mark.parametrize("release", ["4.57.5", "4.56.2", "not-a-version"])
+def test_releases_below_the_window_are_refused_when_enabling(llava, monkeypatch, release):
     # transformers swaps its module object in sys.modules once models load: patch the current one
     monkeypatch.setattr(sys.modules["transformers"], "__version__", release)
     with pytest.raises(RuntimeError) as exc:
         enable_visual_token_pruning(llava, k=2)
     assert f"transformers {release} is outside" in str(exc.value) and versions.specifier() in str(exc.value)
+    # the hint names only commands that work: mmrprune is installed from a clone, not the index
+    assert "mmrprune[hf]" not in str(exc.value) and "pip install -e '.[hf]'" in str(exc.value)
     assert hooks_of(llava) == 0
 
 
@@ -351,7 +353,9 @@ def _spanning(batch):
 @pytest.mark.parametrize("change, error, text", [
     (lambda b: dict(b, pixel_values=b["pixel_values"][:2]), ValueError, "48 image placeholder tokens in input_ids "
                                                                         "but 32 image features"),
-    (_spanning, ValueError, "the 16 placeholder tokens of image 1 span prompts 0 and 1"),
+    (_spanning, ValueError, "the 16 placeholder tokens of image 1 span prompts 0 and 1; each image's placeholders "
+                            "must lie in one prompt.  From generate with num_beams > 1 or num_return_sequences > 1 "
+                            "over prompts with different image counts, this is generate's expansion"),
     (lambda b: dict(b, position_ids=torch.arange(5)[None]), ValueError, "position_ids of shape (2, 5) do not match"),
     (lambda b: dict(b, attention_mask=b["attention_mask"][:, None]), ValueError, "2-D attention mask"),
 ], ids=["feature-count", "image-across-prompts", "position-ids", "3-D-mask"])
@@ -528,3 +532,102 @@ def test_qwen_needs_mm_token_type_ids_where_the_model_does(qwen):
         with torch.no_grad(), prune_visual_tokens(qwen, k=2):
             qwen(**batch)
     assert (batch["input_ids"] == QWEN_IMAGE).any()
+
+
+# ----------------------------------------------------------------------------- one spec, its messages
+def test_a_video_budget_alone_prunes_only_videos(qwen25):
+    """video_keep_ratio alone (no image budget) is accepted: every image token stays and each
+    video keeps its budget; the prefill still equals the masked unpruned forward."""
+    batch = qwen_video_batch(qwen25, seed=12)
+    ids = batch["input_ids"]
+    got = check_pruned_prefill(qwen25, batch, VIDEO_SPEC, video_keep_ratio=0.25)
+    assert _kept_per_unit(got.pruner.last) == [2, 6, 3, 3]
+    assert bool(got.keep[ids == QWEN_IMAGE].all())
+
+
+def test_d2pruner_takes_each_images_grid_from_the_model(qwen):
+    """Qwen images of 8x8, 4x6 and 6x4 patches (4x4, 2x3, 3x2 merged tokens): d2pruner's spatial
+    term gets each image's own (h, w), read off its M-RoPE positions; the kept indices are what
+    select_varlen gives each image with its grid."""
+    batch = QWEN2_VL.batch(qwen)
+    params = dict(method="d2pruner", alpha=0.5, radius=1)
+    got = check_pruned_prefill(qwen, batch, QWEN2_VL, k=3, **params)
+    last = got.pruner.last
+    packed = got.unpruned_call[1]["inputs_embeds"][batch["input_ids"] == QWEN_IMAGE]
+    want = []
+    cu = last["cu_seqlens"]
+    for b, grid in enumerate([(4, 4), (2, 3), (3, 2)]):
+        f = packed[cu[b]:cu[b + 1]]
+        idx, _ = mmrprune.select_varlen(f, imp.token_norm(f), torch.tensor([0, f.shape[0]]), k=3, grid=grid,
+                                        **params)
+        want.append(idx + cu[b])
+    assert torch.equal(last["kept_indices"], torch.cat(want))
+    with pytest.raises(ValueError, match="llava_next images do not have as one grid"):
+        from hf_families import LLAVA_NEXT
+        enable_visual_token_pruning(LLAVA_NEXT.build(), k=3, **params)
+
+
+def test_a_stray_position_bias_or_lam_warns_once_at_the_users_line(llava):
+    for enable in (enable_visual_token_pruning, prune_visual_tokens):
+        with pytest.warns(UserWarning) as record:
+            p = enable(llava, k=2, importance="norm", position_bias=torch.ones(16), method="dpp", lam=0.4)
+            p = p.__enter__() if enable is prune_visual_tokens else p
+            with torch.no_grad():
+                llava(**LLAVA.batch(llava))
+            p.remove()
+        texts = sorted(str(r.message) for r in record)
+        assert texts == ["lam=0.4 is ignored by method='dpp': only mmr and hybrid use lam",
+                         "position_bias is ignored by importance='norm': only importance='debiased_cls' reads it"]
+        assert all(r.filename == __file__ for r in record), [r.filename for r in record]
+
+
+def test_a_pruned_generate_logs_nothing_an_unpruned_one_does_not(llava, qwen, monkeypatch):
+    """transformers' once-only warnings (5.25: "past_key_values/cache_params are deprecated")
+    recorded around a pruned and an unpruned generate: pruning adds none."""
+    import logging
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(str(msg)),
+                        raising=False)
+    for model, spec in ((llava, LLAVA), (qwen, QWEN2_VL)):
+        batch = spec.batch(model)
+        with torch.no_grad():
+            said.clear()
+            model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            unpruned = set(said)
+            said.clear()
+            with prune_visual_tokens(model, k=2):
+                model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert set(said) <= unpruned, set(said) - unpruned
+
+
+def test_prune_visual_tokens_without_with_prunes_until_removed(llava):
+    """Forgetting the ``with``: the call itself enables pruning (enable / disable style), so
+    the forward is pruned and ``p.last`` is there; ``remove()`` disables it."""
+    batch = LLAVA.batch(llava)
+    with torch.no_grad():
+        llava(**batch)
+    before = hooks_of(llava)          # transformers may add hooks of its own at a first forward
+    p = prune_visual_tokens(llava, k=2)
+    with torch.no_grad():
+        out = llava(**batch)
+    assert p.last["visual_after"] == 6 and out.logits.shape[1] == p.last["pruned_len"] < p.last["orig_len"]
+    p.remove()
+    assert hooks_of(llava) == before
+    with prune_visual_tokens(llava, k=2) as q, torch.no_grad():
+        llava(**batch)
+    assert q.last["visual_after"] == 6 and hooks_of(llava) == before
+
+
+def test_cls_importance_without_eager_attention_is_refused_when_enabling(llava):
+    before = hooks_of(llava)
+    vt_config = llava.model.vision_tower.config
+    old = vt_config._attn_implementation
+    vt_config._attn_implementation = "sdpa"
+    try:
+        with pytest.raises(ValueError, match="importance='cls' reads the vision tower's attention probabilities, "
+                                             "which its 'sdpa' attention does not compute; load the model with "
+                                             "attn_implementation='eager'"):
+            enable_visual_token_pruning(llava, k=2, importance="cls")
+    finally:
+        vt_config._attn_implementation = old
+    assert hooks_of(llava) == before

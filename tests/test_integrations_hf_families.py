@@ -68,10 +68,11 @@ def test_kept_tokens_keep_their_original_positions(family):
     assert bool((row0[1:] - row0[:-1] > 1).any())
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("budget", [dict(keep_ratio=1.0), dict(k=10**6)], ids=["keep_ratio=1", "k>=N"])
-def test_full_budget_reproduces_unpruned_logits(family, budget):
+def test_full_budget_reproduces_unpruned_logits(family, budget, padding):
     spec, model = family
-    batch = spec.batch(model, seed=4)
+    batch = spec.batch(model, seed=4, padding=padding)
     labels = batch["input_ids"].masked_fill(spec.prunable(batch) | (batch["attention_mask"] == 0), -100)
     with torch.no_grad():
         ref = model(**batch, labels=labels)
@@ -82,6 +83,27 @@ def test_full_budget_reproduces_unpruned_logits(family, budget):
     torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(after.logits, ref.logits)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_full_budget_generate_equals_unpruned_generate(family, padding):
+    """``k >= N``: generate's tokens and every step's logits are the unpruned model's, right
+    padding included (generate then reads a row's next token off its last, padding, column,
+    and on 4.57 the Qwen models number the decode steps from the prompt's largest position)."""
+    spec, model = family
+    batch = spec.batch(model, seed=5, padding=padding)
+    eos = model.generation_config.eos_token_id
+    banned = list(spec.placeholders) + ([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=banned, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = model.generate(**batch, **kw)
+        with prune_visual_tokens(model, **spec.enable(dict(k=10**6))) as p:
+            got = model.generate(**batch, **kw)
+    assert p.last["right_padded"] == (padding == "right")
+    assert torch.equal(got.sequences, want.sequences)
+    for a, r in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_cached_generate_equals_uncached_recompute(family):

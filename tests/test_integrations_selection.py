@@ -84,3 +84,51 @@ def test_positions_survive_the_embedding_dtype(dtype):
         assert not torch.equal(p.to(dtype).to(torch.int64), p)
     with pytest.raises(ValueError, match="M-RoPE positions must lie in"):
         mrope.encode(torch.tensor([[2 ** 24], [0], [0]]), dtype)
+
+
+# ----------------------------------------------------------------------------- the validated spec
+from mmrprune.integrations.selection import Spec, spec  # noqa: E402
+
+
+def test_spec_holds_both_budgets_and_the_selector():
+    s = spec(k=4, video_keep_ratio=0.5, method="d2pruner", alpha=1.0)
+    assert s.images == Budget(k=4) and s.videos == Budget(keep_ratio=0.5)
+    assert s.budget(False) is s.images and s.budget(True) is s.videos
+    assert s.selector.method == "d2pruner" and s.selector.params["alpha"] == 1.0 and "grid" not in s.selector.params
+    assert isinstance(s, Spec)
+
+
+def test_a_video_budget_alone_prunes_only_videos():
+    s = spec(video_keep_ratio=0.5)
+    assert not s.images.prunes and s.videos.prunes
+    lengths = [6, 8]
+    idx, cu_k = select_items(_packed(lengths), lengths, [s.images, s.videos], s.selector)
+    assert cu_k.tolist() == [0, 6, 10] and idx[:6].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    (dict(), ValueError, "nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k"),
+    (dict(k=2, keep_ratio=0.5), ValueError, "exactly one of k or keep_ratio"),
+    (dict(video_k=2, video_keep_ratio=0.5), ValueError, "at most one of video_k or video_keep_ratio"),
+    (dict(video_k=0), ValueError, "video_k: expected an int >= 1, got 0"),
+    (dict(k=2, method="d2pruner", grid=(2, 2)), TypeError, "grid: d2pruner's grid is each image's own patch grid"),
+    (dict(k=2, video_k=2, method="d2pruner", alpha=0.5), ValueError, "needs alpha=1.0"),
+    (dict(k=2, importance="cls"), ValueError, "importance must be one of ['norm', 'none'], got 'cls'"),
+    (dict(k=2, method="topk", importance="none"), ValueError, "method=topk ranks tokens by importance"),
+    (dict(k=2, backend="gpu"), ValueError, "backend must be 'auto' or one of"),
+    (dict(k=2, backend="gpu", device="cpu"), ValueError, "backend: expected 'auto' or one of"),
+], ids=lambda v: str(v)[:40] if isinstance(v, dict) else "")
+def test_spec_refuses_with_a_message_naming_the_setting(kwargs, error, text):
+    with pytest.raises(error) as got:
+        spec(**kwargs)
+    assert text in str(got.value)
+
+
+def test_a_stray_lam_warns_once_at_the_callers_line_and_is_dropped():
+    with pytest.warns(UserWarning, match="lam=0.3 is ignored by method='dpp'") as record:
+        s = spec(k=2, method="dpp", lam=0.3, stacklevel=1)
+    assert s.selector.lam is None and len(record) == 1 and record[0].filename == __file__
+    lengths = [9, 9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select_items(_packed(lengths), lengths, s.images, s.selector)

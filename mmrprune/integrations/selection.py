@@ -8,14 +8,16 @@ kept rows, e.g. Qwen3-VL's DeepStack features of each level.  No transformers or
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .. import importance as imp_mod
 from ..api import select_varlen
-from ..reference import budget
+from ..reference import LAM_METHODS, budget
+from ..validation import check_budget, check_lam, check_method, check_method_params
 
 IMPORTANCE_SOURCES = ("norm", "none")   # what an integration can compute from the features alone
 
@@ -53,6 +55,95 @@ class Selector:
         return self.method == "d2pruner" and float(self.params.get("alpha", 0.5)) < 1.0
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What an integration keeps: a budget for images, one for videos, and the selector.  Made
+    (and validated) by :func:`spec`; a modality whose budget does not prune keeps every token."""
+    images: Budget = field(default_factory=Budget)
+    videos: Budget = field(default_factory=Budget)
+    selector: Selector = field(default_factory=Selector)
+
+    def budget(self, video: bool) -> Budget:
+        return self.videos if video else self.images
+
+
+def spec(*, k=None, keep_ratio=None, video_k=None, video_keep_ratio=None, method="mmr", lam=None,
+         backend="auto", importance: Any = "norm", importance_names: Sequence[str] = IMPORTANCE_SOURCES,
+         device: Optional[str] = None, warn_prefix: str = "", stacklevel: int = 2, **params) -> Spec:
+    """The validated :class:`Spec` of an integration's settings, or the error that says which
+    setting is wrong and what is accepted (:func:`mmrprune.select`'s messages for what it shares).
+
+    * ``k`` / ``keep_ratio``: at most one, the budget of each image; ``video_k`` /
+      ``video_keep_ratio``: at most one, the budget of each video.  At least one of the two
+      budgets; a modality without one is not pruned.
+    * ``lam`` given to a method that ignores it warns once (prefixed by ``warn_prefix``, at
+      ``stacklevel`` counted from the caller) and is dropped.
+    * ``params``: the method's parameters.  ``d2pruner``'s ``grid`` is never a setting: each
+      item's own patch grid comes from the model at selection time (``grids=`` of
+      :func:`select_items`); with ``alpha < 1`` video budgets are refused (the spatial term is
+      defined on one image's grid).
+    * ``importance``: a name in ``importance_names`` is checked; anything else (a tensor, a
+      callable) is the caller's to check.  ``topk`` needs an importance.
+    * ``backend``: ``"auto"`` or a backend name; with ``device`` (``"cpu"``, ``"cuda"``) it must
+      also run ``method`` there."""
+    if k is None and keep_ratio is None:
+        images = Budget()
+    else:
+        images = Budget(*check_budget(k, keep_ratio))
+    videos = _video_budget(video_k, video_keep_ratio)
+    if not (images.prunes or videos.prunes):
+        raise ValueError("nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k or "
+                         "video_keep_ratio (tokens kept per video)")
+    method = check_method(method)
+    if lam is not None:
+        lam = check_lam(lam)
+        if method not in LAM_METHODS:
+            warnings.warn(f"{warn_prefix}lam={lam} is ignored by method={method!r}: only "
+                          f"{' and '.join(LAM_METHODS)} use lam", UserWarning, stacklevel=stacklevel + 1)
+            lam = None
+    if method == "d2pruner":
+        if "grid" in params:
+            raise TypeError("grid: d2pruner's grid is each image's own patch grid, which the integration takes "
+                            "from the model; leave grid out")
+        params = check_method_params(method, {**params, "grid": (1, 1)})
+        params.pop("grid")
+        if videos.prunes and params["alpha"] < 1.0:
+            raise ValueError("video_k/video_keep_ratio with method=d2pruner needs alpha=1.0: its spatial term is "
+                             f"defined on one image's patch grid, not across a video's frames "
+                             f"(got alpha={params['alpha']})")
+    else:
+        params = check_method_params(method, dict(params))
+    if isinstance(importance, str) and importance not in importance_names:
+        raise ValueError(f"importance must be one of {list(importance_names)}, got {importance!r}")
+    if method == "topk" and (importance is None or importance == "none"):
+        raise ValueError("method=topk ranks tokens by importance; importance=none would keep the first k tokens "
+                         "of each item (use importance=norm)")
+    if device is not None:
+        from .. import dispatch
+        dispatch.resolve(backend, device, method)
+    elif not isinstance(backend, str) or (backend != "auto" and backend not in _backends()):
+        raise ValueError(f"backend must be 'auto' or one of {list(_backends())}, got {backend!r}")
+    return Spec(images=images, videos=videos,
+                selector=Selector(method=method, lam=lam, backend=backend, importance=importance, params=params))
+
+
+def _video_budget(video_k, video_keep_ratio) -> Budget:
+    if video_k is None and video_keep_ratio is None:
+        return Budget()
+    if video_k is not None and video_keep_ratio is not None:
+        raise ValueError(f"at most one of video_k or video_keep_ratio may be given, got video_k={video_k!r}, "
+                         f"video_keep_ratio={video_keep_ratio!r}")
+    try:
+        return Budget(*check_budget(video_k, video_keep_ratio))
+    except (TypeError, ValueError) as e:         # the same rules as k / keep_ratio, named as video ones
+        raise type(e)(f"video_{e}") from None
+
+
+def _backends():
+    from ..dispatch import BACKENDS
+    return BACKENDS
+
+
 def offsets(lengths: Sequence[int]) -> torch.Tensor:
     """``[B + 1]`` int64 segment offsets of items with ``lengths`` tokens."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
@@ -60,26 +151,42 @@ def offsets(lengths: Sequence[int]) -> torch.Tensor:
     return cu
 
 
-def select_items(features: torch.Tensor, lengths: Sequence[int], budget_: Budget, selector: Selector,
-                 grids: Optional[Sequence[tuple]] = None):
+_NORM = object()
+
+
+def select_items(features: torch.Tensor, lengths: Sequence[int], budget_, selector: Selector,
+                 grids: Optional[Sequence[tuple]] = None, w=_NORM):
     """The rows to keep of packed ``features [T, D]`` (item ``b`` has ``lengths[b]`` rows).
 
     Returns ``(idx, cu_k)``: flat int64 row indices on ``features.device``, ascending within each
     item, item ``b``'s in ``idx[cu_k[b]:cu_k[b+1]]``, ``cu_k`` on the CPU.  Every item is selected
-    in one call over all its tokens (all frames of a video).  ``grids`` (item ``b``'s ``(h, w)``
-    patch grid, ``h * w == lengths[b]``) is required when ``selector.needs_grid``."""
+    in one call over all its tokens (all frames of a video).  ``budget_``: one :class:`Budget`
+    for every item, or one per item (items whose budget does not prune keep every row).
+    ``grids`` (item ``b``'s ``(h, w)`` patch grid, ``h * w == lengths[b]``) is required when
+    ``selector.needs_grid``.  ``w``: the importance ``[T]`` (or None); by default the one
+    ``selector.importance`` names."""
     cu = offsets(lengths)
-    if not budget_.prunes:
+    budgets = [budget_] * len(lengths) if isinstance(budget_, Budget) else list(budget_)
+    if not any(b.prunes for b in budgets):
         return torch.arange(int(cu[-1]), device=features.device), cu
-    w = imp_mod.token_norm(features) if selector.importance == "norm" else None
-    if not selector.needs_grid:
-        idx, cu_k = _select(features, w, cu, budget_, selector, {})
-        return idx, cu_k.cpu()
-    if grids is None or len(grids) != len(lengths):
-        raise ValueError(f"select_items: method {selector.method!r} with alpha < 1 needs one (h, w) grid per item")
-    # select_varlen takes one grid per call: one call per distinct grid
-    return select_by_group(features, w, lengths, [tuple(g) for g in grids],
-                           lambda f, w_, cu_, grid: _select(f, w_, cu_, budget_, selector, {"grid": grid}))
+    if w is _NORM:
+        w = imp_mod.token_norm(features) if selector.importance == "norm" else None
+    if selector.needs_grid:
+        if grids is None or len(grids) != len(lengths):
+            raise ValueError(f"select_items: method {selector.method!r} with alpha < 1 needs one (h, w) grid per "
+                             "item")
+        keys = [(b, tuple(g)) for b, g in zip(budgets, grids)]
+    else:
+        keys = [(b, None) for b in budgets]
+
+    def select(f, w_, cu_, key):
+        b, grid = key
+        if not b.prunes:
+            return torch.arange(f.shape[0], device=f.device), cu_
+        return _select(f, w_, cu_, b, selector, {} if grid is None else {"grid": grid})
+
+    # one selection call takes one budget and one grid: one call per distinct pair
+    return select_by_group(features, w, lengths, keys, select)
 
 
 def select_by_group(features: torch.Tensor, w: Optional[torch.Tensor], lengths: Sequence[int], groups: Sequence,

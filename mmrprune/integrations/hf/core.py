@@ -21,18 +21,15 @@ be interleaved; a cache that holds no pruned prompt passes through untouched.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ... import dispatch
-from ...api import select_varlen
-from ..selection import select_by_group
-from ...validation import check_budget, check_lam, check_method, check_method_params
+from .. import selection
 from . import importance as imp
 from . import versions
 from .families import family_of
@@ -49,6 +46,7 @@ class _Columns:
     bsz: int
     new_len: int
     right_padded: bool
+    pads: tuple = ()              # (rows, src, dest) of the padding columns that keep their place
 
     @classmethod
     def of(cls, keep: torch.Tensor, am: torch.Tensor) -> "_Columns":
@@ -61,14 +59,30 @@ class _Columns:
         offset = torch.zeros_like(n_keep) if right_padded else new_len - n_keep
         dest = rank + offset[:, None]
         b_i, l_i = keep.nonzero(as_tuple=True)
+        # padding columns keep their place counted from the padded edge, where the new
+        # padding has room for them
+        seqlen = keep.shape[1]
+        col = torch.arange(seqlen, device=keep.device).expand_as(keep)
+        pad_dest = col - (seqlen - new_len) if right_padded else col
+        room = (pad_dest >= n_keep[:, None]) if right_padded else (pad_dest < (new_len - n_keep)[:, None])
+        p_b, p_l = ((am == 0) & room & (pad_dest >= 0) & (pad_dest < new_len)).nonzero(as_tuple=True)
         return cls(rows=b_i, src=l_i, dest=dest[b_i, l_i], bsz=keep.shape[0], new_len=new_len,
-                   right_padded=right_padded)
+                   right_padded=right_padded, pads=(p_b, p_l, pad_dest[p_b, p_l]))
 
     def move(self, t: torch.Tensor, fill, lead: int = 0) -> torch.Tensor:
         """``t`` [*lead dims, B, L, ...] re-packed to [*lead dims, bsz, new_len, ...]: the kept
-        columns moved to their destinations, every other entry ``fill``."""
+        columns moved to their destinations, every other entry ``fill``; ``fill="pad"``: the
+        new padding holds what the unpruned prompt had at its padding (its columns counted
+        from the padded edge; beyond them the row's edge column)."""
         keep_lead = (slice(None),) * lead
-        out = t.new_full(tuple(t.shape[:lead]) + (self.bsz, self.new_len) + tuple(t.shape[lead + 2:]), fill)
+        shape = tuple(t.shape[:lead]) + (self.bsz, self.new_len) + tuple(t.shape[lead + 2:])
+        if isinstance(fill, str):
+            edge = t.select(lead + 1, -1 if self.right_padded else 0).unsqueeze(lead + 1)
+            out = edge.expand(shape).clone()
+            p_b, p_l, p_dest = self.pads
+            out[keep_lead + (p_b, p_dest)] = t[keep_lead + (p_b, p_l)]
+        else:
+            out = t.new_full(shape, fill)
         out[keep_lead + (self.rows, self.dest)] = t[keep_lead + (self.rows, self.src)]
         return out
 
@@ -104,15 +118,21 @@ class _Units:
             u = int(split[0])
             raise ValueError(f"prune_visual_tokens: the {int(counts[u])} placeholder tokens of image {u} span "
                              f"prompts {int(first_row[u])} and {int(last_row[u])}; each image's placeholders "
-                             "must lie in one prompt")
+                             "must lie in one prompt.  From generate with num_beams > 1 or "
+                             "num_return_sequences > 1 over prompts with different image counts, this is "
+                             "generate's expansion: transformers 4.57 repeats each prompt but not its images' "
+                             "rows; generate such prompts one at a time (or with one image count), or use "
+                             "transformers 5.x")
         return cls(packed=visual.embeds[slots[:, 0], slots[:, 1]], counts=counts.tolist(), rows=first_row,
                    slots=slots)
 
 
 @dataclass
 class VisualTokenPruner:
-    """Handle returned by :func:`enable_visual_token_pruning`; ``remove()`` restores the model.
+    """Handle returned by :func:`enable_visual_token_pruning` and :func:`prune_visual_tokens`;
+    ``remove()`` (or leaving its ``with`` block) restores the model.
 
+    ``spec`` holds the validated budgets and selector (:class:`..selection.Spec`).
     ``last`` describes the latest pruned prefill: ``orig_len`` / ``pruned_len``
     (sequence lengths), ``visual_before`` / ``visual_after`` (visual tokens),
     ``kept_indices`` (flat indices into the packed image features, as returned by
@@ -121,17 +141,10 @@ class VisualTokenPruner:
     """
     model: Any
     family: str
-    k: Optional[int]
-    keep_ratio: Optional[float]
-    method: str
-    lam: Optional[float]
+    spec: selection.Spec
     importance: Any
-    backend: str
     text_reduce: str
     position_bias: Optional[torch.Tensor]
-    method_params: dict
-    video_k: Optional[int] = None
-    video_keep_ratio: Optional[float] = None
     video_unit: Optional[str] = None
     last: Optional[dict] = None
     adapter: Optional[Family] = None
@@ -207,14 +220,16 @@ class VisualTokenPruner:
             raise ValueError(f"prune_visual_tokens: position_ids of shape {tuple(positions.shape)} do not match "
                              f"input_ids {tuple(input_ids.shape)}")
         units = _Units.of(visual)
-        idx, cu, cu_k = self._select(kw, am, visual, units)
+        idx, cu, cu_k = self._select(kw, am, visual, units, positions)
         keep = visual.units < 0
         keep[units.slots[idx, 0], units.slots[idx, 1]] = True
         keep &= am != 0
         cols = _Columns.of(keep, am)
         lead = positions.ndim - 2
-        pruned = PrunedPrompt(visual=visual, keep=keep, embeds=cols.move(visual.embeds, 0),
-                              attention_mask=cols.move(am, 0), positions=cols.move(positions, 0, lead=lead),
+        # the new padding copies the old one (generate reads a right-padded row's next token
+        # off its last column, a padding column: 4.57 numbers padding 1, not 0)
+        pruned = PrunedPrompt(visual=visual, keep=keep, embeds=cols.move(visual.embeds, "pad"),
+                              attention_mask=cols.move(am, 0), positions=cols.move(positions, "pad", lead=lead),
                               move=cols.move)
         if kw.get("labels") is not None:
             kw["labels"] = cols.move(kw["labels"], -100)
@@ -222,10 +237,8 @@ class VisualTokenPruner:
             if kw.get(key) is not None:
                 kw[key] = cols.move(kw[key], 0)
         versions.set_cache_position(kw, 0, cols.new_len)
-        # generate's rule: the position after the prompt's last column (not after its largest
-        # position, which an image may hold: transformers 5.3-5.4 number Qwen2.5-VL images so)
         self._pending = _DecodeState(orig_len=input_ids.shape[1], cols=cols, mask=pruned.attention_mask,
-                                   next_pos=positions[..., -1] + 1)
+                                     next_pos=versions.next_position(positions, am))
         self.last = dict(orig_len=input_ids.shape[1], pruned_len=cols.new_len, visual_before=int(units.packed.shape[0]),
                          visual_after=int(idx.numel()), kept_indices=idx, cu_seqlens=cu, cu_k=cu_k,
                          video_units=visual.video_units,
@@ -233,23 +246,21 @@ class VisualTokenPruner:
                          right_padded=cols.right_padded)
         return self.adapter.pruned_call(kw, pruned)
 
-    def _select(self, kw, am, visual: Visual, units: _Units):
+    def _select(self, kw, am, visual: Visual, units: _Units, positions: torch.Tensor):
         """``(kept_indices, cu_seqlens, cu_k)``: flat indices into the packed tokens (on the
         input's device), the unit offsets (CPU) and the kept offsets (CPU).  Image units take
-        the image budget and video units the video budget: one selection call per kind."""
-        cu = torch.zeros(len(units.counts) + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(torch.tensor(units.counts, dtype=torch.int64), 0)
+        the image budget and video units the video budget."""
+        cu = selection.offsets(units.counts)
         w = imp.compute(self, kw, am, visual, units.packed, units.counts, units.rows)
         is_video = visual.video_units
         kinds = [False] * len(units.counts) if is_video is None else is_video.tolist()
-        budgets = {False: (self.k, self.keep_ratio), True: (self.video_k, self.video_keep_ratio)}
-        idx, cu_k = select_by_group(units.packed, w, units.counts, kinds,
-                                    lambda f, w_, cu_, video: self._select_units(f, w_, cu_, *budgets[video]))
+        grids = None
+        if self.spec.selector.needs_grid:
+            pos = positions if positions.ndim == 3 else positions[None]
+            grids = self.adapter.grids(units.counts, pos[:, units.slots[:, 0], units.slots[:, 1]])
+        idx, cu_k = selection.select_items(units.packed, units.counts, [self.spec.budget(v) for v in kinds],
+                                           self.spec.selector, grids, w=w)
         return idx.to(units.slots.device), cu, cu_k
-
-    def _select_units(self, packed, w, cu, k, keep_ratio):
-        return select_varlen(packed, w, cu.to(packed.device), k=k, keep_ratio=keep_ratio, lam=self.lam,
-                             method=self.method, backend=self.backend, **self.method_params)
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict, past_len: int, st: _DecodeState) -> dict:
@@ -301,12 +312,14 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
             Gemma 3, InternVL, Qwen3-VL or Qwen3-VL-MoE (the ``...ForConditionalGeneration`` classes), on a
             transformers release of the tested
             window (:data:`mmrprune.integrations.hf.versions.REQUIREMENT`).
-        keep_ratio / k: exactly one; per image (see :func:`mmrprune.select`).
+        keep_ratio / k: at most one; the budget of each image (see :func:`mmrprune.select`).
+            Neither: images are merged unpruned (a video budget must then be given).
         video_k / video_keep_ratio: at most one; the budget of each video (``video_unit=
             "video"``: one selection over all its frames) or of each frame of it
             (``video_unit="frame"``).  Neither: videos are merged unpruned.  Families that
             prune videos: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (docs/integrations.md).
-        method, lam, backend, **method_params: as :func:`mmrprune.select`.
+        method, lam, backend, **method_params: as :func:`mmrprune.select`; ``d2pruner``'s
+            ``grid`` is each image's own patch grid, taken from the model.
         importance: where the raw importance ``w`` comes from:
 
             * ``"norm"`` (default): L2 norm of each projected visual token;
@@ -323,17 +336,26 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
               ``context`` holding ``input_ids``, ``attention_mask``, ``image_rows``,
               ``inputs_embeds`` and ``model``.
     """
+    return _enable(model, 2, keep_ratio=keep_ratio, k=k, method=method, lam=lam, importance=importance,
+                   backend=backend, text_reduce=text_reduce, position_bias=position_bias, video_k=video_k,
+                   video_keep_ratio=video_keep_ratio, video_unit=video_unit, **method_params)
+
+
+def _enable(model, stacklevel, *, keep_ratio, k, method, lam, importance, backend, text_reduce, position_bias,
+            video_k, video_keep_ratio, video_unit, _release_checked=False, **method_params) -> VisualTokenPruner:
+    """:func:`enable_visual_token_pruning`; its warnings name the user's line, ``stacklevel`` frames above
+    the caller of this function (as :func:`warnings.warn` counts)."""
     fam = family_of(model)
-    import transformers
-    versions.check(transformers.__version__, fam)
-    k, keep_ratio = check_budget(k, keep_ratio)
-    video_k, video_keep_ratio, video_unit = _check_video_budget(fam, video_k, video_keep_ratio, video_unit)
-    check_method(method)
-    if lam is not None:
-        check_lam(lam)
-    check_method_params(method, dict(method_params))
-    dispatch.resolve(backend, model.get_input_embeddings().weight.device.type, method)
-    importance, position_bias = imp.check(importance, position_bias, text_reduce)
+    release = versions.installed()
+    tested = _release_checked or versions.check(release, fam)
+    importance, position_bias = imp.check(importance, position_bias, text_reduce, stacklevel=stacklevel + 1)
+    spec = selection.spec(k=k, keep_ratio=keep_ratio, video_k=video_k, video_keep_ratio=video_keep_ratio,
+                          method=method, lam=lam, backend=backend, importance=importance, importance_names=imp.NAMES,
+                          device=model.get_input_embeddings().weight.device.type, stacklevel=stacklevel + 1,
+                          **method_params)
+    video_unit = _check_video_budget(fam, spec, video_unit)
+    if spec.selector.needs_grid:
+        fam.check_grids()
     if isinstance(importance, str) and importance in imp.CLS_NAMES and not fam.cls_importance:
         from .families import FAMILIES
         able = ", ".join(f.name for f in FAMILIES if f.cls_importance)
@@ -342,10 +364,10 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
                          "'text', a tensor or a callable")
     if getattr(model, "_mmrprune_pruner", None) is not None:
         raise RuntimeError("prune_visual_tokens: pruning is already enabled on this model")
-    pruner = VisualTokenPruner(model=model, family=fam.name, k=k, keep_ratio=keep_ratio, method=method, lam=lam,
-                               importance=importance, backend=backend, text_reduce=text_reduce,
-                               position_bias=position_bias, method_params=method_params, video_k=video_k,
-                               video_keep_ratio=video_keep_ratio, video_unit=video_unit,
+    if not tested:
+        _self_check(model, fam, release, stacklevel + 1)
+    pruner = VisualTokenPruner(model=model, family=fam.name, spec=spec, importance=importance,
+                               text_reduce=text_reduce, position_bias=position_bias, video_unit=video_unit,
                                adapter=fam(model, video_unit=video_unit),
                                _sig_params=tuple(inspect.signature(model.forward).parameters))
     handles = []
@@ -363,46 +385,56 @@ def enable_visual_token_pruning(model, *, keep_ratio: Optional[float] = None, k:
     return pruner
 
 
-def _check_video_budget(fam, video_k, video_keep_ratio, video_unit):
-    """``(video_k, video_keep_ratio, video_unit)`` checked; ``video_unit`` is None when videos
-    stay unpruned."""
+def _check_video_budget(fam, spec: selection.Spec, video_unit):
+    """``video_unit`` checked; None when videos stay unpruned."""
     if video_unit not in Family.VIDEO_UNITS:
         raise ValueError(f"video_unit: expected one of {Family.VIDEO_UNITS} (one budget per video, or per frame), "
                          f"got {video_unit!r}")
-    if video_k is None and video_keep_ratio is None:
-        return None, None, None
-    if video_k is not None and video_keep_ratio is not None:
-        raise ValueError(f"at most one of video_k or video_keep_ratio may be given, got video_k={video_k!r}, "
-                         f"video_keep_ratio={video_keep_ratio!r}")
-    try:
-        video_k, video_keep_ratio = check_budget(video_k, video_keep_ratio)
-    except (TypeError, ValueError) as e:         # the same rules as k / keep_ratio, named as video ones
-        raise type(e)(f"video_{e}") from None
+    if not spec.videos.prunes:
+        return None
     if not fam.videos:
         from .families import FAMILIES
         able = ", ".join(f.name for f in FAMILIES if f.videos) or "none"
         raise ValueError(f"video_k / video_keep_ratio: {fam.name} models take no videos this integration prunes; "
                          f"families that prune videos: {able}")
     if fam.videos_transformers:
-        import transformers
         from packaging.specifiers import SpecifierSet
-        if transformers.__version__ not in SpecifierSet(fam.videos_transformers):
+        if versions.installed() not in SpecifierSet(fam.videos_transformers):
             raise RuntimeError(f"prune_visual_tokens: {fam.name} videos are not pruned on transformers "
-                               f"{transformers.__version__}, whose model cannot run them (video budgets need "
+                               f"{versions.installed()}, whose model cannot run them (video budgets need "
                                f"transformers{fam.videos_transformers}); images are")
-    return video_k, video_keep_ratio, video_unit
+    return video_unit
 
 
-@contextlib.contextmanager
-def prune_visual_tokens(model, **kwargs):
-    """Context manager around :func:`enable_visual_token_pruning`; yields the :class:`VisualTokenPruner`.
+def _self_check(model, fam, installed: str, stacklevel: int) -> None:
+    """A release newer than the window: the self-check on a tiny model of the family, and
+    one warning per model class and release when it passes."""
+    from . import selfcheck
+
+    def enable(tiny, **options):
+        return _enable(tiny, 1, **{**_DEFAULTS, **options, "_release_checked": True})
+
+    seconds = selfcheck.verify(model, fam, installed, enable)
+    if seconds is not None:
+        warnings.warn(f"prune_visual_tokens: transformers {installed} is newer than the releases this integration is "
+                      f"tested on ({versions.specifier()}); its self-check on a tiny {fam.name} model passed "
+                      f"({seconds:.1f} s: pruned prefill against the masked unpruned forward, one cached decode "
+                      "step against the uncached recompute), so pruning proceeds", UserWarning,
+                      stacklevel=stacklevel + 1)
+
+
+_DEFAULTS = {name: p.default for name, p in inspect.signature(enable_visual_token_pruning).parameters.items()
+             if p.kind is p.KEYWORD_ONLY}
+
+
+def prune_visual_tokens(model, **kwargs) -> VisualTokenPruner:
+    """:func:`enable_visual_token_pruning` (same arguments), for use as a context manager:
+    pruning is on from this call, and leaving the block removes it.
 
         with prune_visual_tokens(model, keep_ratio=0.25, method="mmr", lam=0.5, importance="norm") as p:
             out = model.generate(**inputs)
         print(p.last["orig_len"], "->", p.last["pruned_len"])
-    """
-    pruner = enable_visual_token_pruning(model, **kwargs)
-    try:
-        yield pruner
-    finally:
-        pruner.remove()
+
+    Without ``with`` it works as ``enable`` / ``disable``: ``p = prune_visual_tokens(model,
+    k=8)`` prunes every later prefill until ``p.remove()``."""
+    return _enable(model, 2, **{**_DEFAULTS, **kwargs})

@@ -17,9 +17,10 @@ consistent with the pruned cache.  An adapter (one file per family, a subclass o
   (:meth:`Family.pruned_call`, e.g. DeepStack features restricted to the kept rows).
 
 Every transformers call of a family whose name, signature or result changed inside the
-tested window (:data:`.versions.REQUIREMENT`) sits in one marked section of its adapter
-that names the releases it was tested on.  Adding a family is one adapter file, one line
-in :mod:`.families` and its tiny-model tests (docs/integrations.md, "Adding a family").
+tested window (:data:`.versions.REQUIREMENT`, whose docstring says which releases it was
+tested on) sits in one marked section of its adapter ("version-dependent calls").  Adding a
+family is one adapter file, one line in :mod:`.families` and its tiny-model tests
+(docs/integrations.md, "Adding a family").
 """
 from __future__ import annotations
 
@@ -117,7 +118,17 @@ class Family:
 
     def merge(self, kw: dict, input_ids: torch.Tensor, embeds: torch.Tensor) -> Visual:
         """Run the encoder(s) (or take ``kw``'s precomputed outputs) and put every visual
-        feature into its slot of ``embeds``, exactly as the model's forward would."""
+        feature into its slot of ``embeds``, exactly as the model's forward would.  This
+        default serves families whose images each fill a run of the config's
+        ``image_token_id`` placeholders, one budget unit per image, from
+        :meth:`image_features`."""
+        feats = self.image_features(kw)
+        slots = input_ids == self.model.config.image_token_id
+        embeds = scatter_features(embeds, slots, feats, "image")
+        return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+
+    def image_features(self, kw: dict) -> list:
+        """Per image of the call, its [n_i, H] features (for the default :meth:`merge`)."""
         raise NotImplementedError
 
     def positions(self, kw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -129,6 +140,19 @@ class Family:
         if pos is None:
             return torch.arange(seqlen, device=input_ids.device).expand(bsz, seqlen)
         return pos.expand(bsz, -1) if pos.ndim == 2 else pos
+
+    def grids(self, counts: list, positions: torch.Tensor) -> list:
+        """Each budget unit's ``(h, w)`` patch grid (d2pruner's spatial term), from its token
+        count and the ``[R, T]`` positions of the packed prunable tokens.  A family whose units
+        have a grid overrides this; :meth:`check_grids` then lets ``alpha < 1`` through."""
+        raise AssertionError("unreachable: check_grids refuses the family when pruning is enabled")
+
+    @classmethod
+    def check_grids(cls) -> None:
+        """Refuse, at enable time, d2pruner's spatial term on a family whose units have no grid."""
+        if cls.grids is Family.grids:
+            raise ValueError(f"method='d2pruner' with alpha < 1 reads each image's patch grid, which {cls.name} "
+                             "images do not have as one grid (crops or tiles); use alpha=1.0")
 
     def pruned_call(self, kw: dict, pruned: PrunedPrompt) -> dict:
         """The keyword arguments of the pruned forward call (``kw`` already has its labels
@@ -146,6 +170,19 @@ def given(kw: dict, modality: str) -> bool:
     encoder output (5.19 and later)."""
     key = "pixel_values" if modality == "image" else "pixel_values_videos"
     return kw.get(key) is not None or versions.encoder_output(kw, modality) is not None
+
+
+def square_grids(counts: list) -> list:
+    """``(n, n)`` for units of ``n * n`` tokens: an image encoded as one square grid."""
+    out = []
+    for c in counts:
+        side = int(round(c ** 0.5))
+        if side * side != c:
+            raise ValueError(f"prune_visual_tokens: method='d2pruner' with alpha < 1 needs each image's patch grid; "
+                             f"an image of {c} tokens is not a square grid (a [CLS] token kept by "
+                             "vision_feature_select_strategy='full'?); use alpha=1.0")
+        out.append((side, side))
+    return out
 
 
 def scatter_features(embeds: torch.Tensor, slots: torch.Tensor, features: list, what: str) -> torch.Tensor:

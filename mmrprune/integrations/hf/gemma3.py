@@ -12,7 +12,7 @@ pruned, so two images' blocks never merge.
 from __future__ import annotations
 
 from . import versions
-from .family import Family, Visual, scatter_features, units_from_counts
+from .family import Family, square_grids
 
 
 class Gemma3(Family):
@@ -29,19 +29,15 @@ class Gemma3(Family):
             input_ids = input_ids.masked_fill(input_ids == image, 0)
         return self.model.get_input_embeddings()(input_ids)
 
-    def merge(self, kw, input_ids, embeds):
-        feats = _image_features(self.model.model, kw)
-        slots = input_ids == self.model.config.image_token_id
-        embeds = scatter_features(embeds, slots, feats, "image")
-        return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+    def image_features(self, kw):
+        return _image_features(self.model.model, kw)
+
+    def grids(self, counts, positions):
+        return square_grids(counts)
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _image_features(inner, kw) -> list:
     """Per image, its [mm_tokens_per_image, H] projected features (``generate`` in 5.19 and
     later passes them precomputed; 4.57's ``get_image_features`` takes ``pixel_values`` only)."""
-    out = versions.encoder_output(kw, "image")
-    if out is None:
-        out = inner.get_image_features(kw["pixel_values"], **versions.output_kwargs())
-    return versions.per_item(out)
+    return versions.item_features(kw, "image", lambda **out: inner.get_image_features(kw["pixel_values"], **out))

@@ -2,6 +2,8 @@
 turned into one score per prunable visual token at every pruned prefill."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -29,9 +31,10 @@ def _scores(x, name: str, source: str) -> torch.Tensor:
     return x
 
 
-def check(importance, position_bias, text_reduce):
+def check(importance, position_bias, text_reduce, stacklevel: int = 2):
     """``(importance, position_bias)`` checked for enabling: a name, None, a score tensor
-    (its length is checked at the prefill, when the token count is known) or a callable."""
+    (its length is checked at the prefill, when the token count is known) or a callable.  A
+    ``position_bias`` that ``importance`` does not read warns (``stacklevel`` frames up)."""
     if isinstance(importance, str):
         if importance not in NAMES:
             raise ValueError(f"importance: expected {ACCEPTED}; got {importance!r}")
@@ -49,6 +52,11 @@ def check(importance, position_bias, text_reduce):
             raise ValueError("position_bias: importance='debiased_cls' needs it "
                              "(mmrprune.importance.estimate_position_bias on a calibration batch)")
         position_bias = _scores(position_bias, "position_bias", "got")
+    elif position_bias is not None:
+        shown = repr(importance) if isinstance(importance, str) or importance is None else type(importance).__name__
+        warnings.warn(f"position_bias is ignored by importance={shown}: only importance='debiased_cls' reads it",
+                      UserWarning, stacklevel=stacklevel + 1)
+        position_bias = None
     return importance, position_bias
 
 

@@ -46,19 +46,14 @@ def image_runs(slots: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _tile_features(inner, kw) -> list:
     """Per tile, its [n, H] projected features, tiles in order (``generate`` in 5.19 and later
     passes them precomputed).  The feature layer and strategy default to the config's, as the
     model's own forward does in every release."""
-    out = versions.encoder_output(kw, "image")
-    if out is None:
-        cfg = inner.config
-        layer = kw.get("vision_feature_layer")
-        strategy = kw.get("vision_feature_select_strategy")
-        out = inner.get_image_features(
-            pixel_values=kw["pixel_values"],
-            vision_feature_layer=cfg.vision_feature_layer if layer is None else layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy if strategy is None else strategy,
-            **versions.output_kwargs())
-    return versions.per_item(out)
+    cfg = inner.config
+    layer = kw.get("vision_feature_layer")
+    strategy = kw.get("vision_feature_select_strategy")
+    return versions.item_features(kw, "image", lambda **out: inner.get_image_features(
+        pixel_values=kw["pixel_values"], vision_feature_layer=cfg.vision_feature_layer if layer is None else layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy if strategy is None else strategy,
+        **out))

@@ -9,7 +9,7 @@ import torch
 
 from ... import importance as imp_mod
 from . import versions
-from .family import Family, Visual, scatter_features, units_from_counts
+from .family import Family, square_grids
 
 
 class Llava(Family):
@@ -23,11 +23,11 @@ class Llava(Family):
         super().__init__(model, **options)
         self._attn_store: Optional[list] = None     # set when importance="cls" records attention
 
-    def merge(self, kw, input_ids, embeds):
-        feats = _image_features(self.model.model, kw, attentions=self._attn_store is not None)
-        slots = input_ids == self.model.config.image_token_id
-        embeds = scatter_features(embeds, slots, feats, "image")
-        return Visual(embeds=embeds, units=units_from_counts(slots, [f.shape[0] for f in feats]), visual=slots)
+    def image_features(self, kw):
+        return _image_features(self.model.model, kw, attentions=self._attn_store is not None)
+
+    def grids(self, counts, positions):
+        return square_grids(counts)
 
     # [CLS] attention: forward hooks on the vision tower's attention modules record the
     # attention probabilities of its latest run (ours, or generate()'s pre-encoding).
@@ -38,6 +38,12 @@ class Llava(Family):
         if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
             raise ValueError("prune_visual_tokens: importance='cls' supports CLIP-style vision towers "
                              "(encoder.layers[i].self_attn) only")
+        impl = getattr(getattr(vt, "config", None), "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            # sdpa and flash kernels never form the attention probabilities
+            raise ValueError(f"importance='cls' reads the vision tower's attention probabilities, which its "
+                             f"{impl!r} attention does not compute; load the model with "
+                             "attn_implementation='eager' (at least for the vision tower)")
         self._attn_store = [None] * len(layers)
 
         def reset(module, args, kwargs):
@@ -75,16 +81,12 @@ class Llava(Family):
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _image_features(inner, kw, attentions: bool) -> list:
     """Per image, its [n_i, H] projected features (``generate`` in 5.19 and later passes them
     precomputed).  ``attentions``: make the CLIP tower return its attention probabilities,
     which 4.57 computes only when asked."""
-    out = versions.encoder_output(kw, "image")
-    if out is None:
-        extra = dict(output_attentions=True) if attentions else {}
-        out = inner.get_image_features(pixel_values=kw["pixel_values"],
-                                       vision_feature_layer=kw.get("vision_feature_layer"),
-                                       vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                                       image_sizes=kw.get("image_sizes"), **versions.output_kwargs(), **extra)
-    return versions.per_item(out)
+    extra = dict(output_attentions=True) if attentions else {}
+    return versions.item_features(kw, "image", lambda **out: inner.get_image_features(
+        pixel_values=kw["pixel_values"], vision_feature_layer=kw.get("vision_feature_layer"),
+        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"), image_sizes=kw.get("image_sizes"),
+        **out, **extra))

@@ -80,18 +80,13 @@ def _newline_rows(features: torch.Tensor, image_newline: torch.Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _image_features(inner, kw, extra: dict) -> list:
     """Per image, its [n_i, H] packed features (base tile, crop rows and newline tokens), as
     the model's forward gets them (``generate`` in 5.19 and later passes them precomputed).
     The forward passes no ``vision_aspect_ratio`` (OneVision reads its config's), nor do we."""
-    out = versions.encoder_output(kw, "image")
-    if out is None:
-        out = inner.get_image_features(kw["pixel_values"], kw.get("image_sizes"),
-                                       vision_feature_layer=kw.get("vision_feature_layer"),
-                                       vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                                       **extra, **versions.output_kwargs())
-    return versions.per_item(out)
+    return versions.item_features(kw, "image", lambda **out: inner.get_image_features(
+        kw["pixel_values"], kw.get("image_sizes"), vision_feature_layer=kw.get("vision_feature_layer"),
+        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"), **extra, **out))
 
 
 def _video_features(inner, kw, slots: torch.Tensor):

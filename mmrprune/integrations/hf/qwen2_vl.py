@@ -12,18 +12,41 @@ from . import versions
 from .family import Family, Visual, given, merge_unit_maps, scatter_features, units_from_counts
 
 
-class Qwen2VL(Family):
-    name = "qwen2_vl"
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    multimodal_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                       "second_per_grid_ts", "mm_encoder_outputs")
-    token_keys = ("mm_token_type_ids",)
-
+class MRopeFamily(Family):
+    """What the Qwen VL families share: images and videos, M-RoPE (t, h, w) positions from the
+    model's ``get_rope_index`` on the unpruned prompt, and patch grids read off them."""
     videos = True
+    token_keys = ("mm_token_type_ids",)
 
     def carries_visual(self, kw):
         """Images, or videos with a video budget (unpruned videos alone go through untouched)."""
         return given(kw, "image") or (self.video_unit is not None and given(kw, "video"))
+
+    def positions(self, kw, input_ids, attention_mask):
+        pos = kw.get("position_ids")
+        if pos is not None:
+            # generate() passes [4, B, L]: the plain text numbering, then the (t, h, w) rows
+            return pos[-3:] if pos.ndim == 3 else pos.expand(3, input_ids.shape[0], -1)
+        return rope_index(self.model, input_ids, attention_mask, kw)
+
+    def grids(self, counts, positions):
+        """An image's merged tokens are its grid row by row, numbered (s, s + i, s + j): its grid
+        is the extent of its h and w positions."""
+        out = []
+        for c, p in zip(counts, positions.split(counts, dim=1)):
+            h, w = (int(p[r].max() - p[r].min()) + 1 for r in (1, 2))
+            if h * w != c:
+                raise ValueError(f"prune_visual_tokens: an image of {c} tokens has M-RoPE positions spanning a "
+                                 f"{h} x {w} grid; method='d2pruner' with alpha < 1 needs each image's grid")
+            out.append((h, w))
+        return out
+
+
+class Qwen2VL(MRopeFamily):
+    name = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    multimodal_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                       "second_per_grid_ts", "mm_encoder_outputs")
 
     def merge(self, kw, input_ids, embeds):
         cfg = self.model.config
@@ -74,29 +97,17 @@ class Qwen2VL(Family):
         hw = self.positions(kw, input_ids, kw.get("attention_mask"))[1:, videos].T   # [T_video, 2], row-major
         return [int((part == part[0]).all(dim=1).sum()) for part in hw.split(counts)]
 
-    def positions(self, kw, input_ids, attention_mask):
-        pos = kw.get("position_ids")
-        if pos is not None:
-            # generate() passes [4, B, L]: the plain text numbering, then the (t, h, w) rows
-            return pos[-3:] if pos.ndim == 3 else pos.expand(3, input_ids.shape[0], -1)
-        return rope_index(self.model, input_ids, attention_mask, kw)
-
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def encoder_output(inner, kw, modality: str):
     """What the Qwen vision tower returns for the images (or videos) of the call: ``generate``'s
     precomputed output (5.19 and later), else ``get_image_features`` / ``get_video_features``
     run here; None without that input."""
-    out = versions.encoder_output(kw, modality)
-    if out is not None:
-        return out
-    if modality == "image" and kw.get("pixel_values") is not None:
-        return inner.get_image_features(kw["pixel_values"], kw.get("image_grid_thw"), **versions.output_kwargs())
-    if modality == "video" and kw.get("pixel_values_videos") is not None:
-        return inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"),
-                                        **versions.output_kwargs())
-    return None
+    if modality == "image":
+        return versions.encoder_call(kw, modality, lambda **out: inner.get_image_features(
+            kw["pixel_values"], kw.get("image_grid_thw"), **out))
+    return versions.encoder_call(kw, modality, lambda **out: inner.get_video_features(
+        kw["pixel_values_videos"], kw.get("video_grid_thw"), **out))
 
 
 def _features(inner, kw, modality: str):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..selection import keep_rows
-from .family import Family, PrunedPrompt, Visual, merge_unit_maps, scatter_features, units_from_counts
-from .qwen2_vl import Qwen2VL, encoder_output
+from .family import PrunedPrompt, Visual, merge_unit_maps, scatter_features, units_from_counts
+from .qwen2_vl import MRopeFamily, encoder_output
 
 
 @dataclass
@@ -35,18 +35,14 @@ class DeepStackVisual(Visual):
     deepstack: list = field(default_factory=list)
 
 
-class Qwen3VL(Family):
+class Qwen3VL(MRopeFamily):
     name = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    videos = True
     # 5.3's get_rope_index takes one grid per run of video tokens, so a video whose frames are
     # split by timestamp text fails in the model itself (5.2 and 5.4 number it right)
     videos_transformers = "!=5.3.*"
     multimodal_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                        "mm_encoder_outputs")
-    token_keys = ("mm_token_type_ids",)
-
-    carries_visual = Qwen2VL.carries_visual
 
     def merge(self, kw, input_ids, embeds):
         cfg, inner = self.model.config, self.model.model
@@ -75,9 +71,6 @@ class Qwen3VL(Family):
         video_units = torch.tensor(is_video, device=source.device)[source] if any(is_video) else None
         return DeepStackVisual(embeds=embeds, units=units, visual=visual, video_units=video_units,
                                deepstack=_joint_levels(visual, levels))
-
-    # the M-RoPE numbering of Qwen2-VL: the caller's position ids, else get_rope_index's
-    positions = Qwen2VL.positions
 
     def pruned_call(self, kw, pruned: PrunedPrompt):
         kw = super().pruned_call(kw, pruned)
@@ -145,7 +138,6 @@ def _joint_levels(visual: torch.Tensor, levels: list) -> list:
 
 
 # ----------------------------------------------------------------------------- version-dependent calls
-# Tested on transformers 4.57.6, 5.0.0 to 5.25.0 (.ci/hf_matrix.sh; docs/integrations.md).
 def _deepstack_once(model, embeds: torch.Tensor, visual_pos_masks: torch.Tensor, levels: list) -> None:
     """Hand the DeepStack inputs to the language model's call that gets the pruned ``embeds``:
     the model's own forward passes none, since the pruned call carries no pixels.  The
