@@ -21,6 +21,13 @@ QWEN25 = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration
 QWEN3 = qwen3_vl.Qwen3VLForConditionalGeneration
 
 
+@pytest.fixture(autouse=True)
+def _runner_env(monkeypatch):
+    # the plugin pins VLLM_USE_V2_MODEL_RUNNER; no test leaves it set for the next
+    monkeypatch.setenv(runner.V2_ENV, "")
+    monkeypatch.delenv(runner.V2_ENV)
+
+
 def test_installed_vllm_has_every_interface_of_every_runner():
     assert vllm.__version__ in interfaces.TESTED
     assert interfaces.available_models() == list(interfaces.MODELS)     # 0.32 has Qwen3.5 too

@@ -44,7 +44,8 @@ ENGINES = {  # name -> (family, extra environment)
     "qwen35-all": ("qwen35", {"MMRPRUNE_VLLM": "k=1000,video_k=1000", "ENGINE_ARGS": BF16}),
     "qwen35-off": ("qwen35", {"ENGINE_ARGS": BF16}),
     "bad_k": ("qwen3", {"MMRPRUNE_VLLM": "k=0,method=mmr"}),     # every other bad value: test_integrations_vllm_config
-    "with_evs": ("qwen25", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps(
+    # vLLM's VidCom2 (Qwen3-VL has it; vLLM itself refuses it for Qwen2.5-VL)
+    "with_evs": ("qwen3", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps(
         {"video_pruning_rate": 0.5, "video_pruning_method": "vidcom2"})}),
     "cuda_backend": ("qwen25", {"MMRPRUNE_VLLM": f"k={K},backend=cuda"}),     # a CPU-only engine
 }
@@ -53,7 +54,8 @@ TIMEOUT_S = 900       # per engine; CI's budget is the real limit
 
 
 def _env(extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS", "ENGINE_ARGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS", "ENGINE_ARGS", "VLLM_USE_V2_MODEL_RUNNER")}
     # in-process engine core (much faster start); no pinning of OpenMP threads to cores, which
     # vLLM's CPU worker does by default and which starves engines that run side by side
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",

@@ -6,29 +6,25 @@ for what each key means.
 from __future__ import annotations
 
 import re
-import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
 from ...dispatch import BACKENDS
-from ...reference import LAM_METHODS
-from ...validation import K_CAP, check_budget, check_lam, check_method, check_method_params
-from ..selection import IMPORTANCE_SOURCES, Budget, Selector
+from ...validation import K_CAP
+from ..selection import Selector, Spec, spec
 
 ENV = "MMRPRUNE_VLLM"
 _BUDGET_KEYS = ("k", "keep_ratio", "video_k", "video_keep_ratio")
 # d2pruner's parameters; its grid is each image's own patch grid, never a setting
 _D2PRUNER_KEYS = ("pivot_ratio", "alpha", "tau", "radius")
 KEYS = _BUDGET_KEYS + ("method", "lam", "importance", "backend") + _D2PRUNER_KEYS
+_NUMBER_KEYS = _BUDGET_KEYS + ("lam",) + _D2PRUNER_KEYS
+_INT_KEYS = ("k", "video_k", "radius")
 _SHOWN = 40   # a message quotes at most this many characters of a value
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """The validated ``MMRPRUNE_VLLM`` settings: a budget per modality and one selector."""
-    images: Budget = field(default_factory=Budget)
-    videos: Budget = field(default_factory=Budget)
-    selector: Selector = field(default_factory=Selector)
+# The validated settings: the integrations' shared spec (a budget per modality and one selector);
+# this module only turns the variable's text into the spec's arguments.
+PruneConfig = Spec
 
 
 def _shown(value: str) -> str:
@@ -66,55 +62,25 @@ def _fields(text: str) -> dict:
 
 
 def _validated(fields: dict) -> PruneConfig:
-    budgets = {what: _budget(fields, prefix) for prefix, what in (("", "images"), ("video_", "videos"))}
-    if not (budgets["images"].prunes or budgets["videos"].prunes):
-        raise ValueError("nothing to prune: give k or keep_ratio (tokens kept per image) and/or "
-                         "video_k or video_keep_ratio (tokens kept per video)")
-    method = check_method(fields.get("method", "mmr"))
-    lam = None
-    if "lam" in fields:
-        lam = check_lam(_real(fields, "lam"))
-        if method not in LAM_METHODS:
-            warnings.warn(f"{ENV}: lam={lam} is ignored by method={method!r}: only {' and '.join(LAM_METHODS)} "
-                          "use lam", UserWarning, stacklevel=4)
-            lam = None
-    params = {key: (_int if key == "radius" else _real)(fields, key) for key in _D2PRUNER_KEYS if key in fields}
-    # the grid is supplied per image at selection time; validate the rest as if it were given
-    checked = check_method_params(method, {**params, "grid": (1, 1)} if method == "d2pruner" else params)
-    if method == "d2pruner":
-        checked.pop("grid")
-        params = checked
-        if budgets["videos"].prunes and checked["alpha"] < 1.0:
-            raise ValueError("video_k/video_keep_ratio with method=d2pruner needs alpha=1.0: its spatial term "
-                             f"is defined on one image's patch grid, not across a video's frames "
-                             f"(got alpha={checked['alpha']})")
-    importance = fields.get("importance", "norm")
-    if importance not in IMPORTANCE_SOURCES:
-        raise ValueError(f"importance must be one of {list(IMPORTANCE_SOURCES)}, got {_shown(importance)}")
-    if method == "topk" and importance == "none":
-        raise ValueError("method=topk ranks tokens by importance; importance=none would keep the first k tokens "
-                         "of each item (use importance=norm)")
-    backend = fields.get("backend", "auto")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {_shown(backend)}")
-    return PruneConfig(images=budgets["images"], videos=budgets["videos"],
-                       selector=Selector(method=method, lam=lam, backend=backend, importance=importance,
-                                         params=params))
-
-
-def _budget(fields: dict, prefix: str) -> Budget:
-    k_key, ratio_key = prefix + "k", prefix + "keep_ratio"
-    if k_key in fields and ratio_key in fields:
-        raise ValueError(f"give one of {k_key} or {ratio_key}, not both")
-    k, ratio = _int(fields, k_key), _real(fields, ratio_key)
-    if k is None and ratio is None:
-        return Budget()
+    for prefix in ("", "video_"):
+        if prefix + "k" in fields and prefix + "keep_ratio" in fields:
+            raise ValueError(f"give one of {prefix}k or {prefix}keep_ratio, not both")
+    for key in ("method", "importance", "backend"):   # longer than any name: refused before it is quoted
+        if len(fields.get(key, "")) > _SHOWN:
+            raise ValueError(f"{key}: no such {key}: {_shown(fields[key])}")
+    numbers = {key: (_int if key in _INT_KEYS else _real)(fields, key) for key in _NUMBER_KEYS if key in fields}
     try:
-        return Budget(*check_budget(k, ratio))
-    except (TypeError, ValueError) as exc:   # name the key given and echo the value as typed
-        key = k_key if k is not None else ratio_key
-        reason = str(exc).split(": ", 1)[1].rsplit(", got ", 1)[0]
-        raise ValueError(f"{key}: {reason}, got {_shown(fields[key])[1:-1]}") from None
+        return spec(k=numbers.get("k"), keep_ratio=numbers.get("keep_ratio"), video_k=numbers.get("video_k"),
+                    video_keep_ratio=numbers.get("video_keep_ratio"), method=fields.get("method", "mmr"),
+                    lam=numbers.get("lam"), backend=fields.get("backend", "auto"),
+                    importance=fields.get("importance", "norm"), warn_prefix=f"{ENV}: ", stacklevel=3,
+                    **{key: numbers[key] for key in _D2PRUNER_KEYS if key in numbers})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        key = message.split(": ", 1)[0]
+        if key in _BUDGET_KEYS and key in fields and ", got " in message:   # echo the value as typed
+            message = f"{message.rsplit(', got ', 1)[0]}, got {_shown(fields[key])[1:-1]}"
+        raise type(exc)(message) from None
 
 
 # One rule for every number: plain decimal digits, an optional sign, and for reals a decimal point
