@@ -39,13 +39,23 @@ def test_tokens_kept_is_the_selection_budget(text):
 
 @pytest.mark.parametrize("text, message", [
     ("k=0", "k: expected an int >= 1, got 0"),
-    ("k=eight", "k: expected an int, got 'eight'"),
+    ("k=eight", "k: expected an int (plain decimal digits, no '_' separators), got 'eight'"),
+    # one rule for every number, and the message echoes what was typed
+    ("k=1_000", "k: expected an int (plain decimal digits, no '_' separators), got '1_000'"),
+    ("keep_ratio=1_0", "keep_ratio: expected a number (plain decimal digits, no '_' separators; a decimal point "
+                       "and exponent allowed), got '1_0'"),
+    ("video_keep_ratio=0_5", "video_keep_ratio: expected a number (plain decimal digits, no '_' separators"),
+    ("k=8,lam=0_5", "lam: expected a number (plain decimal digits, no '_' separators"),
+    ("keep_ratio=inf", "keep_ratio: expected a number"),
+    ("keep_ratio=1.50", "keep_ratio: expected a value in (0, 1], got 1.50"),
+    ("keep_ratio=15e-1", "keep_ratio: expected a value in (0, 1], got 15e-1"),
+    ("k=-0", "k: expected an int >= 1, got -0"),
     ("k=8,keep_ratio=0.5", "give one of k or keep_ratio, not both"),
     ("video_k=8,video_keep_ratio=0.5", "give one of video_k or video_keep_ratio, not both"),
     ("method=mmr", "nothing to prune: give k or keep_ratio (tokens kept per image) and/or video_k or"),
     ("video_k=0", "video_k: expected an int >= 1, got 0"),
     ("video_keep_ratio=0", "video_keep_ratio: expected a value in (0, 1], got 0"),
-    ("k=8,video_k=2.5", "video_k: expected an int, got '2.5'"),
+    ("k=8,video_k=2.5", "video_k: expected an int (plain decimal digits, no '_' separators), got '2.5'"),
     ("keep_ratio=1.5", "keep_ratio: expected a value in (0, 1]"),
     ("k=8,lam=2", "lam: expected a value in [0, 1]"),
     ("k=8,method=nope", "method: expected one of"),
@@ -57,7 +67,7 @@ def test_tokens_kept_is_the_selection_budget(text):
     ("k=8,k=9", "k given twice"),
     ("k=8,method=d2pruner,grid=4", "d2pruner's grid is each image's own patch grid, set by the plugin"),
     ("k=8,method=d2pruner,alpha=2", "alpha: expected a value in [0, 1], got 2.0"),
-    ("k=8,method=d2pruner,radius=1.5", "radius: expected an int, got '1.5'"),
+    ("k=8,method=d2pruner,radius=1.5", "radius: expected an int (plain decimal digits, no '_' separators), got '1.5'"),
     ("k=8,method=mmr,alpha=1", "method 'mmr' got unexpected parameter(s) ['alpha']; it takes none"),
     ("video_k=8,method=d2pruner", "video_k/video_keep_ratio with method=d2pruner needs alpha=1.0"),
 ])
@@ -65,6 +75,17 @@ def test_bad_config_names_the_variable_and_the_problem(text, message):
     with pytest.raises(ValueError) as exc:
         parse_config(text)
     assert ENV in str(exc.value) and message in str(exc.value)
+
+
+@pytest.mark.parametrize("text, expected", [("k=1000", 1000), ("k=+8", 8), ("k=007", 7)])
+def test_plain_ints_are_read(text, expected):
+    assert parse_config(text).images.k == expected
+
+
+@pytest.mark.parametrize("text, expected", [("keep_ratio=0.25", 0.25), ("keep_ratio=.5", 0.5), ("keep_ratio=1", 1.0),
+                                            ("keep_ratio=25e-2", 0.25), ("keep_ratio=2.5E-1", 0.25)])
+def test_plain_reals_are_read(text, expected):
+    assert parse_config(text).images.keep_ratio == expected
 
 
 def test_d2pruner_takes_the_parameters_its_messages_suggest():

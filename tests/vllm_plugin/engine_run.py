@@ -88,7 +88,7 @@ def _capture_positions(store, calls):
     """Record the prompt positions the decoder used (each token's from the re-positioning of the
     prefill chunk that computed it, or from an earlier request with the same prompt when vLLM's
     prefix cache served it) and how many prefill chunks brought media rows."""
-    from mmrprune.integrations._vllm_common import PruningModel
+    from mmrprune.integrations.vllm.common import PruningModel
     original = PruningModel.recompute_mrope_positions
 
     def recording(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
@@ -115,7 +115,8 @@ def main(family, model_dir):
     import mmrprune.integrations.vllm as plugin
     config = plugin.active_config()
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    result = {"plugin_on": config is not None, "plugin_loaded_by_vllm": loaded_by_vllm, "cases": {}}
+    result = {"plugin_on": config is not None, "plugin_loaded_by_vllm": loaded_by_vllm,
+              "v2_env": os.environ.get("VLLM_USE_V2_MODEL_RUNNER"), "cases": {}}
     for case, prompts in CASES.items():
         plugin.recent_selections.clear()
         outs = llm.generate([{"prompt": prompt_text(p), "multi_modal_data": multi_modal_data(family, p)}

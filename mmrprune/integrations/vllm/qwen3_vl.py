@@ -20,8 +20,8 @@ from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from . import mrope
-from ._vllm_common import PruningModel, prompt_updates, truncated
+from .. import mrope
+from .common import PruningModel, prompt_updates, truncated
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 
@@ -59,14 +59,12 @@ class MMRPruneQwen3VLProcessor(Qwen3VLMultiModalProcessor):
                               {"image": truncated, "video": video})
 
 
-@MULTIMODAL_REGISTRY.register_processor(MMRPruneQwen3VLProcessor, info=Qwen3VLProcessingInfo,
-                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
-class MMRPruneQwen3VL(PruningModel, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL whose image and video embeddings (DeepStack levels included) are pruned by mmrprune."""
+class Qwen3VLPruning(PruningModel):
+    """The pruning of a Qwen3-VL model or of a subclass (Qwen3.5): mixed in before the model."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._mmrprune_start(self.multimodal_config)
+        self._mmrprune_start(vllm_config)
 
     def _cells(self, grids) -> list:
         merge = self.visual.spatial_merge_size
@@ -125,6 +123,17 @@ class MMRPruneQwen3VL(PruningModel, Qwen3VLForConditionalGeneration):
             text = int((span != self.config.video_token_id).sum())   # timestamps and frame markers
             out.append(text + t * frame)
         return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(MMRPruneQwen3VLProcessor, info=Qwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class MMRPruneQwen3VL(Qwen3VLPruning, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL whose image and video embeddings (DeepStack levels included) are pruned by mmrprune."""
+
+
+def classes() -> list:
+    """``(architecture, model class, processor class)`` of each model this module prunes."""
+    return [(ARCHITECTURE, MMRPruneQwen3VL, MMRPruneQwen3VLProcessor)]
 
 
 def _parts(is_video: np.ndarray, frame_grid: np.ndarray) -> list:
