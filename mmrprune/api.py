@@ -27,11 +27,32 @@ def _run(request: Request, backend: str) -> tuple[torch.Tensor, dict]:
     out = chosen.select(batch)
     out, stats = out if isinstance(out, tuple) else (out, {})
     if request.order == "position":
-        # -1 padding sorts last: order by (index if kept else +inf)
-        key = torch.where(out < 0, torch.iinfo(torch.int64).max, out)
-        out = torch.sort(key, dim=1).values
-        out = torch.where(out == torch.iinfo(torch.int64).max, -1, out)
+        out = _position_order(out)
     return out, stats
+
+
+_UNSIGNED_SORT: dict = {}   # device type -> whether torch sorts uint64 there
+
+
+def _sorts_uint64(device: torch.device) -> bool:
+    if device.type not in _UNSIGNED_SORT:
+        try:
+            torch.sort(torch.zeros((1, 2), dtype=torch.uint64, device=device), dim=1)
+            _UNSIGNED_SORT[device.type] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _UNSIGNED_SORT[device.type] = False
+    return _UNSIGNED_SORT[device.type]
+
+
+def _position_order(out: torch.Tensor) -> torch.Tensor:
+    """Each row ascending with its -1 padding last.  Read as uint64, -1 is the largest value,
+    so one sort does it (one launch instead of five); a device or a tracer without uint64
+    sorting takes the int64 route."""
+    if not torch.compiler.is_compiling() and _sorts_uint64(out.device):
+        return torch.sort(out.view(torch.uint64), dim=1).values.view(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    out = torch.sort(torch.where(out < 0, big, out), dim=1).values
+    return torch.where(out == big, -1, out)
 
 
 def _lam(lam, method):
