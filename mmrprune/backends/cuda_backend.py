@@ -124,9 +124,9 @@ def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
     """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
     output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
     made on the way there: the contiguous rows of non-contiguous features
-    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, the fp32 cast of the rows
-    that the norms read and, where torch has no fp32-output bmm (CPU: the emulator), the fp32
-    operand of the Gram product."""
+    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, DivPrune's fp32 cast of the
+    rows for its torch norms and, where torch has no fp32-output bmm (CPU: the emulator), the
+    fp32 operand of the Gram product."""
     dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     packed_elem = batch.features.element_size() if batch.packed else 0
@@ -134,7 +134,8 @@ def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
     total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
     total += batch.rows_copy_bytes()
     if gram and dtype != torch.float32:
-        total += rows * dim * 4
+        if batch.method == "divprune":   # its torch norms read an fp32 copy (the prepare kernel does not)
+            total += rows * dim * 4
         if not _fp32_output_bmm(batch.device):
             total += bsz * n_max * dim * 4
     return total
