@@ -2,8 +2,9 @@
 
 The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
-csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` with
-torch ops (the shared steps come from :mod:`mmrprune.prepare`), in the *segment form*
+csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` (the Gram
+product and, for hybrid and divprune, torch ops from :mod:`mmrprune.prepare`; the scores and
+norms of the other methods come from one prepare kernel at launch), in the *segment form*
 the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
 ``b``, padded and packed alike); :class:`FusedGreedy` checks and launches it on one
 compiled module (``mmrprune._cuda`` here; a CPU-emulated build of the same sources
@@ -65,9 +66,9 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 KERNEL_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
 METHODS = KERNEL_METHODS + ("topk",)          # topk: torch sort (no kernel needed)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes to the torch backend
-# issue 4: workspace <= 2 GiB at N = 32,768.  Gram mode is used when the call's whole workspace
-# (Gram included) stays within it: B=64, N=2691 (target c: 1.85 GB of Gram) and B=1, N=16384
-# (target d: 1 GiB) take Gram mode, B=1, N=32768 (4 GiB of Gram) stays in row mode.
+# Gram mode is used while the call's whole workspace (Gram included) stays within this bound,
+# so that the Gram never decides whether a call fits in memory: long images (N = 32,768: a
+# 4 GiB Gram) fall back to row mode, whose workspace is O(N).
 WORKSPACE_LIMIT_BYTES = 2 << 30
 GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, unset/"auto": use_gram()
 ROUND_ENV = "MMRPRUNE_CUDA_ROUND"            # picks per round of the maxsim kernels (1 = one per step); default MAX_ROUND
