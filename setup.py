@@ -345,16 +345,11 @@ def _transformers_window():
 
 
 setup(
-    name="mmrprune",
-    version="0.1.0",
-    description="Exact, batched greedy visual-token selection (MMR, DivPrune, DPP, D2Pruner) for multimodal LLMs",
-    python_requires=">=3.9",
     packages=sorted(set(find_packages(include=["mmrprune", "mmrprune.*"])) | {"mmrprune.triton_kernels"}),
     package_dir={"mmrprune.triton_kernels": "triton_kernels"},
     package_data={"mmrprune.data": ["*.npz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt, "check_cuda": CheckCuda},
-    install_requires=["numpy", "torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark"],
@@ -362,7 +357,4 @@ setup(
         "bench": ["matplotlib"],
         "hf": [_transformers_window()],
     },
-    entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"],
-                  # inert unless MMRPRUNE_VLLM is set (see mmrprune/integrations/vllm.py)
-                  "vllm.general_plugins": ["mmrprune = mmrprune.integrations.vllm:register"]},
 )
