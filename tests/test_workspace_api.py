@@ -36,14 +36,14 @@ def test_meta_tensors_give_the_same_estimate(method):
 TARGETS = {"c": (64, 2691, 3584), "d": (1, 16384, 3584)}
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("size", sorted(TARGETS))
 @pytest.mark.parametrize("method", ["mmr", "fps", "dpp"])
-def test_gpu_targets_pass_the_default_limit(target, method):
-    b, n, d = TARGETS[target]
+def test_gpu_targets_pass_the_default_limit(size, method):
+    b, n, d = TARGETS[size]
     x = torch.empty(b, n, d, dtype=torch.bfloat16, device="meta")
     w = torch.empty(b, n, device="meta")
     need = mmrprune.workspace_bytes(x, w, keep_ratio=0.25, method=method, backend="cuda")
-    assert need <= workspace.DEFAULT_LIMIT_BYTES, f"{target} {method}: {need / GiB:.2f} GiB"
+    assert need <= workspace.DEFAULT_LIMIT_BYTES, f"{size} {method}: {need / GiB:.2f} GiB"
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "lots", "0"])
