@@ -180,6 +180,15 @@ def _emu_jobs(cxx, tmp, cuda_inc):
     return jobs
 
 
+def _link_triton_kernels():
+    """An in-place build runs from the source tree, where nothing maps triton_kernels/ to
+    mmrprune.triton_kernels as an install does (package_dir): a relative symlink puts it where
+    the installed package has it (git-ignored; an install copies the files, not the link)."""
+    link = os.path.join(ROOT, "mmrprune", "triton_kernels")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(os.pardir, "triton_kernels"), link, target_is_directory=True)
+
+
 class BuildExt(build_ext):
     """Compiles each extension's objects with ninja/a pool, links with the C++ compiler,
     then writes mmrprune/_build_config.py."""
@@ -193,6 +202,7 @@ class BuildExt(build_ext):
         self._write_config(os.path.join(os.path.abspath(self.build_lib), "mmrprune"))
         if to_source:
             self._write_config(os.path.join(ROOT, "mmrprune"))
+            _link_triton_kernels()
 
     def build_extension(self, ext):
         out = self.get_ext_fullpath(ext.name)
@@ -335,16 +345,11 @@ def _transformers_window():
 
 
 setup(
-    name="mmrprune",
-    version="0.1.0",
-    description="Exact, batched greedy visual-token selection (MMR, DivPrune, DPP, D2Pruner) for multimodal LLMs",
-    python_requires=">=3.9",
-    packages=find_packages(include=["mmrprune", "mmrprune.*"]) + ["mmrprune.triton_kernels"],
+    packages=sorted(set(find_packages(include=["mmrprune", "mmrprune.*"])) | {"mmrprune.triton_kernels"}),
     package_dir={"mmrprune.triton_kernels": "triton_kernels"},
     package_data={"mmrprune.data": ["*.npz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt, "check_cuda": CheckCuda},
-    install_requires=["numpy", "torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark"],
@@ -352,7 +357,4 @@ setup(
         "bench": ["matplotlib"],
         "hf": [_transformers_window()],
     },
-    entry_points={"console_scripts": ["mmrprune-bench = mmrprune.bench.cli:main"],
-                  # inert unless MMRPRUNE_VLLM is set (see mmrprune/integrations/vllm.py)
-                  "vllm.general_plugins": ["mmrprune = mmrprune.integrations.vllm:register"]},
 )

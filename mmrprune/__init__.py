@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 # name `info` bound to that module. info.py imports nothing heavy until called.
 from .info import info  # noqa: E402
 
-_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api"}
+_FUNCTIONS = {"select": "api", "select_varlen": "api", "prune": "api", "workspace_bytes": "api"}
 _SUBMODULES = ("metrics", "reference", "data", "importance", "integrations")
-__all__ = ["select", "select_varlen", "prune", "info", "metrics", "reference", "__version__"]
+__all__ = ["select", "select_varlen", "prune", "workspace_bytes", "info", "metrics", "reference", "__version__"]
 
 
 def __getattr__(name):

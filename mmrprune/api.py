@@ -5,6 +5,7 @@ Inputs are never modified.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import numpy as np
@@ -17,20 +18,41 @@ from .validation import Request, check_flag, validate, warn_lam_ignored
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def _run(request: Request, backend: str) -> tuple[torch.Tensor, dict]:
+def _run(request: Request, backend: str, workspace_limit=None) -> tuple[torch.Tensor, dict]:
     """``(indices [B, k_max], stats)``; a backend returns either the indices or ``(indices, stats)``."""
     batch = request.batch
     chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
     if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
-        workspace.check(chosen.name, batch)
+        workspace.check(chosen.name, batch, workspace_limit)
     out = chosen.select(batch)
     out, stats = out if isinstance(out, tuple) else (out, {})
     if request.order == "position":
-        # -1 padding sorts last: order by (index if kept else +inf)
-        key = torch.where(out < 0, torch.iinfo(torch.int64).max, out)
-        out = torch.sort(key, dim=1).values
-        out = torch.where(out == torch.iinfo(torch.int64).max, -1, out)
+        out = _position_order(out)
     return out, stats
+
+
+_UNSIGNED_SORT: dict = {}   # device type -> whether torch sorts uint64 there
+
+
+def _sorts_uint64(device: torch.device) -> bool:
+    if device.type not in _UNSIGNED_SORT:
+        try:
+            torch.sort(torch.zeros((1, 2), dtype=torch.uint64, device=device), dim=1)
+            _UNSIGNED_SORT[device.type] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _UNSIGNED_SORT[device.type] = False
+    return _UNSIGNED_SORT[device.type]
+
+
+def _position_order(out: torch.Tensor) -> torch.Tensor:
+    """Each row ascending with its -1 padding last.  Read as uint64, -1 is the largest value,
+    so one sort does it (one launch instead of five); a device or a tracer without uint64
+    sorting takes the int64 route."""
+    if not torch.compiler.is_compiling() and _sorts_uint64(out.device):
+        return torch.sort(out.view(torch.uint64), dim=1).values.view(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    out = torch.sort(torch.where(out < 0, big, out), dim=1).values
+    return torch.where(out == big, -1, out)
 
 
 def _lam(lam, method):
@@ -50,7 +72,8 @@ def _to_user(t: torch.Tensor, numpy_in: bool):
 def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
            keep_ratio: Optional[float] = None, lam: Optional[float] = None, method: str = "mmr",
            lengths: Optional[ArrayLike] = None, order: str = "position", backend: str = "auto",
-           check_finite: bool = True, return_stats: bool = False, **method_params) -> ArrayLike:
+           check_finite: bool = True, return_stats: bool = False, workspace_limit=None,
+           **method_params) -> ArrayLike:
     """Pick the visual tokens to keep, per image.
 
     Args:
@@ -70,6 +93,11 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
             ``False`` keeps the call free of host syncs (CUDA-graph capture).
         return_stats: also return a dict of what the backend measured while selecting
             (see Returns).
+        workspace_limit: the most scratch memory the call may need, in bytes (an int, or a string
+            such as ``"512M"``, ``"8G"``; ``"unlimited"``); a call past it raises
+            ``mmrprune.workspace.WorkspaceLimitError`` before allocating anything.  Default: the
+            environment variable ``MMRPRUNE_MAX_WORKSPACE``, else 4 GiB.  :func:`workspace_bytes`
+            gives the estimate it is compared with.
         **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
 
     Returns:
@@ -87,7 +115,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
     return_stats = check_flag(return_stats, "return_stats")
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
-    out, stats = _run(request, backend)
+    out, stats = _run(request, backend, workspace_limit)
     if request.single_image:
         out = out[0]
         stats = {name: v[0] for name, v in stats.items()}
@@ -109,7 +137,8 @@ def _is_offsets(x) -> bool:
 def select_varlen(features: ArrayLike, importance: Optional[ArrayLike] = None, cu_seqlens: ArrayLike = None, *,
                   k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: Optional[float] = None,
                   method: str = "mmr", order: str = "position", backend: str = "auto",
-                  check_finite: bool = True, return_stats: bool = False, **method_params):
+                  check_finite: bool = True, return_stats: bool = False, workspace_limit=None,
+                  **method_params):
     """Selection over a packed batch: image ``b`` is ``features[cu_seqlens[b]:cu_seqlens[b+1]]``.
 
     ``importance`` is ``[T]`` or ``None`` (all zeros), as in :func:`select`; ``cu_seqlens``
@@ -136,7 +165,7 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike] = None, c
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch
-    local, stats = _run(request, backend)
+    local, stats = _run(request, backend, workspace_limit)
     kept = local >= 0
     flat = (local + batch.starts[:, None])[kept]
     cu_k = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.device)
@@ -171,3 +200,44 @@ def prune(features: ArrayLike, importance: Optional[ArrayLike] = None, **kwargs)
         kept = torch.gather(features, -2, safe.unsqueeze(-1).expand(*safe.shape, features.shape[-1]))
         kept = kept.masked_fill((idx < 0).unsqueeze(-1), 0)
     return (kept, idx, stats) if return_stats else (kept, idx)
+
+
+def _value_free(t):
+    """A stand-in for a meta tensor that validation accepts: one zero expanded to its shape
+    (no memory), read only for its shape and dtype since value checks are off."""
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        return torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return t
+
+
+def workspace_bytes(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
+                    keep_ratio: Optional[float] = None, lam: Optional[float] = None, method: str = "mmr",
+                    lengths: Optional[ArrayLike] = None, cu_seqlens: Optional[ArrayLike] = None,
+                    backend: str = "auto", **method_params) -> int:
+    """Scratch bytes :func:`select` (or, with ``cu_seqlens``, :func:`select_varlen`) would need
+    for these arguments beyond its input and output: the estimate its workspace limit is checked
+    against (``workspace_limit=``).  Nothing is selected and no device memory is allocated.
+
+    ``features`` and ``importance`` may be meta tensors (``torch.empty(..., device="meta")``),
+    to size a call before the data exists; ``backend`` must then be named (``"cuda"``,
+    ``"triton"``, ``"cpu"``, ...), since "auto" picks by the data's device.  The estimate is the
+    one a CUDA device would get (a meta tensor is taken as on a GPU).  ``order``,
+    ``check_finite`` and ``return_stats`` do not change it and are accepted and ignored."""
+    for ignored in ("order", "check_finite", "return_stats", "workspace_limit"):
+        method_params.pop(ignored, None)
+    meta = isinstance(features, torch.Tensor) and features.device.type == "meta"
+    if meta and backend == "auto":
+        raise ValueError("backend: name the backend for meta features (backend='auto' picks by the data's device)")
+    request = validate(_value_free(features), _value_free(importance), k=k, keep_ratio=keep_ratio,
+                       lam=DEFAULT_LAM if lam is None else lam, method=method, lengths=lengths,
+                       cu_seqlens=cu_seqlens, check_finite=False, method_params=method_params)
+    batch = request.batch
+    if meta:   # the real tensor's layout (a contiguous meta tensor is not copied by the backends)
+        x = features.unsqueeze(0) if (cu_seqlens is None and features.ndim == 2) else features
+        batch = dataclasses.replace(batch, features=x, _cache={})
+        name = backend
+        if name not in dispatch.BACKENDS:
+            raise ValueError(f"backend: expected one of {list(dispatch.BACKENDS)} for meta features, got {name!r}")
+    else:
+        name = dispatch.resolve(backend, batch.device.type, batch.method).name
+    return workspace.estimate_bytes(name, batch)

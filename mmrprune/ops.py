@@ -18,15 +18,12 @@ Version floor: ``torch.library.custom_op`` arrived in torch 2.4 and ``triton_op`
 fallback for older versions.
 
 Eager calls skip the dispatcher.  Going through ``torch.ops`` costs a fixed amount of
-Python per call.  ``bench/op_overhead.py`` measures it on CPU (``cpu_select`` on one 16x8
-image, k=4, median of 30 runs); on the shared 2-core build machine, torch 2.13, two runs
-gave: the registered op 75-92 us, the plain implementation 26-38 us, i.e. ~45-50 us of
-dispatch per call (the issue's quieter measurement: ~31 vs ~5 us), against a whole
-``mmrprune.select`` of ~550-650 us there.  A kernel with a <= 50 us GPU target cannot spend
-that in the dispatcher, and eager mode gains nothing from it (each implementation checks its
-own arguments), so :class:`KernelOp` calls the implementation directly (measured: +2 us over
-the plain call) unless the call is being traced (``torch.compile``/``torch.export``, a fake or
-meta tensor, an active dispatch mode), where the registered op is what the tracer must see.
+Python per call, several times a small kernel's whole budget (``bench/op_overhead.py``
+measures it; the figures are in bench/results/op_overhead.md), and eager mode gains nothing
+from it (each implementation checks its own arguments).  So :class:`KernelOp` calls the
+implementation directly unless the call is being traced (``torch.compile``/``torch.export``,
+a fake or meta tensor, an active dispatch mode), where the registered op is what the tracer
+must see.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ The dominant buffer is DPP's greedy-MAP state, ``N x k`` Cholesky rows per image
 10 GB in float32, from a 25 MB input.  Every backend's estimate below counts the
 buffers it allocates beyond the input and the output, per call.
 
-The limit is ``DEFAULT_LIMIT_BYTES`` (4 GiB) unless the environment variable
-``MMRPRUNE_MAX_WORKSPACE`` says otherwise, read at every call.  Accepted, case and
-surrounding spaces aside:
+The limit is a call's ``workspace_limit=`` argument; without it, the environment variable
+``MMRPRUNE_MAX_WORKSPACE`` (read at every call), else ``DEFAULT_LIMIT_BYTES`` (4 GiB).
+:func:`mmrprune.workspace_bytes` says what a call needs before making it.  Accepted
+(an int of bytes too, for the argument), case and surrounding spaces aside:
 
 * a byte count: a decimal number (digits, with an optional fraction) and an optional
   binary suffix ``K``, ``M``, ``G`` or ``T`` (``KiB``/``KB`` and so on too), e.g.
@@ -60,10 +61,24 @@ def parse_limit(raw: str) -> int | None:
     return value
 
 
-def limit_bytes() -> int | None:
-    """The workspace limit in bytes (None: unlimited), from ``MMRPRUNE_MAX_WORKSPACE``."""
-    raw = os.environ.get(ENV_VAR, "")
-    return DEFAULT_LIMIT_BYTES if not raw.strip() else parse_limit(raw)
+def limit_bytes(limit=None) -> int | None:
+    """The workspace limit in bytes (None: unlimited): a call's ``workspace_limit`` (a positive
+    int, a byte-count string as the variable takes, or ``"unlimited"``), else
+    ``MMRPRUNE_MAX_WORKSPACE``, else :data:`DEFAULT_LIMIT_BYTES`."""
+    if limit is None:
+        raw = os.environ.get(ENV_VAR, "")
+        return DEFAULT_LIMIT_BYTES if not raw.strip() else parse_limit(raw)
+    if isinstance(limit, bool) or not isinstance(limit, (int, str)):
+        raise TypeError(f"workspace_limit: expected a byte count (int or a string such as '512M') or "
+                        f"'{UNLIMITED}', got {type(limit).__name__}")
+    if isinstance(limit, int):
+        if not 1 <= limit <= MAX_LIMIT_BYTES:
+            raise ValueError(f"workspace_limit: expected at least 1 byte and at most {MAX_LIMIT_BYTES}, got {limit}")
+        return limit
+    try:
+        return parse_limit(limit)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"{ENV_VAR}:", "workspace_limit:", 1)) from None
 
 
 def _n_max(batch: SelectionBatch) -> int:
@@ -137,9 +152,10 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def check(backend: str, batch: SelectionBatch) -> None:
-    """Raise :class:`WorkspaceLimitError` when ``backend`` would need more than the limit."""
-    limit = limit_bytes()
+def check(backend: str, batch: SelectionBatch, limit=None) -> None:
+    """Raise :class:`WorkspaceLimitError` when ``backend`` would need more than the limit
+    (:func:`limit_bytes` of ``limit``)."""
+    limit = limit_bytes(limit)
     if limit is None:
         return
     need = estimate_bytes(backend, batch)
@@ -148,5 +164,5 @@ def check(backend: str, batch: SelectionBatch) -> None:
             f"workspace: backend {backend!r} would need about {_human(need)} ({need} bytes) of scratch memory "
             f"for method {batch.method!r} with B={batch.batch_size}, N={_n_max(batch)}, D={batch.dim}, "
             f"k={batch.k_max}, above the limit of {_human(limit)} ({limit} bytes); raise the limit with the "
-            f"environment variable {ENV_VAR} (e.g. {ENV_VAR}=32G, or {ENV_VAR}={UNLIMITED}), or lower k, "
-            "or split the batch")
+            f"argument workspace_limit= (e.g. workspace_limit='32G' or '{UNLIMITED}') or the environment variable "
+            f"{ENV_VAR} (its default), or lower k, or split the batch")

@@ -446,11 +446,19 @@ def test_divprune_first_rows_match_reference(make):
         np.testing.assert_allclose(first[s:s + n], 1.0 - g.max(axis=1), atol=2e-6)
 
 
+def _completed(call):
+    """``call`` with the prepare kernel's outputs (score, Gram-mode norms), run on the emulator."""
+    from mmrprune.backends import cuda_emu_backend as emu
+    if emu.KERNELS.ext is None:
+        pytest.skip(f"the prepare kernel runs on the emulator here: {emu.KERNELS.status()[1]}")
+    return emu.KERNELS.complete(call)
+
+
 @pytest.mark.parametrize("make", [_padded_request, _packed_request])
 @pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
 def test_prepare_segment_form(make, method):
     batch = make(method, lam=0.4)
-    a = cb.prepare(batch)
+    a = _completed(cb.prepare(batch))
     rows = batch.rows()
     assert a.rows.shape == rows.shape and a.rows.is_contiguous()
     assert a.score.dtype == torch.float32 and a.score.shape == (rows.shape[0],)
@@ -474,8 +482,8 @@ def test_prepare_segment_form(make, method):
 @pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
 def test_prepare_gram_mode_layout(make, method):
     batch = make(method)
-    row = cb.prepare(batch, setting="0")
-    gm = cb.prepare(batch, setting="1")
+    row = _completed(cb.prepare(batch, setting="0"))
+    gm = _completed(cb.prepare(batch, setting="1"))
     assert row.gram is None and row.inv_norm is None and row.sqn is None
     g, inv = gm.gram, gm.inv_norm
     n_max = max(batch.lengths.tolist()) if batch.packed else batch.features.shape[1]
@@ -793,5 +801,10 @@ def test_both_launch_paths_reach_the_extension(ext, method, setting, monkeypatch
                      lengths=torch.tensor([9, 4])).batch
     call = cb.prepare(batch)
     assert (call.gram is not None) == (setting == "1")
+    if call.score_kind != "keep" or (call.gram is not None and call.inv_norm is None):
+        # the prepare kernel's entry point first, then the greedy one with its outputs in place
+        with pytest.raises(RuntimeError, match="mmrprune._cuda: prepare kernel: "):
+            kernels.launch(call)
+        call = _completed(call)
     with pytest.raises(RuntimeError, match="mmrprune._cuda: (cudaGetDevice|.*launch)"):
         kernels.launch(call)

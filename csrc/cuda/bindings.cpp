@@ -18,6 +18,7 @@
 #include <string>
 
 #include "greedy.h"
+#include "prepare.h"
 
 namespace py = pybind11;
 using mmrprune_cuda::DType;
@@ -206,6 +207,41 @@ void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_no
   raise_if_failed(mmrprune_cuda::launch_greedy_dpp_gram(g, st, seg));
 }
 
+void prepare(std::uintptr_t starts, std::uintptr_t lengths, std::int64_t batch, std::uintptr_t gram,
+             std::int64_t ld, std::int64_t width, std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t weights,
+             std::uintptr_t score, int score_kind, std::uintptr_t stream) {
+  CHECK_NONNEG(batch);
+  MMRPRUNE_CHECK(batch <= INT_MAX, "batch must fit in one grid dimension (<= 2^31 - 1), got " << batch);
+  for (std::uintptr_t p : {starts, lengths}) {
+    MMRPRUNE_CHECK(p != 0, "starts and lengths must be non-null device pointers");
+    MMRPRUNE_CHECK(p % 8 == 0, "starts and lengths are int64 and must be 8-byte aligned");
+  }
+  MMRPRUNE_CHECK(score_kind >= mmrprune_cuda::kScoreKeep && score_kind <= mmrprune_cuda::kScoreZero,
+                 "score_kind must be in [0, 3], got " << score_kind);
+  mmrprune_cuda::PrepareParams p;
+  CHECK_NONNEG(width);
+  if (gram != 0) {
+    p.ld = check_gram(gram, ld, batch).ld;
+    CHECK_PTR(inv_norm);
+    MMRPRUNE_CHECK(width == 0 || width == ld, "padded rows are as wide as the Gram: width " << width << ", ld " << ld);
+  }
+  if (score_kind != mmrprune_cuda::kScoreKeep) CHECK_PTR(score);
+  for (std::uintptr_t q : {gram, inv_norm, sqn, weights, score})
+    MMRPRUNE_CHECK(q % 4 == 0, "gram, inv_norm, sqn, weights and score are float32 and must be 4-byte aligned");
+  p.starts = starts;
+  p.lengths = lengths;
+  p.batch = batch;
+  p.gram = gram;
+  p.width = width;
+  p.inv_norm = inv_norm;
+  p.sqn = sqn;
+  p.weights = weights;
+  p.score = score;
+  p.score_kind = score_kind;
+  p.stream = stream;
+  raise_if_failed(mmrprune_cuda::launch_prepare(p));
+}
+
 }  // namespace
 
 // The same source is also built as mmrprune._cuda_emu (kernels on the CPU emulator, csrc/emu/).
@@ -221,6 +257,14 @@ PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.attr("GREEDY_THREADS") = mmrprune_cuda::kGreedyThreads;
   m.attr("MAX_ROUND") = mmrprune_cuda::kMaxRound;
 
+  m.attr("SCORE_KEEP") = static_cast<int>(mmrprune_cuda::kScoreKeep);
+  m.attr("SCORE_IMP") = static_cast<int>(mmrprune_cuda::kScoreImp);
+  m.attr("SCORE_QUALITY") = static_cast<int>(mmrprune_cuda::kScoreQuality);
+  m.attr("SCORE_ZERO") = static_cast<int>(mmrprune_cuda::kScoreZero);
+  m.def("prepare", &prepare, py::arg("starts"), py::arg("lengths"), py::arg("batch"), py::arg("gram"),
+        py::arg("ld"), py::arg("width"), py::arg("inv_norm"), py::arg("sqn"), py::arg("weights"),
+        py::arg("score"), py::arg("score_kind"), py::arg("stream"),
+        "one launch: inverse norms from the Gram diagonal and the per-row scores from raw importance");
   m.def("smem_bytes", &mmrprune_cuda::greedy_smem_bytes, py::arg("dim"),
         "dynamic shared memory (bytes) of the greedy kernels for feature dim `dim`");
   m.def("inv_norms", &inv_norms, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),

@@ -2,8 +2,9 @@
 
 The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
-csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` with
-torch ops (the shared steps come from :mod:`mmrprune.prepare`), in the *segment form*
+csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` (the Gram
+product and, for hybrid and divprune, torch ops from :mod:`mmrprune.prepare`; the scores and
+norms of the other methods come from one prepare kernel at launch), in the *segment form*
 the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
 ``b``, padded and packed alike); :class:`FusedGreedy` checks and launches it on one
 compiled module (``mmrprune._cuda`` here; a CPU-emulated build of the same sources
@@ -41,6 +42,7 @@ mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -64,9 +66,9 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 KERNEL_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
 METHODS = KERNEL_METHODS + ("topk",)          # topk: torch sort (no kernel needed)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes to the torch backend
-# issue 4: workspace <= 2 GiB at N = 32,768.  Gram mode is used when the call's whole workspace
-# (Gram included) stays within it: B=64, N=2691 (target c: 1.85 GB of Gram) and B=1, N=16384
-# (target d: 1 GiB) take Gram mode, B=1, N=32768 (4 GiB of Gram) stays in row mode.
+# Gram mode is used while the call's whole workspace (Gram included) stays within this bound,
+# so that the Gram never decides whether a call fits in memory: long images (N = 32,768: a
+# 4 GiB Gram) fall back to row mode, whose workspace is O(N).
 WORKSPACE_LIMIT_BYTES = 2 << 30
 GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, unset/"auto": use_gram()
 ROUND_ENV = "MMRPRUNE_CUDA_ROUND"            # picks per round of the maxsim kernels (1 = one per step); default MAX_ROUND
@@ -123,9 +125,9 @@ def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
     """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
     output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
     made on the way there: the contiguous rows of non-contiguous features
-    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, the fp32 cast of the rows
-    that the norms read and, where torch has no fp32-output bmm (CPU: the emulator), the fp32
-    operand of the Gram product."""
+    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, DivPrune's fp32 cast of the
+    rows for its torch norms and, where torch has no fp32-output bmm (CPU: the emulator), the
+    fp32 operand of the Gram product."""
     dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     packed_elem = batch.features.element_size() if batch.packed else 0
@@ -133,7 +135,8 @@ def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
     total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
     total += batch.rows_copy_bytes()
     if gram and dtype != torch.float32:
-        total += rows * dim * 4
+        if batch.method == "divprune":   # its torch norms read an fp32 copy (the prepare kernel does not)
+            total += rows * dim * 4
         if not _fp32_output_bmm(batch.device):
             total += bsz * n_max * dim * 4
     return total
@@ -247,9 +250,14 @@ def gram_n_max(batch: SelectionBatch, setting: Optional[str] = None) -> Optional
 # ----------------------------------------------------------------------------- preparation
 @dataclass
 class KernelCall:
-    """Everything one fused-kernel call reads, in segment form (see :func:`prepare`)."""
+    """Everything one fused-kernel call reads, in segment form (see :func:`prepare`).
+
+    The per-row scores and, in Gram mode, the inverse norms are left to the launch's prepare
+    kernel (csrc/cuda/prepare.cu) wherever it can compute them: ``score`` is None unless
+    ``score_kind`` is ``"keep"``, and ``inv_norm`` None in Gram mode means "from the Gram's
+    diagonal".  :meth:`FusedGreedy.complete` runs that kernel and fills them in."""
     rows: torch.Tensor                    # [R, D] features, contiguous, a kernel dtype
-    score: torch.Tensor                   # [R] fp32: Imp (mmr family, zeros for divprune) or DPP q
+    score: Optional[torch.Tensor]         # [R] fp32 Imp / DPP q when score_kind == "keep", else None
     first_score: Optional[torch.Tensor]   # [R] fp32 DivPrune first-step score, else None
     eligible: Optional[torch.Tensor]      # [R] uint8 hybrid pool, else None (every valid token)
     starts: torch.Tensor                  # [B] int64
@@ -259,88 +267,116 @@ class KernelCall:
     lam: float                            # trade-off of steps 2..k (0 except for mmr)
     dpp: bool
     gram: Optional[torch.Tensor] = None   # Gram mode: [B, n_max, n_max] fp32 raw Gram
-    inv_norm: Optional[torch.Tensor] = None   # Gram mode: [R] fp32
-    sqn: Optional[torch.Tensor] = None        # Gram-mode dpp: [R] fp32 ||x̂||^2
+    inv_norm: Optional[torch.Tensor] = None   # Gram mode: [R] fp32, or None (from the Gram's diagonal)
+    sqn: Optional[torch.Tensor] = None        # Gram-mode dpp: [R] fp32 ||x̂||^2 (with inv_norm)
+    weights: Optional[torch.Tensor] = None    # [R] fp32 raw importance the prepare kernel normalises
+    score_kind: str = "keep"                  # one of SCORE_KINDS
+    width: int = 0                            # padded rows: [B, width], prepared whole; 0: packed
 
     def args(self) -> tuple:
         """Positional arguments of the custom op, in its schema's order."""
         return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
-                self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn)
+                self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn, self.weights,
+                self.score_kind, self.width)
 
 
-def _gram_inputs(batch: SelectionBatch, rows: torch.Tensor, n_max: int):
-    """Gram mode: ``(gram [B, n_max, n_max], inv_norm [R], sqn [R], index [B, n_max] or None,
-    valid [B, n_max])``; packed input is gathered into a padded copy first."""
-    if batch.packed:
-        idx, valid = batch.padded_index(n_max)
-        feats = rows[idx]                                                      # [B, n_max, D] copy
-    else:
-        idx, valid = None, batch.valid_mask()
-        feats = rows.view(batch.batch_size, n_max, batch.dim)
-    inv, sqn = row_inv_norms(rows)
-    return gram_matrix(feats), inv, sqn, idx, valid
+# What the prepare kernel writes into the score (csrc/cuda/prepare.h, ScoreKind).
+SCORE_KINDS = ("keep", "imp", "quality", "zero")
+
+
+def _weights_rows(batch: SelectionBatch) -> Optional[torch.Tensor]:
+    """The raw importance in segment form, fp32 (a view when it already is)."""
+    if batch.weights is None:
+        return None
+    return batch.weights.reshape(-1).to(torch.float32).contiguous()
 
 
 def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> KernelCall:
-    """The :class:`KernelCall` of a kernel method (torch ops only, any device).
+    """The :class:`KernelCall` of a kernel method.
 
-    Gram mode (``use_gram``) adds ``gram``, ``inv_norm`` and, for dpp, ``sqn``; row mode
-    leaves them None (the launch computes the norms itself)."""
+    mmr, fps and dpp need no torch op beyond the Gram product (Gram mode): their scores and
+    norms come from the launch's prepare kernel.  hybrid (its pool ranks tokens by importance)
+    and divprune (its first step's score) still prepare with torch ops."""
     method = batch.method
     if method not in KERNEL_METHODS:
         raise ValueError(f"cuda kernel: method {method!r} has no kernel (kernel methods: {list(KERNEL_METHODS)})")
     if batch.features.dtype not in KERNEL_DTYPES:
         raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {batch.features.dtype}")
     rows = batch.rows()
-    call = KernelCall(rows=rows, score=rows, first_score=None, eligible=None, starts=batch.starts.contiguous(),
+    call = KernelCall(rows=rows, score=None, first_score=None, eligible=None, starts=batch.starts.contiguous(),
                       lengths=batch.lengths.contiguous(), ks=batch.ks.contiguous(), k_max=int(batch.k_max),
-                      lam=0.0, dpp=method == "dpp")
+                      lam=0.0, dpp=method == "dpp",
+                      width=0 if batch.packed else int(batch.features.shape[1]))
     n_max = gram_n_max(batch, setting)
+    idx = valid = None
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
                                       batch.features.dtype, packed=batch.packed, setting=setting):
-        call.gram, call.inv_norm, sqn, idx, valid = _gram_inputs(batch, rows, n_max)
-        call.sqn = sqn if call.dpp else None
+        if batch.packed:
+            idx, valid = batch.padded_index(n_max)
+            feats = rows[idx]                                                  # [B, n_max, D] copy
+        else:
+            feats = rows.view(batch.batch_size, n_max, batch.dim)
+        call.gram = gram_matrix(feats)
     if call.dpp:
-        score = batch.dpp_quality()
+        call.score_kind, call.weights = "quality", _weights_rows(batch)
+        return call
+    plan = maxsim_plan(method, batch.lam)
+    call.lam = plan.lam
+    if plan.divprune:
+        call.score_kind = "zero"    # importance ignored
+        if call.gram is None:
+            call.first_score = divprune_first_rows(batch, rows)
+        else:
+            call.inv_norm, _ = row_inv_norms(rows)
+            if valid is None:
+                valid = batch.valid_mask()
+            inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
+            first = divprune_first_from_gram(call.gram, inv_p, valid)
+            call.first_score = from_padded(batch, first, float("inf"))
+    elif plan.pooled:
+        call.eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
+        call.score = batch.importance().reshape(-1).to(torch.float32).contiguous()
     else:
-        plan = maxsim_plan(method, batch.lam)
-        call.lam = plan.lam
-        score = batch.importance()
-        if plan.pooled:
-            call.eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
-        if plan.divprune:
-            score = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # importance ignored
-            if call.gram is None:
-                call.first_score = divprune_first_rows(batch, rows)
-            else:
-                inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
-                first = divprune_first_from_gram(call.gram, inv_p, valid)
-                call.first_score = from_padded(batch, first, float("inf"))
-    call.score = score.reshape(-1).to(torch.float32).contiguous()
+        call.score_kind, call.weights = "imp", _weights_rows(batch)
     return call
 
 
 # ----------------------------------------------------------------------------- the launch
-def _check_call(rows, score, starts, lengths, ks, dpp, gram, inv_norm, sqn):
+def _check_call(c: KernelCall) -> None:
     """Shapes, dtypes, devices and contiguity of a launch's tensors (values are the kernel's)."""
-    dev = rows.device
-    n_rows, bsz = rows.shape[0], starts.shape[0]
-    checks = [("score", score, torch.float32), ("starts", starts, torch.int64),
-              ("lengths", lengths, torch.int64), ("ks", ks, torch.int64)]
-    if gram is not None:
-        if gram.dim() != 3 or gram.shape[0] != bsz or gram.shape[1] != gram.shape[2]:
-            raise ValueError(f"cuda kernel: gram must be [B={bsz}, n_max, n_max], got {tuple(gram.shape)}")
-        if inv_norm is None or inv_norm.shape != (n_rows,):
-            raise ValueError(f"cuda kernel: Gram mode needs inv_norm of shape [{n_rows}]")
-        if dpp and (sqn is None or sqn.shape != (n_rows,)):
-            raise ValueError(f"cuda kernel: Gram-mode dpp needs sqn of shape [{n_rows}]")
-        checks += [("gram", gram, torch.float32), ("inv_norm", inv_norm, torch.float32)]
-        if dpp:
-            checks.append(("sqn", sqn, torch.float32))
-    for name, t, dt in checks:
+    dev = c.rows.device
+    n_rows, bsz = c.rows.shape[0], c.starts.shape[0]
+    if c.score_kind not in SCORE_KINDS:
+        raise ValueError(f"cuda kernel: score_kind must be one of {list(SCORE_KINDS)}, got {c.score_kind!r}")
+    checks = [("starts", c.starts, torch.int64, bsz), ("lengths", c.lengths, torch.int64, bsz),
+              ("ks", c.ks, torch.int64, bsz)]
+    if c.width and c.width * bsz != n_rows:
+        raise ValueError(f"cuda kernel: padded rows must be [B * width = {c.width * bsz}], got {n_rows}")
+    if c.score_kind == "keep":
+        if c.score is None:
+            raise ValueError("cuda kernel: score_kind 'keep' needs a score")
+        checks.append(("score", c.score, torch.float32, n_rows))
+    if c.weights is not None:
+        checks.append(("weights", c.weights, torch.float32, n_rows))
+    if c.gram is not None:
+        if c.gram.dim() != 3 or c.gram.shape[0] != bsz or c.gram.shape[1] != c.gram.shape[2]:
+            raise ValueError(f"cuda kernel: gram must be [B={bsz}, n_max, n_max], got {tuple(c.gram.shape)}")
+        if c.width and c.width != c.gram.shape[1]:
+            raise ValueError(f"cuda kernel: padded rows of width {c.width} need a Gram of that width, "
+                             f"got {tuple(c.gram.shape)}")
+        checks.append(("gram", c.gram, torch.float32, None))
+        if c.inv_norm is not None:
+            checks.append(("inv_norm", c.inv_norm, torch.float32, n_rows))
+            if c.dpp:
+                if c.sqn is None:
+                    raise ValueError("cuda kernel: Gram-mode dpp with its own inv_norm needs sqn")
+                checks.append(("sqn", c.sqn, torch.float32, n_rows))
+    for name, t, dt, length in checks:
         if t.dtype != dt or not t.is_contiguous() or t.device != dev:
             raise ValueError(f"cuda kernel: {name} must be a contiguous {dt} tensor on {dev}")
-    if not rows.is_contiguous():
+        if length is not None and tuple(t.shape) != (length,):
+            raise ValueError(f"cuda kernel: {name} must have shape [{length}], got {tuple(t.shape)}")
+    if not c.rows.is_contiguous():
         raise ValueError("cuda kernel: rows must be contiguous")
 
 
@@ -412,30 +448,54 @@ class FusedGreedy:
     def _make_launch(self):
         kernels = self
 
-        def launch(rows: torch.Tensor, score: torch.Tensor, first_score: Optional[torch.Tensor],
+        def launch(rows: torch.Tensor, score: Optional[torch.Tensor], first_score: Optional[torch.Tensor],
                    eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
                    k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
-                   inv_norm: Optional[torch.Tensor] = None,
-                   sqn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None,
+                   weights: Optional[torch.Tensor] = None, score_kind: str = "keep",
+                   width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
-                                             dpp, gram, inv_norm, sqn))
+                                             dpp, gram, inv_norm, sqn, weights, score_kind, width))
         return launch
 
+    def complete(self, c: KernelCall) -> KernelCall:
+        """``c`` with its score (and, in Gram mode, its norms) computed by the prepare kernel:
+        one launch, nothing when there is nothing to compute.  Tensors stay on ``c``'s device."""
+        norms = c.gram is not None and c.inv_norm is None
+        if not norms and c.score_kind == "keep":
+            return c
+        dev, n_rows = c.rows.device, c.rows.shape[0]
+        score, inv, sqn = c.score, c.inv_norm, c.sqn
+        if c.score_kind != "keep":
+            score = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        if norms:
+            inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
+            sqn = torch.empty(n_rows, dtype=torch.float32, device=dev) if c.dpp else None
+        with self._device(dev):
+            self.ext.prepare(starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), batch=c.starts.shape[0],
+                             gram=c.gram.data_ptr() if norms else 0, ld=c.gram.shape[1] if norms else 0,
+                             width=c.width, inv_norm=_ptr(inv) if norms else 0, sqn=_ptr(sqn) if norms else 0,
+                             weights=_ptr(c.weights), score=_ptr(score) if c.score_kind != "keep" else 0,
+                             score_kind=SCORE_KINDS.index(c.score_kind), stream=self._stream(dev))
+        return dataclasses.replace(c, score=score, inv_norm=inv, sqn=sqn, score_kind="keep")
+
     def launch(self, c: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the call, allocate the output and scratch, run the Gram or the row path.
-        Returns ``(picks [B, k_max], rounds [B])`` int64."""
+        """Check the call, allocate the output and scratch, run the prepare kernel, then the Gram
+        or the row path.  Returns ``(picks [B, k_max], rounds [B])`` int64."""
         if self.ext is None:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         dev = c.rows.device
         if dev.type != self.device_type:
             raise RuntimeError(f"{self.name} kernel: expected {self.device_type} tensors, got {dev}")
         self.dtype_code(c.rows.dtype)
-        _check_call(c.rows, c.score, c.starts, c.lengths, c.ks, c.dpp, c.gram, c.inv_norm, c.sqn)
+        _check_call(c)
         bsz, n_rows = c.starts.shape[0], c.rows.shape[0]
         out = torch.empty((bsz, c.k_max), dtype=torch.int64, device=dev)
-        rounds = torch.zeros(bsz, dtype=torch.int64, device=dev)
+        # every image's count is written by the maxsim kernels (DPP: counted below)
+        rounds = torch.empty(bsz, dtype=torch.int64, device=dev)
         if bsz == 0 or c.k_max == 0 or n_rows == 0:
-            return out.fill_(-1), rounds
+            return out.fill_(-1), rounds.zero_()
+        c = self.complete(c)
         with self._device(dev):
             state = torch.empty(n_rows, dtype=torch.float32, device=dev)
             taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
@@ -493,7 +553,7 @@ class FusedGreedy:
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
-          sqn=None):
+          sqn=None, weights=None, score_kind="keep", width=0):
     return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
             rows.new_empty((starts.shape[0],), dtype=torch.int64))
 

@@ -87,7 +87,7 @@ def _gram_if_fits(x: torch.Tensor, dtype: torch.dtype):
 
     Built one image at a time, as the anchor loop does: an image's unit rows stay in cache
     between the normalisation and its product, where a batched [B, N, D] float32 copy would
-    be written and read back from memory (measured 46 ms of 160 at B=8, N=576, D=4096);
+    be written and read back from memory (bench/results/op_overhead.md has the measurement);
     and on CPU by :func:`_symmetric_gram`, half the product's work.
 
     float32 only: in float64, the CPU GEMM rounded some Gram columns differently from others

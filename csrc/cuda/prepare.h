@@ -1,0 +1,41 @@
+// mmrprune fused preparation: what the greedy kernels read per row, in one launch.
+//
+// Replaces a chain of small torch ops (norms, min/max, normalisation, casts) by one kernel,
+// one block per image, so an eager call stays within a few launches.  No torch, no pybind11:
+// the same source builds for the GPU and for the CPU emulator (csrc/emu).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace mmrprune_cuda {
+
+// What `score` receives per row.
+enum ScoreKind : int {
+  kScoreKeep = 0,     // score is the caller's, untouched
+  kScoreImp = 1,      // Imp = (w - min w) / (max w - min w + 1e-6) per image; 0 without weights
+  kScoreQuality = 2,  // DPP quality: Imp, or 1 where an image's weights are constant or absent
+  kScoreZero = 3,     // 0 (DivPrune: importance is ignored)
+};
+
+// Image b owns rows starts[b] .. starts[b] + lengths[b] - 1 of every per-row array.
+// gram (optional): [batch, ld, ld] fp32 raw Gram; its diagonal is ||x||^2, so the norms need no
+// second pass over the features.  width > 0: the rows are padded, [batch, width] (starts[b] =
+// b * width), and the padding rows get norms and scores too, so that every row the kernels might
+// touch holds a finite value; width = 0: packed rows, lengths[b] per image.
+struct PrepareParams {
+  std::uintptr_t starts = 0, lengths = 0;  // [batch] int64
+  std::int64_t batch = 0;
+  std::uintptr_t gram = 0;                  // 0: no norms written
+  std::int64_t ld = 0;                      // >= every lengths[b]; = width for padded rows
+  std::int64_t width = 0;
+  std::uintptr_t inv_norm = 0, sqn = 0;     // [rows] fp32 out; sqn may be 0
+  std::uintptr_t weights = 0;               // [rows] fp32 raw importance, or 0 (none)
+  std::uintptr_t score = 0;                 // [rows] fp32 out (kScoreKeep: not written)
+  int score_kind = kScoreKeep;
+  std::uintptr_t stream = 0;
+};
+
+std::string launch_prepare(const PrepareParams& p);
+
+}  // namespace mmrprune_cuda
