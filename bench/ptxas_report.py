@@ -30,6 +30,7 @@ LIMITS = {  # per SM: registers, threads, blocks, warps, shared memory bytes; re
     "sm_90": dict(regs=65536, threads=2048, blocks=32, warps=64, smem=228 * 1024, reserved=1024),
 }
 N_B, D_B, MAX_ROUND = 2691, 3584, 8   # target (b), and kMaxRound (csrc/cuda/greedy.h)
+PREPARE_THREADS = 256                 # kPrepareThreads (csrc/cuda/prepare.cu)
 DTYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'.*?"
@@ -51,6 +52,8 @@ def _label(mangled: str) -> tuple:
         return f"greedy_maxsim_gram_kernel<smem={m.group(1)}>", 1024, 5 * N_B if smem else 0
     if "greedy_dpp_gram_kernel" in mangled:
         return "greedy_dpp_gram_kernel", 512, 0
+    if "prepare_kernel" in mangled:   # anonymous-namespace names carry a per-file hash: keep the plain name
+        return "prepare_kernel", PREPARE_THREADS, 0
     return mangled, 1024, 0
 
 
