@@ -290,9 +290,9 @@ def test_op_captures_in_one_graph_with_dynamo():
 
 # ----------------------------------------------------------------------------- record
 def record(path: str) -> None:
-    """Write registers / spills / shared memory of every case on sm_90 to ``path`` (JSON)."""
-    import json
+    """Write registers / spills / shared memory of every case on sm_90 to ``path``: a list of flat records."""
     import platform
+    from mmrprune.bench.records import git_commit, write_json
     import tempfile
     rows = []
     for (name, dtype, constexprs, warps, shape), case_id in zip(CASES, _IDS):
@@ -300,13 +300,12 @@ def record(path: str) -> None:
             _, res = compile_cubin(getattr(G, f"_{name}_kernel"), dtype, constexprs, SPILL_ARCH, warps,
                                    values=SHAPES[shape], cache_dir=tmp)
         rows.append({"case": case_id, "kernel": f"_{name}_kernel", "dtype": dtype, "shape": shape,
-                     "constexprs": {k: v for k, v in constexprs.items()}, **res})
+                     "constexprs": dict(constexprs), **res, "arch": f"sm_{SPILL_ARCH}", "triton": triton.__version__,
+                     "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
+                     "command": "python tests/test_triton_compile.py --update-committed"})
         print(f"{case_id:55s} regs {res['registers']:4d}  spills {res['spill_store_bytes']}/{res['spill_load_bytes']} B"
               f"  smem {res['shared_bytes']} B", flush=True)
-    with open(path, "w") as f:
-        json.dump({"triton": triton.__version__, "arch": f"sm_{SPILL_ARCH}", "torch": torch.__version__,
-                   "python": platform.python_version(), "kernels": rows}, f, indent=1)
-        f.write("\n")
+    write_json(path, rows)
     print(f"wrote {path}")
 
 
