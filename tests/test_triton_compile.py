@@ -203,6 +203,24 @@ def test_specialisation_is_the_jits():
     assert marked == {n for n in kernel.arg_names if n.endswith("_ptr")} | {"D"}
 
 
+@pytest.mark.parametrize("method,gram", [("mmr", True), ("divprune", True), ("dpp", True), ("topk", False)])
+def test_workspace_estimate_counts_the_gram(method, gram, monkeypatch):
+    """``mmrprune.workspace`` counts the float32 Gram of every call that builds one (up to
+    GRAM_MAX_BYTES, so up to 2 GiB the workspace limit must see)."""
+    from mmrprune import workspace
+    from mmrprune.validation import validate
+    batch = validate(torch.randn(2, 40, 16), None, k=5, keep_ratio=None, lam=0.5, method=method,
+                     lengths=None, order="selection", check_finite=False, method_params=None).batch
+    sizes = {}
+    for setting in ("0", "1", "-1"):
+        monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", setting)
+        sizes[setting] = workspace.estimate_bytes("triton", batch)
+    assert sizes["1"] - sizes["0"] == (2 * 40 * 40 * 4 if gram else 0)
+    assert sizes["-1"] == sizes["1"]                  # 12.8 KB is far under GRAM_MAX_BYTES
+    monkeypatch.setattr(G, "GRAM_MAX_BYTES", 2 * 40 * 40 * 4 - 1)
+    assert workspace.estimate_bytes("triton", batch) == sizes["0"]
+
+
 @triton.jit
 def _spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):
     """Keeps ``BLOCK`` floats live across a loop: on one warp more than 255 registers per thread."""

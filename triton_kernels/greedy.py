@@ -45,7 +45,7 @@ from mmrprune import ops as _ops
 from mmrprune.reference import DPP_EPS, NORM_EPS
 
 __all__ = [
-    "GRAM_MAX_BYTES", "MAX_ROUND", "greedy_config", "offdiag_blocks", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
+    "GRAM_MAX_BYTES", "MAX_ROUND", "greedy_config", "offdiag_blocks", "uses_gram", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
     "launch_row_inv_norm", "launch_gram", "launch_max_offdiag_sim", "launch_greedy", "launch_dpp",
     "triton_greedy",
 ]
@@ -556,6 +556,12 @@ def triton_wrap(kernel):
 
 
 # =========================================================================== public function
+def uses_gram(bsz: int, n_pad: int, use_gram: int = -1) -> bool:
+    """Whether a call builds the ``[B, n_pad, n_pad]`` float32 Gram: ``use_gram`` 1 / 0 forces it,
+    -1 builds it while it fits :data:`GRAM_MAX_BYTES` (``mmrprune.workspace`` counts it)."""
+    return bool(use_gram) if use_gram >= 0 else bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES
+
+
 def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Tensor, starts: torch.Tensor,
                         lengths: torch.Tensor, ks: torch.Tensor, k_max: int, n_pad: int, lam: float,
                         mode: int, use_gram: int, max_round: int = MAX_ROUND) -> tuple[torch.Tensor, torch.Tensor]:
@@ -578,8 +584,7 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
     if max_round < 1 or max_round > 64 or max_round & (max_round - 1):
         raise ValueError(f"triton_greedy: max_round must be a power of two in 1 .. 64, got {max_round}")
     bsz = starts.shape[0]
-    if use_gram < 0:
-        use_gram = int(bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES)
+    use_gram = int(uses_gram(bsz, n_pad, use_gram))
     diversity = mode != MODE_MMR or lam < 1.0
     inv = launch_row_inv_norm(x)
     g = launch_gram(x, inv, starts, lengths, n_pad) if (use_gram and diversity) else inv.new_empty((1, 1, 1))
