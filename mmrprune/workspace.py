@@ -141,6 +141,11 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             total += rows * dim * (8 + 4)
         if method == "dpp":
             total += max(k - 1, 1) * rows * 4
+        from .backends import triton_backend
+        if method != "topk" and triton_backend._kernels is not None:   # its float32 Gram, when it builds one
+            setting = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
+            if triton_backend._kernels.uses_gram(bsz, n, setting):
+                total += bsz * n * n * 4
         return total
     return 0
 

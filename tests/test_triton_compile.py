@@ -1,15 +1,28 @@
-"""Every Triton kernel compiles to a cubin for sm_80 and sm_90, without a GPU.
+"""Every Triton kernel compiles to a cubin for sm_80 and sm_90, without a GPU, as the JIT
+builds it at the target shapes, and none spills.
 
 The interpreter accepts code the compiler rejects (``break``, data-dependent
 ``return``, type changes of loop-carried values...), so the interpreter tests
 alone do not show the kernels build.  ``triton.compile`` runs the full pipeline
-(TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for a target given by hand.  Also here:
-the ``mmrprune::triton_greedy`` custom op traces with fake tensors (the path
+(TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for a target given by hand, with the
+specialisation the runtime JIT applies to a launch: ``tt.divisibility = 16`` on
+every pointer (torch allocations are 256-byte aligned) and on every integer
+argument divisible by 16 at that shape (``JITFunction`` does the same from the
+argument values).  ptxas's own report (``-v``, which Triton runs anyway) gives
+registers and spill bytes; every kernel at every target shape must spill
+nothing on sm_90.  ``python tests/test_triton_compile.py --update-committed`` writes
+the per-kernel registers / spills / shared memory of the installed Triton to
+``bench/results/triton_resources_triton<version>.json``.  Also here: the
+``mmrprune::triton_greedy`` custom op traces with fake tensors (the path
 ``torch.compile`` takes), checked without launching anything.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -26,10 +39,12 @@ from mmrprune import ops  # noqa: E402
 from mmrprune.triton_kernels import greedy as G  # noqa: E402
 
 ARCHS = (80, 90)
+SPILL_ARCH = 90                     # the target machines (H100); sm_80 is compiled, not held to zero spills
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+INT_ARGS = ("D", "n_pad", "k_max", "R")
 
 
-def _signature(kernel, dtype, constexprs, ints=("D", "n_pad", "k_max", "R")):
+def _signature(kernel, dtype, constexprs, ints=INT_ARGS):
     """Triton signature of ``kernel``: ``x_ptr`` in ``dtype``, int64 index vectors, float32 elsewhere."""
     sig = {}
     for name in kernel.arg_names:
@@ -50,42 +65,178 @@ def _signature(kernel, dtype, constexprs, ints=("D", "n_pad", "k_max", "R")):
     return sig
 
 
-def compile_cubin(kernel, dtype, constexprs, arch, num_warps=4, ints=("D", "n_pad", "k_max", "R")):
+def _jit_attrs(kernel, sig, values):
+    """The JIT's specialisation of a launch: ``tt.divisibility = 16`` on pointers and on the
+    integer arguments whose value (``values``) is a multiple of 16.  An integer equal to 1 would
+    become a constant; no target shape has one."""
+    attrs = {}
+    for idx, name in enumerate(kernel.arg_names):
+        kind = sig[name]
+        if kind.startswith("*") or (kind == "i32" and name in values and values[name] % 16 == 0):
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        assert not (kind == "i32" and values.get(name) == 1), f"{name} = 1 would be specialised as a constant"
+    return attrs
+
+
+_PTXAS_USED = re.compile(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", re.S)
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def parse_ptxas(log: str) -> dict:
+    """``{"registers", "spill_store_bytes", "spill_load_bytes", "stack_bytes"}`` from a ``ptxas -v`` log."""
+    used, spill, stack = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log), _PTXAS_STACK.search(log)
+    if not (used and spill and stack):
+        raise AssertionError(f"no ptxas -v report in the compile log:\n{log[-2000:]}")
+    return {"registers": int(used.group(2)), "spill_store_bytes": int(spill.group(1)),
+            "spill_load_bytes": int(spill.group(2)), "stack_bytes": int(stack.group(1))}
+
+
+@contextlib.contextmanager
+def _fresh_cache(tmp):
+    """Compile into an empty cache (a cached kernel skips ptxas and so its report) with ptxas's report printed."""
+    knobs = triton.knobs
+    old = (knobs.cache.dir, knobs.nvidia.dump_ptxas_log)
+    knobs.cache.dir, knobs.nvidia.dump_ptxas_log = str(tmp), True
+    try:
+        yield
+    finally:
+        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = old
+
+
+def compile_cubin(kernel, dtype, constexprs, arch, num_warps=4, ints=INT_ARGS, values=None, cache_dir=None):
+    """Compile for ``arch``; with ``values`` (integer argument values of a launch) under the JIT's
+    divisibility specialisation.  Returns ``(compiled, resources)``; ``resources`` (registers,
+    spills, shared memory) needs ``cache_dir`` (an empty folder, so ptxas really runs)."""
     sig = _signature(kernel, dtype, constexprs, ints)
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    attrs = _jit_attrs(kernel, sig, values) if values is not None else None
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if cache_dir is not None:
+            stack.enter_context(_fresh_cache(cache_dir))
+        stack.enter_context(contextlib.redirect_stdout(log))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     cubin = compiled.asm["cubin"]
     assert isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF", "no cubin produced"
-    return compiled
+    res = None
+    if cache_dir is not None:
+        res = parse_ptxas(log.getvalue())
+        res["shared_bytes"] = int(compiled.metadata.shared)
+        res["num_warps"] = num_warps
+    return compiled, res
 
 
 _DOT = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": 32, "INPUT_PRECISION": "ieee", "UPCAST": False}
-# (kernel, x dtype, constexprs): the configurations the launchers use, across fp16 / bf16 / fp32
+# the target shapes (bf16; lam 0.5; keep 25 %): integer arguments of the launches
+SHAPES = {
+    "a": {"D": 4096, "n_pad": 576, "k_max": 64, "R": 576},
+    "b": {"D": 3584, "n_pad": 2691, "k_max": 673, "R": 2691},
+    "c": {"D": 3584, "n_pad": 2691, "k_max": 673, "R": 64 * 2691},
+    "d": {"D": 3584, "n_pad": 16384, "k_max": 4096, "R": 16384},
+}
+
+
+def _greedy(shape, dtype="bf16", use_gram=True, diversity=True, rnd=G.MAX_ROUND):
+    block_n, block_d, warps = G.greedy_config(use_gram, SHAPES[shape]["n_pad"] if use_gram else 0, rnd)
+    return ("greedy", dtype, {"USE_GRAM": use_gram, "DIVERSITY": diversity, "ROUND": rnd,
+                              "BLOCK_N": block_n, "BLOCK_D": block_d}, warps, shape)
+
+
+def _offdiag(shape, use_gram, dtype="bf16"):
+    block_m, block_k = G.offdiag_blocks(use_gram)
+    return ("max_offdiag_sim", dtype, {**_DOT, "USE_GRAM": use_gram, "BLOCK_M": block_m, "BLOCK_K": block_k}, 4, shape)
+
+
+def _dpp(shape, use_gram, dtype="bf16"):
+    block_n, block_d = G._loop_blocks(use_gram)
+    return ("dpp", dtype, {"USE_GRAM": use_gram, "BLOCK_N": block_n, "BLOCK_D": block_d}, 4, shape)
+
+
+# (kernel, x dtype, constexprs, num_warps, shape): the launchers' configurations at the target
+# shapes, plus fp16 / fp32 builds
 CASES = [
-    ("row_inv_norm", "bf16", {"BLOCK_R": 16, "BLOCK_D": 128}),
-    ("gram", "bf16", _DOT),
-    ("gram", "fp32", _DOT),
-    ("max_offdiag_sim", "fp16", _DOT),
-    ("greedy", "bf16", {"USE_GRAM": False, "DIVERSITY": True, "ROUND": 8, "BLOCK_N": 64, "BLOCK_D": 128}),
-    ("greedy", "fp16", {"USE_GRAM": True, "DIVERSITY": True, "ROUND": 8, "BLOCK_N": 512, "BLOCK_D": 32}),
-    ("greedy", "fp32", {"USE_GRAM": False, "DIVERSITY": False, "ROUND": 8, "BLOCK_N": 512, "BLOCK_D": 32}),
-    ("greedy", "bf16", {"USE_GRAM": True, "DIVERSITY": True, "ROUND": 1, "BLOCK_N": 512, "BLOCK_D": 32}),
-    ("dpp", "bf16", {"USE_GRAM": True, "BLOCK_N": 512, "BLOCK_D": 32}),
-    ("dpp", "fp32", {"USE_GRAM": False, "BLOCK_N": 64, "BLOCK_D": 128}),
+    ("row_inv_norm", "bf16", {"BLOCK_R": 16, "BLOCK_D": 128}, 4, "b"),
+    ("gram", "bf16", _DOT, 4, "a"),
+    ("gram", "bf16", _DOT, 4, "b"),
+    ("gram", "fp32", _DOT, 4, "b"),
+    _offdiag("b", True), _offdiag("d", False, dtype="fp16"),
+    _greedy("a"), _greedy("b"), _greedy("c"), _greedy("d"),
+    _greedy("d", use_gram=False),
+    _greedy("b", dtype="fp16", rnd=1),
+    _greedy("b", dtype="fp32", use_gram=False, diversity=False),
+    _dpp("a", True), _dpp("b", True), _dpp("b", False, dtype="fp32"),
 ]
+_IDS = [f"{c[0]}-{c[1]}-{c[4]}-{'gram' if c[2].get('USE_GRAM') else 'rows' if 'USE_GRAM' in c[2] else 'x'}-r{c[2].get('ROUND', 0)}-w{c[3]}"
+        for c in CASES]
+
+
+def check_no_spills(name, res):
+    assert res["spill_store_bytes"] == 0 and res["spill_load_bytes"] == 0, (
+        f"{name} spills ({res}): lower its registers (smaller tiles per thread, more warps) before it ships")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm{a}" for a in ARCHS])
-@pytest.mark.parametrize("name,dtype,constexprs", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_kernel_compiles_to_cubin(name, dtype, constexprs, arch):
+@pytest.mark.parametrize("name,dtype,constexprs,warps,shape", CASES, ids=_IDS)
+def test_kernel_compiles_without_spills(name, dtype, constexprs, warps, shape, arch, tmp_path):
     kernel = getattr(G, f"_{name}_kernel")
-    compile_cubin(kernel, dtype, constexprs, arch)
+    _, res = compile_cubin(kernel, dtype, constexprs, arch, warps, values=SHAPES[shape],
+                           cache_dir=tmp_path if arch == SPILL_ARCH else None)
+    if arch == SPILL_ARCH:
+        check_no_spills(f"_{name}_kernel {dtype} at ({shape}) {constexprs} num_warps={warps}", res)
 
 
 def test_every_kernel_is_covered():
     kernels = {n[1:-len("_kernel")] for n in dir(G) if n.startswith("_") and n.endswith("_kernel")}
     assert kernels == {c[0] for c in CASES}
     assert {c[1] for c in CASES} == {"fp16", "bf16", "fp32"}
+    # every target shape of the greedy loop, in the launcher's own configuration
+    assert {c[4] for c in CASES if c[0] == "greedy" and c[2]["USE_GRAM"]} == set(SHAPES)
+
+
+def test_specialisation_is_the_jits():
+    """The attributes mark pointers and the multiples of 16, nothing else (n_pad = 2691 is not one)."""
+    kernel = G._greedy_kernel
+    sig = _signature(kernel, "bf16", CASES[7][2])
+    attrs = _jit_attrs(kernel, sig, SHAPES["b"])
+    marked = {kernel.arg_names[k[0]] for k in attrs}
+    assert marked == {n for n in kernel.arg_names if n.endswith("_ptr")} | {"D"}
+
+
+@pytest.mark.parametrize("method,gram", [("mmr", True), ("divprune", True), ("dpp", True), ("topk", False)])
+def test_workspace_estimate_counts_the_gram(method, gram, monkeypatch):
+    """``mmrprune.workspace`` counts the float32 Gram of every call that builds one (up to
+    GRAM_MAX_BYTES, so up to 2 GiB the workspace limit must see)."""
+    from mmrprune import workspace
+    from mmrprune.validation import validate
+    batch = validate(torch.randn(2, 40, 16), None, k=5, keep_ratio=None, lam=0.5, method=method,
+                     lengths=None, order="selection", check_finite=False, method_params=None).batch
+    sizes = {}
+    for setting in ("0", "1", "-1"):
+        monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", setting)
+        sizes[setting] = workspace.estimate_bytes("triton", batch)
+    assert sizes["1"] - sizes["0"] == (2 * 40 * 40 * 4 if gram else 0)
+    assert sizes["-1"] == sizes["1"]                  # 12.8 KB is far under GRAM_MAX_BYTES
+    monkeypatch.setattr(G, "GRAM_MAX_BYTES", 2 * 40 * 40 * 4 - 1)
+    assert workspace.estimate_bytes("triton", batch) == sizes["0"]
+
+
+@triton.jit
+def _spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    """Keeps ``BLOCK`` floats live across a loop: on one warp more than 255 registers per thread."""
+    acc = tl.load(x_ptr + tl.arange(0, BLOCK))
+    for i in range(0, n):
+        acc = acc * 1.0001 + tl.load(x_ptr + (tl.arange(0, BLOCK) + i) % BLOCK)
+    tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+
+
+def test_spill_check_fails_on_a_spilling_kernel(tmp_path):
+    """The spill check is not vacuous: 8192 live floats on one warp (256 per thread) must be reported and rejected."""
+    _, res = compile_cubin(_spilling_kernel, "fp32", {"BLOCK": 8192}, SPILL_ARCH, num_warps=1, ints=("n",),
+                           values={"n": 7}, cache_dir=tmp_path)
+    assert res["spill_store_bytes"] > 0
+    with pytest.raises(AssertionError, match="spills"):
+        check_no_spills("_spilling_kernel", res)
 
 
 @triton.jit
@@ -153,3 +304,42 @@ def test_op_captures_in_one_graph_with_dynamo():
     torch.compile(f, fullgraph=True, backend=capture)(*_op_args())
     assert len(graphs) == 1
     assert any("triton_greedy" in str(node.target) for node in graphs[0].graph.nodes)
+
+
+# ----------------------------------------------------------------------------- record
+def record(path: str) -> None:
+    """Write registers / spills / shared memory of every case on sm_90 to ``path``: a list of flat records."""
+    import platform
+    from mmrprune.bench.records import git_commit, write_json
+    import tempfile
+    rows = []
+    for (name, dtype, constexprs, warps, shape), case_id in zip(CASES, _IDS):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, res = compile_cubin(getattr(G, f"_{name}_kernel"), dtype, constexprs, SPILL_ARCH, warps,
+                                   values=SHAPES[shape], cache_dir=tmp)
+        rows.append({"case": case_id, "kernel": f"_{name}_kernel", "dtype": dtype, "shape": shape,
+                     "constexprs": dict(constexprs), **res, "arch": f"sm_{SPILL_ARCH}", "triton": triton.__version__,
+                     "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
+                     "command": "python tests/test_triton_compile.py --update-committed"})
+        print(f"{case_id:55s} regs {res['registers']:4d}  spills {res['spill_store_bytes']}/{res['spill_load_bytes']} B"
+              f"  smem {res['shared_bytes']} B", flush=True)
+    write_json(path, rows)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    """``python tests/test_triton_compile.py [--out PATH | --update-committed]`` (from the repository
+    root): the record of the installed Triton, ``bench/results/triton_resources_triton<major><minor>.json``."""
+    import argparse
+    from mmrprune.bench.records import add_output_arguments, output_file
+    major, minor = triton.__version__.split(".")[:2]
+    kind = f"triton_resources_triton{major}{minor}"
+    committed = f"bench/results/{kind}.json"
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    add_output_arguments(ap, kind, "the JSON record", committed)
+    a = ap.parse_args(argv)
+    record(output_file(kind, a.out, a.update_committed, committed, ap.error))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,12 +45,12 @@ from mmrprune import ops as _ops
 from mmrprune.reference import DPP_EPS, NORM_EPS
 
 __all__ = [
-    "GRAM_MAX_BYTES", "MAX_ROUND", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
+    "GRAM_MAX_BYTES", "MAX_ROUND", "greedy_config", "offdiag_blocks", "uses_gram", "MODE_MMR", "MODE_DIVPRUNE", "MODE_DPP",
     "launch_row_inv_norm", "launch_gram", "launch_max_offdiag_sim", "launch_greedy", "launch_dpp",
     "triton_greedy",
 ]
 
-GRAM_MAX_BYTES = 256 << 20   # precompute the similarity matrix while it fits in this many bytes
+GRAM_MAX_BYTES = 2 << 30     # precompute the similarity matrix while it fits in this many bytes: (c) 1.85 GB, (d) 1.07 GB
 MAX_ROUND = 8                # candidates per round of the MMR-family kernel (a power of two <= 64; 1 = one pick per step)
 MODE_MMR, MODE_DIVPRUNE, MODE_DPP = 0, 1, 2
 
@@ -127,14 +127,17 @@ def _gram_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, g_ptr, D, n_pad,
 
 
 @triton.jit
-def _max_offdiag_sim_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, first_ptr, D,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                            INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _max_offdiag_sim_kernel(x_ptr, inv_ptr, g_ptr, starts_ptr, lengths_ptr, first_ptr, D, n_pad,
+                            USE_GRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """DivPrune's first-step score ``first[i] = min_{j != i} d(i, j) = 1 - max_{j != i} sim(i, j)``.
 
     ``+inf`` for a single-token image (reference: ``d.min(axis=1)`` with an
-    infinite diagonal).  Streams the Gram in ``BLOCK_M x BLOCK_K`` tiles; nothing
-    of size ``N^2`` is stored.  Grid ``(B, cdiv(n_pad, BLOCK_M))``.
+    infinite diagonal).  ``USE_GRAM``: reads the rows of the Gram that
+    :func:`_gram_kernel` already built (no second ``N^2 D`` pass); else streams
+    the similarities in ``BLOCK_M x BLOCK_K`` tiles computed exactly as
+    :func:`_gram_kernel` computes them (same tiles, same scaling, so the same
+    bits either way) and stores nothing of size ``N^2``.  Grid ``(B, cdiv(n_pad, BLOCK_M))``.
     """
     b = tl.program_id(0)
     start = tl.load(starts_ptr + b)
@@ -144,13 +147,17 @@ def _max_offdiag_sim_kernel(x_ptr, inv_ptr, starts_ptr, lengths_ptr, first_ptr, 
     inv_i = tl.load(inv_ptr + start + i, mask=mi, other=0.0)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     n_cols = tl.where(tl.program_id(1) * BLOCK_M < n, n, 0)
+    g_row = b.to(tl.int64) * n_pad * n_pad + i.to(tl.int64) * n_pad
     for j0 in range(0, n_cols, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
         mj = j < n
-        acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, D, BLOCK_D, INPUT_PRECISION, UPCAST)
-        inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
-        sim = acc * inv_i[:, None] * inv_j[None, :]
         keep = mj[None, :] & (i[:, None] != j[None, :])
+        if USE_GRAM:
+            sim = tl.load(g_ptr + g_row[:, None] + j[None, :], mask=mi[:, None] & keep, other=float("-inf"))
+        else:
+            acc = _dot_tile(x_ptr, start + i, mi, start + j, mj, D, D, BLOCK_D, INPUT_PRECISION, UPCAST)
+            inv_j = tl.load(inv_ptr + start + j, mask=mj, other=0.0)
+            sim = acc * inv_i[:, None] * inv_j[None, :]
         best = tl.maximum(best, tl.max(tl.where(keep, sim, float("-inf")), axis=1))
     tl.store(first_ptr + start + i, 1.0 - best, mask=mi)
 
@@ -212,18 +219,59 @@ def _key_index(key):
     return (0x7FFFFFFF - (key - (key >> 32) * 4294967296)).to(tl.int32)
 
 
-@triton.jit
-def _merge_top(top, key, ROUND: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ``ROUND`` largest of ``top`` (sorted descending) and the tile ``key [BLOCK_N]``, sorted descending.
+KEY_NONE = tl.constexpr(-9223372036854775807)   # below every key of _order_key (an empty top-R slot)
 
-    The tile is sorted ascending and its last ``ROUND`` keys taken; against
-    ``top`` (descending) the elementwise max of the two lists is the top
-    ``ROUND`` of their union (a bitonic merge step), which one more sort orders.
+
+@triton.jit
+def _merge_top(top, key, ROUND: tl.constexpr):
+    """The ``ROUND`` largest keys of ``top`` (unordered) and the tile ``key``, unordered.
+
+    A threshold filter instead of a sort: only tile keys above the smallest kept
+    key (``thr``) can enter.  Each entry replaces that smallest key, so the tile
+    is visited by one ``max`` per key that enters plus one that does not: ``thr``
+    only rises, so after the first tiles of a pass most tiles cost one ``max``.
+    Keys are distinct (the index is in the low bits), so no two tile keys tie
+    and at most ``ROUND`` keys of one tile enter (each later one is smaller than
+    every key this tile already put in).
     """
-    tile = tl.reshape(tl.sort(key), [BLOCK_N // ROUND, ROUND])
-    last_row = tl.arange(0, BLOCK_N // ROUND)[:, None] == BLOCK_N // ROUND - 1
-    tile_top = tl.max(tl.where(last_row, tile, -9223372036854775807), axis=0)
-    return tl.sort(tl.maximum(top, tile_top), descending=True)
+    slots = tl.arange(0, ROUND)
+    thr = tl.min(top, axis=0)
+    v = tl.max(key, axis=0)
+    while v > thr:
+        slot = tl.min(tl.where(top == thr, slots, ROUND), axis=0)    # one slot, also when empty slots tie
+        top = tl.where(slots == slot, v, top)
+        thr = tl.min(top, axis=0)
+        v = tl.max(tl.where(key < v, key, KEY_NONE), axis=0)
+    return top
+
+
+@triton.jit
+def _fold_picks(x_ptr, inv_ptr, g_ptr, b, start, m, i, mi, prev, n_prev, D, n_pad,
+                USE_GRAM: tl.constexpr, DIVERSITY: tl.constexpr, ROUND: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``m_i <- max(m_i, sim(i, p))`` and ``m_p <- +inf`` for the previous round's picks
+    ``p = prev[0 .. n_prev)`` (in registers: no index is reloaded per tile).
+
+    Gram mode unrolls over the ``ROUND`` slots with predicated loads, so every
+    row load of the round is in flight at once; on demand each pick is a
+    ``D``-long dot product per token, kept as a loop.
+    """
+    slots = tl.arange(0, ROUND)
+    if USE_GRAM:
+        n_prev_v = i * 0 + n_prev    # as a vector: a scalar mask term breaks the interpreter's masked load
+        for u in tl.static_range(ROUND):
+            pick = tl.sum(tl.where(slots == u, prev, 0), axis=0)
+            if DIVERSITY:
+                g_row = (b.to(tl.int64) * n_pad + pick) * n_pad
+                m = tl.maximum(m, tl.load(g_ptr + g_row + i, mask=mi & (n_prev_v > u), other=float("-inf")))
+            m = tl.where((i == pick) & (n_prev_v > u), float("inf"), m)
+    else:
+        for u in range(0, n_prev):
+            pick = tl.sum(tl.where(slots == u, prev, 0), axis=0)
+            if DIVERSITY:
+                m = tl.maximum(m, _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
+                                           USE_GRAM, BLOCK_D))
+            m = tl.where(i == pick, float("inf"), m)
+    return m
 
 
 @triton.jit
@@ -243,16 +291,16 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
     reads a similarity.
 
     A round is one pass over the tokens that folds every pick of the previous
-    round into ``m`` (``m_i <- max(m_i, sim(i, j))``, ``m_j <- +inf``), scores,
-    and keeps the ``ROUND`` best keys ``(score desc, index asc)`` in a sorted
-    list (:func:`_merge_top`).  Candidate ``c_j`` is committed while
-    ``sim(c_j, c_l) <= m_{c_j}`` for every earlier ``c_l`` of the round: its
-    score is then unchanged by them while every other score can only fall, so
-    it is the exact next pick.  The check's ``sim(c_j, c_l)`` comes from
-    :func:`_sim_row` with ``pick = c_l`` on a ``BLOCK_N``-lane tile, the call
-    and shape the next pass's update uses, so it has the update's bits.  Round 1
-    commits one pick.  ``ROUND = 1`` is the one-pick-per-step loop (lane argmax,
-    no sort).  ``rounds[b]`` gets the number of rounds.
+    round into ``m`` (:func:`_fold_picks`), scores, and keeps the ``ROUND`` best
+    keys ``(score desc, index asc)`` (:func:`_merge_top`), sorted once per round.
+    Candidate ``c_j`` is committed while ``sim(c_j, c_l) <= m_{c_j}`` for every
+    earlier ``c_l`` of the round: its score is then unchanged by them while
+    every other score can only fall, so it is the exact next pick.  The check's
+    ``sim(c_j, c_l)`` comes from :func:`_sim_row` with ``pick = c_l`` on a
+    ``BLOCK_N``-lane tile, the call and shape the on-demand update uses (Gram
+    mode: the same Gram entry), so it has the update's bits.  Round 1 commits
+    one pick.  ``ROUND = 1`` is the one-pick-per-step loop (lane argmax, no top-R
+    list).  ``rounds[b]`` gets the number of rounds.
     """
     b = tl.program_id(0)
     start = tl.load(starts_ptr + b)
@@ -263,22 +311,19 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
     out_row = out_ptr + b.to(tl.int64) * k_max
     zero = kb * 0    # int32 loop counters (a Python int would change type inside the loop)
     t = zero         # picks made
-    n_prev = zero    # picks of the previous round, not yet folded into m: out_row[t - n_prev .. t)
+    n_prev = zero    # picks of the previous round, not yet folded into m: prev[0 .. n_prev)
+    prev = tl.zeros([ROUND], dtype=tl.int32)
     rounds = zero
     while t < kb:
-        top = tl.full([ROUND], -9223372036854775807, dtype=tl.int64)
+        top = tl.full([ROUND], KEY_NONE, dtype=tl.int64)
         best_v = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
         for n0 in range(0, n, BLOCK_N):
             i = n0 + lanes
             mi = i < n
             m = tl.load(state_ptr + start + i, mask=mi, other=float("inf"))
-            for u in range(0, n_prev):
-                pick = tl.load(out_row + t - n_prev + u).to(tl.int32)
-                if DIVERSITY:
-                    m = tl.maximum(m, _sim_row(x_ptr, inv_ptr, g_ptr, b, start, pick, i, mi, D, n_pad,
-                                               USE_GRAM, BLOCK_D))
-                m = tl.where(i == pick, float("inf"), m)
+            m = _fold_picks(x_ptr, inv_ptr, g_ptr, b, start, m, i, mi, prev, n_prev, D, n_pad,
+                            USE_GRAM, DIVERSITY, ROUND, BLOCK_D)
             tl.store(state_ptr + start + i, m, mask=mi)
             if t == 0:
                 score = tl.load(first_ptr + start + i, mask=mi, other=float("-inf"))
@@ -292,13 +337,13 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
             if ROUND == 1:
                 best_v, best_i = _lane_best(best_v, best_i, score, i)
             else:
-                top = _merge_top(top, _order_key(score, i), ROUND, BLOCK_N)
+                top = _merge_top(top, _order_key(score, i), ROUND)
         tl.debug_barrier()
         if ROUND == 1:
             n_commit = zero + 1
-            tl.store(out_row + t, _block_argmax(best_v, best_i, n).to(tl.int64))
+            cand = tl.zeros([ROUND], dtype=tl.int32) + _block_argmax(best_v, best_i, n)
         else:
-            cand = _key_index(top)                                   # [ROUND], best first
+            cand = _key_index(tl.sort(top, descending=True))        # [ROUND], best first
             limit = tl.where(t == 0, 1, tl.minimum(kb - t, ROUND))
             # the candidates on BLOCK_N lanes (lane j = c_{j+1}), the tile shape of the update pass
             cand_i = tl.sum(tl.where(lanes[:, None] == slots[None, :], cand[None, :], 0), axis=1)
@@ -312,10 +357,11 @@ def _greedy_kernel(x_ptr, inv_ptr, g_ptr, first_ptr, imp_ptr, state_ptr,
                     s = _sim_row(x_ptr, inv_ptr, g_ptr, b, start, c_l, cand_i, later, D, n_pad, USE_GRAM, BLOCK_D)
                     fail = fail | (later & (s > m_c))
             n_commit = tl.minimum(tl.min(tl.where(fail, lanes, BLOCK_N), axis=0), limit)
-            tl.store(out_row + t + slots, cand.to(tl.int64), mask=slots < n_commit)
+        tl.store(out_row + t + slots, cand.to(tl.int64), mask=slots < n_commit)
         tl.debug_barrier()
         t += n_commit
         n_prev = n_commit
+        prev = cand
         rounds += 1
     tl.store(rounds_ptr + b, rounds.to(tl.int64))
 
@@ -429,25 +475,51 @@ def launch_gram(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
     return g
 
 
-def launch_max_offdiag_sim(x, inv, starts, lengths, n_pad: int) -> torch.Tensor:
-    """``[R]`` float32 DivPrune first-step scores ``1 - max_{j != i} sim(i, j)``."""
+def offdiag_blocks(use_gram: bool) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_K)`` of :func:`_max_offdiag_sim_kernel`: reading Gram rows, 16 rows x 128
+    contiguous columns (coalesced; 64 x 64 there needs 255 registers and spills); computing
+    them, the Gram kernel's own 64 x 64 tiles, so the similarities have the Gram's bits."""
+    return (16, 128) if use_gram else (64, 64)
+
+
+def launch_max_offdiag_sim(x, inv, g, starts, lengths, n_pad: int, use_gram: bool) -> torch.Tensor:
+    """``[R]`` float32 DivPrune first-step scores ``1 - max_{j != i} sim(i, j)``, from the rows of
+    the Gram ``g`` when ``use_gram`` (else recomputed tile by tile, nothing ``N^2`` stored)."""
     first = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
     bsz = starts.shape[0]
-    bm = bk = 64
+    bm, bk = offdiag_blocks(use_gram)
     grid = (bsz, triton.cdiv(max(n_pad, 1), bm))
-    triton_wrap(_max_offdiag_sim_kernel)[grid](x, inv, starts, lengths, first, x.shape[1],
-                                               BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32,
+    triton_wrap(_max_offdiag_sim_kernel)[grid](x, inv, g, starts, lengths, first, x.shape[1], n_pad if use_gram else 0,
+                                               USE_GRAM=use_gram, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=32,
                                                INPUT_PRECISION=INPUT_PRECISION, UPCAST=_upcast(x))
     return first
 
 
 def _loop_blocks(use_gram: bool):
-    # Gram rows are plain vector loads: wide tiles.  On demand, a [BLOCK_N, BLOCK_D] tile of x per D chunk.
-    # The interpreter runs each tile's top-R sort stage by stage in NumPy: narrow tiles there
-    # (the picks do not depend on the tile width; the compile tests build the wide ones).
+    """``(BLOCK_N, BLOCK_D)`` of the DPP loop (4 warps).  Gram rows are plain vector loads: wide
+    tiles; on demand, a ``[BLOCK_N, BLOCK_D]`` tile of ``x`` per ``D`` chunk.  The interpreter runs
+    every tile op in NumPy: narrow tiles there (the picks do not depend on the tile width)."""
     if use_gram and os.environ.get("TRITON_INTERPRET") != "1":
         return 512, 32
     return (64, 32) if use_gram else (64, 128)
+
+
+def greedy_config(use_gram: bool, n_pad: int, max_round: int = MAX_ROUND) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_D, num_warps)`` of :func:`_greedy_kernel` for images of up to ``n_pad`` tokens.
+
+    Gram mode: one tile of up to 1024 tokens (fewer tiles = fewer dependent reductions per
+    round; the whole of (a)'s 576 tokens is one tile) on 16 warps (8 for 512), so each thread
+    holds 2 tokens and the round's Gram-row loads of every token are in flight at once.
+    2048-wide tiles spill at (d) (Triton 3.6 on 8 warps, 3.9 on 16), so 1024 is the widest.  On demand: ``64 x 128`` tiles of ``x`` streamed by 8 warps.  Under the interpreter
+    the tiles are 16 wide (at least ``max_round``), so the tiny test images span several tiles
+    and the cross-tile top-R merge runs there too.  ``tests/test_triton_compile.py`` builds these
+    configurations at the target shapes and asserts no spills."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return max(16, max_round), (32 if use_gram else 128), 4
+    if use_gram:
+        block_n = min(1024, max(512, triton.next_power_of_2(max(n_pad, 1))))
+        return block_n, 32, block_n // 64
+    return max(64, max_round), 128, 8
 
 
 def launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max: int, lam: float,
@@ -456,12 +528,12 @@ def launch_greedy(x, inv, g, first, imp, state, starts, lengths, ks, k_max: int,
     bsz = starts.shape[0]
     out = torch.full((bsz, k_max), -1, dtype=torch.int64, device=x.device)
     rounds = torch.zeros(bsz, dtype=torch.int64, device=x.device)
-    block_n, block_d = _loop_blocks(use_gram)
     n_pad = g.shape[1] if use_gram else 0
+    block_n, block_d, warps = greedy_config(use_gram, n_pad, max_round)
     triton_wrap(_greedy_kernel)[(bsz,)](x, inv, g, first, imp, state, starts, lengths, ks, out, rounds,
                                         x.shape[1], n_pad, k_max, float(lam),
                                         USE_GRAM=use_gram, DIVERSITY=diversity, ROUND=max_round,
-                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     return out, rounds
 
 
@@ -484,6 +556,12 @@ def triton_wrap(kernel):
 
 
 # =========================================================================== public function
+def uses_gram(bsz: int, n_pad: int, use_gram: int = -1) -> bool:
+    """Whether a call builds the ``[B, n_pad, n_pad]`` float32 Gram: ``use_gram`` 1 / 0 forces it,
+    -1 builds it while it fits :data:`GRAM_MAX_BYTES` (``mmrprune.workspace`` counts it)."""
+    return bool(use_gram) if use_gram >= 0 else bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES
+
+
 def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Tensor, starts: torch.Tensor,
                         lengths: torch.Tensor, ks: torch.Tensor, k_max: int, n_pad: int, lam: float,
                         mode: int, use_gram: int, max_round: int = MAX_ROUND) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,8 +584,7 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
     if max_round < 1 or max_round > 64 or max_round & (max_round - 1):
         raise ValueError(f"triton_greedy: max_round must be a power of two in 1 .. 64, got {max_round}")
     bsz = starts.shape[0]
-    if use_gram < 0:
-        use_gram = int(bsz * n_pad * n_pad * 4 <= GRAM_MAX_BYTES)
+    use_gram = int(uses_gram(bsz, n_pad, use_gram))
     diversity = mode != MODE_MMR or lam < 1.0
     inv = launch_row_inv_norm(x)
     g = launch_gram(x, inv, starts, lengths, n_pad) if (use_gram and diversity) else inv.new_empty((1, 1, 1))
@@ -515,7 +592,7 @@ def _triton_greedy_impl(x: torch.Tensor, imp: torch.Tensor, state_init: torch.Te
     if mode == MODE_DPP:
         return launch_dpp(x, inv, g, imp, state, starts, lengths, ks, k_max, bool(use_gram)), ks.clone()
     if mode == MODE_DIVPRUNE:
-        first = launch_max_offdiag_sim(x, inv, starts, lengths, n_pad)
+        first = launch_max_offdiag_sim(x, inv, g, starts, lengths, n_pad, bool(use_gram))
         lam = 0.0
     else:
         first = imp
