@@ -1,8 +1,7 @@
 """Build and install mmrprune.
 
-The Python package is ``mmrprune``; the Triton kernels live in the top-level
-``triton_kernels/`` folder but install as ``mmrprune.triton_kernels`` so they
-never shadow Triton's own ``triton_kernels`` package.
+The Python package is ``mmrprune``, the Triton kernels included
+(``mmrprune/triton_kernels/``).
 
 Native extensions (plain pybind11 modules, no torch headers; see csrc/README.md):
 
@@ -180,15 +179,6 @@ def _emu_jobs(cxx, tmp, cuda_inc):
     return jobs
 
 
-def _link_triton_kernels():
-    """An in-place build runs from the source tree, where nothing maps triton_kernels/ to
-    mmrprune.triton_kernels as an install does (package_dir): a relative symlink puts it where
-    the installed package has it (git-ignored; an install copies the files, not the link)."""
-    link = os.path.join(ROOT, "mmrprune", "triton_kernels")
-    if not os.path.lexists(link):
-        os.symlink(os.path.join(os.pardir, "triton_kernels"), link, target_is_directory=True)
-
-
 class BuildExt(build_ext):
     """Compiles each extension's objects with ninja/a pool, links with the C++ compiler,
     then writes mmrprune/_build_config.py."""
@@ -202,7 +192,6 @@ class BuildExt(build_ext):
         self._write_config(os.path.join(os.path.abspath(self.build_lib), "mmrprune"))
         if to_source:
             self._write_config(os.path.join(ROOT, "mmrprune"))
-            _link_triton_kernels()
 
     def build_extension(self, ext):
         out = self.get_ext_fullpath(ext.name)
@@ -345,8 +334,7 @@ def _transformers_window():
 
 
 setup(
-    packages=sorted(set(find_packages(include=["mmrprune", "mmrprune.*"])) | {"mmrprune.triton_kernels"}),
-    package_dir={"mmrprune.triton_kernels": "triton_kernels"},
+    packages=find_packages(include=["mmrprune", "mmrprune.*"]),
     package_data={"mmrprune.data": ["*.npz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt, "check_cuda": CheckCuda},

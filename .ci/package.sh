@@ -39,7 +39,7 @@ x, w = d["tokens"][:2], d["cls_attention"][:2]
 idx = mmrprune.select(x, w, k=16, method="mmr", backend="cpu")
 ref = [mmrprune.reference.select_one(x[b], w[b], 16, "mmr", 0.5) for b in range(2)]
 assert idx.shape == (2, 16) and all(sorted(idx[b].tolist()) == sorted(r.tolist()) for b, r in enumerate(ref)), idx
-import mmrprune.triton_kernels  # the subpackage installed from triton_kernels/
+import mmrprune.triton_kernels  # the Triton kernels' subpackage
 print(f"[package] smoke test passed: mmrprune {mmrprune.__version__} from {os.path.dirname(where)}")
 PY
 "$work/venv/bin/python" -m mmrprune info >/dev/null

@@ -22,7 +22,7 @@ z.extractall(sys.argv[2], [n for n in z.namelist() if n.endswith('.py') or '.dis
   fi
 done
 echo "[ci/vllm] vLLM release sources in ${SECONDS}s"
-# from the repository root, as a user runs it: the top-level triton_kernels/ folder is on sys.path
+# from the repository root, as a user runs it: the checkout is on sys.path
 MMRPRUNE_VLLM_RELEASES="$PWD/$RELEASES" .venv-vllm/bin/python -m pytest tests/vllm_plugin tests/test_namespace.py \
   -q -p no:cacheprovider --durations=10
 echo "[ci/vllm] total ${SECONDS}s"

@@ -23,7 +23,7 @@ Where the numbers come from, per quantity (each record names its sources):
   path (the ``cuda`` backend's code on CPU tensors) and over the ``triton`` backend's host path
   with the kernel launches recorded instead of run, so they follow the host code as it changes;
 * Triton per-round counts: derived from the kernel's structure and launch configuration
-  (``triton_kernels/greedy.py``: tiles per pass, bitonic stages of the old per-tile sort,
+  (``mmrprune/triton_kernels/greedy.py``: tiles per pass, bitonic stages of the old per-tile sort,
   reductions of the threshold filter) -- Triton has no emulator;
 * H100 facts: :data:`H100`, the one table, each with its source.
 

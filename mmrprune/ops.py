@@ -6,7 +6,7 @@ to the compiler, and its fake says the output is an int64 ``[B, k_max]`` tensor.
 
 * ``mmrprune::cpu_select``: the C++ extension ``mmrprune._cpu`` (implemented below);
 * ``mmrprune::cuda_greedy``: the CUDA launch (:mod:`mmrprune.backends.cuda_backend`);
-* ``mmrprune::triton_greedy``: the Triton launch (``triton_kernels/greedy.py``), through
+* ``mmrprune::triton_greedy``: the Triton launch (``mmrprune/triton_kernels/greedy.py``), through
   :func:`register_triton_op`.
 
 Each op takes the segment form of a :class:`mmrprune.batch.SelectionBatch`

@@ -89,7 +89,7 @@ stamp_of() {
   {
     find csrc -type f -not -path "*/__pycache__/*" | LC_ALL=C sort | xargs sha256sum   # not the .pyc that setup.py leaves
     sha256sum setup.py pyproject.toml
-    find mmrprune triton_kernels -name __init__.py | LC_ALL=C sort   # the package layout
+    find mmrprune -name __init__.py | LC_ALL=C sort   # the package layout
     echo "$PY $("$PY" -c 'import sys; print(sys.version)')"
     echo "CXX=${CXX:-} MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-} MMRPRUNE_CUDA_ARCHS=${MMRPRUNE_CUDA_ARCHS:-}"
     command -v nvcc || true

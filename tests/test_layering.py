@@ -81,12 +81,11 @@ def violations(modules: dict[str, tuple[str, bool]]) -> list[str]:
 
 def package_sources() -> dict[str, tuple[str, bool]]:
     out = {}
-    for folder, prefix in ((os.path.join(ROOT, "mmrprune"), "mmrprune"),
-                           (os.path.join(ROOT, "triton_kernels"), "mmrprune.triton_kernels")):
+    for folder, prefix in ((os.path.join(ROOT, "mmrprune"), "mmrprune"),):
         for dirpath, _, files in os.walk(folder, followlinks=False):
             rel = os.path.relpath(dirpath, folder)
             parts = [] if rel == "." else rel.split(os.sep)
-            if "triton_kernels" in parts or "__pycache__" in parts:
+            if "__pycache__" in parts:
                 continue
             for f in files:
                 if not f.endswith(".py"):

@@ -1,6 +1,5 @@
-"""``triton_kernels/`` in the source tree installs as ``mmrprune.triton_kernels`` and never
-shadows (or is shadowed by) another top-level ``triton_kernels`` package, such as the one
-Triton/vLLM ship.  Each check runs in a fresh interpreter whose working directory is a
+"""The Triton kernels are ``mmrprune.triton_kernels`` and never shadow (or are shadowed by)
+another top-level ``triton_kernels`` package, such as the one Triton/vLLM ship.  Each check runs in a fresh interpreter whose working directory is a
 temporary folder, so the repository root is not on ``sys.path``."""
 from __future__ import annotations
 
@@ -74,7 +73,8 @@ def test_third_party_first_then_mmrprune(fake_site):
 
 # ----------------------------------------------------------------------------- from a checkout
 # ``python -m pytest`` / ``python -c`` in the repository root put the root on sys.path, so a plain
-# ``import triton_kernels`` finds the source tree's folder first; it must step aside.
+# ``import triton_kernels`` looks there first: the checkout must hold no top-level package of that
+# name (vLLM takes any folder it finds for Triton's and logs a traceback when it cannot use it).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -97,6 +97,7 @@ def test_repo_root_on_path_defers_to_third_party(fake_site):
 def test_repo_root_on_path_without_third_party_is_missing(tmp_path):
     out = run_py("""
         import importlib.util, sys
+        assert importlib.util.find_spec("triton_kernels") is None   # vLLM's probe
         try:
             import triton_kernels
         except ModuleNotFoundError as exc:
