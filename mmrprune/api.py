@@ -118,10 +118,11 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
     out, stats = _run(request, backend, workspace_limit)
     if request.single_image:
         out = out[0]
-        stats = {name: v[0] for name, v in stats.items()}
     out = _to_user(out, request.numpy_in)
-    if not return_stats:
+    if not return_stats:   # a backend may compute a statistic only when it is read
         return out
+    if request.single_image:
+        stats = {name: v[0] for name, v in stats.items()}
     return out, {name: _to_user(v, request.numpy_in) for name, v in stats.items()}
 
 

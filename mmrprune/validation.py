@@ -263,12 +263,23 @@ def feature_limit(dtype: torch.dtype, dim: int) -> float:
     return math.sqrt(torch.finfo(_compute_dtype(dtype)).max / dim) / 2
 
 
-def _check_values(t: torch.Tensor, name: str, limit: float | None = None):
-    """NaN/Inf (and, with ``limit``, magnitude) scan: one pass, one host sync."""
+def _value_scan(t: torch.Tensor) -> torch.Tensor:
+    """``[2]`` float64 ``(min, max)`` of ``t`` on its device (NaN anywhere makes both NaN)."""
     # per row first: a reduction over every element copies a non-contiguous (expanded,
     # strided) tensor whole, before any workspace check could refuse the call
     row_lo, row_hi = torch.aminmax(t, dim=-1)
-    lo, hi = torch.stack((row_lo.amin(), row_hi.amax())).tolist()  # NaN anywhere makes both NaN
+    return torch.stack((row_lo.amin(), row_hi.amax())).to(torch.float64)
+
+
+def _span_finite(batch: SelectionBatch) -> torch.Tensor:
+    """0-d bool on the device: per non-empty image, ``max w - min w`` is finite in the compute
+    dtype (else ``Imp`` is NaN).  A mask, not a boolean index, which would read back its size."""
+    _, lo, hi = batch._importance_range()
+    return torch.where(batch.lengths > 0, torch.isfinite(hi - lo), True).all()
+
+
+def _check_range(lo: float, hi: float, t: torch.Tensor, name: str, limit: float | None = None):
+    """The NaN/Inf (and, with ``limit``, magnitude) verdict on a scan read back by :func:`_check_scans`."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False "
@@ -281,11 +292,22 @@ def _check_values(t: torch.Tensor, name: str, limit: float | None = None):
                          "the selection, does not change)")
 
 
-def _check_importance_span(batch: SelectionBatch):
-    """Per image, ``max w - min w`` must be finite in the compute dtype, or ``Imp`` is NaN."""
-    _, lo, hi = batch._importance_range()
-    span = (hi - lo)[batch.lengths > 0]
-    if not bool(torch.isfinite(span).all()):
+def _check_scans(batch: SelectionBatch, grid_check) -> None:
+    """check_finite=True: features and importance scanned for NaN/Inf and magnitude, and the
+    importance's per-image span, read back to the host together (one sync for accelerator input)
+    and judged in the order the errors are documented (features, importance, ``grid_check()``,
+    the span)."""
+    x, w = batch.features, batch.weights
+    parts = [_value_scan(x)]
+    if w is not None:
+        parts += [_value_scan(w), _span_finite(batch).to(torch.float64).reshape(1)]
+    found = torch.cat(parts).tolist()
+    _check_range(found[0], found[1], x, "features", feature_limit(x.dtype, x.shape[-1]))
+    if w is not None:
+        _check_range(found[2], found[3], w, "importance")
+    grid_check()
+    if w is not None and not found[4]:
+        _, lo, hi = batch._importance_range()
         raise ValueError(f"importance: max - min over an image overflows {batch.compute_dtype} "
                          f"(largest span {float((hi.double() - lo.double())[batch.lengths > 0].max()):.3g}), "
                          "so it cannot be normalised; shift or scale the importance first (only its order "
@@ -335,6 +357,37 @@ def _budgets(lengths: torch.Tensor, k, keep_ratio, n_padded: int | None, lengths
     else:
         width = int(ks.max().item())
     return ks, width
+
+
+# (device, B, N, k_b) -> [3, B] int64 (lengths, starts, ks) of a padded batch without lengths
+_UNIFORM: dict = {}
+UNIFORM_CACHE = 64   # entries kept (a few hundred bytes each); the oldest goes first
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _uniform_segments(device: torch.device, bsz: int, n: int, k_b: int):
+    """``(lengths, starts, ks)`` of a padded batch whose images all have ``n`` tokens and keep
+    ``k_b``: read-only views of one tensor per shape, built once and kept, so that a repeated
+    eager call spends none of its few device launches on constants.  Tracing and CUDA-graph
+    capture build them with device ops instead (a capture records kernels without running them,
+    so a tensor made there holds nothing until replay and must not be kept)."""
+    if torch.compiler.is_compiling() or _capturing(device):
+        starts = torch.arange(bsz, dtype=torch.int64, device=device) * n
+        return (torch.full((bsz,), n, dtype=torch.int64, device=device), starts,
+                torch.full((bsz,), k_b, dtype=torch.int64, device=device))
+    key = (device, bsz, n, k_b)
+    t = _UNIFORM.get(key)
+    if t is None:
+        # kept across calls, so not an inference tensor even when first made under inference_mode
+        with torch.inference_mode(False):
+            t = torch.tensor([[n] * bsz, list(range(0, bsz * n, n)), [k_b] * bsz], dtype=torch.int64).to(device)
+        while len(_UNIFORM) >= UNIFORM_CACHE:
+            _UNIFORM.pop(next(iter(_UNIFORM)))
+        _UNIFORM[key] = t
+    return t[0], t[1], t[2]
 
 
 def _features(features, packed: bool):
@@ -393,17 +446,14 @@ def _packed_segments(x, cu_seqlens, numpy_in: bool, check_ranges: bool):
 
 
 def _padded_segments(x, lengths, numpy_in: bool, check_ranges: bool):
-    """``(lengths, starts)`` of a padded ``[B, N, D]`` batch (all N when ``lengths`` is None)."""
+    """``(lengths, starts)`` of a padded ``[B, N, D]`` batch with ``lengths`` given."""
     bsz, n = x.shape[0], x.shape[1]
-    if lengths is None:
-        lens = torch.full((bsz,), n, dtype=torch.int64, device=x.device)
-    else:
-        lens = _index_tensor(lengths, "lengths", numpy_in, x.device, bsz)
-        if check_ranges:
-            lh = lens.cpu()
-            if bool(((lh < 0) | (lh > n)).any()):
-                raise ValueError(f"lengths: expected values in [0, N={n}], got {lh.tolist() if bsz <= 16 else 'out-of-range values'}")
-    return lens, torch.arange(bsz, dtype=torch.int64, device=x.device) * n
+    lens = _index_tensor(lengths, "lengths", numpy_in, x.device, bsz)
+    if check_ranges:
+        lh = lens.cpu()
+        if bool(((lh < 0) | (lh > n)).any()):
+            raise ValueError(f"lengths: expected values in [0, N={n}], got {lh.tolist() if bsz <= 16 else 'out-of-range values'}")
+    return lens, _uniform_segments(x.device, bsz, n, 0)[1]
 
 
 def _check_grid(params: dict, lens: torch.Tensor):
@@ -440,21 +490,27 @@ def validate(features, importance, *, k, keep_ratio, lam, method, lengths=None, 
     if packed:
         lens, starts = _packed_segments(x, cu_seqlens, numpy_in, check_ranges)
         n_padded = None
+    elif lengths is None:
+        n_padded = x.shape[1]
+        lens = None
     else:
         lens, starts = _padded_segments(x, lengths, numpy_in, check_ranges)
         n_padded = x.shape[1]
 
-    if check_nan:
-        _check_values(x, "features", feature_limit(x.dtype, x.shape[-1]))
-        if w is not None:
-            _check_values(w, "importance")
-
-    if method == "d2pruner" and params["grid"] is not None and check_ranges:
-        _check_grid(params, lens)
-
-    ks, k_max = _budgets(lens, k, keep_ratio, n_padded, lengths is not None)
+    if lens is None:   # every image whole: the budgets are Python ints
+        k_max = budget(n_padded, k, keep_ratio)
+        lens, starts, ks = _uniform_segments(x.device, x.shape[0], n_padded, k_max)
+    else:
+        ks, k_max = _budgets(lens, k, keep_ratio, n_padded, lengths is not None)
     batch = SelectionBatch(features=x, weights=w, lengths=lens, starts=starts, ks=ks, k_max=k_max,
                            packed=packed, method=method, lam=lam, params=params)
-    if check_nan and w is not None:
-        _check_importance_span(batch)
+
+    def grid_check():
+        if method == "d2pruner" and params["grid"] is not None and check_ranges:
+            _check_grid(params, lens)
+
+    if check_nan:
+        _check_scans(batch, grid_check)
+    else:
+        grid_check()
     return Request(batch=batch, numpy_in=numpy_in, single_image=single, order=order)

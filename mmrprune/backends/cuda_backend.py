@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -380,6 +381,25 @@ def _check_call(c: KernelCall) -> None:
         raise ValueError("cuda kernel: rows must be contiguous")
 
 
+class _LazyStats(Mapping):
+    """Statistics computed on first read: a statistic that costs device launches is paid for
+    only by a caller that asks for it (``return_stats=True``)."""
+
+    def __init__(self, **makers: Callable[[], torch.Tensor]):
+        self._makers, self._values = makers, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._values:
+            self._values[name] = self._makers[name]()
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return t.data_ptr() if t is not None else 0
 
@@ -428,7 +448,11 @@ class FusedGreedy:
         kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick)."""
         if not runs_kernel(batch):
             return _tb.select(batch)   # topk (a sort), float64 input
-        out, rounds = self.op(*prepare(batch).args())
+        call = prepare(batch)
+        if call.dpp:   # one pick per round: counted from the picks only when the stats are read
+            out, _ = self.op(*call.args(), False)
+            return out, _LazyStats(rounds=lambda: (out >= 0).sum(dim=1))
+        out, rounds = self.op(*call.args())
         return out, {"rounds": rounds}
 
     def max_round(self) -> int:
@@ -453,9 +477,10 @@ class FusedGreedy:
                    k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
                    inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None,
                    weights: Optional[torch.Tensor] = None, score_kind: str = "keep",
-                   width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   width: int = 0, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
             return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
-                                             dpp, gram, inv_norm, sqn, weights, score_kind, width))
+                                             dpp, gram, inv_norm, sqn, weights, score_kind, width),
+                                  dpp_rounds=dpp_rounds)
         return launch
 
     def complete(self, c: KernelCall) -> KernelCall:
@@ -479,9 +504,11 @@ class FusedGreedy:
                              score_kind=SCORE_KINDS.index(c.score_kind), stream=self._stream(dev))
         return dataclasses.replace(c, score=score, inv_norm=inv, sqn=sqn, score_kind="keep")
 
-    def launch(self, c: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
+    def launch(self, c: KernelCall, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the call, allocate the output and scratch, run the prepare kernel, then the Gram
-        or the row path.  Returns ``(picks [B, k_max], rounds [B])`` int64."""
+        or the row path.  Returns ``(picks [B, k_max], rounds [B])`` int64; for DPP with
+        ``dpp_rounds=False`` the rounds are left unwritten (the DPP kernels do not count them:
+        the caller counts the picks, if it needs them, without two more launches here)."""
         if self.ext is None:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         dev = c.rows.device
@@ -504,7 +531,7 @@ class FusedGreedy:
                 self._launch_gram(c, state, taken, chol, out, rounds, self._stream(dev))
             else:
                 self._launch_rows(c, state, taken, chol, out, rounds, self._stream(dev))
-            if c.dpp:   # one pick per step
+            if c.dpp and dpp_rounds:   # one pick per step
                 rounds = (out >= 0).sum(dim=1)
         return out, rounds
 
@@ -553,7 +580,7 @@ class FusedGreedy:
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
-          sqn=None, weights=None, score_kind="keep", width=0):
+          sqn=None, weights=None, score_kind="keep", width=0, dpp_rounds=True):
     return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
             rows.new_empty((starts.shape[0],), dtype=torch.int64))
 
