@@ -45,10 +45,10 @@ def _label(mangled: str) -> tuple:
         threads = {"inv_norm_kernel": 256, "greedy_maxsim_kernel": 1024, "greedy_dpp_kernel": 512}[kind]
         dyn = {"inv_norm_kernel": 0, "greedy_maxsim_kernel": MAX_ROUND * D_B * 4, "greedy_dpp_kernel": D_B * 4}[kind]
         return f"{kind}<{DTYPES.get(dtype, dtype)}, vec={vec}>", threads, dyn
-    m = re.search(r"greedy_maxsim_gram_kernelILb([01])", mangled)
+    m = re.search(r"greedy_maxsim_gram_kernelILb([01])ELi(\d+)E", mangled)
     if m:
         smem = m.group(1) == "1"
-        return f"greedy_maxsim_gram_kernel<smem={m.group(1)}>", 1024, 5 * N_B if smem else 0
+        return f"greedy_maxsim_gram_kernel<smem={m.group(1)}, own={m.group(2)}>", 1024, 5 * N_B if smem else 0
     if "greedy_dpp_gram_kernel" in mangled:
         return "greedy_dpp_gram_kernel", 512, 0
     return mangled, 1024, 0

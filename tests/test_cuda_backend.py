@@ -73,7 +73,7 @@ def test_compile_check_gram_kernels_are_spill_free(compiled):
     for arch in ("sm_80", "sm_90"):
         maxsim = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_maxsim_gram_kernel" in ln]
         dpp = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_dpp_gram_kernel" in ln]
-        assert len(maxsim) == 2, f"{arch}: expected the smem and global-state instantiations, got {maxsim}"
+        assert len(maxsim) == 3, f"{arch}: expected the register-slot, smem and global-state instantiations, got {maxsim}"
         assert len(dpp) == 1, dpp
         assert all("spill_st=0 spill_ld=0" in ln and "stack=0" in ln for ln in maxsim + dpp)
 
@@ -102,7 +102,7 @@ def test_committed_ptxas_record_is_current(compiled):
         pytest.skip(f"record made with nvcc {committed[0]['nvcc']}, this is {fresh[0]['nvcc']}")
     key = ("arch", "kernel", "regs", "stack", "spill_st", "spill_ld", "smem_static", "occupancy")
     assert [[r[k] for k in key] for r in fresh] == [[r[k] for k in key] for r in committed]
-    assert len(fresh) == 2 * (6 * 3 + 2 + 1)   # per arch: 3 row kernels x 6 variants, 2 + 1 Gram kernels
+    assert len(fresh) == 2 * (6 * 3 + 3 + 1)   # per arch: 3 row kernels x 6 variants, 3 + 1 Gram kernels
 
 
 def test_ptxas_check_fails_on_a_spilling_kernel(tmp_path):
@@ -754,6 +754,28 @@ def test_kernel_gram_state_in_global_memory_matches_shared(target, monkeypatch, 
     assert torch.equal(smem, glob)
     o = smem.cpu()
     assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
+
+
+def test_kernel_gram_register_slots_match_shared_state(target, monkeypatch):
+    """Gram mode keeps up to 4 tokens per thread in registers when the padded length fits 4 x 1024
+    threads, else the token state stays in shared memory: an image of 3000 tokens picks the same
+    (exact rounds included) alone (register slots, tail slots predicated off) and padded to 4200
+    (shared memory), and both as with the state in global memory."""
+    torch.manual_seed(1)
+    n_pad, n = 4200, 3000
+    x = torch.randn(2, n_pad, 32, device=target.device, dtype=torch.bfloat16)
+    w = torch.rand(2, n_pad, device=target.device)
+    lengths = torch.tensor([n_pad, n], device=target.device)
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    kw = dict(k=24, lam=0.5, return_stats=True)
+    smem, s_stats = _cuda_select(target, x, w, "mmr", lengths=lengths, **kw)
+    alone, a_stats = _cuda_select(target, x[1:, :n], w[1:, :n], "mmr", **kw)
+    monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
+    glob, g_stats = _cuda_select(target, x, w, "mmr", lengths=lengths, **kw)
+    assert torch.equal(smem, glob) and torch.equal(smem[1:], alone)
+    assert s_stats["rounds"].tolist() == g_stats["rounds"].tolist()
+    assert s_stats["rounds"].tolist()[1:] == a_stats["rounds"].tolist()
+    assert (smem >= 0).all()
 
 
 @needs_gpu
