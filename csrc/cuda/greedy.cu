@@ -716,14 +716,18 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
 // c_g is token-major [rows, k_max]: a token's Cholesky row is contiguous (coalesced).
 // kGram: sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i] from the precomputed raw
 // Gram [batch, ld, ld] (fp32) instead of the dot product over D (x is then unused).
-template <typename T, bool kVec, bool kGram>
+// kCSmem (Gram mode only): the Cholesky rows live in dynamic shared memory, [ld, k_max] token-major
+// as in c_g (the launcher chooses it when ld * k_max floats fit), so the projection's reads of
+// c_p and c_i are shared-memory reads, not L2/HBM trips; c_g is then unused.
+template <typename T, bool kVec, bool kGram, bool kCSmem = false>
 __device__ __forceinline__ void dpp_body(
     const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
     const float* __restrict__ inv_norm, const float* __restrict__ sqn, const float* __restrict__ q,
     const std::int64_t* __restrict__ starts, const std::int64_t* __restrict__ lengths,
     const std::int64_t* __restrict__ ks, std::int64_t k_max, float* d2_g, std::uint8_t* taken_g, float* c_g,
     std::int64_t* __restrict__ out) {
-  extern __shared__ float xs[];  // [dim] (row mode only)
+  static_assert(kGram || !kCSmem, "row mode keeps xs in dynamic shared memory");
+  extern __shared__ float xs[];  // row mode: [dim]; Gram mode with kCSmem: the Cholesky rows
   __shared__ float red_s[32];
   __shared__ int red_i[33];
 
@@ -744,7 +748,7 @@ __device__ __forceinline__ void dpp_body(
 
   float* d2 = d2_g + start;
   std::uint8_t* taken = taken_g + start;
-  float* c = c_g + start * k_max;
+  float* c = kCSmem ? xs : c_g + start * k_max;
   const float* q_b = q + start;
 
   float bs = -INFINITY;
@@ -839,12 +843,13 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
 }
 
 // DPP with the similarity row read from the precomputed Gram (no feature reads in the loop).
+template <bool kCSmem>
 __global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
     const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
     const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
     float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
-  dpp_body<float, false, true>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
+  dpp_body<float, false, true, kCSmem>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
                                c_g, out);
 }
 
@@ -1037,7 +1042,19 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
 
 std::string launch_greedy_dpp_gram(const GramRows& g, const DppState& st, const Segments& seg) {
   if (seg.batch == 0) return "";
-  greedy_dpp_gram_kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, 0, stream_of(seg.stream)>>>(
+  int optin = 0;
+  std::string err = max_optin_smem(&optin);
+  if (!err.empty()) return err;
+  // the Cholesky rows in shared memory when they fit (e.g. (a): 576 x 64 x 4 = 144 KiB), else global
+  const std::int64_t c_bytes = g.ld * seg.k_max * static_cast<std::int64_t>(sizeof(float));
+  const bool c_smem = c_bytes + kStaticSmemHeadroom <= optin;
+  auto kernel = c_smem ? greedy_dpp_gram_kernel<true> : greedy_dpp_gram_kernel<false>;
+  const std::int64_t smem = c_smem ? c_bytes : 0;
+  if (c_smem) {
+    err = prepare_smem(kernel, smem);
+    if (!err.empty()) return err;
+  }
+  kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
       in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.sqn), in<float>(st.q),
       in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max,
       inout<float>(st.d2_scratch), inout<std::uint8_t>(st.taken_scratch), inout<float>(st.c_scratch),
