@@ -20,8 +20,9 @@ that image ran; the emulator's definitions are in cuda_emu.h "Counters"):
   summed: an UPPER bound on dependent global-memory trips (independent loads the hardware
   overlaps count once each here); plain pointer reads (e.g. ``m``, ``imp`` in global scratch)
   are not counted;
-* ``kernel_launches``: ``.cu`` kernel launches of the call (row mode: norms + greedy; Gram mode:
-  greedy only). The torch preparation ops (Gram bmm, norms, importance) are not counted here.
+* ``kernel_launches``: ``.cu`` kernel launches of the call (row mode: norms + prepare + greedy;
+  Gram mode: prepare + greedy). The torch ops around them (the Gram bmm, the position sort) are
+  not counted here.
 
 Each per-round figure includes the launch's fixed part (initialisation, the first round of
 one) spread over the rounds; ``totals`` has the raw sums.

@@ -13,7 +13,8 @@ target (b): N = 2691, D = 3584, plus the 1 KiB the runtime reserves per block), 
 per-SM limits of compute capability 8.0 and 9.0 (CUDA C++ Programming Guide, "Technical
 Specifications per Compute Capability": 64K 32-bit registers, 2048 threads, 32 blocks, 64 warps;
 shared memory 164 KiB (8.0) / 228 KiB (9.0) per SM).  The Gram-mode maxsim kernel runs
-min(1024, roundup32(N)) threads: 1024 at (b)-(d) (576 at (a)).
+min(1024, roundup32(N)) threads: 1024 at (b)-(d) (576 at (a)).  The Gram-mode DPP kernel with its Cholesky
+rows in shared memory runs only where they fit, not at (b): its dynamic bytes are (a)'s.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ LIMITS = {  # per SM: registers, threads, blocks, warps, shared memory bytes; re
 }
 N_B, D_B, MAX_ROUND = 2691, 3584, 8   # target (b), and kMaxRound (csrc/cuda/greedy.h)
 PREPARE_THREADS = 256                 # kPrepareThreads (csrc/cuda/prepare.cu)
+N_A, K_A = 576, 64                     # target (a)
 DTYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'.*?"
@@ -46,12 +48,13 @@ def _label(mangled: str) -> tuple:
         threads = {"inv_norm_kernel": 256, "greedy_maxsim_kernel": 1024, "greedy_dpp_kernel": 512}[kind]
         dyn = {"inv_norm_kernel": 0, "greedy_maxsim_kernel": MAX_ROUND * D_B * 4, "greedy_dpp_kernel": D_B * 4}[kind]
         return f"{kind}<{DTYPES.get(dtype, dtype)}, vec={vec}>", threads, dyn
-    m = re.search(r"greedy_maxsim_gram_kernelILb([01])", mangled)
+    m = re.search(r"greedy_maxsim_gram_kernelILb([01])ELi(\d+)E", mangled)
     if m:
         smem = m.group(1) == "1"
-        return f"greedy_maxsim_gram_kernel<smem={m.group(1)}>", 1024, 5 * N_B if smem else 0
-    if "greedy_dpp_gram_kernel" in mangled:
-        return "greedy_dpp_gram_kernel", 512, 0
+        return f"greedy_maxsim_gram_kernel<smem={m.group(1)}, own={m.group(2)}>", 1024, 5 * N_B if smem else 0
+    m = re.search(r"greedy_dpp_gram_kernelILb([01])E", mangled)
+    if m:  # Cholesky rows in shared memory (c_smem=1): they do not fit at (b), so its figure is (a)'s
+        return f"greedy_dpp_gram_kernel<c_smem={m.group(1)}>", 512, N_A * K_A * 4 if m.group(1) == "1" else 0
     if "prepare_kernel" in mangled:   # anonymous-namespace names carry a per-file hash: keep the plain name
         return "prepare_kernel", PREPARE_THREADS, 0
     return mangled, 1024, 0

@@ -73,8 +73,8 @@ def test_compile_check_gram_kernels_are_spill_free(compiled):
     for arch in ("sm_80", "sm_90"):
         maxsim = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_maxsim_gram_kernel" in ln]
         dpp = [ln for ln in proc.stdout.splitlines() if ln.startswith(arch) and "greedy_dpp_gram_kernel" in ln]
-        assert len(maxsim) == 2, f"{arch}: expected the smem and global-state instantiations, got {maxsim}"
-        assert len(dpp) == 1, dpp
+        assert len(maxsim) == 3, f"{arch}: expected the register-slot, smem and global-state instantiations, got {maxsim}"
+        assert len(dpp) == 2, f"{arch}: expected the Cholesky rows in shared and in global memory, got {dpp}"
         assert all("spill_st=0 spill_ld=0" in ln and "stack=0" in ln for ln in maxsim + dpp)
 
 
@@ -102,7 +102,7 @@ def test_committed_ptxas_record_is_current(compiled):
         pytest.skip(f"record made with nvcc {committed[0]['nvcc']}, this is {fresh[0]['nvcc']}")
     key = ("arch", "kernel", "regs", "stack", "spill_st", "spill_ld", "smem_static", "occupancy")
     assert [[r[k] for k in key] for r in fresh] == [[r[k] for k in key] for r in committed]
-    assert len(fresh) == 2 * (6 * 3 + 2 + 1 + 1)   # per arch: 3 row kernels x 6 variants, 2 + 1 Gram kernels, prepare
+    assert len(fresh) == 2 * (6 * 3 + 3 + 2 + 1)   # per arch: 3 row kernels x 6 variants, 3 + 2 Gram kernels, prepare
 
 
 def test_ptxas_check_fails_on_a_spilling_kernel(tmp_path):
@@ -241,7 +241,9 @@ def test_extension_gram_dpp_checks_and_smem_size(ext):
 def test_extension_gram_launch_without_gpu_raises_runtime_error(ext):
     with pytest.raises(RuntimeError, match="mmrprune._cuda: "):
         ext.greedy_maxsim_gram(**_gram_args())
-    with pytest.raises(RuntimeError, match="mmrprune._cuda: greedy_dpp_gram_kernel launch"):
+    # the DPP launcher asks the device for its shared-memory limit first (Cholesky rows), as the
+    # maxsim one does: without a GPU that query is the error, still a RuntimeError naming the module
+    with pytest.raises(RuntimeError, match="mmrprune._cuda: "):
         ext.greedy_dpp_gram(gram=128, ld=4, inv_norm=512, sqn=640, q=2048, starts=4096, lengths=8192, ks=16384,
                             batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=131072,
                             out=262144, stream=0)
@@ -762,6 +764,47 @@ def test_kernel_gram_state_in_global_memory_matches_shared(target, monkeypatch, 
     assert torch.equal(smem, glob)
     o = smem.cpu()
     assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
+
+
+def test_kernel_gram_register_slots_match_shared_state(target, monkeypatch):
+    """Gram mode keeps up to 4 tokens per thread in registers when the padded length fits 4 x 1024
+    threads, else the token state stays in shared memory: an image of 3000 tokens picks the same
+    (exact rounds included) alone (register slots, tail slots predicated off) and padded to 4200
+    (shared memory), and both as with the state in global memory."""
+    torch.manual_seed(1)
+    n_pad, n = 4200, 3000
+    x = torch.randn(2, n_pad, 32, device=target.device, dtype=torch.bfloat16)
+    w = torch.rand(2, n_pad, device=target.device)
+    lengths = torch.tensor([n_pad, n], device=target.device)
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    kw = dict(k=24, lam=0.5, return_stats=True)
+    smem, s_stats = _cuda_select(target, x, w, "mmr", lengths=lengths, **kw)
+    alone, a_stats = _cuda_select(target, x[1:, :n], w[1:, :n], "mmr", **kw)
+    monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
+    glob, g_stats = _cuda_select(target, x, w, "mmr", lengths=lengths, **kw)
+    assert torch.equal(smem, glob) and torch.equal(smem[1:], alone)
+    assert s_stats["rounds"].tolist() == g_stats["rounds"].tolist()
+    assert s_stats["rounds"].tolist()[1:] == a_stats["rounds"].tolist()
+    assert (smem >= 0).all()
+
+
+def test_kernel_dpp_gram_cholesky_rows_in_shared_memory_match_global(target, monkeypatch):
+    """Gram-mode DPP keeps the Cholesky rows in shared memory when ld * k_max floats fit the device's
+    opt-in limit, else in global scratch: the same picks either way (the emulator's limit is lowered
+    to force the global kernel; on a GPU k = 600 of 1000 tokens does not fit and k = 40 does, and
+    greedy DPP's picks for a smaller k are the prefix of those for a larger one)."""
+    torch.manual_seed(2)
+    n = 1000
+    x = torch.randn(2, n, 32, device=target.device, dtype=torch.bfloat16)
+    w = torch.rand(2, n, device=target.device)
+    monkeypatch.setenv(cb.GRAM_ENV, "1")
+    small = _cuda_select(target, x, w, "dpp", k=40)
+    if target.backend == "cuda_emu":
+        monkeypatch.setenv("CUDA_EMU_SMEM_OPTIN", "8192")
+        big = _cuda_select(target, x, w, "dpp", k=40)
+    else:
+        big = _cuda_select(target, x, w, "dpp", k=600)[:, :40]
+    assert torch.equal(small, big) and (small >= 0).all()
 
 
 @needs_gpu

@@ -409,8 +409,12 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
 //     owner marks its own token taken when it is picked).  kSmem: the state lives in dynamic
 //     shared memory (ld * 5 bytes), else in the global scratch indexed by row.  Warp 0 runs the
 //     commit check (reading m_{c_j} before the barrier that ends the reduction).
+//     kOwn > 0 (with kSmem, when n <= kOwn * blockDim.x): thread tid owns the fixed slots
+//     i = tid + s * blockDim.x, s < kOwn, and keeps their m_i, imp_i and taken bits in registers
+//     across rounds, so the update reads no state from memory; it still stores each new m_i to
+//     shared memory, where only the commit check (another thread's candidates) reads it.
 // rounds (may be null): rounds[b] = the number of rounds image b ran.
-template <typename T, bool kVec, bool kGram, bool kSmem>
+template <typename T, bool kVec, bool kGram, bool kSmem, int kOwn = 0>
 __device__ __forceinline__ void maxsim_body(
     const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
     const float* __restrict__ inv_norm, const float* __restrict__ imp, const float* __restrict__ first_score,
@@ -419,6 +423,9 @@ __device__ __forceinline__ void maxsim_body(
     float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out,
     std::int64_t* __restrict__ rounds, int max_round) {
   static_assert(kGram || !kSmem, "only Gram mode keeps its token state in shared memory");
+  static_assert(kOwn == 0 || kSmem, "register-owned tokens publish m to shared memory");
+  static_assert(kOwn <= 32, "taken bits of the owned slots live in one 32-bit register");
+  constexpr bool kReg = kOwn > 0;
   // row mode: xs[max_round * dim], the round's normalised candidate rows (fp32); Gram mode with
   // kSmem: m[ld] fp32, then taken[ld] bytes
   extern __shared__ float dyn_s[];
@@ -466,11 +473,30 @@ __device__ __forceinline__ void maxsim_body(
   float ts[kMaxRound];
   int ti[kMaxRound];
   top_clear(ts, ti);
-  for (int i = tid; i < n; i += nthreads) {
-    m[i] = -INFINITY;
-    const bool ok = eligible == nullptr || eligible[start + i] != 0;
-    taken[i] = ok ? 0 : 1;
-    if (ok) top_insert(first_score != nullptr ? first_score[start + i] : imp_b[i], i, ts, ti);
+  // kOwn > 0: the owned slots' state (sized 1 otherwise, and then unused)
+  float own_m[kReg ? kOwn : 1], own_imp[kReg ? kOwn : 1];
+  unsigned own_taken = 0u;  // bit s: slot s taken (or not eligible, or past the image)
+  if (kReg) {
+#pragma unroll
+    for (int s = 0; s < (kReg ? kOwn : 1); ++s) {
+      const int i = tid + s * static_cast<int>(nthreads);
+      own_m[s] = -INFINITY;
+      own_imp[s] = 0.f;
+      const bool ok = i < n && (eligible == nullptr || eligible[start + i] != 0);
+      if (i < n) {
+        m[i] = -INFINITY;
+        own_imp[s] = imp_b[i];
+      }
+      if (ok) top_insert(first_score != nullptr ? first_score[start + i] : own_imp[s], i, ts, ti);
+      else own_taken |= 1u << s;
+    }
+  } else {
+    for (int i = tid; i < n; i += nthreads) {
+      m[i] = -INFINITY;
+      const bool ok = eligible == nullptr || eligible[start + i] != 0;
+      taken[i] = ok ? 0 : 1;
+      if (ok) top_insert(first_score != nullptr ? first_score[start + i] : imp_b[i], i, ts, ti);
+    }
   }
 
   // Row mode after step 0: lane 0, which alone scores the warp's tokens, keeps the warp's list
@@ -578,7 +604,10 @@ __device__ __forceinline__ void maxsim_body(
       // the owner of token p, which alone reads its flag again: its thread (Gram mode) or
       // lane 0 of its warp (row mode)
       const int flag_writer = kGram ? p % nthreads : (p % nworkers) * 32;
-      if (flag_writer == tid) taken[p] = 1;
+      if (flag_writer == tid) {
+        if (kReg) own_taken |= 1u << (p / static_cast<int>(nthreads));
+        else taken[p] = 1;
+      }
     }
     if (!kGram) __syncwarp();  // row mode: the flag reaches the other lanes of the owner warp
     t += r;
@@ -588,7 +617,27 @@ __device__ __forceinline__ void maxsim_body(
     cap = left < max_round ? static_cast<int>(left) : max_round;
 
     // ---- one state update for every committed pick, scoring the next round
-    if (kGram) {
+    if (kReg) {
+      top_clear(ts, ti);
+      // every slot unrolled, its state in registers: the loads of a slot are the r Gram entries
+      // and inv_i, all independent
+#pragma unroll
+      for (int s = 0; s < (kReg ? kOwn : 1); ++s) {
+        const int i = tid + s * static_cast<int>(nthreads);
+        if ((own_taken >> s) & 1u) continue;
+        float mi = own_m[s];
+        const float ii = inv_b[i];
+        float g[kMaxRound];
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j)
+          if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
+        own_m[s] = mi;
+        m[i] = mi;  // for the commit check of a later round (warp 0 reads it)
+        top_insert(__fsub_rn(__fmul_rn(lam, own_imp[s]), __fmul_rn(omlam, mi)), i, ts, ti);
+      }
+    } else if (kGram) {
       top_clear(ts, ti);
       // Gram mode: the picks' row offsets and norms come from shared memory (written once by
       // warp 0); the loop over picks is unrolled and predicated, so a token's r Gram reads are all
@@ -645,8 +694,8 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_kernel(
                                      ks, k_max, lam, omlam, m_g, taken_g, out, rounds, max_round);
 }
 
-// Gram mode of maxsim_body (no feature reads in the loop).
-template <bool kSmem>
+// Gram mode of maxsim_body (no feature reads in the loop); kOwn: see maxsim_body.
+template <bool kSmem, int kOwn>
 __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
     const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
     const float* __restrict__ imp, const float* __restrict__ first_score,
@@ -654,7 +703,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
     float lam, float omlam, float* m_g, std::uint8_t* taken_g, std::int64_t* __restrict__ out,
     std::int64_t* __restrict__ rounds, int max_round) {
-  maxsim_body<float, false, true, kSmem>(nullptr, 1, gram, ld, inv_norm, imp, first_score, eligible, starts,
+  maxsim_body<float, false, true, kSmem, kOwn>(nullptr, 1, gram, ld, inv_norm, imp, first_score, eligible, starts,
                                          lengths, ks, k_max, lam, omlam, m_g, taken_g, out, rounds, max_round);
 }
 
@@ -667,14 +716,18 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
 // c_g is token-major [rows, k_max]: a token's Cholesky row is contiguous (coalesced).
 // kGram: sim(p, i) = (gram[b][p][i] * inv_norm[p]) * inv_norm[i] from the precomputed raw
 // Gram [batch, ld, ld] (fp32) instead of the dot product over D (x is then unused).
-template <typename T, bool kVec, bool kGram>
+// kCSmem (Gram mode only): the Cholesky rows live in dynamic shared memory, [ld, k_max] token-major
+// as in c_g (the launcher chooses it when ld * k_max floats fit), so the projection's reads of
+// c_p and c_i are shared-memory reads, not L2/HBM trips; c_g is then unused.
+template <typename T, bool kVec, bool kGram, bool kCSmem = false>
 __device__ __forceinline__ void dpp_body(
     const T* __restrict__ x, std::int64_t dim, const float* __restrict__ gram, std::int64_t ld,
     const float* __restrict__ inv_norm, const float* __restrict__ sqn, const float* __restrict__ q,
     const std::int64_t* __restrict__ starts, const std::int64_t* __restrict__ lengths,
     const std::int64_t* __restrict__ ks, std::int64_t k_max, float* d2_g, std::uint8_t* taken_g, float* c_g,
     std::int64_t* __restrict__ out) {
-  extern __shared__ float xs[];  // [dim] (row mode only)
+  static_assert(kGram || !kCSmem, "row mode keeps xs in dynamic shared memory");
+  extern __shared__ float xs[];  // row mode: [dim]; Gram mode with kCSmem: the Cholesky rows
   __shared__ float red_s[32];
   __shared__ int red_i[33];
 
@@ -695,7 +748,7 @@ __device__ __forceinline__ void dpp_body(
 
   float* d2 = d2_g + start;
   std::uint8_t* taken = taken_g + start;
-  float* c = c_g + start * k_max;
+  float* c = kCSmem ? xs : c_g + start * k_max;
   const float* q_b = q + start;
 
   float bs = -INFINITY;
@@ -790,12 +843,13 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
 }
 
 // DPP with the similarity row read from the precomputed Gram (no feature reads in the loop).
+template <bool kCSmem>
 __global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
     const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
     const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
     float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
-  dpp_body<float, false, true>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
+  dpp_body<float, false, true, kCSmem>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
                                c_g, out);
 }
 
@@ -912,6 +966,10 @@ std::string max_optin_smem(int* optin) {
   return "";
 }
 
+// Token slots per thread of the register-owned Gram-mode maxsim kernel: 4 * 1024 threads cover
+// N <= 4096 (targets (a), (b)); 8 slots spilled on sm_90 at the 64-register cap.
+constexpr int kGramOwn = 4;
+
 // Threads of the Gram-mode maxsim block: one per token up to 1024 (fewer warps = cheaper
 // barriers in the per-step argmax when every image is short, e.g. N = 576 -> 576 threads).
 int gram_threads(std::int64_t ld) {
@@ -960,7 +1018,9 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
   const float fl = static_cast<float>(st.lam), om = static_cast<float>(1.0 - st.lam);
   const unsigned blocks = static_cast<unsigned>(seg.batch);
   if (use_smem) {
-    auto kernel = greedy_maxsim_gram_kernel<true>;
+    // tokens in registers when every image fits kGramOwn slots per thread, else in shared memory
+    auto kernel = g.ld <= static_cast<std::int64_t>(kGramOwn) * threads ? greedy_maxsim_gram_kernel<true, kGramOwn>
+                                                                        : greedy_maxsim_gram_kernel<true, 0>;
     err = prepare_smem(kernel, smem);
     if (!err.empty()) return err;
     kernel<<<blocks, threads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
@@ -970,7 +1030,7 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
         inout<std::uint8_t>(st.taken_scratch), inout<std::int64_t>(seg.out), inout<std::int64_t>(st.rounds),
         st.max_round);
   } else {
-    greedy_maxsim_gram_kernel<false><<<blocks, threads, 0, stream_of(seg.stream)>>>(
+    greedy_maxsim_gram_kernel<false, 0><<<blocks, threads, 0, stream_of(seg.stream)>>>(
         in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp), in<float>(st.first_score),
         in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths),
         in<std::int64_t>(seg.ks), seg.k_max, fl, om, inout<float>(st.m_scratch),
@@ -982,7 +1042,19 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
 
 std::string launch_greedy_dpp_gram(const GramRows& g, const DppState& st, const Segments& seg) {
   if (seg.batch == 0) return "";
-  greedy_dpp_gram_kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, 0, stream_of(seg.stream)>>>(
+  int optin = 0;
+  std::string err = max_optin_smem(&optin);
+  if (!err.empty()) return err;
+  // the Cholesky rows in shared memory when they fit (e.g. (a): 576 x 64 x 4 = 144 KiB), else global
+  const std::int64_t c_bytes = g.ld * seg.k_max * static_cast<std::int64_t>(sizeof(float));
+  const bool c_smem = c_bytes + kStaticSmemHeadroom <= optin;
+  auto kernel = c_smem ? greedy_dpp_gram_kernel<true> : greedy_dpp_gram_kernel<false>;
+  const std::int64_t smem = c_smem ? c_bytes : 0;
+  if (c_smem) {
+    err = prepare_smem(kernel, smem);
+    if (!err.empty()) return err;
+  }
+  kernel<<<static_cast<unsigned>(seg.batch), kDppThreads, static_cast<size_t>(smem), stream_of(seg.stream)>>>(
       in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.sqn), in<float>(st.q),
       in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max,
       inout<float>(st.d2_scratch), inout<std::uint8_t>(st.taken_scratch), inout<float>(st.c_scratch),
