@@ -40,10 +40,11 @@ Assumptions (the model's, in one place):
 4. Host: each kernel-launching aten op and each kernel costs one launch; eager launches
    overlap nothing at B = 1 (the host issues them one after another).  View/allocation ops
    launch nothing.  A host sync drains the queue.
-5. Several SMs per image ("after" CUDA design at B = 1): a cluster of 8 CTAs (the portable
-   cluster size on sm_90) splits the tokens, adding one DSMEM exchange and one cluster barrier
-   per round.  At B = 64 each image keeps one SM (64 of 132 busy) and the aggregate HBM
-   bandwidth bounds the Gram-row traffic.
+5. One SM per image, before and after: the kernels have no cluster or multi-CTA path, so at
+   B = 1 one SM of 132 streams the Gram rows.  (A cluster of 8 CTAs, the portable size on sm_90,
+   would split them at one DSMEM exchange and one cluster barrier per round: the facts for it
+   stay in the table for when it is built.)  At B = 64 each image keeps one SM (64 of 132 busy)
+   and the aggregate HBM bandwidth bounds the Gram-row traffic.
 6. (f): a Qwen2.5-VL-7B-shaped decoder (bench/gpu/prefill.py dims), prefill FLOPs =
    2 x weights x tokens + causal attention ``2 x 2 x T^2/2 x heads x head_dim`` per layer, at
    the GEMM efficiency of 3.; the prompt is (b)'s 2691 image tokens + 64 text tokens, pruned to
@@ -71,6 +72,13 @@ from goals import LIMITS  # noqa: E402  (bench/gpu/goals.py: the targets, stated
 
 COMMITTED = "bench/results/gpu_model.json"
 EMU_RECORDS = os.path.join(ROOT, "bench", "results", "emu_counts.json")
+# Host launches of the "before" kernels' host path: count_host() run on a build of commit 7ab7d9d
+# (that tree's own mmrprune, this file's counter), kept because that host code is gone.
+HOST_BEFORE = {
+    "cuda": {"aten_launching_ops": 33, "custom_ops": 1, "op_kernel_launches": 0, "host_syncs": 0},
+    "triton": {"aten_launching_ops": 34, "custom_ops": 0, "op_kernel_launches": 3, "host_syncs": 0},
+    "commit": "7ab7d9d",
+}
 ROUNDS_REFERENCE = os.path.join(ROOT, "bench", "results", "rounds_reference.json")
 GPU_RECORDS = os.path.join(ROOT, "bench", "results", "gpu")
 BEFORE_COMMIT = "7ab7d9d"   # the tree whose kernels are "before" (issue 30 was filed against it)
@@ -110,7 +118,6 @@ H100 = {
     "launch_us": Fact(1.0, 4.0, "us per launch", "assumption: ~1 us back to back on the device, ~4 us eager host issue"),
     "sync_us": Fact(5.0, 15.0, "us per host sync", "assumption: queue drain and round trip"),
 }
-CLUSTER = 8              # assumption 5: portable cluster size on sm_90
 DECODER = dict(hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, head_dim=128)
 TEXT_TOKENS = 64
 
@@ -352,11 +359,7 @@ def cuda_estimate(gen, target, emu, rpk, host):
                    "2 block barriers + 1 cluster barrier")
         state_bytes = 0             # m and imp in registers
         prep_passes = 2             # one fused pass over x; norms from the Gram diagonal
-        if bsz == 1:
-            sms = CLUSTER
-            dsm = _cycles_us(_rng("dsmem_latency_cycles"))
-            cb = _cycles_us(_rng("cluster_barrier_cycles"))
-            extra = (dsm[0] + cb[0], dsm[1] + cb[1])
+        # one SM per image: the kernels have no cluster / multi-CTA path (yet), so none is modelled
     stream = [picks[i] * n * 4 + n * state_bytes for i in range(2)]
     per_round = [round_time(trips, lat, shuffles, barriers, stream[i], sms, extra)[i] for i in range(2)]
     greedy = (rounds[0] * per_round[0], rounds[1] * per_round[1])
@@ -530,7 +533,9 @@ def build(live_counts=False) -> list:
     saved = prefill_saved_us()
     out = []
     for gen in ("before", "after"):
-        host_note = ("the host code of this checkout (" + branch + ")")
+        host_note = ("the host code of this checkout (" + branch + ")" if gen == "after" else
+                     "count_host() on a build of commit " + HOST_BEFORE["commit"])
+        host_gen = host if gen == "after" else HOST_BEFORE
         est = {}
         for t in ("a", "b", "c", "d"):
             emu = emu_counts(emu_recs, gen, t, "mmr")
@@ -543,8 +548,8 @@ def build(live_counts=False) -> list:
                 rpk = (lo, hi)
             if gen == "before" and emu is None:
                 raise RuntimeError(f"no emulator record of the before kernels at ({t}): bench/results/emu_counts.json")
-            c = cuda_estimate(gen, t, emu, rpk, host["cuda"])
-            tr = triton_estimate(gen, t, rpk, host["triton"])
+            c = cuda_estimate(gen, t, emu, rpk, host_gen["cuda"])
+            tr = triton_estimate(gen, t, rpk, host_gen["triton"])
             est[t] = (c, tr)
             base = dict(kernels=gen, backend="cuda", method="mmr", sim="gram", batch=TARGETS[t][0],
                         tokens=TARGETS[t][1], dim=TARGETS[t][2], k=budget(TARGETS[t][1], TARGETS[t][3]),
