@@ -52,7 +52,7 @@ import tempfile
 import numpy as np
 
 METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
-SIMS = {"gram": "1", "rows": "0"}
+SIMS = ("gram", "rows")   # mmrprune.select's sim= ("auto" would hide which mode was counted)
 
 
 def _tokens(n: int, d: int, seed: int, batch: int):
@@ -96,17 +96,15 @@ def count(method: str, n: int, d: int, k: int, sim: str = "gram", seed: int = 0,
     if not ok:
         raise RuntimeError(f"backend cuda_emu unavailable ({why}): run scripts/setup.sh with the CUDA headers")
     x, w = _tokens(n, d, seed, batch)
-    saved = {key: os.environ.get(key) for key in ("CUDA_EMU_COUNTS", "MMRPRUNE_CUDA_GRAM", "MMRPRUNE_CUDA_ROUND")}
+    saved = {key: os.environ.get(key) for key in ("CUDA_EMU_COUNTS",)}   # the emulator's counts file
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "counts.jsonl")
         os.environ["CUDA_EMU_COUNTS"] = path
-        os.environ["MMRPRUNE_CUDA_GRAM"] = SIMS[sim]
-        os.environ.pop("MMRPRUNE_CUDA_ROUND", None)
         try:
             lam = {"lam": 0.5} if method in ("mmr", "hybrid") else {}
             picks, stats = mmrprune.select(torch.from_numpy(x), None if method == "fps" else torch.from_numpy(w),
                                            k=k, method=method, backend="cuda_emu", order="selection",
-                                           return_stats=True, **lam)
+                                           return_stats=True, sim=sim, **lam)
             launches = _read(path) if os.path.exists(path) else []
         finally:
             for key, value in saved.items():

@@ -12,19 +12,23 @@ import numpy as np
 import torch
 
 from . import dispatch, workspace
+from .backends import check_tuning
 from .reference import DEFAULT_LAM, LAM_METHODS, METHODS
 from .validation import Request, check_flag, validate, warn_lam_ignored
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def _run(request: Request, backend: str, workspace_limit=None) -> tuple[torch.Tensor, dict]:
-    """``(indices [B, k_max], stats)``; a backend returns either the indices or ``(indices, stats)``."""
+def _run(request: Request, backend: str, workspace_limit=None, tuning=None) -> tuple[torch.Tensor, dict]:
+    """``(indices [B, k_max], stats)``; a backend returns either the indices or ``(indices, stats)``.
+    ``tuning`` (:func:`check_tuning`'s dict) reaches only a backend that lists the options."""
     batch = request.batch
     chosen = dispatch.loaded(dispatch.resolve_name(backend, batch.device.type, batch.method))
+    tuning = tuning or check_tuning("auto", None)
+    options = {name: v for name, v in tuning.items() if name in chosen.options}
     if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
-        workspace.check(chosen.name, batch, workspace_limit)
-    out = chosen.select(batch)
+        workspace.check(chosen.name, batch, workspace_limit, sim=tuning["sim"])
+    out = chosen.select(batch, **options)
     out, stats = out if isinstance(out, tuple) else (out, {})
     if request.order == "position":
         out = _position_order(out)
@@ -73,7 +77,7 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
            keep_ratio: Optional[float] = None, lam: Optional[float] = None, method: str = "mmr",
            lengths: Optional[ArrayLike] = None, order: str = "position", backend: str = "auto",
            check_finite: bool = True, return_stats: bool = False, workspace_limit=None,
-           **method_params) -> ArrayLike:
+           sim: str = "auto", max_round: Optional[int] = None, **method_params) -> ArrayLike:
     """Pick the visual tokens to keep, per image.
 
     Args:
@@ -98,6 +102,13 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
             ``mmrprune.workspace.WorkspaceLimitError`` before allocating anything.  Default: the
             environment variable ``MMRPRUNE_MAX_WORKSPACE``, else 4 GiB.  :func:`workspace_bytes`
             gives the estimate it is compared with.
+        sim: kernel tuning of ``cuda``, ``cuda_emu`` and ``triton``: where the fused kernels read
+            similarity rows: ``"auto"`` (a Gram matrix while it fits the kernel's bound, else
+            rows), ``"gram"`` (always; may need more memory) or ``"rows"`` (recomputed from the
+            features each step).  The picks are the same; backends without the choice ignore it.
+        max_round: kernel tuning of the same backends' mmr/fps/hybrid/divprune kernels: the most
+            picks one round may commit, ``None`` (the kernel's default, 8) or 1..8 (1: one
+            pick per step).  The picks are the same; only ``stats["rounds"]`` and speed change.
         **method_params: ``d2pruner``'s ``pivot_ratio``, ``alpha``, ``tau``, ``radius``, ``grid``.
 
     Returns:
@@ -113,9 +124,10 @@ def select(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Op
     values, and neither the indices nor the stats carry an autograd graph.
     """
     return_stats = check_flag(return_stats, "return_stats")
+    tuning = check_tuning(sim, max_round)
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        lengths=lengths, order=order, check_finite=check_finite, method_params=method_params)
-    out, stats = _run(request, backend, workspace_limit)
+    out, stats = _run(request, backend, workspace_limit, tuning)
     if request.single_image:
         out = out[0]
     out = _to_user(out, request.numpy_in)
@@ -139,7 +151,7 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike] = None, c
                   k: Optional[int] = None, keep_ratio: Optional[float] = None, lam: Optional[float] = None,
                   method: str = "mmr", order: str = "position", backend: str = "auto",
                   check_finite: bool = True, return_stats: bool = False, workspace_limit=None,
-                  **method_params):
+                  sim: str = "auto", max_round: Optional[int] = None, **method_params):
     """Selection over a packed batch: image ``b`` is ``features[cu_seqlens[b]:cu_seqlens[b+1]]``.
 
     ``importance`` is ``[T]`` or ``None`` (all zeros), as in :func:`select`; ``cu_seqlens``
@@ -163,10 +175,11 @@ def select_varlen(features: ArrayLike, importance: Optional[ArrayLike] = None, c
         raise TypeError("cu_seqlens: select_varlen needs the [B + 1] int offsets of the packed images, got None"
                         f"{hint}; for one image or a padded batch call mmrprune.select")
     return_stats = check_flag(return_stats, "return_stats")
+    tuning = check_tuning(sim, max_round)
     request = validate(features, importance, k=k, keep_ratio=keep_ratio, lam=_lam(lam, method), method=method,
                        cu_seqlens=cu_seqlens, order=order, check_finite=check_finite, method_params=method_params)
     batch = request.batch
-    local, stats = _run(request, backend, workspace_limit)
+    local, stats = _run(request, backend, workspace_limit, tuning)
     kept = local >= 0
     flat = (local + batch.starts[:, None])[kept]
     cu_k = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=batch.device)
@@ -214,7 +227,8 @@ def _value_free(t):
 def workspace_bytes(features: ArrayLike, importance: Optional[ArrayLike] = None, *, k: Optional[int] = None,
                     keep_ratio: Optional[float] = None, lam: Optional[float] = None, method: str = "mmr",
                     lengths: Optional[ArrayLike] = None, cu_seqlens: Optional[ArrayLike] = None,
-                    backend: str = "auto", **method_params) -> int:
+                    backend: str = "auto", sim: str = "auto", max_round: Optional[int] = None,
+                    **method_params) -> int:
     """Scratch bytes :func:`select` (or, with ``cu_seqlens``, :func:`select_varlen`) would need
     for these arguments beyond its input and output: the estimate its workspace limit is checked
     against (``workspace_limit=``).  Nothing is selected and no device memory is allocated.
@@ -222,10 +236,12 @@ def workspace_bytes(features: ArrayLike, importance: Optional[ArrayLike] = None,
     ``features`` and ``importance`` may be meta tensors (``torch.empty(..., device="meta")``),
     to size a call before the data exists; ``backend`` must then be named (``"cuda"``,
     ``"triton"``, ``"cpu"``, ...), since "auto" picks by the data's device.  The estimate is the
-    one a CUDA device would get (a meta tensor is taken as on a GPU).  ``order``,
+    one a CUDA device would get (a meta tensor is taken as on a GPU).  ``sim`` changes it
+    (a Gram matrix or not); ``max_round`` does not.  ``order``,
     ``check_finite`` and ``return_stats`` do not change it and are accepted and ignored."""
     for ignored in ("order", "check_finite", "return_stats", "workspace_limit"):
         method_params.pop(ignored, None)
+    tuning = check_tuning(sim, max_round)
     meta = isinstance(features, torch.Tensor) and features.device.type == "meta"
     if meta and backend == "auto":
         raise ValueError("backend: name the backend for meta features (backend='auto' picks by the data's device)")
@@ -241,4 +257,4 @@ def workspace_bytes(features: ArrayLike, importance: Optional[ArrayLike] = None,
             raise ValueError(f"backend: expected one of {list(dispatch.BACKENDS)} for meta features, got {name!r}")
     else:
         name = dispatch.resolve(backend, batch.device.type, batch.method).name
-    return workspace.estimate_bytes(name, batch)
+    return workspace.estimate_bytes(name, batch, sim=tuning["sim"])

@@ -88,11 +88,12 @@ def _n_max(batch: SelectionBatch) -> int:
     return max(1, int(batch.lengths.max().item())) if batch.batch_size else 1
 
 
-def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
+def estimate_bytes(backend: str, batch: SelectionBatch, sim: str = "auto") -> int:
     """Scratch bytes ``backend`` allocates for ``batch`` beyond its input and output (an upper
     estimate of the large buffers; per-call constants of a few KB are left out).  Every copy
     of the input counts: ``batch.rows()`` copies non-contiguous (expanded, strided) features
-    whole (``batch.rows_copy_bytes()``) for the backends that read rows."""
+    whole (``batch.rows_copy_bytes()``) for the backends that read rows.  ``sim`` is the call's
+    similarity source (``mmrprune.select``'s ``sim=``), read by the backends that have one."""
     method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     n = _n_max(batch)
@@ -134,7 +135,7 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
         from .backends import cuda_backend
         if not cuda_backend.runs_kernel(batch):
             return estimate_bytes("torch", batch)
-        return cuda_backend.call_workspace_bytes(batch, n)
+        return cuda_backend.call_workspace_bytes(batch, n, sim)
     if backend == "triton":      # per-row fp32 state, dpp's Cholesky rows; float64 input is scaled
         total = rows_copy + rows * 6 * 4          # (a float64 copy) and converted (an fp32 copy) first
         if batch.features.dtype == torch.float64:
@@ -143,8 +144,7 @@ def estimate_bytes(backend: str, batch: SelectionBatch) -> int:
             total += max(k - 1, 1) * rows * 4
         from .backends import triton_backend
         if method != "topk" and triton_backend._kernels is not None:   # its float32 Gram, when it builds one
-            setting = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
-            if triton_backend._kernels.uses_gram(bsz, n, setting):
+            if triton_backend._kernels.uses_gram(bsz, n, triton_backend.GRAM_SETTING[sim]):
                 total += bsz * n * n * 4
         return total
     return 0
@@ -157,13 +157,13 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def check(backend: str, batch: SelectionBatch, limit=None) -> None:
+def check(backend: str, batch: SelectionBatch, limit=None, sim: str = "auto") -> None:
     """Raise :class:`WorkspaceLimitError` when ``backend`` would need more than the limit
     (:func:`limit_bytes` of ``limit``)."""
     limit = limit_bytes(limit)
     if limit is None:
         return
-    need = estimate_bytes(backend, batch)
+    need = estimate_bytes(backend, batch, sim)
     if need > limit:
         raise WorkspaceLimitError(
             f"workspace: backend {backend!r} would need about {_human(need)} ({need} bytes) of scratch memory "

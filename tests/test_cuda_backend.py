@@ -9,7 +9,7 @@ Runs everywhere:
   Imp / q layout, padded and packed) against the float64 reference, on CPU tensors;
 * the workspace formula and its 2 GiB bound at N = 32,768;
 * the custom op's fake implementation under FakeTensorMode;
-* Gram mode's pure-Python side: the MMRPRUNE_CUDA_GRAM setting, the use_gram heuristic
+* Gram mode's pure-Python side: the sim= setting, the use_gram heuristic
   and its workspace at the issue-4 sizes (N = 32,768 stays under 2 GiB), the fp32 Gram
   and the DivPrune first score from it, the padded/packed Gram layout, fake tracing with
   the Gram arguments.
@@ -293,15 +293,9 @@ def test_workspace_bounds():
 
 
 # ----------------------------------------------------------------------------- Gram mode: heuristic, workspace
-def test_gram_setting_parsing(monkeypatch):
-    assert cb.gram_setting("") == "auto" and cb.gram_setting("auto") == "auto"
-    assert cb.gram_setting("0") == "0" and cb.gram_setting(" 1 ") == "1"
-    with pytest.raises(ValueError, match="MMRPRUNE_CUDA_GRAM must be 0, 1 or auto"):
-        cb.gram_setting("yes")
-    monkeypatch.setenv(cb.GRAM_ENV, "0")
-    assert cb.gram_setting() == "0"
-    monkeypatch.delenv(cb.GRAM_ENV)
-    assert cb.gram_setting() == "auto"
+def test_sim_is_checked_where_it_is_read():
+    with pytest.raises(ValueError, match=r"sim: expected one of \['auto', 'gram', 'rows'\], got '1'"):
+        cb.use_gram("mmr", 1, 576, 64, 64, 576, torch.bfloat16, sim="1")
 
 
 ISSUE4 = {  # name: (batch, n, dim, k)
@@ -317,7 +311,7 @@ ISSUE4 = {  # name: (batch, n, dim, k)
 def test_use_gram_picks_gram_for_issue4_targets(method, target):
     b, n, d, k = ISSUE4[target]
     for dtype in (torch.bfloat16, torch.float16):
-        assert cb.use_gram(method, b, b * n, d, k, n, dtype, setting="auto"), (method, target)
+        assert cb.use_gram(method, b, b * n, d, k, n, dtype, sim="auto"), (method, target)
         ws = cb.workspace_bytes(method, b, b * n, d, k, n, gram=True)
         assert ws <= cb.WORKSPACE_LIMIT_BYTES
         assert ws >= cb.gram_bytes(b, n)
@@ -325,9 +319,9 @@ def test_use_gram_picks_gram_for_issue4_targets(method, target):
 
 def test_use_gram_dpp_only_when_cholesky_rows_fit():
     b, n, d, k = ISSUE4["b"]
-    assert cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, setting="auto")
+    assert cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, sim="auto")
     b, n, d, k = ISSUE4["c"]   # Gram 1.85 GB + Cholesky rows 0.46 GB > 2 GiB: row mode
-    assert not cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, setting="auto")
+    assert not cb.use_gram("dpp", b, b * n, d, k, n, torch.bfloat16, sim="auto")
 
 
 @pytest.mark.parametrize("method", ["mmr", "fps", "hybrid", "divprune", "dpp"])
@@ -335,32 +329,31 @@ def test_use_gram_dpp_only_when_cholesky_rows_fit():
 def test_n32768_stays_in_row_mode_under_2gib(method, packed):
     n, d, k = 32768, 4096, 32768 // 4
     assert cb.gram_bytes(1, n) == 4 << 30
-    assert not cb.use_gram(method, 1, n, d, k, n, torch.bfloat16, packed=packed, setting="auto")
+    assert not cb.use_gram(method, 1, n, d, k, n, torch.bfloat16, packed=packed, sim="auto")
     assert cb.workspace_bytes(method, 1, n, d, k, n, gram=False) <= cb.WORKSPACE_LIMIT_BYTES
 
 
 def test_use_gram_override_and_precision_rule(monkeypatch):
     b, n, d, k = 1, 32768, 4096, 64
-    assert cb.use_gram("mmr", b, n, d, k, n, torch.bfloat16, setting="1")      # forced past the cap
-    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, setting="0")
-    assert not cb.use_gram("topk", 1, 576, d, k, 576, torch.bfloat16, setting="1")
-    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, setting="auto")
+    assert cb.use_gram("mmr", b, n, d, k, n, torch.bfloat16, sim="gram")      # forced past the cap
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, sim="rows")
+    assert not cb.use_gram("topk", 1, 576, d, k, 576, torch.bfloat16, sim="gram")
+    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, sim="auto")
     monkeypatch.setattr(cb, "tf32_matmul_enabled", lambda: True)
-    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, setting="1")   # TF32: never for fp32
-    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, setting="auto")
-    monkeypatch.setenv(cb.GRAM_ENV, "0")
-    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16)
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.float32, sim="gram")   # TF32: never for fp32
+    assert cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, sim="auto")
+    assert not cb.use_gram("mmr", 1, 576, d, k, 576, torch.bfloat16, sim="rows")
 
 
 def test_use_gram_cap_is_a_workspace_bound():
     b, n, d, k = 8, 1000, 256, 10
     ws = cb.workspace_bytes("mmr", b, b * n, d, k, n, gram=True)
-    assert cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, setting="auto", cap=ws)
-    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, setting="auto", cap=ws - 1)
+    assert cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, sim="auto", cap=ws)
+    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, sim="auto", cap=ws - 1)
     # packed input counts its padded copy
     wp = cb.workspace_bytes("mmr", b, b * n, d, k, n, gram=True, packed_elem_bytes=2)
     assert wp == ws + b * n * d * 2
-    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, packed=True, setting="auto", cap=ws)
+    assert not cb.use_gram("mmr", b, b * n, d, k, n, torch.bfloat16, packed=True, sim="auto", cap=ws)
 
 
 def test_gram_matrix_fp32_accumulation():
@@ -484,8 +477,8 @@ def test_prepare_segment_form(make, method):
 @pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
 def test_prepare_gram_mode_layout(make, method):
     batch = make(method)
-    row = _completed(cb.prepare(batch, setting="0"))
-    gm = _completed(cb.prepare(batch, setting="1"))
+    row = _completed(cb.prepare(batch, sim="rows"))
+    gm = _completed(cb.prepare(batch, sim="gram"))
     assert row.gram is None and row.inv_norm is None and row.sqn is None
     g, inv = gm.gram, gm.inv_norm
     n_max = max(batch.lengths.tolist()) if batch.packed else batch.features.shape[1]
@@ -677,7 +670,7 @@ def test_kernel_varlen_matches_padded(target, sim_mode, method):
     packed, wp = torch.cat(xs).to(target.device), torch.cat(ws).to(target.device)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=target.device)
     flat, cu_k = mmrprune.select_varlen(packed, wp, cu, k=10, method=method, backend=target.backend,
-                                        order="selection")
+                                        order="selection", sim=sim_mode)
     n_max = max(lens)
     xp = torch.zeros(len(lens), n_max, d)
     wpad = torch.zeros(len(lens), n_max)
@@ -685,7 +678,7 @@ def test_kernel_varlen_matches_padded(target, sim_mode, method):
         xp[i, :n], wpad[i, :n] = xs[i], ws[i]
     padded = mmrprune.select(xp.to(target.device), wpad.to(target.device), k=10, method=method,
                              lengths=torch.tensor(lens, device=target.device), backend=target.backend,
-                             order="selection").cpu()
+                             order="selection", sim=sim_mode).cpu()
     for i, n in enumerate(lens):
         got = flat[cu_k[i]:cu_k[i + 1]].cpu() - int(cu[i])
         assert torch.equal(got, padded[i, :min(10, n)]), (method, i)
@@ -708,10 +701,9 @@ def test_kernel_deterministic_and_writes_every_output(target):
     assert (o[1, 10:] == -1).all() and (o[2] == -1).all() and (o[1, :10] >= 0).all() and (o[0] >= 0).all()
 
 
-@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
-def sim_mode(request, monkeypatch):
-    """Runs a GPU test once in row mode and once in Gram mode (MMRPRUNE_CUDA_GRAM)."""
-    monkeypatch.setenv(cb.GRAM_ENV, request.param)
+@pytest.fixture(params=["rows", "gram"], ids=["row", "gram"])
+def sim_mode(request):
+    """Runs a GPU test once in row mode and once in Gram mode (select's sim=)."""
     return request.param
 
 
@@ -725,7 +717,7 @@ def test_kernel_modes_certificate(target, sim_mode, method, dtype):
     x = torch.from_numpy(xs).to(dtype).to(target.device)
     w = torch.from_numpy(ws).to(torch.float32).to(target.device)
     lengths = torch.tensor([n, 333, 2], device=target.device)
-    out = _cuda_select(target, x, w, method, k=k, lengths=lengths, lam=0.4).cpu()
+    out = _cuda_select(target, x, w, method, k=k, lengths=lengths, lam=0.4, sim=sim_mode).cpu()
     for i, ln in enumerate(lengths.tolist()):
         certify.check_certificate(x[i, :ln], w[i, :ln], out[i], method=method, lam=0.4, tol=certify.tol_for(dtype),
                                   k=min(k, ln))
@@ -741,10 +733,10 @@ def test_kernel_gram_and_row_modes_match_reference_on_clear_margins(target, monk
         if certify.reference_margin(x, w, k, method, lam=0.5) <= 1e-4:
             continue
         want = R.select_one(x, w, k, method, 0.5)
-        for mode in ("0", "1"):
-            monkeypatch.setenv(cb.GRAM_ENV, mode)
+        for mode in ("rows", "gram"):
             got = _cuda_select(target, torch.from_numpy(x).float().to(target.device),
-                               torch.from_numpy(w).float().to(target.device), method, k=k, lam=0.5).cpu().numpy()
+                               torch.from_numpy(w).float().to(target.device), method, k=k, lam=0.5,
+                               sim=mode).cpu().numpy()
             np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
         checked += 1
     assert checked, "no seed with a clear reference margin"
@@ -757,10 +749,9 @@ def test_kernel_gram_state_in_global_memory_matches_shared(target, monkeypatch, 
     x = torch.randn(3, n, 128, device=target.device, dtype=torch.bfloat16)
     w = torch.rand(3, n, device=target.device)
     lengths = torch.tensor([n, 700, 1], device=target.device)
-    monkeypatch.setenv(cb.GRAM_ENV, "1")
-    smem = _cuda_select(target, x, w, method, k=k, lengths=lengths)
+    smem = _cuda_select(target, x, w, method, k=k, lengths=lengths, sim="gram")
     monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
-    glob = _cuda_select(target, x, w, method, k=k, lengths=lengths)
+    glob = _cuda_select(target, x, w, method, k=k, lengths=lengths, sim="gram")
     assert torch.equal(smem, glob)
     o = smem.cpu()
     assert (o[2, 1:] == -1).all() and (o[2, 0] == 0).all() and (o[:2] >= 0).all()
@@ -808,14 +799,13 @@ def test_kernel_dpp_gram_cholesky_rows_in_shared_memory_match_global(target, mon
 
 
 @needs_gpu
-@pytest.mark.parametrize("mode, dtype, method", [("0", torch.float16, "mmr"), ("1", torch.bfloat16, "divprune")],
+@pytest.mark.parametrize("mode, dtype, method", [("rows", torch.float16, "mmr"), ("gram", torch.bfloat16, "divprune")],
                          ids=["row-mmr", "gram-divprune"])
-def test_gpu_cuda_graph_capture_without_host_sync(monkeypatch, mode, dtype, method):
+def test_gpu_cuda_graph_capture_without_host_sync(mode, dtype, method):
     import mmrprune
-    monkeypatch.setenv(cb.GRAM_ENV, mode)
     x = torch.randn(2, 256, 128, device="cuda", dtype=dtype)
     w = torch.rand(2, 256, device="cuda")
-    kw = dict(k=16, method=method, backend="cuda", order="selection", check_finite=False)
+    kw = dict(k=16, method=method, backend="cuda", order="selection", check_finite=False, sim=mode)
     eager = mmrprune.select(x, w, **kw)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -832,18 +822,17 @@ def test_gpu_cuda_graph_capture_without_host_sync(monkeypatch, mode, dtype, meth
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (CPU pointers must not reach a real GPU)")
 @pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
-@pytest.mark.parametrize("setting", ["0", "1"])
-def test_both_launch_paths_reach_the_extension(ext, method, setting, monkeypatch):
+@pytest.mark.parametrize("sim", ["rows", "gram"])
+def test_both_launch_paths_reach_the_extension(ext, method, sim):
     """The row and Gram launch paths call the module with the keywords its bindings declare:
     on a machine without a GPU the call gets past the bindings' argument checks and fails
     at the CUDA launch (a wrong keyword would be a TypeError, a bad pointer a ValueError)."""
-    monkeypatch.setenv(cb.GRAM_ENV, setting)
     kernels = cb.FusedGreedy("cpu_test", ext, "", "cpu", "test_launch_paths_greedy", lambda: (True, ""), summary="")
     x = torch.randn(2, 9, 16, dtype=torch.float16)
     batch = validate(x, torch.rand(2, 9), k=3, keep_ratio=None, lam=0.5, method=method,
                      lengths=torch.tensor([9, 4])).batch
-    call = cb.prepare(batch)
-    assert (call.gram is not None) == (setting == "1")
+    call = cb.prepare(batch, sim)
+    assert (call.gram is not None) == (sim == "gram")
     if call.score_kind != "keep" or (call.gram is not None and call.inv_norm is None):
         # the prepare kernel's entry point first, then the greedy one with its outputs in place
         with pytest.raises(RuntimeError, match="mmrprune._cuda: prepare kernel: "):

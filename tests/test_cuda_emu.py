@@ -33,9 +33,8 @@ FUSED = ["mmr", "fps", "hybrid", "divprune", "dpp"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(params=["0", "1"], ids=["row", "gram"])
-def sim_mode(request, monkeypatch):
-    monkeypatch.setenv(cb.GRAM_ENV, request.param)
+@pytest.fixture(params=["rows", "gram"], ids=["row", "gram"])
+def sim_mode(request):
     return request.param
 
 
@@ -69,7 +68,7 @@ def test_real_tokens_agree_with_reference(dinov2, sim_mode, method, dtype):
     feats = torch.from_numpy(dinov2["tokens"][REAL_IMAGES]).to(DTYPES[dtype])
     imp = torch.from_numpy(dinov2["cls_attention"][REAL_IMAGES])
     lam = 0.5
-    got = _select(feats, imp, method, k=REAL_K, lam=lam)
+    got = _select(feats, imp, method, k=REAL_K, lam=lam, sim=sim_mode)
     assert tuple(got.shape) == (len(REAL_IMAGES), REAL_K)
     for b in range(len(REAL_IMAGES)):
         _agrees_with_reference(feats[b], imp[b], got[b].numpy(), method, lam, REAL_K, dtype)
@@ -84,7 +83,7 @@ def test_thread_schedules_give_the_same_picks(sim_mode, monkeypatch, method):
     picks = {}
     for sched in ("linear", "reverse", "random:7", "random:2024"):
         monkeypatch.setenv("CUDA_EMU_SCHED", sched)
-        picks[sched] = _select(x, w, method, k=12, lengths=lengths)
+        picks[sched] = _select(x, w, method, k=12, lengths=lengths, sim=sim_mode)
     for sched, p in picks.items():
         assert torch.equal(p, picks["linear"]), f"{sched}: {p.tolist()} vs linear {picks['linear'].tolist()}"
     for b, n in enumerate(lengths.tolist()):
@@ -110,7 +109,7 @@ def test_unchecked_non_finite_input_in_both_modes(sim_mode, method):
     x[1] = math.nan
     w[2, 3] = math.inf
     lengths = [40, 33, 40]
-    out = _select(x, w, method, k=7, lengths=lengths, check_finite=False)
+    out = _select(x, w, method, k=7, lengths=lengths, check_finite=False, sim=sim_mode)
     for row, n in zip(out.tolist(), lengths):
         assert all(0 <= i < n for i in row) and len(set(row)) == 7, row
 
@@ -119,17 +118,16 @@ def test_unchecked_non_finite_input_in_both_modes(sim_mode, method):
 def test_dynamic_smem_above_48k_uses_the_opt_in(monkeypatch):
     """D = 13000 fp32: x̂_p is 52,000 bytes of dynamic shared memory, above the 48 KiB default,
     so the launcher must raise the kernel's limit (the emulator refuses the launch otherwise)."""
-    monkeypatch.setenv(cb.GRAM_ENV, "0")
     x = torch.from_numpy(certify.gaussian_tokens(24, 13000, seed=2)).float()
     w = torch.from_numpy(certify.distinct_importance(24, seed=2)).float()
     assert emu._ext.smem_bytes(13000) > 48 * 1024
     for method in ("mmr", "dpp"):
-        got = _select(x[None], w[None], method, k=5)[0].numpy()
+        got = _select(x[None], w[None], method, k=5, sim="rows")[0].numpy()
         _agrees_with_reference(x, w, got, method, 0.5, 5, torch.float32)
     # past the device's opt-in limit the launcher says so (the emulated device reports CUDA_EMU_SMEM_OPTIN)
     monkeypatch.setenv("CUDA_EMU_SMEM_OPTIN", str(48 * 1024))
     with pytest.raises(RuntimeError, match="feature dim too large for the fused CUDA kernel"):
-        _select(x[None], w[None], "mmr", k=5)
+        _select(x[None], w[None], "mmr", k=5, sim="rows")
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -137,7 +135,6 @@ def test_dynamic_smem_above_48k_uses_the_opt_in(monkeypatch):
 def test_misaligned_rows_take_the_scalar_path(dtype, dim, monkeypatch):
     """Features whose base address is not 16-byte aligned (a view at an odd offset) must give the
     same answer as the aligned copy; D = 70 is scalar either way (70 * 2 bytes % 16 != 0)."""
-    monkeypatch.setenv(cb.GRAM_ENV, "0")
     n, k = 60, 10
     base = torch.from_numpy(certify.clustered_tokens(n, dim, seed=4)).to(DTYPES[dtype])
     storage = torch.empty(n * dim + 1, dtype=base.dtype)
@@ -146,8 +143,8 @@ def test_misaligned_rows_take_the_scalar_path(dtype, dim, monkeypatch):
     assert shifted.data_ptr() % 16 != 0 and base.data_ptr() % 16 == 0
     w = torch.from_numpy(certify.distinct_importance(n, seed=4)).float()
     for method in ("mmr", "dpp"):
-        a = _select(base[None], w[None], method, k=k)[0].numpy()
-        b = _select(shifted[None], w[None], method, k=k)[0].numpy()
+        a = _select(base[None], w[None], method, k=k, sim="rows")[0].numpy()
+        b = _select(shifted[None], w[None], method, k=k, sim="rows")[0].numpy()
         for picks in (a, b):
             _agrees_with_reference(base, w, picks, method, 0.5, k, dtype)
 

@@ -28,14 +28,14 @@ pytestmark = pytest.mark.skipif(emu_build.recipe.cuda_include_dir() is None,
                                 reason="needs the CUDA headers (nvcc's include/ dir, or CUDA_HOME): "
                                        "install the CUDA toolkit; no GPU needed")
 
-# (name, method, setting, dtype, dim, x_offset, smem_state): small, but every kernel and variant
+# (name, method, sim, dtype, dim, x_offset, smem_state): small, but every kernel and variant
 CASES = [
-    ("mmr-row-f32", "mmr", "0", torch.float32, 64, 0, -1),
-    ("fps-row-f32-misaligned", "fps", "0", torch.float32, 70, 4, -1),
-    ("dpp-row-bf16", "dpp", "0", torch.bfloat16, 40, 0, -1),
-    ("divprune-gram-bf16-smem", "divprune", "1", torch.bfloat16, 48, 0, -1),
-    ("hybrid-gram-f16-global", "hybrid", "1", torch.float16, 48, 0, 0),
-    ("dpp-gram-f32", "dpp", "1", torch.float32, 32, 0, -1),
+    ("mmr-row-f32", "mmr", "rows", torch.float32, 64, 0, -1),
+    ("fps-row-f32-misaligned", "fps", "rows", torch.float32, 70, 4, -1),
+    ("dpp-row-bf16", "dpp", "rows", torch.bfloat16, 40, 0, -1),
+    ("divprune-gram-bf16-smem", "divprune", "gram", torch.bfloat16, 48, 0, -1),
+    ("hybrid-gram-f16-global", "hybrid", "gram", torch.float16, 48, 0, 0),
+    ("dpp-gram-f32", "dpp", "gram", torch.float32, 32, 0, -1),
 ]
 # TSan runs the Gram-mode kernels (whose token state is thread-private by ownership, no barrier)
 # and one row-mode kernel: a row-mode case with 1024 fibers costs 20-45 s under TSan here.
@@ -81,9 +81,9 @@ def _batch(method, dtype, dim):
 def case_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("emu_cases")
     out = {}
-    for name, method, setting, dtype, dim, offset, smem_state in CASES:
+    for name, method, sim, dtype, dim, offset, smem_state in CASES:
         batch, x, w = _batch(method, dtype, dim)
-        emu_build.write_case(str(root / name), cb.prepare(batch, setting=setting), x_offset=offset,
+        emu_build.write_case(str(root / name), cb.prepare(batch, sim), x_offset=offset,
                              smem_state=smem_state)
         out[name] = (str(root / name), method, x, w)
     return out

@@ -1,7 +1,7 @@
 """Exact multi-commit rounds in the fused CUDA maxsim kernel, run on CPU by ``cuda_emu``.
 
-Picks with rounds (``MMRPRUNE_CUDA_ROUND`` unset: the kernel's ``MAX_ROUND``) must equal one
-pick per step (``MMRPRUNE_CUDA_ROUND=1``) on every fuzz problem, in row mode and Gram mode;
+Picks with rounds (``max_round=None``: the kernel's ``MAX_ROUND``) must equal one
+pick per step (``max_round=1``) on every fuzz problem, in row mode and Gram mode;
 on real tokens the kernel's round count must equal :func:`mmrprune.reference.select_rounds`.
 """
 from __future__ import annotations
@@ -18,28 +18,24 @@ from mmrprune.data import load_dinov2
 from test_fuzz import CASES, _problem
 
 pytestmark = pytest.mark.skipif(not emu.status()[0], reason=f"backend cuda_emu unavailable: {emu.status()[1]}")
-MODES = {"row": "0", "gram": "1"}
+MODES = {"row": "rows", "gram": "gram"}
 
 
-def _select(monkeypatch, mode, round_env, x, w, **kw):
-    monkeypatch.setenv(cb.GRAM_ENV, MODES[mode])
-    if round_env is None:
-        monkeypatch.delenv(cb.ROUND_ENV, raising=False)
-    else:
-        monkeypatch.setenv(cb.ROUND_ENV, round_env)
-    return mmrprune.select(x, w, backend="cuda_emu", order="selection", return_stats=True, **kw)
+def _select(mode, max_round, x, w, **kw):
+    return mmrprune.select(x, w, backend="cuda_emu", order="selection", return_stats=True, sim=MODES[mode],
+                           max_round=max_round, **kw)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("seed", range(CASES))
-def test_rounds_pick_what_one_pick_per_step_picks(monkeypatch, seed, mode):
+def test_rounds_pick_what_one_pick_per_step_picks(seed, mode):
     x, w, lengths, method, lam, k = _problem(seed)
     if method not in cb.KERNEL_METHODS:   # d2pruner, topk: no CUDA kernel, so no rounds to check
         method = "mmr"
     xt, wt = torch.from_numpy(x).float(), None if w is None else torch.from_numpy(w).float()
     kw = dict(k=k, method=method, lam=lam, lengths=torch.from_numpy(lengths))
-    one, one_stats = _select(monkeypatch, mode, "1", xt, wt, **kw)
-    rnd, rnd_stats = _select(monkeypatch, mode, None, xt, wt, **kw)
+    one, one_stats = _select(mode, 1, xt, wt, **kw)
+    rnd, rnd_stats = _select(mode, None, xt, wt, **kw)
     assert torch.equal(one, rnd), (method, lam, one.tolist(), rnd.tolist())
     ks = torch.from_numpy(np.minimum(lengths, k))
     assert torch.equal(one_stats["rounds"], ks)
@@ -56,10 +52,10 @@ def tokens():
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("method", ["mmr", "fps", "divprune", "hybrid"])
-def test_round_count_equals_reference_on_real_tokens(monkeypatch, tokens, mode, method):
+def test_round_count_equals_reference_on_real_tokens(tokens, mode, method):
     x, w = tokens
     k = 48
-    got, stats = _select(monkeypatch, mode, None, torch.from_numpy(x), torch.from_numpy(w), k=k, method=method,
+    got, stats = _select(mode, None, torch.from_numpy(x), torch.from_numpy(w), k=k, method=method,
                          lam=0.5)
     limit = int(emu.KERNELS.ext.MAX_ROUND)
     for b in range(x.shape[0]):
@@ -70,7 +66,11 @@ def test_round_count_equals_reference_on_real_tokens(monkeypatch, tokens, mode, 
     assert int(stats["rounds"].sum()) < k * x.shape[0]
 
 
-def test_round_setting_is_checked(monkeypatch):
-    monkeypatch.setenv(cb.ROUND_ENV, "9")
-    with pytest.raises(ValueError, match="MMRPRUNE_CUDA_ROUND must be an integer in \\[1, 8\\], got '9'"):
-        emu.KERNELS.max_round()
+def test_round_setting_is_checked():
+    x = torch.randn(1, 12, 8)
+    for bad in (0, 9, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=r"max_round: expected None \(the kernel's default, 8\) or an int in "
+                                             r"\[1, 8\]"):
+            mmrprune.select(x, k=3, backend="cuda_emu", max_round=bad)
+    # the kernels' own limit is the one the argument is checked against
+    assert int(emu.KERNELS.ext.MAX_ROUND) == mmrprune.backends.MAX_ROUND

@@ -202,13 +202,18 @@ def test_gpu_test_files_hold_every_gpu_test():
     assert found == set(gpu_tests.FILES), (sorted(found - set(gpu_tests.FILES)), sorted(set(gpu_tests.FILES) - found))
 
 
-def test_similarity_switch_names_match_the_backends():
-    import inspect
-
+def test_similarity_modes_are_select_arguments():
+    """The session forces a similarity source through select's sim= (scripts: common.tuning;
+    test stages: gpu_tests' --gpu-sim default), never through the environment."""
     import common
-    from mmrprune.backends import cuda_backend, triton_backend
-    assert common.GRAM_ENVS[0] == cuda_backend.GRAM_ENV
-    assert f'"{common.GRAM_ENVS[1]}"' in inspect.getsource(triton_backend)
+    import gpu_tests
+    from mmrprune.backends import SIMS
+    assert set(common.SIMS) == set(common.MODES) and set(common.SIMS.values()) <= set(SIMS)
+    assert common.tuning("gram", "cuda") == {"sim": "gram", "max_round": None}
+    with pytest.raises(ValueError, match="similarity mode"):
+        common.tuning("auto", "cuda")
+    echo = gpu_tests._with_sim(lambda *a, **kw: kw, "rows")
+    assert echo(1, k=2) == {"k": 2, "sim": "rows"} and echo(1, sim="gram") == {"sim": "gram"}
 
 
 # ----------------------------------------------------------------------------- target evaluation

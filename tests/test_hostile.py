@@ -303,22 +303,22 @@ except OSError as exc:
     sys.exit(0)
 out = {}
 for name, case in json.loads(sys.argv[1]).items():
-    os.environ["MMRPRUNE_CUDA_GRAM"] = case.get("gram", "auto")
     x = features(case["layout"], *case["shape"])
     lengths = torch.tensor(case["lengths"]) if "lengths" in case else None
     kw = dict(k=case["k"], method=case["method"], lengths=lengths)
     # warm-up: the process's first-use allocations (BLAS buffers, thread and fiber stacks); a
     # smaller warm-up left 4-8 MiB of them to the first large Gram
-    mmrprune.select(x, None, backend=case["backend"], **kw)
+    sim = case.get("sim", "auto")
+    mmrprune.select(x, None, backend=case["backend"], sim=sim, **kw)
     if case["backend"] == "cpu":
         from mmrprune.backends.cpu_backend import release_scratch
         release_scratch()       # the call's row scratch then counts, as in the estimate
     base = status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")
-    mmrprune.select(x, None, backend=case["backend"], **kw)
+    mmrprune.select(x, None, backend=case["backend"], sim=sim, **kw)
     grew = status("VmHWM") - base
     batch = validate(x, None, keep_ratio=None, lam=0.5, **kw).batch
-    out[name] = {"grew": grew, "estimate": workspace.estimate_bytes(case["backend"], batch)}
+    out[name] = {"grew": grew, "estimate": workspace.estimate_bytes(case["backend"], batch, sim)}
 print(json.dumps(out))
 """
 _LAYOUTS = ("contiguous", "expanded", "strided")
@@ -329,7 +329,7 @@ _PEAK_CASES = {
     "cpu-growing-images": dict(backend="cpu", method="mmr", layout="contiguous", shape=(8, 2048, 2048), k=2,
                                lengths=[256 * (i + 1) for i in range(8)]),
     **{f"cuda_emu-row-{lay}": dict(backend="cuda_emu", method="mmr", layout=lay, shape=(4, 2048, 2048), k=4,
-                                   gram="0") for lay in _LAYOUTS},
+                                   sim="rows") for lay in _LAYOUTS},
     # left to its heuristic the backend picks Gram mode here: a 64 MiB Gram, once left out of the estimate
     **{f"cuda_emu-gram-{lay}": dict(backend="cuda_emu", method="mmr", layout=lay, shape=(1, 4096, 256), k=4)
        for lay in _LAYOUTS},

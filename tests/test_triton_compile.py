@@ -211,14 +211,11 @@ def test_workspace_estimate_counts_the_gram(method, gram, monkeypatch):
     from mmrprune.validation import validate
     batch = validate(torch.randn(2, 40, 16), None, k=5, keep_ratio=None, lam=0.5, method=method,
                      lengths=None, order="selection", check_finite=False, method_params=None).batch
-    sizes = {}
-    for setting in ("0", "1", "-1"):
-        monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", setting)
-        sizes[setting] = workspace.estimate_bytes("triton", batch)
-    assert sizes["1"] - sizes["0"] == (2 * 40 * 40 * 4 if gram else 0)
-    assert sizes["-1"] == sizes["1"]                  # 12.8 KB is far under GRAM_MAX_BYTES
+    sizes = {sim: workspace.estimate_bytes("triton", batch, sim) for sim in ("rows", "gram", "auto")}
+    assert sizes["gram"] - sizes["rows"] == (2 * 40 * 40 * 4 if gram else 0)
+    assert sizes["auto"] == sizes["gram"]             # 12.8 KB is far under GRAM_MAX_BYTES
     monkeypatch.setattr(G, "GRAM_MAX_BYTES", 2 * 40 * 40 * 4 - 1)
-    assert workspace.estimate_bytes("triton", batch) == sizes["0"]
+    assert workspace.estimate_bytes("triton", batch) == sizes["rows"]
 
 
 @triton.jit

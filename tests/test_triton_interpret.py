@@ -26,7 +26,7 @@ from mmrprune import reference as ref
 
 INNER = os.environ.get("MMRPRUNE_INTERPRET_INNER") == "1"
 METHODS = ("mmr", "topk", "fps", "hybrid", "divprune", "dpp")
-GRAM_MODES = ("0", "1")   # similarity rows on demand / from the precomputed Gram
+GRAM_MODES = ("rows", "gram")   # select's sim=: similarity rows on demand / from the precomputed Gram
 
 inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
 
@@ -50,8 +50,7 @@ def test_interpreter_suite():
 
 # ----------------------------------------------------------------------------- helpers (subprocess)
 @pytest.fixture(params=GRAM_MODES, ids=["ondemand", "gram"])
-def gram_mode(request, monkeypatch):
-    monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", request.param)
+def gram_mode(request):
     return request.param
 
 
@@ -95,7 +94,7 @@ def inner_padded_batch_matches_reference(method, gram_mode):
     w = torch.from_numpy(C.distinct_importance(n, batch=3, seed=3)).to(torch.float32)
     lengths = torch.tensor([n, 0, 23])
     lam = 0.3 if method in ("mmr", "hybrid") else 0.5
-    out = _triton_select(x, w, k=k, method=method, lam=lam, lengths=lengths)
+    out = _triton_select(x, w, k=k, method=method, lam=lam, lengths=lengths, sim=gram_mode)
     assert out.shape == (3, k) and out.dtype == torch.int64
     got = _rows(out)
     for b in range(3):
@@ -126,7 +125,7 @@ def inner_duplicate_tokens_tie_to_lowest_index(method, gram_mode):
     positive_groups = len(set(group[w > w.min()].tolist()))
     k = min(5, positive_groups) if method == "dpp" else 8
     for lam in ((0.5, 0.0, 1.0) if method in ("mmr", "hybrid") else (0.5,)):
-        out = _triton_select(x_t, w_t, k=k, method=method, lam=lam)
+        out = _triton_select(x_t, w_t, k=k, method=method, lam=lam, sim=gram_mode)
         assert out.tolist() == _expected(x_t, w_t, k, method, lam), (lam, out.tolist())
 
 
@@ -136,7 +135,7 @@ def inner_constant_importance_and_zero_vector(method, gram_mode):
     """``importance=None`` (Imp = 0, q = 1) and an all-zero token (sim 0, DPP gain 0)."""
     x = torch.from_numpy(C.gaussian_tokens(17, 12, seed=5)).float()
     x[4] = 0.0
-    out = _triton_select(x, None, k=8, method=method)
+    out = _triton_select(x, None, k=8, method=method, sim=gram_mode)
     if method == "dpp":
         # every initial gain is q^2 ||x̂||^2 = 1: the reference's first pick is decided by
         # float64 rounding noise, so only the certificate applies
@@ -153,7 +152,7 @@ def inner_dpp_exhausted_rank_fills_in_index_order(gram_mode):
     x = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 20))
     w = rng.random(12)
     x_t, w_t = torch.from_numpy(x).float(), torch.from_numpy(w).float()
-    out = _triton_select(x_t, w_t, k=7, method="dpp")
+    out = _triton_select(x_t, w_t, k=7, method="dpp", sim=gram_mode)
     assert out.tolist() == _expected(x_t, w_t, 7, "dpp")
 
 
@@ -167,7 +166,7 @@ def inner_varlen_matches_reference(method, gram_mode):
     x = torch.from_numpy(C.clustered_tokens(int(cu[-1]), 20, seed=8)).float()
     w = torch.from_numpy(C.distinct_importance(int(cu[-1]), seed=8)).float()
     flat, cu_k = mmrprune.select_varlen(x, w, torch.from_numpy(cu), k=6, method=method,
-                                        order="selection", backend="triton")
+                                        order="selection", backend="triton", sim=gram_mode)
     for b, nb in enumerate(lens):
         got = (flat[cu_k[b]:cu_k[b + 1]] - int(cu[b])).tolist()
         s, e = int(cu[b]), int(cu[b + 1])
@@ -182,7 +181,7 @@ def inner_half_precision_certificate(method, dtype, gram_mode):
     """fp16 / bf16 rows: every step is an argmax within the spec's 4e-3 of the float64 replay."""
     x = torch.from_numpy(C.clustered_tokens(48, 32, batch=2, seed=4)).to(dtype)
     w = torch.from_numpy(C.distinct_importance(48, batch=2, seed=4)).to(dtype)
-    out = _triton_select(x, w, k=8, method=method)
+    out = _triton_select(x, w, k=8, method=method, sim=gram_mode)
     for b in range(2):
         C.check_certificate(x[b], w[b], out[b].numpy(), method, 0.5, tol=C.tol_for(dtype), k=8)
 
@@ -213,7 +212,7 @@ def inner_float64_features_beyond_float32_range():
 
 @inner
 @pytest.mark.parametrize("seed", range(0, 120, 8))
-def inner_rounds_equal_one_pick_per_step_on_fuzz_problems(seed, monkeypatch):
+def inner_rounds_equal_one_pick_per_step_on_fuzz_problems(seed):
     """``test_fuzz``'s hostile problems (duplicates, ties, zero vectors, padding): the round
     kernel (``ROUND = 8``) gives the one-pick-per-step kernel's picks (``ROUND = 1``), one
     round per pick at ``ROUND = 1``, and passes the float32 step certificate (as in
@@ -222,14 +221,12 @@ def inner_rounds_equal_one_pick_per_step_on_fuzz_problems(seed, monkeypatch):
     x, w, lengths, method, lam, k = _problem(seed)
     if method == "d2pruner":
         method = "mmr"
-    monkeypatch.setenv("MMRPRUNE_TRITON_GRAM", GRAM_MODES[seed % 2])
     xt, wt = torch.from_numpy(x).float(), None if w is None else torch.from_numpy(w).float()
     runs = {}
-    for r in ("1", "8"):
-        monkeypatch.setenv("MMRPRUNE_TRITON_ROUND", r)
+    for r in (1, 8):
         runs[r] = _triton_select(xt, wt, k=k, method=method, lam=lam, lengths=torch.from_numpy(lengths),
-                                 return_stats=True)
-    (one, one_stats), (rnd, rnd_stats) = runs["1"], runs["8"]
+                                 return_stats=True, sim=GRAM_MODES[seed % 2], max_round=r)
+    (one, one_stats), (rnd, rnd_stats) = runs[1], runs[8]
     assert torch.equal(one, rnd), (method, lam, one.tolist(), rnd.tolist())
     ks = torch.from_numpy(np.minimum(lengths, k))
     assert torch.equal(one_stats["rounds"], ks)
@@ -249,7 +246,7 @@ def inner_rounds_on_real_tokens(method, gram_mode):
     d = load_dinov2()
     x = torch.from_numpy(d["tokens"][0, :128].astype(np.float32))
     w = torch.from_numpy(d["cls_attention"][0, :128]) if method == "mmr" else None
-    out, stats = _triton_select(x, w, k=32, method=method, lam=0.5, return_stats=True)
+    out, stats = _triton_select(x, w, k=32, method=method, lam=0.5, return_stats=True, sim=gram_mode)
     want, rounds = ref.select_rounds(C.to_f64(x), C.to_f64(w), 32, method, 0.5, 8)
     assert out.tolist() == want.tolist()
     assert int(stats["rounds"]) == rounds and rounds < 32 * 0.5, (int(stats["rounds"]), rounds)

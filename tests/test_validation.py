@@ -256,3 +256,83 @@ def test_lam_given_to_a_method_that_ignores_it_warns():
         mmrprune.select_varlen(x, w, np.array([0, 5, 12]), k=2, method="hybrid", lam=0.5)
     with pytest.warns(UserWarning, match="ignored by method='topk'"):
         mmrprune.select_varlen(x, w, np.array([0, 5, 12]), k=2, method="topk", lam=0.5)
+
+
+# ----------------------------------------------------------------------------- kernel tuning: sim=, max_round=
+TUNED = ("cuda", "cuda_emu", "triton")      # the backends with kernel variants to choose from
+
+
+@pytest.mark.parametrize("entry", ["select", "select_varlen", "prune", "workspace_bytes"])
+def test_tuning_values_are_checked_naming_the_allowed_ones(entry):
+    call = {"select": lambda **kw: sel(**kw),
+            "select_varlen": lambda **kw: varlen(torch.tensor([0, 8, 16]), **kw),
+            "prune": lambda **kw: mmrprune.prune(X, W, k=3, backend="torch", **kw),
+            "workspace_bytes": lambda **kw: mmrprune.workspace_bytes(X, W, k=3, backend="torch", **kw)}[entry]
+    for bad in ("row", "GRAM", "1", None, 1):
+        with pytest.raises(ValueError, match=r"sim: expected one of \['auto', 'gram', 'rows'\]"):
+            call(sim=bad)
+    for bad in (0, 9, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=r"max_round: expected None \(the kernel's default, 8\) or an int in "
+                                             r"\[1, 8\]"):
+            call(max_round=bad)
+    with pytest.raises(TypeError, match=r"did you mean max_round="):
+        call(max_rounds=2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "numpy"])
+def test_tuning_is_accepted_and_ignored_by_backends_without_kernel_variants(backend):
+    if not dispatch.status(backend)[0]:
+        pytest.skip(f"backend {backend} unavailable")
+    assert dispatch.loaded(backend).options == ()
+    plain = sel(backend=backend, k=5, method="mmr")
+    for sim in ("rows", "gram"):
+        for r in (1, 8):
+            assert torch.equal(sel(backend=backend, k=5, method="mmr", sim=sim, max_round=r), plain)
+
+
+def test_kernel_backends_take_both_tuning_keywords():
+    from mmrprune.backends import TUNING, cuda_backend, cuda_emu_backend, triton_backend
+    for module in (cuda_backend, cuda_emu_backend, triton_backend):
+        assert module.BACKEND.options == TUNING, module.__name__
+    assert set(TUNED) == {m.BACKEND.name for m in (cuda_backend, cuda_emu_backend, triton_backend)}
+
+
+# The environment variables that chose kernel variants before sim= and max_round= existed.
+OLD_TUNING_VARS = {"MMRPRUNE_" + name: value for name, value in
+                   (("CUDA_GRAM", "0"), ("CUDA_ROUND", "1"), ("TRITON_GRAM", "0"), ("TRITON_ROUND", "1"))}
+
+
+def test_old_tuning_variables_change_nothing(monkeypatch):
+    """Each value would have changed the call when read: row mode (a smaller workspace than the
+    Gram the heuristic picks here) and one pick per round (rounds == k)."""
+    from mmrprune.backends import triton_backend
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(3))
+    meta = x.to("meta")   # sized as on a GPU, with no GPU here
+    tuned = [b for b in TUNED if b != "triton" or triton_backend._kernels is not None]
+    sizes = {}
+    for backend in tuned:
+        sizes[backend] = mmrprune.workspace_bytes(meta, None, k=16, backend=backend)
+        assert sizes[backend] > mmrprune.workspace_bytes(meta, None, k=16, backend=backend, sim="rows"), backend
+    emu = dispatch.status("cuda_emu")[0]
+    if emu:
+        picks, stats = mmrprune.select(x, None, k=16, method="fps", backend="cuda_emu", return_stats=True)
+        assert (stats["rounds"] < 16).all()
+    for name, value in OLD_TUNING_VARS.items():
+        monkeypatch.setenv(name, value)
+    for backend in tuned:
+        assert mmrprune.workspace_bytes(meta, None, k=16, backend=backend) == sizes[backend], backend
+    if emu:
+        again, again_stats = mmrprune.select(x, None, k=16, method="fps", backend="cuda_emu", return_stats=True)
+        assert torch.equal(again, picks) and torch.equal(again_stats["rounds"], stats["rounds"])
+
+
+def test_no_source_reads_the_old_tuning_variables():
+    import pathlib
+    root = pathlib.Path(mmrprune.__file__).resolve().parent.parent
+    found = []
+    for folder, patterns in (("mmrprune", ("*.py",)), ("csrc", ("*.cu", "*.h", "*.cpp", "*.py")), ("bench", ("*.py",))):
+        for pattern in patterns:
+            for path in (root / folder).rglob(pattern):
+                text = path.read_text(errors="replace")
+                found += [f"{path.relative_to(root)}: {name}" for name in OLD_TUNING_VARS if name in text]
+    assert not found, found

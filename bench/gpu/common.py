@@ -21,10 +21,11 @@ for _path in (TESTS, ROOT):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-# The dry run's environment: Triton's interpreter, one pick per Triton round (the interpreter
-# runs each round's top-R sort in NumPy, about 0.25 s a round at N = 16; the multi-pick rounds
-# run under the interpreter in tests/test_triton_interpret.py).
-DRY_ENV = {"TRITON_INTERPRET": "1", "MMRPRUNE_TRITON_ROUND": "1"}
+# The dry run's environment: Triton's interpreter.  Its scripts also ask Triton for one pick per
+# round (max_round=1, see tuning()): the interpreter runs each round's top-R sort in NumPy, about
+# 0.25 s a round at N = 16; the multi-pick rounds run under the interpreter in
+# tests/test_triton_interpret.py.
+DRY_ENV = {"TRITON_INTERPRET": "1"}
 DRY_RUN = "--dry-run" in sys.argv[1:]
 if DRY_RUN:
     for _key, _value in DRY_ENV.items():
@@ -32,9 +33,7 @@ if DRY_RUN:
 
 COMMIT_ENV = "MMRPRUNE_SESSION_COMMIT"       # set by session.py --commit: the device's copy has no .git
 MODES = ("row", "gram")                      # similarity rows on demand / from the precomputed Gram
-# the similarity-source switches the kernel backends read at every call (cuda_backend.GRAM_ENV and
-# triton_backend's; named here too so that session.py need not import torch)
-GRAM_ENVS = ("MMRPRUNE_CUDA_GRAM", "MMRPRUNE_TRITON_GRAM")
+SIMS = {"row": "rows", "gram": "gram"}       # each mode as mmrprune.select's sim= argument
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,12 @@ class Target:
 TARGET = Target(DRY_RUN)
 
 
-def set_sim_mode(mode: str) -> None:
-    """Force one similarity source on both kernel backends (``row`` or ``gram``)."""
+def tuning(mode: str, backend: str) -> dict:
+    """``select``'s tuning keywords forcing one similarity source (``row`` or ``gram``) on a
+    kernel backend; in the dry run Triton also commits one pick per round (see DRY_ENV)."""
     if mode not in MODES:
         raise ValueError(f"similarity mode must be one of {MODES}, got {mode!r}")
-    for name in GRAM_ENVS:
-        os.environ[name] = "1" if mode == "gram" else "0"
+    return {"sim": SIMS[mode], "max_round": 1 if (DRY_RUN and backend == "triton") else None}
 
 
 def kernel_methods(backend: str) -> tuple:
@@ -93,10 +92,14 @@ def kernel_methods(backend: str) -> tuple:
 
 
 def max_round(backend: str) -> int:
-    """Picks per round the backend's maxsim kernel commits at most (the rounds check needs it)."""
+    """Picks per round the backend's maxsim kernel commits at most under :func:`tuning` (the
+    rounds check needs it)."""
+    requested = tuning(MODES[0], backend)["max_round"]
+    if requested is not None:
+        return requested
     if backend == "triton":
         from mmrprune.triton_kernels import greedy
-        return int(os.environ.get("MMRPRUNE_TRITON_ROUND", greedy.MAX_ROUND))
+        return int(greedy.MAX_ROUND)
     from mmrprune.backends import cuda_backend, cuda_emu_backend
     kernels = cuda_emu_backend.KERNELS if backend == "cuda_emu" else cuda_backend.KERNELS
     return kernels.max_round()

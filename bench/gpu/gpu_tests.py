@@ -14,8 +14,14 @@ A collected test is kept when
   (the GPU-only tests, e.g. CUDA-graph capture).
 
 The dry run keeps ``cuda_emu`` and ``triton`` on ``cpu`` (with ``TRITON_INTERPRET=1``) instead.
+
+``--gpu-sim rows|gram`` makes that similarity source the default ``sim=`` of ``mmrprune.select``,
+``select_varlen`` and ``prune`` for the kept tests (a test that names ``sim`` keeps its own), so
+one stage runs every kernel test in row mode and the other in Gram mode.
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 
@@ -30,6 +36,27 @@ def pytest_addoption(parser):
     group = parser.getgroup("mmrprune GPU session")
     group.addoption("--gpu-backends", default="cuda,triton", help="comma list of the backends to keep")
     group.addoption("--gpu-device", default="cuda", help="device type of backend_device pairs to keep")
+    group.addoption("--gpu-sim", default="auto", choices=("auto", "rows", "gram"),
+                    help="default sim= of the selection entry points in the kept tests")
+
+
+def _with_sim(fn, sim: str):
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        kw.setdefault("sim", sim)
+        return fn(*args, **kw)
+    return call
+
+
+@pytest.fixture(autouse=True)
+def _gpu_sim(request, monkeypatch):
+    sim = request.config.getoption("--gpu-sim")
+    if sim != "auto":
+        import mmrprune
+        from mmrprune import api
+        for name in ("select", "select_varlen", "prune"):
+            monkeypatch.setattr(mmrprune, name, _with_sim(getattr(api, name), sim))
+    yield
 
 
 def keep(item, backends, device: str) -> bool:

@@ -28,7 +28,7 @@ import sys
 import time
 
 import common  # first: sys.path, --dry-run's env
-from common import MODES, TARGET, kernel_methods, set_sim_mode, write_json
+from common import MODES, TARGET, kernel_methods, tuning, write_json
 
 DONE = "SANITIZER CASES DONE"
 ERROR_EXITCODE = 3
@@ -69,7 +69,7 @@ def cases() -> int:
     n, k = TARGET.size(600, 20), TARGET.size(24, 4)
     lengths = [n, n // 2 + 1, 1]
     for mode in MODES:
-        set_sim_mode(mode)
+        tune = tuning(mode, backend)
         dtype, dim = shapes[mode]
         g = torch.Generator().manual_seed(len(mode))
         x = torch.randn(len(lengths), n, dim, generator=g).to(dtype)
@@ -79,9 +79,9 @@ def cases() -> int:
         packed_w = torch.cat([w[b, :m] for b, m in enumerate(lengths)])
         for method in kernel_methods(backend):
             out = mmrprune.select(x.to(dev), w.to(dev), k=k, method=method, lengths=torch.tensor(lengths, device=dev),
-                                  backend=backend, order="selection").cpu()
+                                  backend=backend, order="selection", **tune).cpu()
             flat, cu_k = mmrprune.select_varlen(packed.to(dev), packed_w.to(dev), cu, k=k, method=method,
-                                                backend=backend, order="selection")
+                                                backend=backend, order="selection", **tune)
             flat, cu_k = flat.cpu(), cu_k.cpu()
             for b, m in enumerate(lengths):
                 C.check_certificate(x[b, :m], w[b, :m], out[b], method=method, lam=0.5, tol=C.tol_for(dtype),

@@ -29,7 +29,7 @@ from typing import Optional
 
 import common
 import goals
-from common import COMMIT_ENV, DRY_ENV, GRAM_ENVS, ROOT, write_json
+from common import COMMIT_ENV, DRY_ENV, ROOT, SIMS, write_json
 
 BUDGET_S = 480          # the whole command on the device: 8 of the lease's 15 minutes
 DRY_BUDGET_S = 900      # CPU: only a runaway stage should hit it (the dry run takes 1-2 min)
@@ -397,11 +397,11 @@ class Session:
 
     def stage_tests(self, name: str, timeout: float) -> tuple:
         from gpu_tests import FILES
-        mode = "1" if name == "tests_gram" else "0"
+        sim = SIMS["gram" if name == "tests_gram" else "row"]
         xml = os.path.join(self.logs, f"{name}.xml")
         argv = [self.py, "-m", "pytest", *FILES, "-q", "-p", "no:cacheprovider", "-x", "-p", "gpu_tests",
                 "--gpu-backends", ",".join(self.target.backends), "--gpu-device", self.target.device,
-                f"--junitxml={xml}"]
+                "--gpu-sim", sim, f"--junitxml={xml}"]
         if importlib.util.find_spec("pytest_timeout"):
             argv += ["--timeout", "120"]
         if importlib.util.find_spec("xdist") and not self.dry_run:
@@ -409,7 +409,7 @@ class Session:
         if self.dry_run:
             argv += ["-k", DRY_TESTS]
         path = os.pathsep.join(p for p in (os.path.join(ROOT, "bench", "gpu"), os.environ.get("PYTHONPATH")) if p)
-        rc, timed_out, _ = self.runner.run(name, argv, self.env(PYTHONPATH=path, **{k: mode for k in GRAM_ENVS}),
+        rc, timed_out, _ = self.runner.run(name, argv, self.env(PYTHONPATH=path),
                                            timeout)
         detail = junit_counts(xml) if os.path.exists(xml) else {"reason": "no JUnit report"}
         if timed_out:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 # first: sys.path, --dry-run's env
-from common import MODES, TARGET, kernel_methods, max_round, set_sim_mode, write_json
+from common import MODES, SIMS, TARGET, kernel_methods, max_round, tuning, write_json
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -160,6 +160,7 @@ class Smoke:
         xt = torch.from_numpy(problem.x).to(dtype)
         wt = None if problem.w is None else torch.from_numpy(problem.w).to(torch.float32)
         kw = {"lam": problem.lam} if method in R.LAM_METHODS else {}
+        kw.update(tuning(mode, backend))
         try:
             out, stats = mmrprune.select(xt.to(dev), None if wt is None else wt.to(dev), k=problem.k, method=method,
                                          lengths=torch.tensor(lengths, device=dev), backend=backend,
@@ -228,7 +229,6 @@ class Smoke:
                         continue
                     methods = (problem.method,)
                 for mode in MODES:
-                    set_sim_mode(mode)
                     for i, method in enumerate(methods):
                         for dtype in self.dtypes(problem, backend, i):
                             if self.aborted:
@@ -260,10 +260,10 @@ class Smoke:
         x = torch.randn(b, n, dim, generator=g).to(dev, torch.bfloat16)
         w = torch.rand(b, n, generator=g).to(dev)
         for mode in MODES:
-            set_sim_mode(mode)
             for method in kernel_methods(backend):
                 where = {"backend": backend, "mode": mode, "dtype": "bfloat16", "method": method}
-                kw = dict(k=k, method=method, backend=backend, order="selection", check_finite=False)
+                kw = dict(k=k, method=method, backend=backend, order="selection", check_finite=False,
+                          sim=SIMS[mode])
                 try:
                     eager = mmrprune.select(x, w, **kw)
                     if TARGET.dry_run:

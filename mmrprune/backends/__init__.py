@@ -5,7 +5,9 @@ takes a validated :class:`mmrprune.batch.SelectionBatch` and returns
 ``[B, k_max]`` int64 local token indices in selection order, each row padded
 with -1 past that image's budget ``ks[b]``, on the batch's device, or
 ``(indices, stats)`` with ``stats`` a dict of ``[B]`` tensors it measured
-(``"rounds"``: sequential rounds per image).  Everything
+(``"rounds"``: sequential rounds per image).  A backend that has kernel variants lists the
+tuning keywords it takes in ``options`` (see :data:`TUNING`); its ``select`` then takes them
+as keyword arguments, already checked by :func:`check_tuning`.  Everything
 else (validation, ``order``, NumPy in/out, varlen flattening) happens once in
 :mod:`mmrprune.api`.
 """
@@ -26,6 +28,26 @@ BUILD_HINTS = {
 }
 
 
+# Kernel tuning: which similarity source the fused kernels read, and how many picks one round
+# of the mmr-family kernels may commit.  Neither changes a result (every variant is checked
+# against the same picks), only speed and memory, so a backend without the choice ignores them.
+SIMS = ("auto", "gram", "rows")   # auto: Gram while it fits the kernel's bound, else rows
+MAX_ROUND = 8                     # the kernels' own largest round (csrc/cuda kMaxRound, triton MAX_ROUND)
+TUNING = ("sim", "max_round")
+
+
+def check_tuning(sim, max_round) -> dict:
+    """``{"sim": ..., "max_round": ...}`` once both are valid; a clear error otherwise."""
+    if not isinstance(sim, str) or sim not in SIMS:
+        raise ValueError(f"sim: expected one of {list(SIMS)} ('auto': Gram rows while the Gram fits, "
+                         f"'gram': always, 'rows': recompute each similarity row), got {sim!r}")
+    if max_round is not None and (isinstance(max_round, bool) or not isinstance(max_round, int)
+                                  or not 1 <= max_round <= MAX_ROUND):
+        raise ValueError(f"max_round: expected None (the kernel's default, {MAX_ROUND}) or an int in "
+                         f"[1, {MAX_ROUND}] (picks one round may commit; 1 = one pick per step), got {max_round!r}")
+    return {"sim": sim, "max_round": max_round}
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -33,3 +55,4 @@ class Backend:
     device_types: tuple        # tensor device types it accepts: "cpu", "cuda"
     select: Callable           # SelectionBatch -> Tensor [B, k_max] int64, or (Tensor, stats dict)
     status: Callable           # () -> (available: bool, detail: str)
+    options: tuple = ()        # tuning keywords its select takes (a subset of TUNING)

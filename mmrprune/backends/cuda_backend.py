@@ -26,7 +26,7 @@ Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
   only while TF32 is off) and each step reads one contiguous fp32 Gram row, scaled by
   ``inv_norm[p] · inv_norm[i]``.  :func:`use_gram` picks it when the whole call's
   workspace with the ``[B, Nmax, Nmax]`` Gram stays under ``WORKSPACE_LIMIT_BYTES``;
-  ``MMRPRUNE_CUDA_GRAM=0/1`` overrides.
+  ``sim="rows"``/``"gram"`` (``mmrprune.select``'s argument) overrides.
 
 ``topk`` (a sort) and float64 input go to the torch backend (exact and already
 sync-free); ``d2pruner`` is not implemented here, so ``backend="auto"`` uses
@@ -37,13 +37,12 @@ The launch is registered as the custom op ``mmrprune::cuda_greedy`` with a fake
 ``check_finite=False`` nothing here synchronises with the host (padded input;
 packed ``divprune``/``hybrid`` gather a padded copy, one sync; packed input in Gram
 mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one sync —
-``MMRPRUNE_CUDA_GRAM=0`` keeps packed mmr/fps/dpp sync-free).
+``sim="rows"`` keeps packed mmr/fps/dpp sync-free).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -54,7 +53,7 @@ from .. import ops
 from ..batch import SelectionBatch
 from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows, maxsim_plan
 from ..reference import NORM_EPS
-from . import BUILD_HINTS, Backend
+from . import BUILD_HINTS, SIMS, TUNING, Backend
 from . import torch_backend as _tb
 
 try:  # the extension is optional: built only with MMRPRUNE_CUDA=1 and nvcc
@@ -71,8 +70,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes 
 # so that the Gram never decides whether a call fits in memory: long images (N = 32,768: a
 # 4 GiB Gram) fall back to row mode, whose workspace is O(N).
 WORKSPACE_LIMIT_BYTES = 2 << 30
-GRAM_ENV = "MMRPRUNE_CUDA_GRAM"              # "0": row mode, "1": Gram mode, unset/"auto": use_gram()
-ROUND_ENV = "MMRPRUNE_CUDA_ROUND"            # picks per round of the maxsim kernels (1 = one per step); default MAX_ROUND
 _GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
 
 
@@ -122,7 +119,7 @@ def runs_kernel(batch: SelectionBatch) -> bool:
     return batch.method in KERNEL_METHODS and batch.features.dtype in KERNEL_DTYPES
 
 
-def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
+def call_workspace_bytes(batch: SelectionBatch, n_max: int, sim: str = "auto") -> int:
     """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
     output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
     made on the way there: the contiguous rows of non-contiguous features
@@ -132,7 +129,7 @@ def call_workspace_bytes(batch: SelectionBatch, n_max: int) -> int:
     dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
     packed_elem = batch.features.element_size() if batch.packed else 0
-    gram = use_gram(batch.method, bsz, rows, dim, k_max, n_max, dtype, packed=batch.packed)
+    gram = use_gram(batch.method, bsz, rows, dim, k_max, n_max, dtype, packed=batch.packed, sim=sim)
     total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
     total += batch.rows_copy_bytes()
     if gram and dtype != torch.float32:
@@ -149,18 +146,16 @@ def tf32_matmul_enabled() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
 
 
-def gram_setting(env: Optional[str] = None) -> str:
-    """``MMRPRUNE_CUDA_GRAM`` as ``"0"``, ``"1"`` or ``"auto"`` (unset/empty)."""
-    v = (os.environ.get(GRAM_ENV, "") if env is None else env).strip().lower()
-    if v in ("", "auto"):
-        return "auto"
-    if v in ("0", "1"):
-        return v
-    raise ValueError(f"{GRAM_ENV} must be 0, 1 or auto, got {v!r}")
+def _sim(sim: str) -> str:
+    """``sim`` itself once it is one of :data:`SIMS` (the public entry points checked it already;
+    this guards direct callers of :func:`prepare` and :func:`use_gram`)."""
+    if sim not in SIMS:
+        raise ValueError(f"sim: expected one of {list(SIMS)}, got {sim!r}")
+    return sim
 
 
 def use_gram(method: str, batch: int, rows: int, dim: int, k_max: int, n_max: int, dtype: torch.dtype,
-             packed: bool = False, setting: Optional[str] = None,
+             packed: bool = False, sim: str = "auto",
              cap: int = WORKSPACE_LIMIT_BYTES) -> bool:
     """The similarity source of a kernel call: True = Gram mode, False = row mode.
 
@@ -169,17 +164,17 @@ def use_gram(method: str, batch: int, rows: int, dim: int, k_max: int, n_max: in
     (2 GiB, the issue-4 bound).  Gram mode replaces ``k·N·D`` feature reads per image by
     ``N²·D`` tensor-core flops plus ``k`` contiguous rows of N fp32, which wins for every
     k > ~N/200 on an H100 (estimate) and for every k at B = 1, where row mode runs on one SM.
-    ``MMRPRUNE_CUDA_GRAM=1`` forces Gram mode regardless of the cap (it may then need more
-    memory), ``=0`` forces row mode.  Precision is not a heuristic: fp32 input uses Gram
+    ``sim="gram"`` forces Gram mode regardless of the cap (it may then need more
+    memory), ``sim="rows"`` forces row mode.  Precision is not a heuristic: fp32 input uses Gram
     mode only while TF32 matmuls are off (torch's default), even when forced.
     """
     if method not in KERNEL_METHODS:
         return False
     if dtype == torch.float32 and tf32_matmul_enabled():
         return False
-    mode = gram_setting(setting)
+    mode = _sim(sim)
     if mode != "auto":
-        return mode == "1"
+        return mode == "gram"
     elem = torch.finfo(dtype).bits // 8 if packed else 0
     return workspace_bytes(method, batch, rows, dim, k_max, n_max, gram=True, packed_elem_bytes=elem) <= cap
 
@@ -240,10 +235,10 @@ def divprune_first_from_gram(gram: torch.Tensor, inv: torch.Tensor, valid: torch
     return 1.0 - best
 
 
-def gram_n_max(batch: SelectionBatch, setting: Optional[str] = None) -> Optional[int]:
-    """The Gram's padded length for this batch, or None when Gram mode is off by setting.
+def gram_n_max(batch: SelectionBatch, sim: str = "auto") -> Optional[int]:
+    """The Gram's padded length for this batch, or None when ``sim="rows"`` turns Gram mode off.
     Padded input: ``features.shape[1]`` (no sync); packed: ``max(lengths)`` (one host sync)."""
-    if gram_setting(setting) == "0":
+    if _sim(sim) == "rows":
         return None
     return batch.max_length()
 
@@ -273,12 +268,13 @@ class KernelCall:
     weights: Optional[torch.Tensor] = None    # [R] fp32 raw importance the prepare kernel normalises
     score_kind: str = "keep"                  # one of SCORE_KINDS
     width: int = 0                            # padded rows: [B, width], prepared whole; 0: packed
+    max_round: int = 0                        # picks per round of the maxsim kernels; 0: the kernels' own
 
     def args(self) -> tuple:
         """Positional arguments of the custom op, in its schema's order."""
         return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
                 self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn, self.weights,
-                self.score_kind, self.width)
+                self.score_kind, self.width, self.max_round)
 
 
 # What the prepare kernel writes into the score (csrc/cuda/prepare.h, ScoreKind).
@@ -292,8 +288,9 @@ def _weights_rows(batch: SelectionBatch) -> Optional[torch.Tensor]:
     return batch.weights.reshape(-1).to(torch.float32).contiguous()
 
 
-def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> KernelCall:
-    """The :class:`KernelCall` of a kernel method.
+def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None) -> KernelCall:
+    """The :class:`KernelCall` of a kernel method, with ``mmrprune.select``'s tuning ``sim`` and
+    ``max_round`` (None: the kernels' own).
 
     mmr, fps and dpp need no torch op beyond the Gram product (Gram mode): their scores and
     norms come from the launch's prepare kernel.  hybrid (its pool ranks tokens by importance)
@@ -307,11 +304,12 @@ def prepare(batch: SelectionBatch, setting: Optional[str] = None) -> KernelCall:
     call = KernelCall(rows=rows, score=None, first_score=None, eligible=None, starts=batch.starts.contiguous(),
                       lengths=batch.lengths.contiguous(), ks=batch.ks.contiguous(), k_max=int(batch.k_max),
                       lam=0.0, dpp=method == "dpp",
-                      width=0 if batch.packed else int(batch.features.shape[1]))
-    n_max = gram_n_max(batch, setting)
+                      width=0 if batch.packed else int(batch.features.shape[1]),
+                      max_round=0 if max_round is None else int(max_round))
+    n_max = gram_n_max(batch, sim)
     idx = valid = None
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
-                                      batch.features.dtype, packed=batch.packed, setting=setting):
+                                      batch.features.dtype, packed=batch.packed, sim=sim):
         if batch.packed:
             idx, valid = batch.padded_index(n_max)
             feats = rows[idx]                                                  # [B, n_max, D] copy
@@ -423,7 +421,7 @@ class FusedGreedy:
                              torch.bfloat16: ext.DTYPE_BFLOAT16})
         self.op = ops.register_op(op_name, self._make_launch(), _fake, device_type)
         self.backend = Backend(name=name, methods=METHODS, device_types=(device_type,), select=self.select,
-                               status=self.status)
+                               status=self.status, options=TUNING)
 
     def status(self) -> tuple[bool, str]:
         if self.ext is None:
@@ -443,30 +441,27 @@ class FusedGreedy:
             raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {dtype}")
         return self.dtype_codes[dtype]
 
-    def select(self, batch: SelectionBatch):
+    def select(self, batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None):
         """``[B, k_max]`` local indices in selection order, -1 past each image's budget; from the
-        kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick)."""
+        kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick).
+        ``sim``, ``max_round``: :func:`prepare`'s (the torch fallback has no such choice)."""
         if not runs_kernel(batch):
             return _tb.select(batch)   # topk (a sort), float64 input
-        call = prepare(batch)
+        call = prepare(batch, sim, max_round)
         if call.dpp:   # one pick per round: counted from the picks only when the stats are read
             out, _ = self.op(*call.args(), False)
             return out, _LazyStats(rounds=lambda: (out >= 0).sum(dim=1))
         out, rounds = self.op(*call.args())
         return out, {"rounds": rounds}
 
-    def max_round(self) -> int:
-        """Picks per round of the maxsim kernels: ``MMRPRUNE_CUDA_ROUND`` (tests), else the kernels' own."""
-        value = os.environ.get(ROUND_ENV, "")
-        if not value:
+    def max_round(self, requested: int = 0) -> int:
+        """Picks per round of the maxsim kernels: ``requested`` (a call's ``max_round``), 0 for
+        the kernels' own ``MAX_ROUND``."""
+        if not requested:
             return int(self.ext.MAX_ROUND)
-        try:
-            r = int(value)
-        except ValueError:
-            r = 0
-        if not 1 <= r <= self.ext.MAX_ROUND:
-            raise ValueError(f"{ROUND_ENV} must be an integer in [1, {self.ext.MAX_ROUND}], got {value!r}")
-        return r
+        if not 1 <= requested <= self.ext.MAX_ROUND:
+            raise ValueError(f"max_round: expected an int in [1, {self.ext.MAX_ROUND}], got {requested!r}")
+        return int(requested)
 
     # ------------------------------------------------------------------ launch paths
     def _make_launch(self):
@@ -477,9 +472,9 @@ class FusedGreedy:
                    k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
                    inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None,
                    weights: Optional[torch.Tensor] = None, score_kind: str = "keep",
-                   width: int = 0, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   width: int = 0, max_round: int = 0, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
             return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
-                                             dpp, gram, inv_norm, sqn, weights, score_kind, width),
+                                             dpp, gram, inv_norm, sqn, weights, score_kind, width, max_round),
                                   dpp_rounds=dpp_rounds)
         return launch
 
@@ -554,7 +549,7 @@ class FusedGreedy:
         else:
             self.ext.greedy_maxsim_gram(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
                                         eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
-                                        rounds=rounds.data_ptr(), max_round=self.max_round(),
+                                        rounds=rounds.data_ptr(), max_round=self.max_round(c.max_round),
                                         smem_state=int(_GRAM_SMEM_STATE), **common)
 
     def _launch_rows(self, c: KernelCall, state, taken, chol, out, rounds, stream: int) -> None:
@@ -576,11 +571,11 @@ class FusedGreedy:
         else:
             self.ext.greedy_maxsim(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
                                    eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
-                                   rounds=rounds.data_ptr(), max_round=self.max_round(), **common)
+                                   rounds=rounds.data_ptr(), max_round=self.max_round(c.max_round), **common)
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
-          sqn=None, weights=None, score_kind="keep", width=0, dpp_rounds=True):
+          sqn=None, weights=None, score_kind="keep", width=0, max_round=0, dpp_rounds=True):
     return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
             rows.new_empty((starts.shape[0],), dtype=torch.int64))
 
@@ -599,7 +594,7 @@ def _gpu_ready() -> tuple[bool, str]:
 
 KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready,
                       summary=("fused CUDA kernel: one block per image, all greedy steps in one launch "
-                               f"(similarity rows from a tensor-core Gram when it fits, {GRAM_ENV}=0/1 overrides)"))
+                               "(similarity rows from a tensor-core Gram when it fits; sim='rows'/'gram' overrides)"))
 BACKEND = KERNELS.backend
 cuda_greedy = KERNELS.op
 status = KERNELS.status

@@ -4,7 +4,7 @@ For tests and CI on machines without a GPU (csrc/README.md, "CUDA emulator"): th
 ``mmrprune._cuda_emu`` is built from the *same* ``csrc/cuda`` sources as ``mmrprune._cuda``,
 with each CUDA thread run as a CPU fiber (csrc/emu/cuda_emu.h).  A call runs exactly the
 ``cuda`` backend's path: :func:`cuda_backend.prepare` (torch ops on CPU: Imp/q, hybrid pool,
-DivPrune first score, Gram and norms in Gram mode, the ``MMRPRUNE_CUDA_GRAM`` choice) and
+DivPrune first score, Gram and norms in Gram mode, the ``sim=`` choice) and
 :class:`cuda_backend.FusedGreedy`'s launch (checks, scratch, row/Gram kernels, shared-memory opt-in),
 then the emulated kernels.  Slow (every barrier is a context switch of every thread): never
 chosen by ``backend="auto"``.

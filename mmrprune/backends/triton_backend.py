@@ -17,9 +17,10 @@ import torch
 
 from ..batch import SelectionBatch
 from ..prepare import hybrid_pool_rows, maxsim_plan
-from . import Backend
+from . import TUNING, Backend
 
 METHODS = ("mmr", "divprune", "topk", "fps", "hybrid", "dpp")
+GRAM_SETTING = {"auto": -1, "rows": 0, "gram": 1}   # sim= as the kernels' use_gram argument
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 try:
@@ -41,9 +42,10 @@ def status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-def select(batch: SelectionBatch) -> tuple[torch.Tensor, dict]:
+def select(batch: SelectionBatch, sim: str = "auto", max_round=None) -> tuple[torch.Tensor, dict]:
     """``[B, k_max]`` local indices in selection order, -1 past each image's budget, and
-    ``{"rounds": [B]}`` sequential rounds per image (DPP: one per pick)."""
+    ``{"rounds": [B]}`` sequential rounds per image (DPP: one per pick).  ``sim`` and
+    ``max_round``: ``mmrprune.select``'s tuning keywords, already checked."""
     method = batch.method
     if method not in METHODS:
         raise RuntimeError(f"backend 'triton' does not implement method {method!r}")
@@ -57,8 +59,8 @@ def select(batch: SelectionBatch) -> tuple[torch.Tensor, dict]:
     _, _, valid = batch.row_layout()
     n_pad = batch.max_length()                                             # packed input: one host sync
     inf = float("inf")
-    use_gram = int(os.environ.get("MMRPRUNE_TRITON_GRAM", "-1"))
-    max_round = int(os.environ.get("MMRPRUNE_TRITON_ROUND", _kernels.MAX_ROUND))
+    use_gram = GRAM_SETTING[sim]
+    max_round = _kernels.MAX_ROUND if max_round is None else max_round
     if method == "dpp":
         q = batch.dpp_quality().reshape(-1).to(torch.float32)
         # L_ii = q_i^2 exactly for a non-zero token, 0 for a zero vector (reference.select_dpp):
@@ -84,4 +86,5 @@ BACKEND = Backend(
     device_types=("cuda", "cpu") if INTERPRET else ("cuda",),
     select=select,
     status=status,
+    options=TUNING,
 )
