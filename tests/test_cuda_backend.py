@@ -767,8 +767,7 @@ def test_kernel_gram_register_slots_match_shared_state(target, monkeypatch):
     x = torch.randn(2, n_pad, 32, device=target.device, dtype=torch.bfloat16)
     w = torch.rand(2, n_pad, device=target.device)
     lengths = torch.tensor([n_pad, n], device=target.device)
-    monkeypatch.setenv(cb.GRAM_ENV, "1")
-    kw = dict(k=24, lam=0.5, return_stats=True)
+    kw = dict(k=24, lam=0.5, return_stats=True, sim="gram")
     smem, s_stats = _cuda_select(target, x, w, "mmr", lengths=lengths, **kw)
     alone, a_stats = _cuda_select(target, x[1:, :n], w[1:, :n], "mmr", **kw)
     monkeypatch.setattr(cb, "_GRAM_SMEM_STATE", 0)
@@ -788,13 +787,12 @@ def test_kernel_dpp_gram_cholesky_rows_in_shared_memory_match_global(target, mon
     n = 1000
     x = torch.randn(2, n, 32, device=target.device, dtype=torch.bfloat16)
     w = torch.rand(2, n, device=target.device)
-    monkeypatch.setenv(cb.GRAM_ENV, "1")
-    small = _cuda_select(target, x, w, "dpp", k=40)
+    small = _cuda_select(target, x, w, "dpp", k=40, sim="gram")
     if target.backend == "cuda_emu":
         monkeypatch.setenv("CUDA_EMU_SMEM_OPTIN", "8192")
-        big = _cuda_select(target, x, w, "dpp", k=40)
+        big = _cuda_select(target, x, w, "dpp", k=40, sim="gram")
     else:
-        big = _cuda_select(target, x, w, "dpp", k=600)[:, :40]
+        big = _cuda_select(target, x, w, "dpp", k=600, sim="gram")[:, :40]
     assert torch.equal(small, big) and (small >= 0).all()
 
 
