@@ -65,6 +65,12 @@ def _write(path, t):
     t.numpy().tofile(path)
 
 
+def _dtype_code(ext, dtype):
+    """csrc/cuda/greedy.h's DType code of a feature dtype, as the module exports it."""
+    return {torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
+            torch.bfloat16: ext.DTYPE_BFLOAT16}[dtype]
+
+
 def write_case(case_dir, prepared, x_offset=0, smem_state=-1):
     """Writes cuda_backend.prepare()'s arguments for the harness (see harness.cpp)."""
     from mmrprune.backends import cuda_emu_backend as emu
@@ -73,7 +79,7 @@ def write_case(case_dir, prepared, x_offset=0, smem_state=-1):
     rows = a.rows
     gram = a.gram
     args = dict(kind="dpp" if a.dpp else "maxsim", mode="gram" if gram is not None else "row",
-                dtype=emu.KERNELS.dtype_code(rows.dtype), rows=rows.shape[0], dim=rows.shape[1], batch=a.starts.shape[0],
+                dtype=_dtype_code(emu.KERNELS.ext, rows.dtype), rows=rows.shape[0], dim=rows.shape[1], batch=a.starts.shape[0],
                 k_max=a.k_max, lam=repr(float(a.lam)), smem_state=smem_state, x_offset=x_offset,
                 ld=gram.shape[1] if gram is not None else 0)
     with open(os.path.join(case_dir, "args.txt"), "w") as f:

@@ -60,7 +60,7 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     p = batch.params
     alpha = float(p.get("alpha", 1.0)) if batch.method == "d2pruner" else 1.0
     grid = p.get("grid") if batch.method == "d2pruner" else None
-    return ops.cpu_select(
+    return torch.ops.mmrprune.cpu_select(
         rows, imp, q, batch.starts.contiguous(), batch.lengths.contiguous(), batch.ks.contiguous(), batch.k_max,
         batch.method, float(batch.lam), float(p.get("pivot_ratio", 0.5)), alpha, float(p.get("tau", 0.5)),
         int(p.get("radius", 1)), int(grid[1]) if grid is not None else 0)

@@ -4,11 +4,11 @@ The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
 csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` (the Gram
 product and, for hybrid and divprune, torch ops from :mod:`mmrprune.prepare`; the scores and
-norms of the other methods come from one prepare kernel at launch), in the *segment form*
+norms of the other methods come from the op's prepare kernel), in the *segment form*
 the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
-``b``, padded and packed alike); :class:`FusedGreedy` checks and launches it on one
-compiled module (``mmrprune._cuda`` here; a CPU-emulated build of the same sources
-plugs in with its own module, device type and op name):
+``b``, padded and packed alike); :class:`FusedGreedy` passes it to the op
+``mmrprune::fused_greedy``, which checks it, runs the prepare and greedy kernels and is
+implemented for CUDA tensors by ``mmrprune._cuda`` (for CPU tensors by its emulated build):
 
 * ``mmr``/``fps``: ``Imp`` per row, ``lam`` (0 for ``fps``);
 * ``hybrid``: the candidate pool as a per-row mask (sync-free segmented ranking),
@@ -32,8 +32,8 @@ Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
 sync-free); ``d2pruner`` is not implemented here, so ``backend="auto"`` uses
 the Triton or torch backend for it.
 
-The launch is registered as the custom op ``mmrprune::cuda_greedy`` with a fake
-(meta) implementation, so ``torch.compile`` can trace through it.  With
+The op has a fake (meta) implementation (:mod:`mmrprune.ops`), so ``torch.compile`` can trace
+through it.  With
 ``check_finite=False`` nothing here synchronises with the host (padded input;
 packed ``divprune``/``hybrid`` gather a padded copy, one sync; packed input in Gram
 mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one sync —
@@ -41,7 +41,6 @@ mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import ops
+from .. import ops  # noqa: F401  defines mmrprune::fused_greedy, which the module below implements
 from ..batch import SelectionBatch
 from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows, maxsim_plan
 from ..reference import NORM_EPS
@@ -70,7 +69,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes 
 # so that the Gram never decides whether a call fits in memory: long images (N = 32,768: a
 # 4 GiB Gram) fall back to row mode, whose workspace is O(N).
 WORKSPACE_LIMIT_BYTES = 2 << 30
-_GRAM_SMEM_STATE = -1                          # launcher's smem_state (-1 auto; tests set 0 to force global)
+_GRAM_SMEM_STATE = -1                          # the op's smem_state (-1 auto; tests set 0 to force global)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -246,12 +245,12 @@ def gram_n_max(batch: SelectionBatch, sim: str = "auto") -> Optional[int]:
 # ----------------------------------------------------------------------------- preparation
 @dataclass
 class KernelCall:
-    """Everything one fused-kernel call reads, in segment form (see :func:`prepare`).
+    """The arguments of one ``mmrprune::fused_greedy`` call, in segment form (see :func:`prepare`).
 
-    The per-row scores and, in Gram mode, the inverse norms are left to the launch's prepare
+    The per-row scores and, in Gram mode, the inverse norms are left to the op's prepare
     kernel (csrc/cuda/prepare.cu) wherever it can compute them: ``score`` is None unless
     ``score_kind`` is ``"keep"``, and ``inv_norm`` None in Gram mode means "from the Gram's
-    diagonal".  :meth:`FusedGreedy.complete` runs that kernel and fills them in."""
+    diagonal".  :meth:`FusedGreedy.complete` runs that kernel alone and fills them in (tests)."""
     rows: torch.Tensor                    # [R, D] features, contiguous, a kernel dtype
     score: Optional[torch.Tensor]         # [R] fp32 Imp / DPP q when score_kind == "keep", else None
     first_score: Optional[torch.Tensor]   # [R] fp32 DivPrune first-step score, else None
@@ -271,7 +270,7 @@ class KernelCall:
     max_round: int = 0                        # picks per round of the maxsim kernels; 0: the kernels' own
 
     def args(self) -> tuple:
-        """Positional arguments of the custom op, in its schema's order."""
+        """Positional arguments of ``mmrprune::fused_greedy``, in its schema's order (mmrprune/ops.py)."""
         return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
                 self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn, self.weights,
                 self.score_kind, self.width, self.max_round)
@@ -341,44 +340,6 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
 
 
 # ----------------------------------------------------------------------------- the launch
-def _check_call(c: KernelCall) -> None:
-    """Shapes, dtypes, devices and contiguity of a launch's tensors (values are the kernel's)."""
-    dev = c.rows.device
-    n_rows, bsz = c.rows.shape[0], c.starts.shape[0]
-    if c.score_kind not in SCORE_KINDS:
-        raise ValueError(f"cuda kernel: score_kind must be one of {list(SCORE_KINDS)}, got {c.score_kind!r}")
-    checks = [("starts", c.starts, torch.int64, bsz), ("lengths", c.lengths, torch.int64, bsz),
-              ("ks", c.ks, torch.int64, bsz)]
-    if c.width and c.width * bsz != n_rows:
-        raise ValueError(f"cuda kernel: padded rows must be [B * width = {c.width * bsz}], got {n_rows}")
-    if c.score_kind == "keep":
-        if c.score is None:
-            raise ValueError("cuda kernel: score_kind 'keep' needs a score")
-        checks.append(("score", c.score, torch.float32, n_rows))
-    if c.weights is not None:
-        checks.append(("weights", c.weights, torch.float32, n_rows))
-    if c.gram is not None:
-        if c.gram.dim() != 3 or c.gram.shape[0] != bsz or c.gram.shape[1] != c.gram.shape[2]:
-            raise ValueError(f"cuda kernel: gram must be [B={bsz}, n_max, n_max], got {tuple(c.gram.shape)}")
-        if c.width and c.width != c.gram.shape[1]:
-            raise ValueError(f"cuda kernel: padded rows of width {c.width} need a Gram of that width, "
-                             f"got {tuple(c.gram.shape)}")
-        checks.append(("gram", c.gram, torch.float32, None))
-        if c.inv_norm is not None:
-            checks.append(("inv_norm", c.inv_norm, torch.float32, n_rows))
-            if c.dpp:
-                if c.sqn is None:
-                    raise ValueError("cuda kernel: Gram-mode dpp with its own inv_norm needs sqn")
-                checks.append(("sqn", c.sqn, torch.float32, n_rows))
-    for name, t, dt, length in checks:
-        if t.dtype != dt or not t.is_contiguous() or t.device != dev:
-            raise ValueError(f"cuda kernel: {name} must be a contiguous {dt} tensor on {dev}")
-        if length is not None and tuple(t.shape) != (length,):
-            raise ValueError(f"cuda kernel: {name} must have shape [{length}], got {tuple(t.shape)}")
-    if not c.rows.is_contiguous():
-        raise ValueError("cuda kernel: rows must be contiguous")
-
-
 class _LazyStats(Mapping):
     """Statistics computed on first read: a statistic that costs device launches is paid for
     only by a caller that asks for it (``return_stats=True``)."""
@@ -398,28 +359,19 @@ class _LazyStats(Mapping):
         return len(self._makers)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return t.data_ptr() if t is not None else 0
-
-
 class FusedGreedy:
     """The fused greedy kernels of one compiled module, as a backend.
 
-    ``ext`` is ``mmrprune._cuda`` (device ``"cuda"``) or any module built from the same
-    ``csrc/cuda`` sources with the same bindings (for instance a CPU emulation, device
-    ``"cpu"``): preparation (:func:`prepare`), argument checks and the two launch paths are
-    shared, only the module, the tensors' device type and the op name differ."""
+    ``ext`` is ``mmrprune._cuda`` (device ``"cuda"``) or ``mmrprune._cuda_emu`` (the same
+    ``csrc/cuda`` sources with the kernels emulated, device ``"cpu"``).  Either module registers the
+    op ``mmrprune::fused_greedy`` for its device; preparation (:func:`prepare`) and the call are
+    shared, only the module and the tensors' device type differ."""
 
-    def __init__(self, name: str, ext, import_error: str, device_type: str, op_name: str,
+    def __init__(self, name: str, ext, import_error: str, device_type: str,
                  ready: Callable[[], tuple[bool, str]], summary: str):
         self.name, self.ext, self.import_error, self.device_type = name, ext, import_error, device_type
         self._ready = ready       # () -> (ok, why not): e.g. "is a GPU there"
         self.summary = summary    # what info() says of the backend when it is available
-        # codes of csrc/cuda/greedy.h's DType, as the module exports them
-        self.dtype_codes = ({} if ext is None else
-                            {torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
-                             torch.bfloat16: ext.DTYPE_BFLOAT16})
-        self.op = ops.register_op(op_name, self._make_launch(), _fake, device_type)
         self.backend = Backend(name=name, methods=METHODS, device_types=(device_type,), select=self.select,
                                status=self.status, options=TUNING)
 
@@ -435,149 +387,36 @@ class FusedGreedy:
     def module_name(self) -> str:
         return f"mmrprune._{self.name}"
 
-    def dtype_code(self, dtype: torch.dtype) -> int:
-        """Kernel dtype code of a feature dtype (float64 never reaches the kernel)."""
-        if dtype not in KERNEL_DTYPES:
-            raise TypeError(f"cuda kernel: features must be float16, bfloat16 or float32, got {dtype}")
-        return self.dtype_codes[dtype]
-
     def select(self, batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None):
         """``[B, k_max]`` local indices in selection order, -1 past each image's budget; from the
         kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick).
         ``sim``, ``max_round``: :func:`prepare`'s (the torch fallback has no such choice)."""
         if not runs_kernel(batch):
             return _tb.select(batch)   # topk (a sort), float64 input
+        if self.ext is None:
+            raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         call = prepare(batch, sim, max_round)
         if call.dpp:   # one pick per round: counted from the picks only when the stats are read
-            out, _ = self.op(*call.args(), False)
+            out, _ = torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE, dpp_rounds=False)
             return out, _LazyStats(rounds=lambda: (out >= 0).sum(dim=1))
-        out, rounds = self.op(*call.args())
+        out, rounds = torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE)
         return out, {"rounds": rounds}
 
-    def max_round(self, requested: int = 0) -> int:
-        """Picks per round of the maxsim kernels: ``requested`` (a call's ``max_round``), 0 for
-        the kernels' own ``MAX_ROUND``."""
-        if not requested:
-            return int(self.ext.MAX_ROUND)
-        if not 1 <= requested <= self.ext.MAX_ROUND:
-            raise ValueError(f"max_round: expected an int in [1, {self.ext.MAX_ROUND}], got {requested!r}")
-        return int(requested)
-
-    # ------------------------------------------------------------------ launch paths
-    def _make_launch(self):
-        kernels = self
-
-        def launch(rows: torch.Tensor, score: Optional[torch.Tensor], first_score: Optional[torch.Tensor],
-                   eligible: Optional[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, ks: torch.Tensor,
-                   k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
-                   inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None,
-                   weights: Optional[torch.Tensor] = None, score_kind: str = "keep",
-                   width: int = 0, max_round: int = 0, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-            return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
-                                             dpp, gram, inv_norm, sqn, weights, score_kind, width, max_round),
-                                  dpp_rounds=dpp_rounds)
-        return launch
+    def max_round(self) -> int:
+        """The kernels' own picks per round (``max_round=None``)."""
+        return int(self.ext.MAX_ROUND)
 
     def complete(self, c: KernelCall) -> KernelCall:
-        """``c`` with its score (and, in Gram mode, its norms) computed by the prepare kernel:
-        one launch, nothing when there is nothing to compute.  Tensors stay on ``c``'s device."""
+        """``c`` with its score (and, in Gram mode, its norms) computed by the prepare kernel alone
+        (``mmrprune::_fused_prepare``): for tests and the emulator harness, which check or run the
+        greedy kernels on the prepared values."""
         norms = c.gram is not None and c.inv_norm is None
         if not norms and c.score_kind == "keep":
             return c
-        dev, n_rows = c.rows.device, c.rows.shape[0]
-        score, inv, sqn = c.score, c.inv_norm, c.sqn
-        if c.score_kind != "keep":
-            score = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        if norms:
-            inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
-            sqn = torch.empty(n_rows, dtype=torch.float32, device=dev) if c.dpp else None
-        with self._device(dev):
-            self.ext.prepare(starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), batch=c.starts.shape[0],
-                             gram=c.gram.data_ptr() if norms else 0, ld=c.gram.shape[1] if norms else 0,
-                             width=c.width, inv_norm=_ptr(inv) if norms else 0, sqn=_ptr(sqn) if norms else 0,
-                             weights=_ptr(c.weights), score=_ptr(score) if c.score_kind != "keep" else 0,
-                             score_kind=SCORE_KINDS.index(c.score_kind), stream=self._stream(dev))
-        return dataclasses.replace(c, score=score, inv_norm=inv, sqn=sqn, score_kind="keep")
-
-    def launch(self, c: KernelCall, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the call, allocate the output and scratch, run the prepare kernel, then the Gram
-        or the row path.  Returns ``(picks [B, k_max], rounds [B])`` int64; for DPP with
-        ``dpp_rounds=False`` the rounds are left unwritten (the DPP kernels do not count them:
-        the caller counts the picks, if it needs them, without two more launches here)."""
-        if self.ext is None:
-            raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
-        dev = c.rows.device
-        if dev.type != self.device_type:
-            raise RuntimeError(f"{self.name} kernel: expected {self.device_type} tensors, got {dev}")
-        self.dtype_code(c.rows.dtype)
-        _check_call(c)
-        bsz, n_rows = c.starts.shape[0], c.rows.shape[0]
-        out = torch.empty((bsz, c.k_max), dtype=torch.int64, device=dev)
-        # every image's count is written by the maxsim kernels (DPP: counted below)
-        rounds = torch.empty(bsz, dtype=torch.int64, device=dev)
-        if bsz == 0 or c.k_max == 0 or n_rows == 0:
-            return out.fill_(-1), rounds.zero_()
-        c = self.complete(c)
-        with self._device(dev):
-            state = torch.empty(n_rows, dtype=torch.float32, device=dev)
-            taken = torch.empty(n_rows, dtype=torch.uint8, device=dev)
-            chol = torch.empty((n_rows, c.k_max), dtype=torch.float32, device=dev) if c.dpp else None
-            if c.gram is not None:
-                self._launch_gram(c, state, taken, chol, out, rounds, self._stream(dev))
-            else:
-                self._launch_rows(c, state, taken, chol, out, rounds, self._stream(dev))
-            if c.dpp and dpp_rounds:   # one pick per step
-                rounds = (out >= 0).sum(dim=1)
-        return out, rounds
-
-    def _device(self, dev: torch.device):
-        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-
-    @staticmethod
-    def _stream(dev: torch.device) -> int:
-        return torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-
-    def _launch_gram(self, c: KernelCall, state, taken, chol, out, rounds, stream: int) -> None:
-        """Gram mode: similarity rows come from ``c.gram``; no feature reads in the greedy loop."""
-        common = dict(gram=c.gram.data_ptr(), ld=c.gram.shape[1], inv_norm=c.inv_norm.data_ptr(),
-                      starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), ks=c.ks.data_ptr(),
-                      batch=c.starts.shape[0], k_max=c.k_max, taken_scratch=taken.data_ptr(),
-                      out=out.data_ptr(), stream=stream)
-        if c.dpp:
-            self.ext.greedy_dpp_gram(sqn=c.sqn.data_ptr(), q=c.score.data_ptr(), d2_scratch=state.data_ptr(),
-                                     c_scratch=chol.data_ptr(), **common)
-        else:
-            self.ext.greedy_maxsim_gram(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
-                                        eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
-                                        rounds=rounds.data_ptr(), max_round=self.max_round(c.max_round),
-                                        smem_state=int(_GRAM_SMEM_STATE), **common)
-
-    def _launch_rows(self, c: KernelCall, state, taken, chol, out, rounds, stream: int) -> None:
-        """Row mode: inverse norms first, then each step recomputes ``sim(p, ·)`` from the rows."""
-        n_rows, dim = c.rows.shape
-        dev = c.rows.device
-        code = self.dtype_code(c.rows.dtype)
-        inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        sq = torch.empty(n_rows, dtype=torch.float32, device=dev) if c.dpp else None
-        self.ext.inv_norms(x=c.rows.data_ptr(), dtype=code, rows=n_rows, dim=dim, inv_norm=inv.data_ptr(),
-                           sqn=_ptr(sq), stream=stream)
-        common = dict(x=c.rows.data_ptr(), dtype=code, rows=n_rows, dim=dim, inv_norm=inv.data_ptr(),
-                      starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), ks=c.ks.data_ptr(),
-                      batch=c.starts.shape[0], k_max=c.k_max, taken_scratch=taken.data_ptr(),
-                      out=out.data_ptr(), stream=stream)
-        if c.dpp:
-            self.ext.greedy_dpp(sqn=sq.data_ptr(), q=c.score.data_ptr(), d2_scratch=state.data_ptr(),
-                                c_scratch=chol.data_ptr(), **common)
-        else:
-            self.ext.greedy_maxsim(imp=c.score.data_ptr(), first_score=_ptr(c.first_score),
-                                   eligible=_ptr(c.eligible), lam=float(c.lam), m_scratch=state.data_ptr(),
-                                   rounds=rounds.data_ptr(), max_round=self.max_round(c.max_round), **common)
-
-
-def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
-          sqn=None, weights=None, score_kind="keep", width=0, max_round=0, dpp_rounds=True):
-    return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
-            rows.new_empty((starts.shape[0],), dtype=torch.int64))
+        score, inv, sqn = torch.ops.mmrprune._fused_prepare(c.rows, c.starts, c.lengths, c.gram if norms else None,
+                                                            c.weights, c.score_kind, c.width, c.dpp)
+        return dataclasses.replace(c, score=c.score if score is None else score, inv_norm=c.inv_norm if inv is None
+                                   else inv, sqn=c.sqn if sqn is None else sqn, score_kind="keep")
 
 
 def _gpu_ready() -> tuple[bool, str]:
@@ -592,11 +431,9 @@ def _gpu_ready() -> tuple[bool, str]:
                    "(nvidia-smi lists it) and the GPU visible (CUDA_VISIBLE_DEVICES)")
 
 
-KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", op_name="cuda_greedy", ready=_gpu_ready,
+KERNELS = FusedGreedy("cuda", _ext, _IMPORT_ERROR, device_type="cuda", ready=_gpu_ready,
                       summary=("fused CUDA kernel: one block per image, all greedy steps in one launch "
                                "(similarity rows from a tensor-core Gram when it fits; sim='rows'/'gram' overrides)"))
 BACKEND = KERNELS.backend
-cuda_greedy = KERNELS.op
 status = KERNELS.status
 select = KERNELS.select
-dtype_code = KERNELS.dtype_code

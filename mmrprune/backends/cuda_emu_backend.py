@@ -5,8 +5,9 @@ For tests and CI on machines without a GPU (csrc/README.md, "CUDA emulator"): th
 with each CUDA thread run as a CPU fiber (csrc/emu/cuda_emu.h).  A call runs exactly the
 ``cuda`` backend's path: :func:`cuda_backend.prepare` (torch ops on CPU: Imp/q, hybrid pool,
 DivPrune first score, Gram and norms in Gram mode, the ``sim=`` choice) and
-:class:`cuda_backend.FusedGreedy`'s launch (checks, scratch, row/Gram kernels, shared-memory opt-in),
-then the emulated kernels.  Slow (every barrier is a context switch of every thread): never
+:class:`cuda_backend.FusedGreedy`'s call of ``mmrprune::fused_greedy``, whose CPU implementation is
+this module: the op source of ``mmrprune._cuda`` (checks, scratch, row/Gram kernels, shared-memory
+opt-in) driving the emulated kernels.  Slow (every barrier is a context switch of every thread): never
 chosen by ``backend="auto"``.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _build_reason() -> str:
 
 KERNELS = _cb.FusedGreedy(
     "cuda_emu", _ext, _IMPORT_ERROR and f"{_IMPORT_ERROR}: {_build_reason()}", device_type="cpu",
-    op_name="cuda_emu_greedy", ready=lambda: (True, ""),
+    ready=lambda: (True, ""),
     summary=("the unmodified CUDA kernels on CPU tensors, one fiber per GPU thread (csrc/emu): "
              "tests and CI without a GPU; slow, never picked by 'auto'"))
 BACKEND = KERNELS.backend
