@@ -2,9 +2,10 @@
 
 Runs everywhere:
 * the compile check (bench/cuda_compile_check.sh: compile for sm_80/sm_90, link,
-  no spills), skipped when nvcc is absent;
-* the extension's argument checks, on the module built by that check (no GPU
-  needed: they fail before any CUDA call);
+  no spills), skipped when nvcc is absent, and the built module loading into this CPU torch
+  with the op's CUDA implementation registered against its schema;
+* the op's argument checks (csrc/cuda/op.cpp), on its emulator build (CPU tensors; the same
+  source as the CUDA one): each fails before a launch;
 * the torch-side preparation in segment form (hybrid pool, DivPrune first score,
   Imp / q layout, padded and packed) against the float64 reference, on CPU tensors;
 * the workspace formula and its 2 GiB bound at N = 32,768;
@@ -21,7 +22,6 @@ global token state).  GPU only: CUDA-graph capture with check_finite=False.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -139,120 +139,105 @@ def test_occupancy_arithmetic():
     assert occ("sm_80", 32, 256, 120 * 1024) == {"blocks_per_sm": 1, "occupancy": 0.125, "limiter": "smem"}
 
 
-@pytest.fixture(scope="module")
-def ext(compiled):
-    """The freshly built extension module, imported from the build dir."""
+def test_compiled_module_loads_into_cpu_torch_and_registers_the_ops(compiled):
+    """The module the compile check linked (op source against torch's CPU headers and libraries,
+    kernels with the static CUDA runtime) imports into this CPU torch and registers
+    mmrprune::fused_greedy and _fused_prepare for CUDA tensors; the dispatcher compares the C++
+    signatures with the schemas of mmrprune/ops.py at that point.  Run in a fresh interpreter:
+    this one has the package's own mmrprune._cuda registered already."""
     proc, build = compiled
-    if proc.returncode != 0:
-        pytest.fail(f"compile check failed:\n{proc.stdout}\n{proc.stderr}")
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
     so = [f for f in os.listdir(build) if f.startswith("_cuda") and f.endswith(".so")]
     assert so, f"no _cuda*.so in {build}: {os.listdir(build)}"
-    spec = importlib.util.spec_from_file_location("_cuda", os.path.join(build, so[0]))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    code = f"""
+import importlib.util, torch
+import mmrprune.ops   # the schemas
+spec = importlib.util.spec_from_file_location("_cuda", {os.path.join(build, so[0])!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+for op in ("fused_greedy", "_fused_prepare"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mmrprune::" + op, "CUDA"), op
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("mmrprune::" + op, "CPU"), op
+assert mod.MAX_ROUND == 8 and mod.smem_bytes(4096) == 4096 * 4 and mod.gram_state_smem_bytes(2691) == 5 * 2691
+assert len({{mod.DTYPE_FLOAT32, mod.DTYPE_FLOAT16, mod.DTYPE_BFLOAT16}}) == 3
+assert not hasattr(mod, "launches")   # the emulator's counter only
+print("loaded")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0 and "loaded" in run.stdout, run.stdout + run.stderr
 
 
-def _maxsim_args(**over):
-    # fake but aligned, non-null addresses: every check here fails before a CUDA call
-    a = dict(x=256, dtype=2, rows=10, dim=64, inv_norm=512, imp=1024, first_score=0, eligible=0, starts=2048,
-             lengths=4096, ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536,
-             rounds=0, max_round=8, stream=0)
+# ----------------------------------------------------------------------------- op argument checks
+# The op's checks are one C++ source for both builds; they run here on the emulator build (CPU
+# tensors), and every one fails before a kernel is launched.
+def _op_args(**over):
+    rows = torch.zeros(10, 8, dtype=torch.bfloat16)
+    seg = torch.tensor([0, 5])
+    a = dict(rows=rows, score=torch.zeros(10), first_score=None, eligible=None, starts=seg,
+             lengths=torch.tensor([5, 5]), ks=torch.tensor([2, 2]), k_max=3, lam=0.5, dpp=False)
     a.update(over)
     return a
 
 
-def test_extension_constants(ext):
-    # the backend takes its dtype codes from the module it launches
-    kernels = cb.FusedGreedy("test_constants", ext, "", "cuda", "test_constants_greedy", cb._gpu_ready, summary="")
-    assert kernels.dtype_code(torch.float16) == ext.DTYPE_FLOAT16
-    assert kernels.dtype_code(torch.bfloat16) == ext.DTYPE_BFLOAT16
-    assert len({ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16}) == 3
-    assert ext.smem_bytes(4096) == 4096 * 4
-    assert ext.MAX_ROUND == 8
+def _emu_op():
+    from mmrprune.backends import cuda_emu_backend as emu
+    ok, why = emu.status()
+    if not ok:
+        pytest.skip(f"the op's CPU implementation is the emulator build: {why}")
+    return torch.ops.mmrprune.fused_greedy
 
 
-@pytest.mark.parametrize("over, needle", [
-    (dict(x=0), "x must be a non-null"),
-    (dict(dtype=7), "dtype code"),
-    (dict(x=257), "aligned"),
-    (dict(dim=0), "dim must be >= 1"),
-    (dict(rows=-1), "rows must be >= 0"),
-    (dict(batch=-2), "batch must be >= 0"),
-    (dict(k_max=-1), "k_max must be >= 0"),
-    (dict(lam=1.5), "lam must be in [0, 1]"),
-    (dict(lam=float("nan")), "lam must be in [0, 1]"),
-    (dict(ks=0), "non-null"),
-    (dict(out=65540), "8-byte aligned"),
-    (dict(m_scratch=0), "m_scratch must be a non-null"),
-    (dict(first_score=6), "4-byte aligned"),
-    (dict(max_round=0), "max_round must be in [1, 8], got 0"),
-    (dict(max_round=9), "max_round must be in [1, 8], got 9"),
-    (dict(rounds=131076), "rounds must be 8-byte aligned"),
+@pytest.mark.parametrize("over, error, needle", [
+    (dict(rows=torch.zeros(10, 8, dtype=torch.float64)), TypeError, "rows must be float16, bfloat16 or float32"),
+    (dict(rows=torch.zeros(10, dtype=torch.bfloat16)), ValueError, "rows must be 2-D [rows, dim]"),
+    (dict(rows=torch.zeros(8, 10, dtype=torch.bfloat16).t()), ValueError, "rows must be contiguous"),
+    (dict(starts=torch.tensor([0, 5], dtype=torch.int32)), TypeError, "starts must be Long, got Int"),
+    (dict(lengths=torch.tensor([5, 5, 0])), ValueError, "lengths must have shape [2]"),
+    (dict(ks=torch.tensor([2, 2])[::1].repeat(2)[::2]), ValueError, "ks must be contiguous"),
+    (dict(k_max=-1), ValueError, "k_max must be >= 0, got -1"),
+    (dict(lam=1.5), ValueError, "lam must be in [0, 1], got 1.5"),
+    (dict(lam=float("nan")), ValueError, "lam must be in [0, 1]"),
+    (dict(score=None), ValueError, "score_kind 'keep' needs a score"),
+    (dict(score=torch.zeros(9)), ValueError, "score must have shape [10]"),
+    (dict(score=torch.zeros(10, dtype=torch.float64)), TypeError, "score must be Float"),
+    (dict(first_score=torch.zeros(3)), ValueError, "first_score must have shape [10]"),
+    (dict(eligible=torch.zeros(10)), TypeError, "eligible must be Byte"),
+    (dict(score_kind="nope"), ValueError, "score_kind must be one of 'keep', 'imp', 'quality', 'zero'"),
+    (dict(width=4), ValueError, "padded rows must be [B * width = 8], got 10"),
+    (dict(width=-1), ValueError, "width must be >= 0"),
+    (dict(gram=torch.zeros(2, 5, 4)), ValueError, "gram must be [B=2, n_max, n_max]"),
+    (dict(gram=torch.zeros(2, 5, 5, dtype=torch.float16)), TypeError, "gram must be Float"),
+    (dict(gram=torch.zeros(2, 4, 4), width=5), ValueError, "padded rows of width 5 need a Gram of that width"),
+    (dict(inv_norm=torch.zeros(10)), ValueError, "inv_norm is read in Gram mode only"),
+    (dict(gram=torch.zeros(2, 5, 5), inv_norm=torch.zeros(10), dpp=True), ValueError, "needs sqn"),
+    (dict(max_round=9), ValueError, "max_round must be 0 (the kernels' own, 8) or in [1, 8], got 9"),
+    (dict(max_round=-1), ValueError, "max_round must be 0"),
+    (dict(smem_state=2), ValueError, "smem_state must be -1 (auto), 0 (global scratch) or 1"),
 ])
-def test_extension_rejects_bad_arguments(ext, over, needle):
-    with pytest.raises(ValueError, match="mmrprune._cuda") as info:
-        ext.greedy_maxsim(**_maxsim_args(**over))
+def test_op_rejects_bad_arguments(over, error, needle):
+    op = _emu_op()
+    from mmrprune.backends import cuda_emu_backend as emu
+    before = emu.KERNELS.ext.launches()
+    with pytest.raises(error, match="mmrprune::fused_greedy") as info:
+        op(**_op_args(**over))
     assert needle in str(info.value)
+    assert emu.KERNELS.ext.launches() == before    # rejected before any launch
 
 
-def test_extension_dpp_and_norm_checks(ext):
-    with pytest.raises(ValueError, match="c_scratch must be a non-null"):
-        ext.greedy_dpp(x=256, dtype=0, rows=4, dim=8, inv_norm=512, sqn=1024, q=2048, starts=4096, lengths=8192,
-                       ks=16384, batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=0,
-                       out=131072, stream=0)
-    with pytest.raises(ValueError, match="inv_norm must be a non-null"):
-        ext.inv_norms(x=256, dtype=1, rows=4, dim=8, inv_norm=0, sqn=0, stream=0)
+def test_op_accepts_the_base_arguments():
+    """The arguments the rejection cases start from are valid (so each case fails on its change)."""
+    out, rounds = _emu_op()(**_op_args())
+    assert out.shape == (2, 3) and (out[:, :2] >= 0).all() and (out[:, 2] == -1).all()
+    assert rounds.shape == (2,)
 
 
-def _gram_args(**over):
-    a = dict(gram=128, ld=10, inv_norm=512, imp=1024, first_score=0, eligible=0, starts=2048, lengths=4096,
-             ks=8192, batch=2, k_max=3, lam=0.5, m_scratch=16384, taken_scratch=32768, out=65536, rounds=0,
-             max_round=8, smem_state=-1, stream=0)
-    a.update(over)
-    return a
-
-
-@pytest.mark.parametrize("over, needle", [
-    (dict(gram=0), "gram must be a non-null"),
-    (dict(gram=130), "gram must be 4-byte aligned"),
-    (dict(ld=0), "ld (the Gram's padded image length) must be >= 1"),
-    (dict(ld=1 << 40), "ld must fit in int32"),
-    (dict(smem_state=2), "smem_state must be -1, 0 or 1"),
-    (dict(lam=-0.1), "lam must be in [0, 1]"),
-    (dict(inv_norm=0), "inv_norm must be a non-null"),
-    (dict(out=65540), "8-byte aligned"),
-])
-def test_extension_gram_rejects_bad_arguments(ext, over, needle):
-    with pytest.raises(ValueError, match="mmrprune._cuda") as info:
-        ext.greedy_maxsim_gram(**_gram_args(**over))
-    assert needle in str(info.value)
-
-
-def test_extension_gram_dpp_checks_and_smem_size(ext):
-    assert ext.gram_state_smem_bytes(2691) == 5 * 2691
-    with pytest.raises(ValueError, match="sqn must be a non-null"):
-        ext.greedy_dpp_gram(gram=128, ld=4, inv_norm=512, sqn=0, q=2048, starts=4096, lengths=8192, ks=16384,
-                            batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=131072,
-                            out=262144, stream=0)
-
-
-@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (fake pointers must not reach a real GPU)")
-def test_extension_gram_launch_without_gpu_raises_runtime_error(ext):
-    with pytest.raises(RuntimeError, match="mmrprune._cuda: "):
-        ext.greedy_maxsim_gram(**_gram_args())
-    # the DPP launcher asks the device for its shared-memory limit first (Cholesky rows), as the
-    # maxsim one does: without a GPU that query is the error, still a RuntimeError naming the module
-    with pytest.raises(RuntimeError, match="mmrprune._cuda: "):
-        ext.greedy_dpp_gram(gram=128, ld=4, inv_norm=512, sqn=640, q=2048, starts=4096, lengths=8192, ks=16384,
-                            batch=1, k_max=2, d2_scratch=32768, taken_scratch=65536, c_scratch=131072,
-                            out=262144, stream=0)
-
-
-@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (fake pointers must not reach a real GPU)")
-def test_extension_launch_without_gpu_raises_runtime_error(ext):
-    with pytest.raises(RuntimeError, match="mmrprune._cuda: inv_norm_kernel launch"):
-        ext.inv_norms(x=256, dtype=1, rows=4, dim=8, inv_norm=512, sqn=0, stream=0)
+def test_prepare_op_rejects_bad_arguments():
+    _emu_op()
+    rows, seg = torch.zeros(10, 8), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="score_kind must be one of"):
+        torch.ops.mmrprune._fused_prepare(rows, seg, seg, None, None, "nope", 0, False)
+    with pytest.raises(TypeError, match="weights must be Float"):
+        torch.ops.mmrprune._fused_prepare(rows, seg, seg, None, torch.zeros(10, dtype=torch.float64), "imp", 0, False)
 
 
 # ----------------------------------------------------------------------------- backend contract
@@ -271,8 +256,6 @@ def test_backend_contract():
 
 
 def test_float64_has_no_kernel_dtype():
-    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        cb.dtype_code(torch.float64)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         cb.prepare(validate(torch.randn(4, 3, dtype=torch.float64), None, k=2, keep_ratio=None, lam=0.5,
                             method="mmr").batch)
@@ -522,15 +505,15 @@ def test_prepare_rejects_non_kernel_method():
 # ----------------------------------------------------------------------------- custom op (fake path, CPU)
 def test_custom_op_fake_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    assert hasattr(torch.ops.mmrprune, "cuda_greedy")
+    assert hasattr(torch.ops.mmrprune, "fused_greedy")
     with FakeTensorMode():
         rows = torch.empty(12, 8, dtype=torch.bfloat16)
         score = torch.empty(12)
         seg = torch.zeros(3, dtype=torch.int64)
-        out, rounds = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False)
+        out, rounds = torch.ops.mmrprune.fused_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False)
         assert out.shape == (3, 5) and out.dtype == torch.int64
         assert rounds.shape == (3,) and rounds.dtype == torch.int64
-        out, rounds = torch.ops.mmrprune.cuda_greedy(rows, score, score, None, seg[:2], seg[:2], seg[:2], 7, 0.0,
+        out, rounds = torch.ops.mmrprune.fused_greedy(rows, score, score, None, seg[:2], seg[:2], seg[:2], 7, 0.0,
                                                      True)
         assert out.shape == (2, 7) and rounds.shape == (2,)
 
@@ -539,13 +522,13 @@ def test_custom_op_traces_into_fx_graph():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(rows, score, starts, lengths, ks):
-        return torch.ops.mmrprune.cuda_greedy(rows, score, None, None, starts, lengths, ks, 4, 0.5, False)
+        return torch.ops.mmrprune.fused_greedy(rows, score, None, None, starts, lengths, ks, 4, 0.5, False)
 
     args = (torch.empty(10, 8, device="meta"), torch.empty(10, device="meta"),
             torch.zeros(2, dtype=torch.int64, device="meta"), torch.zeros(2, dtype=torch.int64, device="meta"),
             torch.zeros(2, dtype=torch.int64, device="meta"))
     gm = make_fx(f, tracing_mode="fake")(*args)
-    assert "mmrprune.cuda_greedy" in str(gm.graph)
+    assert "mmrprune.fused_greedy" in str(gm.graph)
 
 
 def test_custom_op_fake_with_gram_arguments():
@@ -555,14 +538,14 @@ def test_custom_op_fake_with_gram_arguments():
         rows = torch.empty(12, 8, dtype=torch.bfloat16)
         score, seg = torch.empty(12), torch.zeros(3, dtype=torch.int64)
         gram = torch.empty(3, 4, 4)
-        out, _ = torch.ops.mmrprune.cuda_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False,
+        out, _ = torch.ops.mmrprune.fused_greedy(rows, score, None, None, seg, seg, seg, 5, 0.5, False,
                                                 gram, score, None)
         assert out.shape == (3, 5) and out.dtype == torch.int64
 
     def f(x, score, starts, lengths, ks):          # Gram computed by torch ops, then the op: one graph
         inv, sqn = cb.row_inv_norms(x.reshape(-1, x.shape[-1]))
         g = cb.gram_matrix(x)
-        return torch.ops.mmrprune.cuda_greedy(x.reshape(-1, x.shape[-1]), score, None, None, starts, lengths, ks,
+        return torch.ops.mmrprune.fused_greedy(x.reshape(-1, x.shape[-1]), score, None, None, starts, lengths, ks,
                                               4, 0.0, True, g, inv, sqn)
 
     args = (torch.empty(2, 5, 8, dtype=torch.bfloat16, device="meta"), torch.empty(10, device="meta"),
@@ -570,15 +553,15 @@ def test_custom_op_fake_with_gram_arguments():
             torch.zeros(2, dtype=torch.int64, device="meta"))
     gm = make_fx(f, tracing_mode="fake")(*args)
     text = str(gm.graph)
-    assert "mmrprune.cuda_greedy" in text and "bmm" in text
+    assert "mmrprune.fused_greedy" in text and "bmm" in text
 
 
-def test_launch_rejects_cpu_tensors():
-    if cb._ext is None:
-        pytest.skip("extension mmrprune._cuda not built in the package")
-    seg = torch.zeros(1, dtype=torch.int64)
-    with pytest.raises((RuntimeError, NotImplementedError)):
-        cb.cuda_greedy(torch.zeros(3, 4), torch.zeros(3), None, None, seg, seg, seg, 1, 0.5, False)
+def test_op_is_implemented_per_device_by_the_built_modules():
+    """One op, two implementations: CUDA tensors run mmrprune._cuda, CPU tensors the emulator
+    build mmrprune._cuda_emu; a module that is not built leaves its key without a kernel."""
+    from mmrprune.backends import cuda_emu_backend as emu
+    for ext, key in ((cb.KERNELS.ext, "CUDA"), (emu.KERNELS.ext, "CPU")):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("mmrprune::fused_greedy", key) == (ext is not None), key
 
 
 # ----------------------------------------------------------------------------- kernels: GPU or emulator
@@ -598,11 +581,8 @@ class KernelTarget:
         return gpu if self.backend == "cuda" else emu
 
     def greedy_rounds(self, *args):
-        """The kernel op: ``(picks [B, k_max], rounds [B])``."""
-        if self.backend == "cuda":
-            return cb.cuda_greedy(*args)
-        from mmrprune.backends import cuda_emu_backend as emu
-        return emu.KERNELS.op(*args)
+        """The kernel op: ``(picks [B, k_max], rounds [B])`` (the tensors' device picks the build)."""
+        return torch.ops.mmrprune.fused_greedy(*args, smem_state=cb._GRAM_SMEM_STATE)
 
     def greedy(self, *args):
         return self.greedy_rounds(*args)[0]
@@ -818,23 +798,3 @@ def test_gpu_cuda_graph_capture_without_host_sync(mode, dtype, method):
     assert torch.equal(captured, eager)
 
 
-@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path (CPU pointers must not reach a real GPU)")
-@pytest.mark.parametrize("method", ["mmr", "hybrid", "divprune", "dpp"])
-@pytest.mark.parametrize("sim", ["rows", "gram"])
-def test_both_launch_paths_reach_the_extension(ext, method, sim):
-    """The row and Gram launch paths call the module with the keywords its bindings declare:
-    on a machine without a GPU the call gets past the bindings' argument checks and fails
-    at the CUDA launch (a wrong keyword would be a TypeError, a bad pointer a ValueError)."""
-    kernels = cb.FusedGreedy("cpu_test", ext, "", "cpu", "test_launch_paths_greedy", lambda: (True, ""), summary="")
-    x = torch.randn(2, 9, 16, dtype=torch.float16)
-    batch = validate(x, torch.rand(2, 9), k=3, keep_ratio=None, lam=0.5, method=method,
-                     lengths=torch.tensor([9, 4])).batch
-    call = cb.prepare(batch, sim)
-    assert (call.gram is not None) == (sim == "gram")
-    if call.score_kind != "keep" or (call.gram is not None and call.inv_norm is None):
-        # the prepare kernel's entry point first, then the greedy one with its outputs in place
-        with pytest.raises(RuntimeError, match="mmrprune._cuda: prepare kernel: "):
-            kernels.launch(call)
-        call = _completed(call)
-    with pytest.raises(RuntimeError, match="mmrprune._cuda: (cudaGetDevice|.*launch)"):
-        kernels.launch(call)

@@ -34,6 +34,7 @@ int64_t first_step(py::array_t<T, py::array::c_style> xn, py::array_t<T, py::arr
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
+  register_cpu_select();  // a failure is the import's error (ImportError)
   m.doc() = "mmrprune C++ CPU backend (greedy token selection over a segment-form batch)";
   // float64 first, so that a float64 array is not converted to float32
   m.def("divprune_first_step", &first_step<double>, py::arg("xn").noconvert(), py::arg("best").noconvert(),

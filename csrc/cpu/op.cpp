@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -105,6 +106,16 @@ at::Tensor cpu_select(const at::Tensor& rows, const at::Tensor& importance, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmrprune, CPU, m) { m.impl("cpu_select", &cpu_select); }
+// Called by the module's init (module.cpp), not run as a static initializer: a signature that does
+// not match the schema in mmrprune/ops.py (a stale build) fails the import with the dispatcher's
+// message instead of aborting the process.
+void register_cpu_select() {
+  static std::unique_ptr<torch::Library> lib;
+  if (lib) return;
+  auto l = std::make_unique<torch::Library>(torch::Library::IMPL, "mmrprune", std::make_optional(c10::DispatchKey::CPU),
+                                            __FILE__, __LINE__);
+  l->impl("cpu_select", &cpu_select);
+  lib = std::move(l);  // kept for the process's lifetime: dropping it would unregister the kernel
+}
 
 }  // namespace mmrprune

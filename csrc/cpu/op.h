@@ -14,4 +14,7 @@ inline constexpr std::pair<std::string_view, Method> kMethodNames[] = {
     {"hybrid", Method::HYBRID}, {"dpp", Method::DPP},       {"d2pruner", Method::D2PRUNER},
 };
 
+// Registers cpu_select's CPU implementation (op.cpp); the module calls it when imported.
+void register_cpu_select();
+
 }  // namespace mmrprune

@@ -1,6 +1,6 @@
 // pybind11 module mmrprune._cuda (and, built with the emulated kernels, mmrprune._cuda_emu).
 //
-// Importing it registers the fused greedy ops (op.cpp).  What is here is not on the selection
+// Importing it registers the fused greedy ops' implementations (op.cpp).  What is here is not on the selection
 // path: the kernels' constants and shared-memory sizes, and the emulator's launch counter.
 #include <pybind11/pybind11.h>
 
@@ -16,7 +16,10 @@ long mmrprune_emu_launches();  // emu_hooks.cpp
 
 namespace py = pybind11;
 
+void mmrprune_register_fused_ops();  // op.cpp
+
 PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
+  mmrprune_register_fused_ops();  // a failure is the import's error (ImportError)
   m.doc() = "mmrprune fused CUDA greedy selection: registers the ops mmrprune::fused_greedy and "
             "mmrprune::_fused_prepare (see csrc/cuda/NOTES.md)";
   // csrc/cuda/greedy.h's DType codes, for the C++ emulator harness (tests/emu_build.py)

@@ -9,7 +9,8 @@
 //
 // One source, two builds (setup.py): mmrprune._cuda registers these ops for CUDA tensors;
 // mmrprune._cuda_emu (the emulator build, MMRPRUNE_CUDA_MODULE defined) registers them for CPU
-// tensors, the same host code driving the emulated kernels (csrc/emu).
+// tensors, the same host code driving the emulated kernels (csrc/emu).  Registered when the module
+// is imported (mmrprune_register_fused_ops).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
@@ -19,6 +20,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -284,7 +286,16 @@ std::tuple<Tensor, Tensor, Tensor> fused_prepare(const Tensor& rows, const Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmrprune, MMRPRUNE_DISPATCH_KEY, m) {
-  m.impl("fused_greedy", &fused_greedy);
-  m.impl("_fused_prepare", &fused_prepare);
+// Called by the module's init (module.cpp) rather than run as a static initializer
+// (TORCH_LIBRARY_IMPL): a C++ signature that does not match the schema in mmrprune/ops.py, e.g. a
+// stale build, then fails the import with the dispatcher's message instead of aborting the process.
+void mmrprune_register_fused_ops() {
+  static std::unique_ptr<torch::Library> lib;
+  if (lib) return;
+  auto l = std::make_unique<torch::Library>(torch::Library::IMPL, "mmrprune",
+                                            std::make_optional(c10::DispatchKey::MMRPRUNE_DISPATCH_KEY), __FILE__,
+                                            __LINE__);
+  l->impl("fused_greedy", &fused_greedy);
+  l->impl("_fused_prepare", &fused_prepare);
+  lib = std::move(l);  // kept for the process's lifetime: dropping it would unregister the kernels
 }
