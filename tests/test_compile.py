@@ -1,4 +1,4 @@
-"""mmrprune.select inside torch.compile(fullgraph=True) on CPU tensors, and the custom op's opcheck."""
+"""mmrprune.select inside torch.compile(fullgraph=True) on CPU tensors, and the native ops' opcheck."""
 from __future__ import annotations
 
 import pytest
@@ -72,3 +72,22 @@ def test_fake_impl_shape():
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         out = torch.ops.mmrprune.cpu_select(*args)
     assert out.shape == (2, 7) and out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("sim", ["rows", "gram"])
+@pytest.mark.parametrize("method", ["mmr", "dpp"])
+def test_opcheck_fused_greedy(method, sim):
+    """mmrprune::fused_greedy's schema, fake and C++ implementation agree (torch's opcheck), on its
+    emulator build: the same op source as the CUDA one, for CPU tensors."""
+    from mmrprune.backends import cuda_backend as cb
+    from mmrprune.backends import cuda_emu_backend as emu
+    from mmrprune.validation import validate
+    ok, why = emu.status()
+    if not ok:
+        pytest.skip(f"backend cuda_emu unavailable: {why}")
+    torch.manual_seed(2)
+    batch = validate(torch.randn(2, 12, 8, dtype=torch.bfloat16), torch.rand(2, 12), k=3, keep_ratio=None, lam=0.5,
+                     method=method, lengths=torch.tensor([12, 7])).batch
+    call = cb.prepare(batch, sim)
+    assert (call.gram is not None) == (sim == "gram")
+    torch.library.opcheck(torch.ops.mmrprune.fused_greedy.default, call.args(), {"dpp_rounds": method == "dpp"})

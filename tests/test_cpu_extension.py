@@ -140,10 +140,8 @@ def test_every_simd_path_matches_reference(isa):
     rows = torch.from_numpy(x).float().reshape(-1, d).contiguous()
     imp = torch.from_numpy(np.stack([R.normalized_importance(w[b], n) for b in range(2)])).float().reshape(-1)
     starts, lengths, ks = torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([k, k])
-    out = torch.empty((2, k), dtype=torch.int64)
-    ops._cpu.select(rows.data_ptr(), 0, rows.shape[0], d, starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(),
-                    2, k, imp.data_ptr(), 0, ops.METHOD_CODES["mmr"], 0.5, 0.5, 1.0, 0.5, 1, 0, 2,
-                    out.data_ptr(), isa)
+    out = torch.ops.mmrprune.cpu_select(rows, imp, None, starts, lengths, ks, k, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0,
+                                        isa=isa)
     for b in range(2):
         np.testing.assert_array_equal(out[b].numpy(), R.select_mmr(x[b], w[b], k, 0.5))
 
@@ -152,30 +150,36 @@ def test_extension_rejects_inconsistent_segments():
     rows = torch.randn(10, 4)
     imp = torch.zeros(10)
     starts, lengths, ks = torch.tensor([0]), torch.tensor([10]), torch.tensor([11])  # k > length
-    out = torch.empty((1, 11), dtype=torch.int64)
     with pytest.raises(ValueError, match="ks"):
-        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), lengths.data_ptr(), ks.data_ptr(), 1, 11,
-                        imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
+        torch.ops.mmrprune.cpu_select(rows, imp, None, starts, lengths, ks, 11, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
     with pytest.raises(ValueError, match="out of range"):
-        # every tensor whose address is passed stays bound: a temporary's
-        # data_ptr() is freed before the extension reads it (ASan: use-after-free)
-        bad_len, two = torch.tensor([12]), torch.tensor([2])
-        ops._cpu.select(rows.data_ptr(), 0, 10, 4, starts.data_ptr(), bad_len.data_ptr(), two.data_ptr(),
-                        1, 11, imp.data_ptr(), 0, 0, 0.5, 0.5, 1.0, 0.5, 1, 0, 1, out.data_ptr())
+        torch.ops.mmrprune.cpu_select(rows, imp, None, starts, torch.tensor([12]), torch.tensor([2]), 11, "mmr",
+                                      0.5, 0.5, 1.0, 0.5, 1, 0)
 
 
 def test_op_rejects_bad_tensors():
     rows, imp = torch.randn(10, 4), torch.zeros(10)
     s, n, k = torch.tensor([0]), torch.tensor([10]), torch.tensor([3])
     args = (s, n, k, 3, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
-    with pytest.raises(TypeError, match="importance"):
-        ops.cpu_select(rows, imp.double(), None, *args)
-    with pytest.raises(ValueError, match="contiguous"):
-        ops.cpu_select(torch.randn(4, 10).t(), imp, None, *args)
-    with pytest.raises(ValueError, match="unknown method"):
-        ops.cpu_select(rows, imp, None, s, n, k, 3, "nope", 0.5, 0.5, 1.0, 0.5, 1, 0)
-    with pytest.raises(ValueError, match="quality"):
-        ops.cpu_select(rows, imp, None, s, n, k, 3, "dpp", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    op = torch.ops.mmrprune.cpu_select
+    with pytest.raises(TypeError, match="importance must have dtype Float"):
+        op(rows, imp.double(), None, *args)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        op(torch.randn(4, 10).t(), imp, None, *args)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        op(rows, imp, None, s, n, k, 3, "nope", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(ValueError, match="method 'dpp' needs quality"):
+        op(rows, imp, None, s, n, k, 3, "dpp", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(ValueError, match="importance must have shape \\[10\\]"):
+        op(rows, imp[:9], None, *args)
+    with pytest.raises(TypeError, match="starts must have dtype Long"):
+        op(rows, imp, None, s.int(), n, k, 3, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(ValueError, match="ks must have shape \\[1\\]"):
+        op(rows, imp, None, s, n, torch.tensor([3, 3]), 3, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
+    with pytest.raises(TypeError, match="rows must be float32, float64, float16 or bfloat16"):
+        op(rows.int(), imp, None, *args)
+    with pytest.raises(ValueError, match="k_max must be >= 0"):
+        op(rows, imp, None, s, n, k, -1, "mmr", 0.5, 0.5, 1.0, 0.5, 1, 0)
 
 
 @pytest.mark.parametrize("method", R.METHODS)
@@ -241,8 +245,7 @@ def test_divprune_first_step_tiled_and_pruned(isa, dtype, n, d, kind):
     xn = np.ascontiguousarray(x64.astype(dtype))
     for threads in (1, 2):
         best = np.empty(n, dtype=dtype)
-        pick = ops._cpu.divprune_first_step(xn.ctypes.data, dtype == np.float64, n, d, threads,
-                                            best.ctypes.data, isa)
+        pick = ops._cpu.divprune_first_step(xn, best, threads, isa)
         if n == 1:
             assert pick == 0 and best[0] == -np.inf
             continue

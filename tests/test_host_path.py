@@ -1,9 +1,12 @@
 """The host path of the CUDA backend: how many device launches and host syncs one eager call costs.
 
 Run on the ``cuda_emu`` backend, which runs the ``cuda`` backend's host code unchanged on CPU
-tensors.  A :class:`TorchDispatchMode` sees every aten op the host issues; the launchers of the
-compiled module (prepare, inv_norms, greedy_*) are counted by wrapping the module, since the
-custom op is opaque to the mode.  Two CPU-only differences are accounted for, not hidden:
+tensors.  A :class:`TorchDispatchMode` sees every aten op the Python host code issues, and the op
+``mmrprune::fused_greedy`` as one opaque call; the kernels that op launches are counted by the
+emulator itself (``_cuda_emu.launches()``, every ``<<<>>>`` the emulated kernels run).  The op's
+own allocations (``at::empty`` of its output and scratch) launch nothing and are not seen; on the
+path counted here it issues no other aten op (``dpp_rounds=False``: DPP's rounds are counted from
+the picks only when asked for).  Two CPU-only differences are accounted for, not hidden:
 
 * validation checks value ranges on CPU tensors because that costs no sync there; on a GPU it
   does so only with ``check_finite=True``, which is what :func:`_as_accelerator` makes it do;
@@ -34,7 +37,7 @@ NO_LAUNCH = {"view", "_unsafe_view", "reshape", "transpose", "t", "expand", "uns
              "alias", "as_strided", "slice", "select", "permute", "empty", "empty_strided", "new_empty",
              "diagonal", "lift_fresh", "_reshape_alias"}
 SYNCS = {"_local_scalar_dense", "nonzero", "bool_index"}
-LAUNCHERS = ("prepare", "inv_norms", "greedy_maxsim", "greedy_maxsim_gram", "greedy_dpp", "greedy_dpp_gram")
+MMRPRUNE_OPS = {"fused_greedy"}   # counted by the kernels it launches
 # The budget of an eager call, validation included: the Gram product, the prepare kernel, the
 # greedy kernel, the position sort.
 LAUNCH_BUDGET = 4
@@ -59,31 +62,24 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _CountingModule:
-    """The compiled module with its launchers counted."""
+class _Calls:
+    """Host read-backs, counted at the Python methods, and the emulated kernel launches."""
 
     def __init__(self, ext):
-        self._ext, self.calls = ext, collections.Counter()
+        self._ext, self.calls, self._start = ext, collections.Counter(), ext.launches()
 
-    def __getattr__(self, name):
-        attr = getattr(self._ext, name)
-        if name not in LAUNCHERS:
-            return attr
+    def clear(self):
+        self.calls.clear()
+        self._start = self._ext.launches()
 
-        def counted(*args, **kwargs):
-            self.calls[name] += 1
-            return attr(*args, **kwargs)
-        return counted
+    def kernels(self) -> int:
+        return self._ext.launches() - self._start
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    module = _CountingModule(emu.KERNELS.ext)
-    monkeypatch.setattr(emu.KERNELS, "ext", module)
+    module = _Calls(emu.KERNELS.ext)
     monkeypatch.setattr(validation, "_value_checks", _as_accelerator)
-    # the eager route (ops.KernelOp calls the implementation), so the mode sees the op's own
-    # torch ops too, not the registered op as one opaque call
-    monkeypatch.setattr(mmrprune.ops, "_tracing", lambda first: False)
     # a read-back of a whole tensor does not dispatch an aten op on CPU (on CUDA it is a copy to
     # the host): counted at the Python method
     for name in ("tolist", "numpy"):
@@ -103,12 +99,12 @@ def _as_accelerator(device, check_finite):
 
 def _count(module, fn):
     fn()   # first call: one-time probes and caches stay out of the count
-    module.calls.clear()
+    module.clear()
     with _Counter() as mode:
         fn()
     ops = mode.ops
-    kernels = sum(n for name, n in module.calls.items() if name in LAUNCHERS)
-    aten_launches = sum(n for name, n in ops.items() if name not in NO_LAUNCH | SYNCS and not name.startswith("cuda_emu"))
+    kernels = module.kernels()
+    aten_launches = sum(n for name, n in ops.items() if name not in NO_LAUNCH | SYNCS and name not in MMRPRUNE_OPS)
     return ops, aten_launches, kernels, sum(ops[name] for name in SYNCS) + module.calls["read_back"]
 
 
@@ -138,8 +134,8 @@ def test_whole_call_few_launches_no_sync(counted, method, order):
     launches -= _cpu_gram_cast(ops)
     assert syncs == 0, ops
     assert ops["bmm"] == 1, ops   # Gram mode at this size
-    assert counted.calls["prepare"] == 1, counted.calls
-    assert launches + kernels <= LAUNCH_BUDGET, (ops, counted.calls)
+    assert ops["fused_greedy"] == 1 and kernels == 2, (ops, kernels)   # prepare + greedy
+    assert launches + kernels <= LAUNCH_BUDGET, (ops, kernels)
 
 
 @pytest.mark.parametrize("method", sorted(PINNED_LAUNCHES))
@@ -147,7 +143,7 @@ def test_whole_call_pinned_methods(counted, method):
     ops, launches, kernels, syncs = _count(counted, _select(method, False))
     launches -= _cpu_gram_cast(ops)
     assert syncs == 0, ops
-    assert launches + kernels <= PINNED_LAUNCHES[method], (ops, counted.calls)
+    assert launches + kernels <= PINNED_LAUNCHES[method], (ops, kernels)
 
 
 @pytest.mark.parametrize("method", BUDGET_METHODS + tuple(sorted(PINNED_LAUNCHES)))
@@ -175,3 +171,12 @@ def test_counter_sees_a_sync(counted):
     t = torch.arange(4)
     _, _, _, syncs = _count(counted, lambda: t[t > 1])
     assert syncs == 1
+
+
+def test_counter_sees_every_kernel(counted):
+    """The op's launches are counted one by one: row mode adds the norm kernel to Gram mode's
+    prepare and greedy kernels."""
+    x, w = _inputs()
+    _, _, kernels, _ = _count(counted, lambda: mmrprune.select(x, w, k=8, method="mmr", lam=0.5, sim="rows",
+                                                               backend="cuda_emu", check_finite=False))
+    assert kernels == 3

@@ -1,58 +1,60 @@
-"""mmrprune.ops: every custom op is registered there, eager calls skip the dispatcher,
-traced calls go through the registered op."""
+"""mmrprune.ops: each op's schema is defined once, the compiled modules register its
+implementations under their dispatch keys, and every call, eager or traced, goes through the
+dispatcher (no direct call of an implementation)."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
+import mmrprune
 from mmrprune import ops
 
 
-def _counting_op(name):
-    calls = []
-
-    def impl(x: torch.Tensor) -> torch.Tensor:
-        calls.append("impl")
-        return x + 1
-
-    def fake(x):
-        return torch.empty_like(x)
-
-    return ops.register_op(name, impl, fake, "cpu"), calls
+def test_every_schema_is_defined_once_with_a_fake():
+    for name, schema in ops.SCHEMAS.items():
+        found = torch._C._dispatch_find_schema_or_throw(f"mmrprune::{name}", "")
+        assert str(found.schema()) == str(torch._C.parse_schema(f"mmrprune::{schema}"))
+    for name in ("cpu_select", "fused_greedy"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mmrprune::{name}", "Meta"), name   # the fake
 
 
-def test_eager_call_runs_the_implementation_directly():
-    op, calls = _counting_op("test_ops_eager")
-    assert torch.equal(op(torch.zeros(2)), torch.ones(2))
-    assert calls == ["impl"]
-    # the registered op exists and gives the same answer through the dispatcher
-    assert torch.equal(torch.ops.mmrprune.test_ops_eager(torch.zeros(2)), torch.ones(2))
+@pytest.mark.skipif(ops._cpu is None, reason=f"mmrprune._cpu not built: {ops.CPU_IMPORT_ERROR}")
+def test_cpu_module_registers_the_cpu_kernel():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mmrprune::cpu_select", "CPU")
+    assert set(ops.METHOD_CODES) == set(mmrprune.reference.METHODS)
 
 
-def test_traced_call_goes_through_the_registered_op():
+@pytest.mark.skipif(ops._cpu is None, reason=f"mmrprune._cpu not built: {ops.CPU_IMPORT_ERROR}")
+def test_eager_select_goes_through_the_dispatcher():
+    """The profiler records the ops the dispatcher runs: an eager select's op is one of them."""
+    x = torch.randn(1, 16, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mmrprune.select(x, k=3, backend="cpu")
+    assert [e.name for e in prof.events()].count("mmrprune::cpu_select") == 1
+
+
+def test_fake_gives_the_output_shape_without_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    op, calls = _counting_op("test_ops_traced")
-    gm = make_fx(lambda x: op(x))(torch.zeros(3))
-    assert "mmrprune.test_ops_traced" in gm.code           # the tracer saw the op, not its insides
-    with FakeTensorMode() as mode:
-        out = op(mode.from_tensor(torch.zeros(4)))
-        assert out.shape == (4,)
-    assert torch.equal(op(torch.zeros(3, device="meta")).new_zeros(3, device="cpu"), torch.zeros(3))
-    seen = []
+    def f(rows, imp, starts):
+        return torch.ops.mmrprune.cpu_select(rows, imp, None, starts, starts, starts, 4, "mmr", 0.5, 0.5, 1.0, 0.5,
+                                             1, 0)
 
-    def spy(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(lambda x: op(x), fullgraph=True, backend=spy)(torch.zeros(2))
-    assert any("test_ops_traced" in t for t in seen), seen
+    with FakeTensorMode():
+        out = f(torch.empty(12, 8), torch.empty(12), torch.zeros(3, dtype=torch.int64))
+        assert out.shape == (3, 4) and out.dtype == torch.int64
+    gm = make_fx(f, tracing_mode="fake")(torch.empty(12, 8), torch.empty(12), torch.zeros(3, dtype=torch.int64))
+    assert "mmrprune.cpu_select" in gm.code
 
 
-def test_registering_twice_reuses_the_op():
-    first, _ = _counting_op("test_ops_twice")
-    second, calls = _counting_op("test_ops_twice")
-    assert first.op is not None and second.op is not None        # no "already registered" error
-    second(torch.zeros(1))
-    assert calls == ["impl"]          # the new implementation still serves eager calls
+@pytest.mark.skipif(ops._cpu is None, reason=f"mmrprune._cpu not built: {ops.CPU_IMPORT_ERROR}")
+def test_reimporting_ops_keeps_the_ops():
+    """ops.py imported again (a reload, or under a second name) defines nothing twice, and the
+    modules' kernels stay attached to the redefined schemas."""
+    x = torch.randn(1, 16, 8)
+    want = mmrprune.select(x, k=3, backend="cpu")
+    importlib.reload(ops)
+    assert torch.equal(mmrprune.select(x, k=3, backend="cpu"), want)
