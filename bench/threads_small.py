@@ -38,7 +38,7 @@ def _calls(x, w, k):
     rows, imp = x.reshape(b * n, d).contiguous(), w.reshape(b * n).contiguous()
     starts, lengths = torch.arange(b) * n, torch.full((b,), n)
     ks = torch.full((b,), k)
-    return {"kernel": lambda: ops._cpu_select(rows, imp, None, starts, lengths, ks, k, "mmr", 0.5, 0.0, 1.0, 0.0, 0, 0),
+    return {"kernel": lambda: torch.ops.mmrprune.cpu_select(rows, imp, None, starts, lengths, ks, k, "mmr", 0.5, 0.0, 1.0, 0.0, 0, 0),
             "select": lambda: mmrprune.select(x, w, k=k, method="mmr", backend="cpu")}
 
 

@@ -3,7 +3,7 @@
 // Every pointer is a raw device pointer; every launcher enqueues its work on
 // `stream` and returns without synchronising.  Launchers return an empty
 // string on success and a description of the failure otherwise (argument
-// checks happen in bindings.cpp; what is left here are CUDA errors and the
+// checks happen in op.cpp; what is left here are CUDA errors and the
 // shared-memory limit of the device).
 #pragma once
 
@@ -12,7 +12,7 @@
 
 namespace mmrprune_cuda {
 
-// dtype codes shared with mmrprune/backends/cuda_backend.py
+// dtype codes of the features (op.cpp maps torch dtypes to them)
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Threads per block of the greedy kernels (one block per image).
@@ -24,7 +24,7 @@ constexpr int kDppThreads = 512;
 // lists they carry; NOTES.md, "Exact rounds").  MaxSimState::max_round may lower it.
 constexpr int kMaxRound = 8;
 
-// ---- Launch parameters: plain structs of raw device addresses, filled by bindings.cpp.
+// ---- Launch parameters: plain structs of raw device addresses, filled by op.cpp.
 
 // Row mode's features: x is [rows, dim] of `dtype` (a DType code), contiguous.
 struct Features {
