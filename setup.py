@@ -203,7 +203,7 @@ class BuildExt(build_ext):
             compile_extra = recipe.CPU_OPENMP_FLAGS + user_compile
             jobs = [_cxx_job(cxx, s, os.path.join(tmp, os.path.basename(s) + ".o"), compile_extra) for s in ext.sources]
             _compile_all(jobs, tmp)
-            link_extra = ["-pthread", *recipe.CPU_OPENMP_FLAGS, *user_link, *recipe.torch_link_flags()]
+            link_extra = ["-pthread", *recipe.CPU_OPENMP_FLAGS, *user_link]
             self.facts.update(cpu_compiler=_cxx_version(cxx), cpu_flags=" ".join(CXX_FLAGS + compile_extra),
                               cpu_simd=SIMD_TARGETS,
                               cpu_threads="OpenMP (torch's libgomp): images over threads, spare threads help one image")
@@ -215,7 +215,7 @@ class BuildExt(build_ext):
                 # the headers are here, so a failure is a bug in csrc/ or csrc/emu/: never silent
                 raise SystemExit(f"mmrprune: building the CUDA emulator module mmrprune._cuda_emu failed ({exc}); "
                                  "set MMRPRUNE_CUDA_EMU=0 to skip it") from exc
-            link_extra = ["-pthread", *recipe.torch_link_flags()]
+            link_extra = ["-pthread"]
             self.facts.update(cuda_emu_built=True, cuda_emu_flags=" ".join(recipe.EMU_CXX_FLAGS))
         else:  # mmrprune._cuda
             nvcc, archs = ext._nvcc, ext._archs
@@ -233,7 +233,7 @@ class BuildExt(build_ext):
                 self.facts.update(cuda_built=False, cuda_status="kernels compiled, not linked (no csrc/cuda/*.cpp module)")
                 return
             # static cudart: the module needs only the driver (libcuda.so) at run time
-            link_extra = recipe.cuda_link_flags(cuda_home) + recipe.torch_link_flags()
+            link_extra = recipe.cuda_link_flags(cuda_home)
             self.facts.update(cuda_built=True)
         objs = [j[1] for j in jobs]
         cmd = recipe.link_command(cxx, out, objs, link_extra)

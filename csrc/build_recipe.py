@@ -117,21 +117,7 @@ def cxx():
 
 def python_includes() -> list:
     import pybind11
-    return [pybind11.get_include(), sysconfig.get_paths()["include"], *torch_includes()]
-
-
-def _torch_dir():
-    import importlib.util
-    return os.path.dirname(importlib.util.find_spec("torch").origin)
-
-
-def torch_includes() -> list:
-    return [os.path.join(_torch_dir(), "include"), os.path.join(_torch_dir(), "include", "torch", "csrc", "api", "include")]
-
-
-def torch_link_flags() -> list:
-    lib = os.path.join(_torch_dir(), "lib")
-    return [f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
+    return [pybind11.get_include(), sysconfig.get_paths()["include"]]
 
 
 def cu_sources():
@@ -218,7 +204,7 @@ def build_cuda_module(out_dir, report=None) -> str:
         _run(cxx_command(cxx(), src, obj, [*python_includes(), os.path.join(home, "include")]))
         objs.append(obj)
     out = os.path.join(out_dir, "_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    _run(link_command(cxx(), out, objs, cuda_link_flags(home) + torch_link_flags()))
+    _run(link_command(cxx(), out, objs, cuda_link_flags(home)))
     return out
 
 
