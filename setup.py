@@ -84,6 +84,8 @@ def _cuda_emu_plan():
     return inc, f"built (CUDA headers {inc})"
 
 
+# pip installs ninja next to this interpreter, which is on PATH only in an activated venv
+os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
 NVCC, CUDA_STATUS = _cuda_plan()
 EMU_INC, EMU_STATUS = _cuda_emu_plan()
 try:
