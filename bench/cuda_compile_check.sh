@@ -3,12 +3,11 @@
 #
 #   bench/cuda_compile_check.sh [BUILD_DIR]
 #
-# Compiles every csrc/cuda/*.cu and csrc/cuda/*.cpp with nvcc for
-# MMRPRUNE_CUDA_ARCHS (default "80;90", plus PTX of the last one), prints the
-# ptxas resource report (registers, shared memory, stack, spills), fails if any
-# kernel spills or uses a stack frame, and links the pybind11 module
-# _cuda<ext-suffix> into BUILD_DIR (default: a fresh temporary directory),
-# with exactly the flags and link line of setup.py (csrc/build_recipe.py).
+# Builds the CUDA module alone with setup.py's own build (`python setup.py check_cuda`: every
+# csrc/cuda/*.cu by nvcc for MMRPRUNE_CUDA_ARCHS, default "80;90" plus PTX of the highest, and
+# csrc/cuda/*.cpp, linked as _cuda<ext-suffix> into BUILD_DIR, default a fresh temporary
+# directory), prints ptxas's resource report (registers, shared memory, stack, spills) and
+# fails if any kernel spills or uses a stack frame.
 # Exit status 0 only when everything compiled, linked and was spill-free.
 # Exits 0 with a "SKIP" line when nvcc is absent.
 set -euo pipefail
@@ -21,15 +20,14 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
   exit 0
 fi
 BUILD="${1:-$(mktemp -d /tmp/mmrprune_cuda_check.XXXXXX)}"
-mkdir -p "$BUILD"
+mkdir -p "$BUILD" && BUILD="$(cd "$BUILD" && pwd)"
+rm -rf "$BUILD/temp"   # every kernel compiled again, so that ptxas reports each one
 
-# The build itself is setup.py's recipe (csrc/build_recipe.py: same nvcc and host flags, same
-# static-cudart link), run serially with ptxas's resource report.
 echo "nvcc: $("$NVCC" --version | tail -1)"
 echo "archs: ${MMRPRUNE_CUDA_ARCHS:-80;90} (+ PTX of the highest); build dir: $BUILD"
 report="$BUILD/resource-usage.txt"
-: > "$report"
-NVCC="$(command -v "$NVCC")" "$PYTHON" "$ROOT/csrc/build_recipe.py" cuda-module "$BUILD" --report "$report"
+(cd "$ROOT" && NVCC="$(command -v "$NVCC")" "$PYTHON" setup.py -q check_cuda --build-dir "$BUILD" --resource-usage) \
+  >"$report" 2>&1 || { cat "$report"; echo "FAIL: the CUDA build failed"; exit 1; }
 so="$(ls "$BUILD"/_cuda*.so)"
 
 # Summary: one line per kernel and arch with registers, shared memory and the occupancy they

@@ -4,7 +4,7 @@
 # command on PATH.
 #
 # Installs with pip what is missing: torch (pinned, CPU-only, when absent), numpy,
-# pybind11, ninja, pytest, pytest-benchmark, setuptools, wheel, triton, then the
+# ninja, pytest, pytest-benchmark, setuptools, wheel, triton, then the
 # optional matplotlib (plots) and transformers (the HF integration and its tests).
 # Nothing else: the data of `mmrprune-bench downstream` is a separate, opt-in step,
 # `bash scripts/setup_data.sh`.
@@ -15,12 +15,11 @@
 #   PYTHON=/path/to/venv/bin/python bash scripts/setup.sh
 #
 # Idempotent: a package already installed at a version that satisfies the
-# requirement is left alone (nothing is upgraded), and the extensions are
-# rebuilt only when their sources, setup.py, pyproject.toml, the build flags or
-# the interpreter changed since the last successful run (stamp in build/).
+# requirement is left alone (nothing is upgraded), and the extensions' build is
+# incremental (ninja).
 #
 # Works offline when the dependencies are already installed (the GPU machines
-# have torch/triton/pybind11/ninja/pytest preinstalled and no network).
+# have torch/triton/ninja/pytest preinstalled and no network).
 # Never installs an unpinned torch: an absent torch is $TORCH_PIN from PyTorch's CPU index
 # ($MMRPRUNE_TORCH_INDEX overrides it, e.g. with a CUDA index). Needs a C++17 compiler (g++, or $CXX).
 set -euo pipefail
@@ -28,7 +27,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PY=$("$PY" -c 'import sys; print(sys.executable)') || { echo "[setup] no Python interpreter '${PYTHON:-python3}'" >&2; exit 1; }
 PIP="$PY -m pip install --disable-pip-version-check -q"
-ROOT=$(pwd)
 
 where=$("$PY" -c 'import sys; print("venv " + sys.prefix if sys.prefix != sys.base_prefix else "no venv, prefix " + sys.prefix)')
 echo "[setup] python: $PY ($("$PY" -c 'import platform; print(platform.python_version())'), $where)"
@@ -77,37 +75,17 @@ if ! has torch; then
   $PIP "$TORCH_PIN" --index-url "$TORCH_INDEX"
 fi
 # build + test requirements (already satisfied offline on the GPU machines)
-ensure numpy pybind11 ninja pytest pytest-benchmark "setuptools>=64" wheel
+ensure numpy ninja pytest pytest-benchmark "setuptools>=64" wheel
 # triton: the GPU backend, and on CPU its interpreter and cubin compiler for the tests
 has triton || $PIP triton || echo "[setup] triton unavailable: its tests will be skipped"
 
-CXX_BIN=${CXX:-g++}
+CXX_BIN=${CXX:-c++}   # the compiler torch.utils.cpp_extension runs
 command -v "${CXX_BIN%% *}" >/dev/null || { echo "[setup] no C++ compiler: install g++ (or set CXX)" >&2; exit 1; }
 
-# Everything the extension build and the editable install depend on.
-stamp_of() {
-  {
-    find csrc -type f -not -path "*/__pycache__/*" | LC_ALL=C sort | xargs sha256sum   # not the .pyc that setup.py leaves
-    sha256sum setup.py pyproject.toml
-    find mmrprune -name __init__.py | LC_ALL=C sort   # the package layout
-    echo "$PY $("$PY" -c 'import sys; print(sys.version)')"
-    echo "CXX=${CXX:-} MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-} MMRPRUNE_CUDA_ARCHS=${MMRPRUNE_CUDA_ARCHS:-}"
-    command -v nvcc || true
-  } | sha256sum | cut -d' ' -f1
-}
-STAMP_FILE=build/.setup-stamp
-stamp=$(stamp_of)
-# The last build is still good when the stamp matches, the extension is in place and this
-# interpreter finds this checkout's mmrprune (not another copy).
-installed=$(cd / && "$PY" -c 'import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec("mmrprune").origin)))' 2>/dev/null || true)
-if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] && [ "$installed" = "$ROOT" ] \
-   && compgen -G "mmrprune/_cpu*.so" >/dev/null; then
-  echo "[setup] extensions and editable install up to date (sources unchanged): not rebuilding"
-else
-  echo "[setup] building the extensions (MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-auto}) and installing mmrprune (editable)"
-  $PIP --no-build-isolation --use-pep517 --no-deps -e .
-  mkdir -p build && echo "$stamp" > "$STAMP_FILE"
-fi
+# Every run reinstalls: torch.utils.cpp_extension's ninja build recompiles only what changed
+# (a source, a header it includes, a flag), so a run with nothing changed only relinks.
+echo "[setup] building the extensions (MMRPRUNE_CUDA=${MMRPRUNE_CUDA:-auto}) and installing mmrprune (editable)"
+$PIP --no-build-isolation --use-pep517 --no-deps -e .
 
 # optional extras: plots (matplotlib) and the transformers integration tests
 [ -z "$(missing matplotlib)" ] || $PIP matplotlib 2>/dev/null || echo "[setup] matplotlib unavailable (offline?): plots are skipped"

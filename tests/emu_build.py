@@ -1,6 +1,6 @@
 """Builds and drives the native emulator harness (tests/emu/harness.cpp) for the sanitizer and
-mutation tests.  The compile and link lines come from csrc/build_recipe.py, as for the
-``mmrprune._cuda_emu`` module that setup.py builds; only ``-fsanitize=...`` is added.
+mutation tests.  The flags come from csrc/build_flags.py, as for the ``mmrprune._cuda_emu``
+module that setup.py builds; only ``-fsanitize=...`` is added.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
-import build_recipe as recipe  # noqa: E402
+import build_flags as flags  # noqa: E402
 
 sys.path.pop(0)
 
 HARNESS = os.path.join(ROOT, "tests", "emu", "harness.cpp")
-GREEDY_CU = os.path.join(recipe.CUDA_DIR, "greedy.cu")
+GREEDY_CU = os.path.join(flags.CUDA_DIR, "greedy.cu")
 
 
 def _run(cmd):
@@ -28,21 +28,30 @@ def _run(cmd):
         raise RuntimeError(f"build failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
 
 
-def build(out_dir, cu_source=GREEDY_CU, sanitizer=None):
-    """Harness executable linked with the emulated ``cu_source`` (``sanitizer``: None, "asan"
-    or "tsan", from recipe.SANITIZERS).  Returns its path."""
-    cuda_inc = recipe.cuda_include_dir()
+def compile_flags(extra=()) -> list:
+    """The host compiler flags of the emulated build (setup.py's ``mmrprune._cuda_emu``) + ``extra``."""
+    cuda_inc = flags.cuda_include_dir()
     if cuda_inc is None:
         raise RuntimeError("CUDA headers not found")
+    return [*flags.EMU_CXX_FLAGS, *[f"-I{d}" for d in flags.emu_include_dirs(cuda_inc)], *extra]
+
+
+def compile_cu(cu_source, out_dir, extra=()) -> str:
+    """``cu_source`` rewritten for the emulator and compiled to ``out_dir/<name>.o``; returns that path."""
+    obj = os.path.join(out_dir, os.path.basename(cu_source) + ".o")
+    _run([flags.cxx(), "-c", flags.emu_rewrite(cu_source, out_dir), "-o", obj, *compile_flags(extra)])
+    return obj
+
+
+def build(out_dir, cu_source=GREEDY_CU, sanitizer=None):
+    """Harness executable linked with the emulated ``cu_source`` (``sanitizer``: None, "asan"
+    or "tsan", from flags.SANITIZERS).  Returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    extra = recipe.SANITIZERS[sanitizer] if sanitizer else []
-    cxx = recipe.cxx()
-    src = recipe.emu_rewrite(cu_source, out_dir)
-    kern_o, main_o = os.path.join(out_dir, "kernels.o"), os.path.join(out_dir, "harness.o")
-    _run(recipe.emu_command(cxx, src, kern_o, cuda_inc, extra))
-    _run(recipe.emu_host_command(cxx, HARNESS, main_o, cuda_inc, (), extra))
+    extra = flags.SANITIZERS[sanitizer] if sanitizer else []
+    kern_o, main_o = compile_cu(cu_source, out_dir, extra), os.path.join(out_dir, "harness.o")
+    _run([flags.cxx(), "-c", HARNESS, "-o", main_o, *compile_flags(extra)])
     exe = os.path.join(out_dir, "harness")
-    _run([cxx, "-o", exe, main_o, kern_o, *extra])
+    _run([flags.cxx(), "-o", exe, main_o, kern_o, *extra])
     return exe
 
 

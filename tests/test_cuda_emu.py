@@ -191,10 +191,10 @@ def _tiny_batch():
 
 
 def test_emulator_build_needs_all_three_cuda_headers(tmp_path, monkeypatch):
-    """setup.py builds mmrprune._cuda_emu exactly when build_recipe finds the CUDA headers."""
+    """setup.py builds mmrprune._cuda_emu exactly when build_flags finds the CUDA headers."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
     try:
-        import build_recipe
+        import build_flags
     finally:
         sys.path.pop(0)
     inc = tmp_path / "include"
@@ -202,9 +202,9 @@ def test_emulator_build_needs_all_three_cuda_headers(tmp_path, monkeypatch):
     (inc / "cuda_runtime.h").write_text("")
     (inc / "cuda_fp16.h").write_text("")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
-    assert build_recipe.cuda_include_dir() is None          # cuda_bf16.h missing: unavailable
+    assert build_flags.cuda_include_dir() is None          # cuda_bf16.h missing: unavailable
     (inc / "cuda_bf16.h").write_text("")
-    assert build_recipe.cuda_include_dir() == str(inc)
+    assert build_flags.cuda_include_dir() == str(inc)
 
 
 # ----------------------------------------------------------------------------- aborts under pytest

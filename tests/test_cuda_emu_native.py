@@ -1,7 +1,7 @@
 """The emulated kernels under AddressSanitizer+UBSan and ThreadSanitizer, and the mutation test.
 
 The native harness (tests/emu/harness.cpp) is linked with csrc/cuda/greedy.cu built for the
-emulator (tests/emu_build.py, flags from csrc/build_recipe.py) and runs launches that Python
+emulator (tests/emu_build.py, flags from csrc/build_flags.py) and runs launches that Python
 prepared with ``cuda_backend.prepare``; the picks are checked with the step certificate.
 
 * ``asan`` (ASan + UBSan) builds of the unmodified source run every case clean, ``tsan``
@@ -24,7 +24,7 @@ import emu_build
 from mmrprune.backends import cuda_backend as cb
 from mmrprune.validation import validate
 
-pytestmark = pytest.mark.skipif(emu_build.recipe.cuda_include_dir() is None,
+pytestmark = pytest.mark.skipif(emu_build.flags.cuda_include_dir() is None,
                                 reason="needs the CUDA headers (nvcc's include/ dir, or CUDA_HOME): "
                                        "install the CUDA toolkit; no GPU needed")
 
@@ -168,12 +168,9 @@ def test_emulator_counters(tmp_path):
     """The per-block counters (cuda_emu.h "Counters", read by bench/emu_counts.py) on a kernel
     whose barriers, shuffle levels and __ldg loads are known by construction."""
     import json
-    r = emu_build.recipe
-    cxx, inc = r.cxx(), r.cuda_include_dir()
-    src = r.emu_rewrite(os.path.join(emu_build.ROOT, "tests", "emu", "counters.cu"), str(tmp_path))
-    obj, exe = str(tmp_path / "counters.o"), str(tmp_path / "counters")
-    emu_build._run(r.emu_command(cxx, src, obj, inc))
-    emu_build._run([cxx, "-o", exe, obj])
+    obj = emu_build.compile_cu(os.path.join(emu_build.ROOT, "tests", "emu", "counters.cu"), str(tmp_path))
+    exe = str(tmp_path / "counters")
+    emu_build._run([emu_build.flags.cxx(), "-o", exe, obj])
     path = tmp_path / "counts.jsonl"
     import subprocess
     proc = subprocess.run([exe], capture_output=True, text=True, env=dict(os.environ, CUDA_EMU_COUNTS=str(path)))

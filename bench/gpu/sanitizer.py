@@ -112,8 +112,8 @@ def find_sanitizer():
     if found:
         return found
     sys.path.insert(0, os.path.join(common.ROOT, "csrc"))
-    import build_recipe
-    home = build_recipe.cuda_home(build_recipe.find_nvcc())
+    import build_flags
+    home = build_flags.cuda_home(build_flags.find_nvcc())
     for rel in ("bin", "compute-sanitizer"):
         path = os.path.join(home or "/usr/local/cuda", rel, "compute-sanitizer")
         if os.path.exists(path):

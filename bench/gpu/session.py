@@ -195,8 +195,8 @@ def gpu_facts() -> dict:
 
 def environment(commit_arg: Optional[str]) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "csrc"))
-    import build_recipe
-    nvcc = build_recipe.find_nvcc()
+    import build_flags
+    nvcc = build_flags.find_nvcc()
     git = _cmd_output(["git", "rev-parse", "--short", "HEAD"])
     dirty = _cmd_output(["git", "status", "--porcelain", "--untracked-files=no"])
     env = {"python": platform.python_version(), "executable": sys.executable, "kernel": platform.release(),
@@ -323,8 +323,8 @@ class Session:
     # ---------------------------------------------------------------- stages
     def stage_build(self, timeout: float) -> tuple:
         sys.path.insert(0, os.path.join(ROOT, "csrc"))
-        import build_recipe
-        if build_recipe.find_nvcc() is None:
+        import build_flags
+        if build_flags.find_nvcc() is None:
             if self.dry_run:
                 return "skipped", {"reason": "nvcc not found: the CUDA build cannot be tried here"}
             return "failed", {"reason": "nvcc not found (PATH, CUDA_HOME, CUDA_PATH, /usr/local/cuda)"}
@@ -332,11 +332,11 @@ class Session:
         flags = dict(MMRPRUNE_CUDA="1", MMRPRUNE_CUDA_ARCHS=cap, MMRPRUNE_CUDA_EMU="0",
                      MAX_JOBS=str(os.cpu_count() or 2))
         if self.dry_run:
-            # the device's extension, compiled and linked exactly as setup.py does (csrc/build_recipe.py),
-            # into a temporary folder: this checkout's build and install stay as they are, and the
-            # C++ module, which CI's scripts/setup.sh has just built, is not compiled twice
-            argv = [self.py, os.path.join("csrc", "build_recipe.py"), "cuda-module", os.path.join(self.work, "build"),
-                    "--report", os.path.join(self.logs, "ptxas-resource-usage.txt")]
+            # the device's extension alone, by setup.py's own build, into a temporary folder: this
+            # checkout's build and install stay as they are, and the C++ module, which CI's
+            # scripts/setup.sh has just built, is not compiled twice (ptxas's report: build.log)
+            argv = [self.py, "setup.py", "check_cuda", "--build-dir", os.path.join(self.work, "build"),
+                    "--resource-usage"]
         else:              # offline, no build isolation: the image has setuptools, pybind11 and ninja
             argv = [self.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                     "--use-pep517", "-e", "."]

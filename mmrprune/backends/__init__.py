@@ -19,7 +19,8 @@ from typing import Callable
 # How to get each optional backend: the one copy of every build hint (status messages,
 # dispatch errors and `mmrprune info` all quote these).
 BUILD_HINTS = {
-    "cpu": "build the C++ extension: `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`",
+    "cpu": ("build the C++ extension against the installed torch (again after changing torch): "
+            "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"),
     "cuda": ("rebuild with MMRPRUNE_CUDA=1 and nvcc on PATH: `MMRPRUNE_CUDA=1 python setup.py build_ext --inplace` "
              "(or `MMRPRUNE_CUDA=1 pip install --no-build-isolation -e .`)"),
     "triton": "install triton (`pip install triton`) on a machine with a CUDA GPU",
