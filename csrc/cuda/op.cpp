@@ -35,7 +35,7 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-#ifdef MMRPRUNE_CUDA_MODULE  // only the emulator build names the module (build_recipe.EMU_MODULE_DEFINE)
+#ifdef MMRPRUNE_CUDA_MODULE  // only the emulator build names the module (build_flags.EMU_MODULE_DEFINE)
 constexpr bool kEmulator = true;
 #define MMRPRUNE_DISPATCH_KEY CPU
 #else
