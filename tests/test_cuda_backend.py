@@ -556,6 +556,15 @@ def test_custom_op_fake_with_gram_arguments():
     assert "mmrprune.fused_greedy" in text and "bmm" in text
 
 
+def test_kernel_call_fields_are_the_op_arguments_in_schema_order():
+    """KernelCall.args() passes its fields positionally: they must be the schema's leading
+    arguments, in order."""
+    import dataclasses
+    schema = torch.ops.mmrprune.fused_greedy.default._schema
+    fields = [f.name for f in dataclasses.fields(cb.KernelCall)]
+    assert [a.name for a in schema.arguments][:len(fields)] == fields
+
+
 def test_op_is_implemented_per_device_by_the_built_modules():
     """One op, two implementations: CUDA tensors run mmrprune._cuda, CPU tensors the emulator
     build mmrprune._cuda_emu; a module that is not built leaves its key without a kernel."""

@@ -270,10 +270,9 @@ class KernelCall:
     max_round: int = 0                        # picks per round of the maxsim kernels; 0: the kernels' own
 
     def args(self) -> tuple:
-        """Positional arguments of ``mmrprune::fused_greedy``, in its schema's order (mmrprune/ops.py)."""
-        return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
-                self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn, self.weights,
-                self.score_kind, self.width, self.max_round)
+        """Positional arguments of ``mmrprune::fused_greedy``: the fields, declared in the order of
+        its schema (mmrprune/ops.py; tests/test_cuda_backend.py compares the two)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 # What the prepare kernel writes into the score (csrc/cuda/prepare.h, ScoreKind).
