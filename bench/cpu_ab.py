@@ -50,6 +50,12 @@ def load_baseline(tree: str):
     if not found:
         raise SystemExit(f"--baseline {tree}: no mmrprune/_cpu*.so there; build it with "
                          "`python3 setup.py -q build_ext --inplace` in that tree")
+    # Every call now goes through the op mmrprune::cpu_select, whose CPU kernel the module registers
+    # when imported: a second build loaded here would replace this tree's kernel (or, built before
+    # the op, register none), so swapping ops._cpu below would time one build twice.
+    raise SystemExit("cpu_ab cannot compare two builds in one process since cpu_select is a native op "
+                     "(both would register the same op's CPU kernel): time each tree with "
+                     "`python3 bench/cpu_targets.py` in turn instead")
     pkg = types.ModuleType("mmrprune_baseline")
     pkg.__path__ = []
     sys.modules["mmrprune_baseline"] = pkg
