@@ -177,8 +177,9 @@ class BuildExt(BuildExtension):
     def build_extensions(self):
         for ext in self.extensions:
             if ext.name.endswith("_cuda_emu"):
-                gen = os.path.join(self.build_temp, "emu_src")
-                ext.sources = [F.emu_rewrite(os.path.join(ROOT, s), gen) if s.endswith(".cu") else s
+                # one relative place, whichever build_temp: the object names follow the source paths
+                gen = os.path.join(ROOT, "build", "emu_src")
+                ext.sources = [os.path.relpath(F.emu_rewrite(os.path.join(ROOT, s), gen)) if s.endswith(".cu") else s
                                for s in ext.sources]
         super().build_extensions()
 
