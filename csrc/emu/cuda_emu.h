@@ -803,11 +803,16 @@ inline void run_group(const std::vector<uint3>& bids, dim3 cdim, dim3 bdim, dim3
     fail("CUDA_EMU_SCHED=%s: use linear, reverse or random:SEED", mode.c_str());
   }
 
+  // One sweep resumes each runnable fiber of `span` (positions of `order`) once.  linear and
+  // reverse run a cluster one block at a time: a block's fibers are swept until none of them can
+  // progress (a cluster barrier, or the end), then the next block's, so one block runs as far
+  // ahead of the others as CUDA allows (e.g. to its exit before another reads its shared memory
+  // through map_shared_rank); random interleaves every fiber of the group.
   int done = 0;
-  while (done < total) {
-    if (random) std::shuffle(order.begin(), order.end(), rng);
+  auto sweep = [&](int lo, int hi) {
     bool progress = false;
-    for (int gi : order) {
+    for (int p = lo; p < hi; ++p) {
+      const int gi = order[p];
       Block& b = *blocks[gi / n];
       Fiber& f = b.fibers[gi % n];
       const int s = f.state.load(std::memory_order_relaxed);
@@ -819,7 +824,24 @@ inline void run_group(const std::vector<uint3>& bids, dim3 cdim, dim3 bdim, dim3
       tl_block = &b;
       resume(b, f);
       progress = true;
-      if (f.state.load(std::memory_order_relaxed) == kDone) ++done;
+      if (f.state.load(std::memory_order_relaxed) == kDone) {
+        ++done;
+        if (b.live == 0 && nb > 1) {  // its shared memory is gone: later DSMEM reads see garbage
+          fill_garbage(b.dyn_smem, b.dyn_bytes);
+          for (auto& kv : b.static_smem) fill_garbage(kv.second.first, kv.second.second);
+        }
+      }
+    }
+    return progress;
+  };
+  while (done < total) {
+    if (random) std::shuffle(order.begin(), order.end(), rng);
+    bool progress = false;
+    if (random || nb == 1) {
+      progress = sweep(0, total);
+    } else {
+      for (int k = 0; k < nb; ++k)
+        while (sweep(k * n, (k + 1) * n)) progress = true;
     }
     if (!progress && done < total) {
       report_line("cuda_emu: deadlock in block (%u,%u,%u)%s; waiting threads:", bid.x, bid.y, bid.z,
