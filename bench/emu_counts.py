@@ -12,6 +12,9 @@ that image ran; the emulator's definitions are in cuda_emu.h "Counters"):
 * ``rounds``: sequential rounds the kernel ran (maxsim: its own count, exact rounds of up to
   ``MAX_ROUND`` picks; dpp: one per pick), mean over the images;
 * ``barriers_per_round``: block barriers (``__syncthreads``) per round;
+* ``cluster_size``, ``cluster_barriers_per_round``: CTAs per image the launcher chose (the
+  emulator reports an H100: compute capability 9, 132 SMs) and cluster barriers per round; with a
+  cluster, every per-round figure is the largest over the image's CTAs (they run in parallel);
 * ``shuffle_levels_per_round``: dependent warp-shuffle levels on the critical path per round (a
   level = a run of one warp's consecutive shuffles with the same lane pattern, e.g. the
   (score, index) pair of one butterfly step; per barrier interval the slowest warp counts);
@@ -117,18 +120,24 @@ def count(method: str, n: int, d: int, k: int, sim: str = "gram", seed: int = 0,
                            "is not built from this checkout (run scripts/setup.sh)")
     greedy = launches[-1]   # the greedy kernel is the call's last launch (row mode: norms first)
     rounds = stats["rounds"].tolist()
-    blocks = greedy["blocks"]
-    if len(blocks) != batch or len(rounds) != batch:
-        raise RuntimeError(f"expected {batch} blocks and round counts, got {len(blocks)} and {len(rounds)}")
+    csize = int(np.prod(greedy.get("cluster", [1, 1, 1])))
+    if len(greedy["blocks"]) != batch * csize or len(rounds) != batch:
+        raise RuntimeError(f"expected {batch} x {csize} blocks and {batch} round counts, got "
+                           f"{len(greedy['blocks'])} and {len(rounds)}")
+    # an image's CTAs run in parallel: its figure is the largest over its cluster (the critical path)
+    blocks = [{key: max(blk.get(key, 0) for blk in greedy["blocks"][b * csize:(b + 1) * csize])
+               for key in greedy["blocks"][0]} for b in range(batch)]
 
     def per_round(key):
-        return float(np.mean([blk[key] / max(r, 1) for blk, r in zip(blocks, rounds)]))
+        return float(np.mean([blk.get(key, 0) / max(r, 1) for blk, r in zip(blocks, rounds)]))
 
     return {
         "method": method, "n": n, "d": d, "k": k, "sim": sim, "seed": seed, "batch": batch,
         "rounds": float(np.mean(rounds)),
         "rounds_per_k": float(np.mean(rounds)) / k,
         "barriers_per_round": per_round("barriers"),
+        "cluster_size": csize,
+        "cluster_barriers_per_round": per_round("cluster_barriers"),
         "shuffle_levels_per_round": per_round("shfl_path"),
         "shuffle_ops_per_round": per_round("shfl_ops_path"),
         "ldg_trips_per_round": per_round("ldg_path"),
