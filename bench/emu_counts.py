@@ -23,6 +23,9 @@ that image ran; the emulator's definitions are in cuda_emu.h "Counters"):
   summed: an UPPER bound on dependent global-memory trips (independent loads the hardware
   overlaps count once each here); plain pointer reads (e.g. ``m``, ``imp`` in global scratch)
   are not counted;
+* ``ldg_sites_per_round``: the same sum counting a thread's distinct ``__ldg`` call sites per
+  interval (a site's loads in one interval as one trip): the dependent trips of kernels whose
+  loads at one site are independent (cuda_emu.h "Counters" says when it under-counts);
 * ``kernel_launches``: ``.cu`` kernel launches of the call (row mode: norms + prepare + greedy;
   Gram mode: prepare + greedy). The torch ops around them (the Gram bmm, the position sort) are
   not counted here.
@@ -141,6 +144,7 @@ def count(method: str, n: int, d: int, k: int, sim: str = "gram", seed: int = 0,
         "shuffle_levels_per_round": per_round("shfl_path"),
         "shuffle_ops_per_round": per_round("shfl_ops_path"),
         "ldg_trips_per_round": per_round("ldg_path"),
+        "ldg_sites_per_round": per_round("ldg_site_path"),
         "kernel_launches": len(launches),
         "threads_per_block": int(np.prod(greedy["block"])),
         "dynamic_smem_bytes": int(greedy["smem"]),
@@ -149,10 +153,14 @@ def count(method: str, n: int, d: int, k: int, sim: str = "gram", seed: int = 0,
     }
 
 
-# The shapes the cost model quotes (issue targets (a), (b); (d) extrapolates from (b), see above).
+# The shapes the cost model quotes (issue targets (a), (b), (d); (c) extrapolates from (b), see above).
+# (b) and (d) run the cluster kernel (N > 1024).  (d) is recorded at n = 8192 (8 CTAs, one token
+# per thread, as (d)'s 16), because the bundled tokens are 8 x 1024 distinct ones: n = 16384 would repeat each
+# token twice, and the ties change the rounds (0.71 rounds/k there against ~0.2 on distinct tokens).
 RECORD = [
     ("a", "mmr", 576, 4096, 64, "gram"), ("a", "mmr", 576, 4096, 64, "rows"), ("a", "dpp", 576, 4096, 64, "gram"),
     ("b", "mmr", 2691, 3584, 673, "gram"), ("b", "divprune", 2691, 3584, 673, "gram"),
+    ("d", "mmr", 8192, 3584, 2048, "gram"),
 ]
 COMMITTED = "bench/results/emu_counts.json"
 

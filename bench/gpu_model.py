@@ -29,6 +29,9 @@ Where the numbers come from, per quantity (each record names its sources):
 
 Assumptions (the model's, in one place):
 
+0. Dependent memory trips per round, after kernels: from 2 (the commit check's read, then the
+   update's reads, all issued together) to :func:`after_trips_upper` (one trip per token a thread
+   owns); before kernels: the emulator's all-``__ldg`` bound.
 1. A round's time is ``trips x memory latency + shuffle levels x shuffle latency + barriers x
    barrier cost + bytes streamed by the SMs of one image / their bandwidth``: the terms are on
    one dependent chain (no overlap between them is credited).  The lower estimate uses the
@@ -41,8 +44,8 @@ Assumptions (the model's, in one place):
    overlap nothing at B = 1 (the host issues them one after another).  View/allocation ops
    launch nothing.  A host sync drains the queue.
 5. SMs per image: before, one (one block per image).  After, the launcher's cluster size
-   (csrc/cuda/greedy.cu ``cluster_shape``: one CTA per 1024 tokens, at most 16, at most SMs / B;
-   :func:`cluster_ctas`), cross-checked against the emulator's record where one exists: the
+   (csrc/cuda/greedy.cu ``cluster_shape``: one CTA per 1024 tokens, none up to 1024, at most 16,
+   at most SMs / B; :func:`cluster_ctas`), cross-checked against the emulator's record where one exists: the
    bytes a round streams are split over the cluster's SMs, and each round adds the emulator's
    count of cluster barriers x the cluster barrier cost plus one DSMEM round trip (the list
    reads; the lower estimate) or two (the candidates' carried m read during the pops; the
@@ -142,6 +145,19 @@ def cluster_ctas(bsz, n):
     an H100: compute capability 9.0, 132 SMs, 16-CTA clusters allowed)."""
     c = min(math.ceil(n / 1024), 16, int(H100["sms"].fast) // bsz)
     return c if c >= 2 else 1
+
+
+def after_trips_upper(emu, bsz, n):
+    """Upper dependent global-memory trips per round of the after Gram-mode kernels: the commit
+    check's one read, then one trip per token a thread owns (the update loads a token's r Gram
+    entries together, but a thread's tokens one after another), per load site the emulator counted
+    beyond the first (``ldg_sites_per_round``, ~2: the check's and the update's); never above the
+    emulator's all-loads bound.  Records without site counts keep that bound."""
+    if "ldg_sites_per_round" not in emu:
+        return max(2.0, emu["ldg_trips_per_round"])
+    c = cluster_ctas(bsz, n)   # the target's launch (a record at a proxy shape may have another)
+    per_thread = math.ceil(n / (c * min(1024, 32 * math.ceil(math.ceil(n / c) / 32))))
+    return max(2.0, min(emu["ldg_trips_per_round"], 1 + per_thread * (emu["ldg_sites_per_round"] - 1)))
 
 
 def _cycles_us(cycles):
@@ -362,7 +378,7 @@ def cuda_estimate(gen, target, emu, rpk, host):
     else:
         if emu is not None:
             shuffles, barriers = emu["shuffle_levels_per_round"], emu["barriers_per_round"]
-            trips = (2.0, max(2.0, emu["ldg_trips_per_round"]))
+            trips = (2.0, after_trips_upper(emu, bsz, n))
             src = emu["counts_source"]
         else:      # the design the issue asks for, until the emulator counts the new kernels
             shuffles, barriers, trips = 16.0, 3.0, (2.0, 2.0)
@@ -372,7 +388,7 @@ def cuda_estimate(gen, target, emu, rpk, host):
         state_bytes = 0             # m and imp in registers
         prep_passes = 2             # one fused pass over x; norms from the Gram diagonal
         sms = cluster_ctas(bsz, n)  # assumption 5
-        if emu is not None and emu.get("cluster_size", 1) != sms:
+        if emu is not None and emu["n"] == n and emu.get("cluster_size", 1) != sms:
             raise RuntimeError(f"({target}): the emulator's launch used a cluster of {emu.get('cluster_size', 1)}, "
                                f"the model's rule gives {sms}: cluster_ctas() no longer follows greedy.cu")
         if sms > 1:

@@ -229,11 +229,12 @@ def test_emulator_counters(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert launch["grid"] == [2, 1, 1] and launch["block"] == [64, 1, 1]
-    # interval 1: 5 butterfly levels (10 shuffles) in both warps, thread 5 loads 4 times;
+    # interval 1: 5 butterfly levels (10 shuffles) in both warps, thread 5 loads 4 times from 2
+    # sites (the first load and the loop's);
     # interval 2: warp 0's three same-pattern broadcasts (1 level) + xor 1 (1 level), 4 shuffles;
     # interval 3: xor 1 again: a new level, the barrier cut the run
     want = {"barriers": 2, "shfl_path": 5 + 2 + 1, "shfl_ops_path": 10 + 4 + 1, "shfl_ops": 2 * 10 + 4 + 1,
-            "ldg_path": 4, "ldg_total": 64 + 3, "cluster_barriers": 0}
+            "ldg_path": 4, "ldg_total": 64 + 3, "ldg_site_path": 2, "cluster_barriers": 0}
     assert launch["blocks"] == [want, want]
 
 

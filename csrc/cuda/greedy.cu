@@ -1253,10 +1253,13 @@ cudaLaunchConfig_t cluster_config(int csize, std::int64_t batch, int threads, st
 
 // CTAs per image (*csize, 1 = the one-block kernel) and threads per CTA of the cluster path.
 // Clusters need compute capability 9.0 and the device's cluster launch support.  The launcher's
-// choice (st.cluster == 0): one CTA per 1024 tokens (the thread-per-token layout of one block),
-// as many as the batch leaves SMs idle for (batch * csize <= SMs), at most kMaxCluster; a cluster
-// pays only when an image has more tokens than one block has threads, so N <= 1024 keeps one
-// block.  st.cluster >= 2 asks for that size (tests force the path at small N); 1 disables it.
+// choice (st.cluster == 0): a cluster when an image has more tokens than one block has threads
+// (ld > 1024), so that each thread owns one token: a thread updates its tokens one after another
+// (one dependent memory trip each), and one SM streams all of a round's Gram-row bytes; the
+// cluster pays a cluster barrier, a DSMEM trip and a third list merge per round for that
+// (bench/gpu_model.py prices both sides).  One CTA per 1024 tokens, as many as the batch leaves
+// SMs idle for (batch * csize <= SMs), at most kMaxCluster.  st.cluster >= 2 asks for that size
+// (tests force the path at small N); 1 disables it.
 std::string cluster_shape(const GramRows& g, const MaxSimState& st, const Segments& seg, int* csize, int* threads) {
   *csize = 1;
   if (st.cluster == 1) return "";

@@ -243,6 +243,8 @@ struct Fiber {
   char* stack = nullptr;
   std::size_t stack_size = 0;
   long ldg = 0;  // __ldg calls of this thread in the current barrier interval
+  int ldg_sites[16] = {};  // the source lines of those calls (distinct; see "Counters")
+  int nsites = 0;
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -296,6 +298,7 @@ struct Block {
   long shfl_ops = 0;     // shuffle generations of all warps
   long ldg_path = 0;     // sum over intervals of the max over threads of __ldg calls
   long ldg_total = 0;    // __ldg calls of all threads
+  long ldg_site_path = 0;  // sum over intervals of the max over threads of distinct __ldg sites
   long cluster_barriers = 0;  // cluster barriers (cluster.sync()) that opened
 };
 
@@ -330,6 +333,14 @@ struct Cluster {
 //                an UPPER bound on dependent global-memory trips (the emulator cannot see
 //                whether the hardware overlaps a thread's independent loads).  Plain
 //                pointer reads of global memory are not counted.
+//   ldg_site_path: the same sum counting a thread's distinct __ldg call sites (source lines) per
+//                interval: the loads of one site in one interval count as one trip.  That is the
+//                dependent-trip count when a site's loads are independent of each other (an
+//                unrolled batch of loads into registers, a strided loop) and each site depends on
+//                the one before; it under-counts a site whose loads chain (a pointer chase, or a
+//                short-circuit loop whose next load waits for the previous compare, as the
+//                before kernels' lane-0 commit check), so it is used only for kernels read to
+//                have none (bench/gpu_model.py says which).
 // CUDA_EMU_COUNTS=PATH appends one JSON line per launch to PATH (see write_counts).
 inline void close_interval(Block& b) {
   long lv = 0, ops = 0;
@@ -339,14 +350,17 @@ inline void close_interval(Block& b) {
     b.warps[w].levels = 0;
     b.warps[w].shfl_ops = 0;
   }
-  long ld = 0;
+  long ld = 0, sites = 0;
   for (int i = 0; i < b.nthreads; ++i) {
     ld = std::max(ld, b.fibers[i].ldg);
+    sites = std::max<long>(sites, b.fibers[i].nsites);
     b.fibers[i].ldg = 0;
+    b.fibers[i].nsites = 0;
   }
   b.shfl_path += lv;
   b.shfl_ops_path += ops;
   b.ldg_path += ld;
+  b.ldg_site_path += sites;
   ++b.interval;
 }
 
@@ -659,7 +673,7 @@ inline void* map_shared(const void* p, unsigned rank, const char* file, int line
 
 // ------------------------------------------------------------------ runtime state
 struct BlockCounts {
-  long barriers, shfl_path, shfl_ops_path, shfl_ops, ldg_path, ldg_total, cluster_barriers;
+  long barriers, shfl_path, shfl_ops_path, shfl_ops, ldg_path, ldg_total, ldg_site_path, cluster_barriers;
 };
 struct Runtime {
   std::vector<BlockCounts> blocks;  // counters of the blocks of the current launch
@@ -864,7 +878,8 @@ inline void run_group(const std::vector<uint3>& bids, dim3 cdim, dim3 bdim, dim3
     Block& b = *blocks[k];
     close_interval(b);
     rt().blocks.push_back(
-        {b.barriers, b.shfl_path, b.shfl_ops_path, b.shfl_ops, b.ldg_path, b.ldg_total, b.cluster_barriers});
+        {b.barriers, b.shfl_path, b.shfl_ops_path, b.shfl_ops, b.ldg_path, b.ldg_total, b.ldg_site_path,
+         b.cluster_barriers});
   }
 #ifdef CUDA_EMU_TSAN
   for (int k = 0; k < nb; ++k)
@@ -920,9 +935,9 @@ inline void write_counts(const LaunchCfg& c, std::size_t nparams) {
   const auto& bl = rt().blocks;
   for (std::size_t i = 0; i < bl.size(); ++i)
     std::fprintf(f, "%s{\"barriers\": %ld, \"shfl_path\": %ld, \"shfl_ops_path\": %ld, \"shfl_ops\": %ld, "
-                 "\"ldg_path\": %ld, \"ldg_total\": %ld, \"cluster_barriers\": %ld}", i ? ", " : "", bl[i].barriers,
-                 bl[i].shfl_path, bl[i].shfl_ops_path, bl[i].shfl_ops, bl[i].ldg_path, bl[i].ldg_total,
-                 bl[i].cluster_barriers);
+                 "\"ldg_path\": %ld, \"ldg_total\": %ld, \"ldg_site_path\": %ld, \"cluster_barriers\": %ld}",
+                 i ? ", " : "", bl[i].barriers, bl[i].shfl_path, bl[i].shfl_ops_path, bl[i].shfl_ops, bl[i].ldg_path,
+                 bl[i].ldg_total, bl[i].ldg_site_path, bl[i].cluster_barriers);
   std::fprintf(f, "]}\n");
   std::fclose(f);
 }
@@ -1053,12 +1068,19 @@ template <typename T> inline T shfl_w(ShflMode m, const char* f, int l, unsigned
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 template <typename T>
-inline T __ldg(const T* p) {
+inline T __ldg(const T* p, int line = __builtin_LINE()) {
   {
     ::cuda_emu::Internal guard;
     ::cuda_emu::Block& b = ::cuda_emu::block();
-    ++b.cur.load(std::memory_order_relaxed)->ldg;
+    ::cuda_emu::Fiber& f = *b.cur.load(std::memory_order_relaxed);
+    ++f.ldg;
     ++b.ldg_total;
+    bool seen = false;
+    for (int j = 0; j < f.nsites && j < 16; ++j) seen = seen || f.ldg_sites[j] == line;
+    if (!seen) {
+      if (f.nsites < 16) f.ldg_sites[f.nsites] = line;
+      ++f.nsites;
+    }
   }
   return *p;
 }
