@@ -140,10 +140,12 @@ def _rng(name):
     return f.fast, f.slow
 
 
-def cluster_ctas(bsz, n):
-    """CTAs per image of the after kernels' Gram-mode maxsim launch (greedy.cu cluster_shape, on
-    an H100: compute capability 9.0, 132 SMs, 16-CTA clusters allowed)."""
-    c = min(math.ceil(n / 1024), 16, int(H100["sms"].fast) // bsz)
+def cluster_ctas(bsz, n, sms=None, cc_major=9):
+    """CTAs per image of the after kernels' Gram-mode maxsim launch (greedy.cu cluster_shape; by
+    default on an H100: compute capability 9.0, 132 SMs, 16-CTA clusters allowed)."""
+    if cc_major < 9:
+        return 1
+    c = min(math.ceil(n / 1024), 16, int(sms or H100["sms"].fast) // bsz)
     return c if c >= 2 else 1
 
 
