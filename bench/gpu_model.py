@@ -29,6 +29,9 @@ Where the numbers come from, per quantity (each record names its sources):
 
 Assumptions (the model's, in one place):
 
+0. Dependent memory trips per round, after kernels: from 2 (the commit check's read, then the
+   update's reads, all issued together) to :func:`after_trips_upper` (one trip per token a thread
+   owns); before kernels: the emulator's all-``__ldg`` bound.
 1. A round's time is ``trips x memory latency + shuffle levels x shuffle latency + barriers x
    barrier cost + bytes streamed by the SMs of one image / their bandwidth``: the terms are on
    one dependent chain (no overlap between them is credited).  The lower estimate uses the
@@ -40,11 +43,13 @@ Assumptions (the model's, in one place):
 4. Host: each kernel-launching aten op and each kernel costs one launch; eager launches
    overlap nothing at B = 1 (the host issues them one after another).  View/allocation ops
    launch nothing.  A host sync drains the queue.
-5. One SM per image, before and after: the kernels have no cluster or multi-CTA path, so at
-   B = 1 one SM of 132 streams the Gram rows.  (A cluster of 8 CTAs, the portable size on sm_90,
-   would split them at one DSMEM exchange and one cluster barrier per round: the facts for it
-   stay in the table for when it is built.)  At B = 64 each image keeps one SM (64 of 132 busy)
-   and the aggregate HBM bandwidth bounds the Gram-row traffic.
+5. SMs per image: before, one (one block per image).  After, the launcher's cluster size
+   (csrc/cuda/greedy.cu ``cluster_shape``: one CTA per 1024 tokens, none up to 1024, at most 16,
+   at most SMs / B; :func:`cluster_ctas`), cross-checked against the emulator's record where one exists: the
+   bytes a round streams are split over the cluster's SMs, and each round adds the emulator's
+   count of cluster barriers x the cluster barrier cost plus one DSMEM round trip (the list
+   reads; the lower estimate) or two (the candidates' carried m read during the pops; the
+   upper).  At B = 64 the aggregate HBM bandwidth bounds the Gram-row traffic.
 6. (f): a Qwen2.5-VL-7B-shaped decoder (bench/gpu/prefill.py dims), prefill FLOPs =
    2 x weights x tokens + causal attention ``2 x 2 x T^2/2 x heads x head_dim`` per layer, at
    the GEMM efficiency of 3.; the prompt is (b)'s 2691 image tokens + 64 text tokens, pruned to
@@ -135,6 +140,28 @@ def _rng(name):
     return f.fast, f.slow
 
 
+def cluster_ctas(bsz, n, sms=None, cc_major=9):
+    """CTAs per image of the after kernels' Gram-mode maxsim launch (greedy.cu cluster_shape; by
+    default on an H100: compute capability 9.0, 132 SMs, 16-CTA clusters allowed)."""
+    if cc_major < 9:
+        return 1
+    c = min(math.ceil(n / 1024), 16, int(sms or H100["sms"].fast) // bsz)
+    return c if c >= 2 else 1
+
+
+def after_trips_upper(emu, bsz, n):
+    """Upper dependent global-memory trips per round of the after Gram-mode kernels: the commit
+    check's one read, then one trip per token a thread owns (the update loads a token's r Gram
+    entries together, but a thread's tokens one after another), per load site the emulator counted
+    beyond the first (``ldg_sites_per_round``, ~2: the check's and the update's); never above the
+    emulator's all-loads bound.  Records without site counts keep that bound."""
+    if "ldg_sites_per_round" not in emu:
+        return max(2.0, emu["ldg_trips_per_round"])
+    c = cluster_ctas(bsz, n)   # the target's launch (a record at a proxy shape may have another)
+    per_thread = math.ceil(n / (c * min(1024, 32 * math.ceil(math.ceil(n / c) / 32))))
+    return max(2.0, min(emu["ldg_trips_per_round"], 1 + per_thread * (emu["ldg_sites_per_round"] - 1)))
+
+
 def _cycles_us(cycles):
     return cycles[0] / (H100["clock_ghz"].fast * 1e3), cycles[1] / (H100["clock_ghz"].slow * 1e3)
 
@@ -178,9 +205,12 @@ def emu_counts(records, kernels, target, method, sim="gram"):
     base = by.get((kernels, "b", method, sim))
     if base is None or sim != "gram" or target not in ("c", "d"):
         return None
-    n = TARGETS[target][1]
-    tpt = math.ceil(n / base["threads_per_block"]) / math.ceil(base["n"] / base["threads_per_block"])
-    return dict(base, ldg_trips_per_round=base["ldg_trips_per_round"] * tpt, target=target, n=n,
+    bsz, n = TARGETS[target][:2]
+    # tokens per thread of the cluster (cluster_size x threads per CTA; one block before)
+    c_t, c_b = cluster_ctas(bsz, n) if base.get("cluster_size", 1) > 1 else 1, base.get("cluster_size", 1)
+    thr_t = min(1024, 32 * math.ceil(math.ceil(n / c_t) / 32)) if c_t > 1 else base["threads_per_block"]
+    tpt = math.ceil(n / (c_t * thr_t)) / math.ceil(base["n"] / (c_b * base["threads_per_block"]))
+    return dict(base, ldg_trips_per_round=base["ldg_trips_per_round"] * tpt, target=target, n=n, cluster_size=c_t,
                 counts_source=f"emulator ({kernels} kernels at (b), commit {base.get('commit', '?')}), "
                               f"ldg trips scaled by tokens per thread x{tpt:g}")
 
@@ -350,7 +380,7 @@ def cuda_estimate(gen, target, emu, rpk, host):
     else:
         if emu is not None:
             shuffles, barriers = emu["shuffle_levels_per_round"], emu["barriers_per_round"]
-            trips = (2.0, max(2.0, emu["ldg_trips_per_round"]))
+            trips = (2.0, after_trips_upper(emu, bsz, n))
             src = emu["counts_source"]
         else:      # the design the issue asks for, until the emulator counts the new kernels
             shuffles, barriers, trips = 16.0, 3.0, (2.0, 2.0)
@@ -359,7 +389,15 @@ def cuda_estimate(gen, target, emu, rpk, host):
                    "2 block barriers + 1 cluster barrier")
         state_bytes = 0             # m and imp in registers
         prep_passes = 2             # one fused pass over x; norms from the Gram diagonal
-        # one SM per image: the kernels have no cluster / multi-CTA path (yet), so none is modelled
+        sms = cluster_ctas(bsz, n)  # assumption 5
+        if emu is not None and emu["n"] == n and emu.get("cluster_size", 1) != sms:
+            raise RuntimeError(f"({target}): the emulator's launch used a cluster of {emu.get('cluster_size', 1)}, "
+                               f"the model's rule gives {sms}: cluster_ctas() no longer follows greedy.cu")
+        if sms > 1:
+            cbar = emu["cluster_barriers_per_round"] if emu is not None else 1.0
+            cb_us = _cycles_us((cbar * H100["cluster_barrier_cycles"].fast, cbar * H100["cluster_barrier_cycles"].slow))
+            ds_us = _cycles_us((H100["dsmem_latency_cycles"].fast, 2 * H100["dsmem_latency_cycles"].slow))
+            extra = (cb_us[0] + ds_us[0], cb_us[1] + ds_us[1])
     stream = [picks[i] * n * 4 + n * state_bytes for i in range(2)]
     per_round = [round_time(trips, lat, shuffles, barriers, stream[i], sms, extra)[i] for i in range(2)]
     greedy = (rounds[0] * per_round[0], rounds[1] * per_round[1])
@@ -377,6 +415,8 @@ def cuda_estimate(gen, target, emu, rpk, host):
         "rounds": [round(rounds[0], 1), round(rounds[1], 1)], "rounds_per_k": [rpk[0], rpk[1]],
         "dependent_trips_per_round": list(trips), "trip_level": loc,
         "shuffle_levels_per_round": shuffles, "barriers_per_round": barriers, "sms_per_image": sms,
+        "cluster_barriers_per_round": (emu or {}).get("cluster_barriers_per_round", 0.0) if sms > 1 else 0.0,
+        "cluster_extra_us_per_round": [round(extra[0], 3), round(extra[1], 3)],
         "hbm_bytes": int(bsz * n * d * prep_passes + (bsz * k * n * 4 if loc != "l2" else 0) + bsz * n * n * 4),
         "l2_bytes": int(bsz * k * n * 4 + bsz * rounds[1] * n * state_bytes) if loc != "hbm" else 0,
         "launches_per_call": launches, "host_syncs_per_call": host["host_syncs"], "counts_source": src,

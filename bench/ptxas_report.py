@@ -52,6 +52,10 @@ def _label(mangled: str) -> tuple:
     if m:
         smem = m.group(1) == "1"
         return f"greedy_maxsim_gram_kernel<smem={m.group(1)}, own={m.group(2)}>", 1024, 5 * N_B if smem else 0
+    m = re.search(r"greedy_maxsim_gram_cluster_kernelILi(\d+)E", mangled)
+    if m:  # several CTAs per image (sm_90; an empty body on sm_80): its figure is (d)'s 16 CTAs of 1024
+        # threads (at (b) 3 of 928), m of kOwn slots per thread in dynamic shared memory
+        return f"greedy_maxsim_gram_cluster_kernel<own={m.group(1)}>", 1024, int(m.group(1)) * 1024 * 4
     m = re.search(r"greedy_dpp_gram_kernelILb([01])E", mangled)
     if m:  # Cholesky rows in shared memory (c_smem=1): they do not fit at (b), so its figure is (a)'s
         return f"greedy_dpp_gram_kernel<c_smem={m.group(1)}>", 512, N_A * K_A * 4 if m.group(1) == "1" else 0

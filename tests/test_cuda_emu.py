@@ -253,3 +253,27 @@ def test_emu_counts_reports_the_kernels_rounds_and_counters(sim):
     assert got["barriers_per_round"] >= 1 and got["shuffle_levels_per_round"] >= 1
     dpp = emu_counts.count("dpp", n=64, d=32, k=8, sim=sim)
     assert dpp["rounds"] == 8   # one pick per step
+
+
+# ----------------------------------------------------------------------------- several SMs per image
+def test_long_image_runs_the_cluster_kernel_with_the_one_block_picks(dinov2, monkeypatch, tmp_path):
+    """B = 1, N = 4200 > 1024 threads, Gram mode: the launcher's choice on an H100-class device (compute capability 9, 132 SMs) is a cluster of 5 CTAs; on
+    compute capability 8 one block.  Same picks and rounds, and the reference agrees (exact where
+    margins are clear, else the certificate)."""
+    import json
+    n, k = 4200, 64
+    toks = np.concatenate([dinov2["tokens"][i] for i in range(5)])[:n]
+    att = np.concatenate([dinov2["cls_attention"][i] for i in range(5)])[:n]
+    x, w = torch.from_numpy(toks)[None].float(), torch.from_numpy(att)[None].float()
+    got = {}
+    for cc in ("9", "8"):
+        counts = tmp_path / f"counts{cc}.jsonl"
+        monkeypatch.setenv("CUDA_EMU_CC_MAJOR", cc)
+        monkeypatch.setenv("CUDA_EMU_COUNTS", str(counts))
+        picks, stats = _select(x, w, "mmr", k=k, lam=0.5, sim="gram", return_stats=True)
+        launch = [json.loads(line) for line in counts.read_text().splitlines()][-1]
+        got[cc] = (picks.numpy(), stats["rounds"].numpy(), launch["cluster"])
+    assert got["9"][2] == [5, 1, 1] and got["8"][2] == [1, 1, 1]
+    np.testing.assert_array_equal(got["9"][0], got["8"][0])
+    np.testing.assert_array_equal(got["9"][1], got["8"][1])
+    _agrees_with_reference(x[0], w[0], got["9"][0][0], "mmr", 0.5, k, torch.float32)

@@ -10,6 +10,9 @@ prepared with ``cuda_backend.prepare``; the picks are checked with the step cert
   touching one word between two barriers (one writing) is a reported race.
 * Mutation test: known-bad edits to a copy of greedy.cu must each be caught, by an emulator
   abort, a sanitizer report or wrong picks.  This is what shows the harness can fail.
+* The cluster path (greedy_maxsim_gram_cluster_kernel, several CTAs per image): the harness
+  forces a cluster size (MaxSimState::cluster) at small N; its picks and rounds must equal the
+  one-block kernel's exactly, on fuzzed batches and the bundled real tokens.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ pytestmark = pytest.mark.skipif(emu_build.flags.cuda_include_dir() is None,
                                 reason="needs the CUDA headers (nvcc's include/ dir, or CUDA_HOME): "
                                        "install the CUDA toolkit; no GPU needed")
 
-# (name, method, sim, dtype, dim, x_offset, smem_state): small, but every kernel and variant
+# (name, method, sim, dtype, dim, x_offset, smem_state[, cluster]): small, but every kernel and
+# variant; cluster (MaxSimState::cluster) forces the cluster kernel with that many CTAs per image
 CASES = [
     ("mmr-row-f32", "mmr", "rows", torch.float32, 64, 0, -1),
     ("fps-row-f32-misaligned", "fps", "rows", torch.float32, 70, 4, -1),
@@ -36,10 +40,14 @@ CASES = [
     ("divprune-gram-bf16-smem", "divprune", "gram", torch.bfloat16, 48, 0, -1),
     ("hybrid-gram-f16-global", "hybrid", "gram", torch.float16, 48, 0, 0),
     ("dpp-gram-f32", "dpp", "gram", torch.float32, 32, 0, -1),
+    ("mmr-gram-cluster3-f32", "mmr", "gram", torch.float32, 48, 0, -1, 3),
+    ("hybrid-gram-cluster2-bf16", "hybrid", "gram", torch.bfloat16, 48, 0, -1, 2),
 ]
 # TSan runs the Gram-mode kernels (whose token state is thread-private by ownership, no barrier)
 # and one row-mode kernel: a row-mode case with 1024 fibers costs 20-45 s under TSan here.
-TSAN_CASES = ["mmr-row-f32", "divprune-gram-bf16-smem", "hybrid-gram-f16-global", "dpp-gram-f32"]
+TSAN_CASES = ["mmr-row-f32", "divprune-gram-bf16-smem", "hybrid-gram-f16-global", "dpp-gram-f32",
+              "mmr-gram-cluster3-f32", "hybrid-gram-cluster2-bf16"]
+CLUSTER_CASES = ["mmr-gram-cluster3-f32", "hybrid-gram-cluster2-bf16"]
 LENGTHS = [70, 23, 1]
 K = 9
 
@@ -65,6 +73,16 @@ MUTATIONS = {
     # thread 0 marks the pick taken, while the owner thread reads that flag in the same interval
     "non_owner_writes_token_state": ("const int flag_writer = kGram ? p % nthreads : (p % nworkers) * 32;", "const int flag_writer = 0;", "tsan",
                                      ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
+    # the cluster kernel without its one cluster barrier per round: CTAs read the others' lists
+    # before they are written
+    "cluster_no_round_barrier": ("    cluster.sync();  // the round's one cluster barrier: every CTA's list is published\n", "\n",
+                                 None, CLUSTER_CASES),
+    # every lane of warp 0 reads its own CTA's list instead of CTA `lane`'s (a wrong DSMEM rank)
+    "cluster_wrong_dsmem_rank": ("const int src = lane < csize ? lane : rank;", "const int src = rank;", None,
+                                 CLUSTER_CASES),
+    # a CTA exits while the others may still read its last round's list
+    "cluster_no_exit_barrier": ("  cluster.sync();  // no CTA exits (freeing its shared memory)", "  //", None,
+                                CLUSTER_CASES),
 }
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer")
 
@@ -81,10 +99,12 @@ def _batch(method, dtype, dim):
 def case_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("emu_cases")
     out = {}
-    for name, method, sim, dtype, dim, offset, smem_state in CASES:
+    for name, method, sim, dtype, dim, offset, smem_state, *cluster in CASES:
         batch, x, w = _batch(method, dtype, dim)
         emu_build.write_case(str(root / name), cb.prepare(batch, sim), x_offset=offset,
                              smem_state=smem_state)
+        if cluster:
+            _set_cluster(str(root / name), cluster[0])
         out[name] = (str(root / name), method, x, w)
     return out
 
@@ -106,6 +126,23 @@ def builds(tmp_path_factory):
     return emu_build.build_many(specs)
 
 
+def _set_cluster(case_dir, size):
+    """MaxSimState::cluster of a case (harness.cpp): 1 one block per image, n >= 2 a cluster of n."""
+    path = os.path.join(case_dir, "args.txt")
+    with open(path) as f:
+        lines = [line for line in f if not line.startswith("cluster ")]
+    with open(path, "w") as f:
+        f.write("".join(lines) + f"cluster {size}\n")
+
+
+def _run_sized(exe, case_dir, size, env=None):
+    """(process, picks, rounds) of the case with cluster size `size`."""
+    _set_cluster(case_dir, size)
+    proc, picks = emu_build.run_case(exe, case_dir, env=env)
+    rounds = np.fromfile(os.path.join(case_dir, "rounds.bin"), dtype=np.int64) if picks is not None else None
+    return proc, picks, rounds
+
+
 def _exe(builds, name):
     exe = builds[name]
     if isinstance(exe, Exception):
@@ -114,12 +151,23 @@ def _exe(builds, name):
 
 
 def _verdict(exe, case):
-    """None when the run is clean and every image's picks pass the certificate, else why not."""
+    """None when the run is clean and every image's picks pass the certificate, else why not.
+    A cluster case must also give exactly the one-block kernel's picks and rounds."""
     case_dir, method, x, w = case
+    with open(os.path.join(case_dir, "args.txt")) as f:
+        cluster = int(dict(line.split() for line in f).get("cluster", 0))
     proc, picks = emu_build.run_case(exe, case_dir)
     report = next((r for r in SANITIZER_REPORTS if r in proc.stderr), None)
     if proc.returncode != 0 or report:
         return f"exit {proc.returncode}, {report or 'no sanitizer report'}: {proc.stderr[-2000:]}"
+    if cluster >= 2:
+        rounds = np.fromfile(os.path.join(case_dir, "rounds.bin"), dtype=np.int64)
+        one_proc, one_picks, one_rounds = _run_sized(exe, case_dir, 1)
+        _set_cluster(case_dir, cluster)
+        assert one_proc.returncode == 0, one_proc.stderr[-2000:]
+        if not (np.array_equal(picks, one_picks) and np.array_equal(rounds, one_rounds)):
+            return f"cluster of {cluster}: picks {picks.tolist()} rounds {rounds.tolist()}, one block: " \
+                   f"{one_picks.tolist()} rounds {one_rounds.tolist()}"
     for b, n in enumerate(LENGTHS):
         try:
             certify.check_certificate(x[b, :n], w[b, :n], picks[b], method=method, lam=0.5,
@@ -158,10 +206,11 @@ def test_cases_cover_every_kernel_variant(case_dirs):
     for path, *_ in case_dirs.values():
         with open(os.path.join(path, "args.txt")) as f:
             kv = dict(line.split() for line in f)
-        kinds.add((kv["kind"], kv["mode"], kv["smem_state"] if kv["mode"] == "gram" and kv["kind"] == "maxsim" else ""))
+        kinds.add((kv["kind"], kv["mode"], kv["smem_state"] if kv["mode"] == "gram" and kv["kind"] == "maxsim" else "",
+                   "cluster" if int(kv.get("cluster", 0)) >= 2 else ""))
         assert np.fromfile(os.path.join(path, "starts.bin"), dtype=np.int64).size == len(LENGTHS)
-    assert kinds == {("maxsim", "row", ""), ("dpp", "row", ""), ("maxsim", "gram", "-1"), ("maxsim", "gram", "0"),
-                     ("dpp", "gram", "")}
+    assert kinds == {("maxsim", "row", "", ""), ("dpp", "row", "", ""), ("maxsim", "gram", "-1", ""),
+                     ("maxsim", "gram", "0", ""), ("dpp", "gram", "", ""), ("maxsim", "gram", "-1", "cluster")}
 
 
 def test_emulator_counters(tmp_path):
@@ -177,9 +226,88 @@ def test_emulator_counters(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert launch["grid"] == [2, 1, 1] and launch["block"] == [64, 1, 1]
-    # interval 1: 5 butterfly levels (10 shuffles) in both warps, thread 5 loads 4 times;
+    # interval 1: 5 butterfly levels (10 shuffles) in both warps, thread 5 loads 4 times from 2
+    # sites (the first load and the loop's);
     # interval 2: warp 0's three same-pattern broadcasts (1 level) + xor 1 (1 level), 4 shuffles;
     # interval 3: xor 1 again: a new level, the barrier cut the run
     want = {"barriers": 2, "shfl_path": 5 + 2 + 1, "shfl_ops_path": 10 + 4 + 1, "shfl_ops": 2 * 10 + 4 + 1,
-            "ldg_path": 4, "ldg_total": 64 + 3}
+            "ldg_path": 4, "ldg_total": 64 + 3, "ldg_site_path": 2, "cluster_barriers": 0}
     assert launch["blocks"] == [want, want]
+
+
+# ----------------------------------------------------------------------------- the cluster path
+def _cluster_case(root, name, x, w, method, k, lengths=None):
+    req = validate(x, w, k=k, keep_ratio=None, lam=0.5, method=method, lengths=lengths, method_params={})
+    case_dir = str(root / name)
+    emu_build.write_case(case_dir, cb.prepare(req.batch, "gram"))
+    return case_dir
+
+
+def _same_as_one_block(exe, case_dir, sizes, schedules=("linear",)):
+    _, want, want_rounds = _run_sized(exe, case_dir, 1)
+    assert want is not None
+    for size in sizes:
+        for sched in schedules:
+            proc, got, rounds = _run_sized(exe, case_dir, size, env={"CUDA_EMU_SCHED": sched})
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            np.testing.assert_array_equal(got, want, err_msg=f"cluster {size}, {sched}")
+            np.testing.assert_array_equal(rounds, want_rounds, err_msg=f"cluster {size}, {sched}")
+    return want
+
+
+@pytest.fixture(scope="module")
+def plain_harness(tmp_path_factory):
+    return emu_build.build(str(tmp_path_factory.mktemp("emu_plain")))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cluster_fuzz_matches_one_block(plain_harness, tmp_path, seed):
+    """Seeded fuzz: random lengths, budgets, methods and cluster sizes (2..16, the non-portable
+    16 included); exactly the one-block kernel's picks and rounds, and the step certificate."""
+    rng = np.random.default_rng(100 + seed)
+    method = ["mmr", "fps", "hybrid", "divprune"][seed % 4]
+    n = int(rng.integers(40, 200))
+    lengths = [n, int(rng.integers(1, n + 1)), int(rng.integers(1, n + 1))]
+    k = int(rng.integers(1, 40))
+    x = torch.from_numpy(certify.clustered_tokens(n, 32, batch=3, seed=seed)).to(torch.bfloat16)
+    w = torch.from_numpy(certify.distinct_importance(n, batch=3, seed=seed)).float()
+    case_dir = _cluster_case(tmp_path, "fuzz", x, w, method, k, torch.tensor(lengths))
+    sizes = sorted({2, int(rng.integers(3, 9)), 16})
+    picks = _same_as_one_block(plain_harness, case_dir, sizes, schedules=("linear", f"random:{seed}"))
+    for b, nb in enumerate(lengths):
+        certify.check_certificate(x[b, :nb], w[b, :nb], picks[b][:min(k, nb)],
+                                  method=method, lam=0.5, tol=certify.tol_for(x.dtype), k=min(k, nb))
+
+
+def test_cluster_real_tokens_match_one_block(plain_harness, tmp_path, dinov2):
+    """Two bundled DINOv2 images (1024 tokens each), keep 25%: the cluster of 4 and of 16 CTAs
+    gives the one-block kernel's picks and rounds, and they agree with the float64 reference."""
+    feats = torch.from_numpy(dinov2["tokens"][[0, 5]]).float()
+    imp = torch.from_numpy(dinov2["cls_attention"][[0, 5]])
+    case_dir = _cluster_case(tmp_path, "real", feats, imp, "mmr", 256)
+    picks = _same_as_one_block(plain_harness, case_dir, [4, 16])
+    for b in range(2):
+        certify.check_certificate(certify.to_f64(feats[b]), certify.to_f64(imp[b]), picks[b], "mmr", 0.5,
+                                  tol=certify.tol_for(feats.dtype), k=256)
+
+
+def test_cluster_counts_one_cluster_barrier_per_round(plain_harness, case_dirs, tmp_path):
+    """The emulator's counters of the cluster launch: grid = images x cluster size, cluster
+    dimension as asked, one cluster barrier per round plus the exit barrier, two block barriers
+    per round; an A100-class device (compute capability 8) keeps one block per image."""
+    import json
+    case_dir = case_dirs["mmr-gram-cluster3-f32"][0]
+    counts = tmp_path / "counts.jsonl"
+    proc, _, rounds = _run_sized(plain_harness, case_dir, 3, env={"CUDA_EMU_COUNTS": str(counts)})
+    assert proc.returncode == 0, proc.stderr
+    (launch,) = [json.loads(line) for line in counts.read_text().splitlines()]
+    assert launch["cluster"] == [3, 1, 1] and launch["grid"] == [3 * len(LENGTHS), 1, 1]
+    for b, r in enumerate(rounds.tolist()):
+        for rank in range(3):
+            blk = launch["blocks"][3 * b + rank]
+            assert blk["cluster_barriers"] == r + 1 and blk["barriers"] == 2 * r, (b, rank, blk, r)
+    counts.unlink()
+    proc, _, _ = _run_sized(plain_harness, case_dir, 3, env={"CUDA_EMU_COUNTS": str(counts), "CUDA_EMU_CC_MAJOR": "8"})
+    assert proc.returncode == 0, proc.stderr
+    (launch,) = [json.loads(line) for line in counts.read_text().splitlines()]
+    assert launch["cluster"] == [1, 1, 1] and launch["grid"] == [len(LENGTHS), 1, 1]

@@ -9,7 +9,10 @@ the backend counts rounds, and the speed-ups over the ``torch`` fallback and the
 loop where those ran.  Added here: ``target``, ``workspace_estimate_bytes`` (the library's
 own estimate for the call), ``peak_alloc_bytes`` (measured: the CUDA caching allocator's
 peak over one call minus what was allocated before it; None on CPU), ``cuda_sim_mode``
-(the similarity source the cuda backend picks for the shape), ``bmm_out_dtype`` (whether
+(the similarity source the cuda backend picks for the shape), ``cuda_cluster_ctas`` (Gram-mode
+mmr/divprune: CTAs per image of the launch, a thread-block cluster when > 1, by the launcher's
+rule on this device, bench/gpu_model.py ``cluster_ctas``; the dry run's device is the emulator's
+H100), ``bmm_out_dtype`` (whether
 this torch's bmm writes fp32 from bf16 operands, the Gram mode's fast path) and the
 CUDA/Python/NumPy versions.  The JSON list (docs/contract.md, "Benchmark records") is rewritten after each case.
 ``--dry-run`` runs the same sweep on CPU at tiny shapes (cuda_emu, the Triton interpreter,
@@ -45,6 +48,20 @@ def k_of(case, shape) -> int | None:
     return max(1, shape.tokens // 4) if TARGET.dry_run else case.k
 
 
+def cluster_ctas_here(batch: int, tokens: int) -> int:
+    """CTAs per image of the cuda backend's Gram-mode maxsim launch on this device (the launcher's
+    rule, csrc/cuda/greedy.cu cluster_shape, as bench/gpu_model.py states it)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gpu_model import cluster_ctas
+    if TARGET.dry_run:   # cuda_emu's device: compute capability CUDA_EMU_CC_MAJOR (9), CUDA_EMU_SMS (132)
+        return cluster_ctas(batch, tokens, int(os.environ.get("CUDA_EMU_SMS", 132)),
+                            int(os.environ.get("CUDA_EMU_CC_MAJOR", 9)))
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return cluster_ctas(batch, tokens, props.multi_processor_count, props.major)
+
+
 def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
     """``workspace_estimate_bytes``, ``cuda_sim_mode`` and (CUDA) ``peak_alloc_bytes`` of one
     call on the case's inputs ``x``, ``w``."""
@@ -57,6 +74,8 @@ def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
         rows = shape.batch * shape.tokens
         gram = cb.use_gram(method, shape.batch, rows, shape.dim, k, shape.tokens, dtype)
         facts["cuda_sim_mode"] = "gram" if gram else "row"
+        if gram and method != "dpp":
+            facts["cuda_cluster_ctas"] = cluster_ctas_here(shape.batch, shape.tokens)
         # False: this torch has no bf16 x bf16 -> fp32 bmm, and the Gram runs as an fp32 matmul
         facts["bmm_out_dtype"] = cb._HAS_BMM_OUT_DTYPE
         facts["workspace_estimate_bytes"] = cb.workspace_bytes(method, shape.batch, rows, shape.dim, k,
@@ -106,7 +125,8 @@ def main(argv=None) -> int:
             except Exception as exc:  # a record without its memory facts still counts
                 rec["memory_facts_error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"[targets] ({case.name}) {rec['backend']:<8} {rec['method']:<9} {rec['median_ms']:.4g} ms"
-                  f"  rounds/k {rec.get('rounds_per_k', '-')}  x anchor {rec.get('speedup_vs_anchor')}", flush=True)
+                  f"  rounds/k {rec.get('rounds_per_k', '-')}  x anchor {rec.get('speedup_vs_anchor')}"
+                  f"{'  CTAs/image ' + str(rec['cuda_cluster_ctas']) if 'cuda_cluster_ctas' in rec else ''}", flush=True)
         for line in skipped:
             print(f"[targets] ({case.name}) skipped: {line}", flush=True)
             if "failed:" in line or not line.startswith(("anchor", "torch")):

@@ -22,7 +22,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifdef __CUDACC__
+#include <cooperative_groups.h>  // the emulator (csrc/emu/cuda_emu.h) provides its own cluster_group
+#endif
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -384,6 +388,49 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
   return got;
 }
 
+// warp_merge_top that also writes a value per popped entry: the lane that pops its head, the
+// h-th entry it pops, writes dst_m[q] = m_of(h, index) (dst_m[q] for q >= the returned count is
+// not written; visible to the warp after a __syncwarp).  The cluster kernel carries each
+// candidate's m this way, so that the commit check of another CTA never reads the owner's live
+// state.  (A register array of the values, shifted with the list, made ptxas spill at the cap.)
+template <class MOf>
+__device__ __forceinline__ int warp_merge_top_m(float* ts, int* ti, float* dst_s, int* dst_i, float* dst_m,
+                                                int lane, int pops, MOf m_of) {
+  int got = 0, head = 0;
+#pragma unroll 1
+  for (int q = 0; q < pops; ++q) {
+    const unsigned key = score_key(ts[0]);
+    const unsigned best = __reduce_max_sync(kFullMask, key);
+    const int bi = static_cast<int>(
+        __reduce_min_sync(kFullMask, key == best ? static_cast<unsigned>(ti[0]) : 0xffffffffu));
+    if (lane == 0) {
+      dst_s[q] = key_score(best);
+      dst_i[q] = bi;
+    }
+    if (bi == kNoPick) {
+      if (lane == 0)
+        for (int u = q + 1; u < pops; ++u) {
+          dst_s[u] = -INFINITY;
+          dst_i[u] = kNoPick;
+        }
+      break;
+    }
+    ++got;
+    if (ti[0] == bi) {
+      dst_m[q] = m_of(head, bi);
+      ++head;
+#pragma unroll
+      for (int j = 0; j + 1 < kMaxRound; ++j) {
+        ts[j] = ts[j + 1];
+        ti[j] = ti[j + 1];
+      }
+      ts[kMaxRound - 1] = -INFINITY;
+      ti[kMaxRound - 1] = kNoPick;
+    }
+  }
+  return got;
+}
+
 // MMR / FPS / hybrid / DivPrune in exact rounds (reference.select_rounds).
 //   step 0 : argmax over eligible tokens of first_score (if given) else imp (a round of one);
 //   step t : argmax over eligible, untaken tokens of lam * imp - (1 - lam) * m,
@@ -707,6 +754,208 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_kernel(
                                          lengths, ks, k_max, lam, omlam, m_g, taken_g, out, rounds, max_round);
 }
 
+// ------------------------------------------------------------------ several SMs per image (sm_90)
+// Gram-mode maxsim on a thread-block cluster of `csize` CTAs per image (grid = batch * csize,
+// cluster (csize, 1, 1), so image b is CTAs b * csize .. b * csize + csize - 1).  The picks and
+// rounds are exactly those of greedy_maxsim_gram_kernel: the same candidate order, commit check
+// and state update; only who holds which token changes.  With T = csize * blockDim.x threads in
+// the cluster, token i belongs to cluster thread g = i % T (CTA g / blockDim.x, thread
+// g % blockDim.x), slot s = i / T < kOwn, whose m_i, imp_i and taken bit stay in that thread's
+// registers (m_i is also stored to the CTA's shared memory at local index
+// tid + s * blockDim.x, for the CTA's own candidate list).  One round:
+//   1. each warp merges its lanes' lists, one __syncthreads, warp 0 merges the CTA's warp lists
+//      into the CTA's best `cap` (score, index, m) and writes them to xch_*[round parity];
+//   2. ONE cluster barrier (cluster.sync(): every thread of every CTA, release/acquire, so the
+//      lists are visible through distributed shared memory);
+//   3. warp 0 of every CTA reads the csize lists (lane l from CTA l, map_shared_rank) and
+//      merges them into the round's candidates: every CTA computes the same list, from the
+//      same data in the same order; it runs the commit check on the carried m_{c_j} (the
+//      owner's state may already move on), then a __syncthreads publishes the count;
+//   4. the owners mark their picks taken and every CTA updates its own tokens.
+// The exchange lists are double-buffered by round parity: a CTA writes buffer p in round t
+// only after the cluster barrier of round t - 1, which every CTA reaches after its reads of
+// round t - 2 (buffer p), so one cluster barrier per round suffices.  A last cluster barrier
+// keeps every CTA (and its shared memory) alive until the others' reads of the last round are
+// done.  sm_80 has no clusters: there the body is empty and the launcher never selects it.
+template <int kOwn>
+__global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_cluster_kernel(
+    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
+    const float* __restrict__ imp, const float* __restrict__ first_score,
+    const std::uint8_t* __restrict__ eligible, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float lam, float omlam, std::int64_t* __restrict__ out, std::int64_t* __restrict__ rounds, int max_round) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  static_assert(kOwn >= 1 && kOwn <= 32, "taken bits of the owned slots live in one 32-bit register");
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ float m_loc[];  // [kOwn * blockDim.x]: m of this CTA's slots
+  __shared__ float list_s[32 * kMaxRound];
+  __shared__ int list_i[32 * kMaxRound];
+  __shared__ float xch_s[2][kMaxRound];  // this CTA's best `cap` of the round, by round parity
+  __shared__ int xch_i[2][kMaxRound];
+  __shared__ float xch_m[2][kMaxRound];
+  __shared__ int cand_i[kMaxRound];
+  __shared__ float cand_m[kMaxRound];
+  __shared__ std::int64_t cand_row[kMaxRound];
+  __shared__ float cand_inv[kMaxRound];
+  __shared__ int round_n[1];
+
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int cta_threads = blockDim.x;
+  const int nwarps = cta_threads >> 5;
+  const int T = csize * cta_threads;     // threads of the cluster
+  const int g_self = rank * cta_threads + tid;
+  const std::int64_t b = blockIdx.x / csize;
+  const std::int64_t start = starts[b];
+  std::int64_t len = lengths[b];
+  if (len > ld) len = ld;
+  const int n = len > 0 ? static_cast<int>(len) : 0;
+  const std::int64_t kb = image_budget(len, ks[b], k_max);
+  std::int64_t* out_b = out + b * k_max;
+  if (rank == 0)
+    for (std::int64_t t = kb + tid; t < k_max; t += cta_threads) out_b[t] = -1;
+  if (kb == 0) {  // uniform over the cluster, before any exchange
+    if (rounds != nullptr && rank == 0 && tid == 0) rounds[b] = 0;
+    return;
+  }
+  const float* imp_b = imp + start;
+  const float* inv_b = inv_norm + start;
+  const float* gram_b = gram + b * ld * ld;
+
+  float ts[kMaxRound];
+  int ti[kMaxRound];
+  top_clear(ts, ti);
+  float own_m[kOwn], own_imp[kOwn];
+  unsigned own_taken = 0u;
+#pragma unroll
+  for (int s = 0; s < kOwn; ++s) {
+    const int i = g_self + s * T;
+    own_m[s] = -INFINITY;
+    own_imp[s] = 0.f;
+    m_loc[tid + s * cta_threads] = -INFINITY;
+    const bool ok = i < n && (eligible == nullptr || eligible[start + i] != 0);
+    if (i < n) own_imp[s] = imp_b[i];
+    if (ok) top_insert(first_score != nullptr ? first_score[start + i] : own_imp[s], i, ts, ti);
+    else own_taken |= 1u << s;
+  }
+  float* warp_ls = list_s + warp * kMaxRound;
+  int* warp_li = list_i + warp * kMaxRound;
+  std::int64_t t = 0;
+  std::int64_t nrounds = 0;
+  int cap = 1;
+  int par = 0;
+  while (true) {
+    warp_merge_top(ts, ti, warp_ls, warp_li, lane, cap);
+    __syncthreads();
+    if (warp == 0) {  // this CTA's best `cap`, with their m, to the exchange buffer
+#pragma unroll
+      for (int j = 0; j < kMaxRound; ++j) {
+        const bool in = lane < nwarps && j < cap;
+        ts[j] = in ? list_s[lane * kMaxRound + j] : -INFINITY;
+        ti[j] = in ? list_i[lane * kMaxRound + j] : kNoPick;
+      }
+      // a listed token i is this CTA's: slot i / T, local index (i % T) - rank * cta_threads + slot * cta_threads
+      warp_merge_top_m(ts, ti, xch_s[par], xch_i[par], xch_m[par], lane, cap, [&](int, int i) {
+        return m_loc[(i % T) - rank * cta_threads + (i / T) * cta_threads];
+      });
+    }
+    cluster.sync();  // the round's one cluster barrier: every CTA's list is published
+    if (warp == 0) {
+      const int src = lane < csize ? lane : rank;  // lanes past the cluster read nothing remote
+      const float* rm = cluster.map_shared_rank(&xch_m[par][0], src);
+      {
+        const float* rs = cluster.map_shared_rank(&xch_s[par][0], src);
+        const int* ri = cluster.map_shared_rank(&xch_i[par][0], src);
+#pragma unroll
+        for (int j = 0; j < kMaxRound; ++j) {
+          const bool in = lane < csize && j < cap;
+          ts[j] = in ? rs[j] : -INFINITY;
+          ti[j] = in ? ri[j] : kNoPick;
+        }
+      }
+      // lane l pops CTA l's list in order: its h-th pop is that list's entry h
+      const int valid =
+          warp_merge_top_m(ts, ti, list_s, cand_i, cand_m, lane, cap, [&](int h, int) { return rm[h]; });
+      __syncwarp();  // cand_i, cand_m visible to the warp
+      if (lane < valid) {
+        const int c = cand_i[lane];
+        cand_row[lane] = static_cast<std::int64_t>(c) * ld;
+        cand_inv[lane] = inv_b[c];
+      }
+      int r = valid;
+      if (valid > 1) {  // the commit check of maxsim_body, on the carried m_{c_j}
+        int j = 1, base = 0;
+        while (base + j <= lane) {
+          base += j;
+          ++j;
+        }
+        const int l = lane - base;
+        bool fails = false;
+        if (j < valid) {
+          const int c = cand_i[j], cl = cand_i[l];
+          fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <=
+                    cand_m[j]);
+        }
+        const unsigned failed = __ballot_sync(kFullMask, fails);
+        if (failed != 0u) {
+          const int q = __ffs(static_cast<int>(failed)) - 1;
+          int jq = 1, bq = 0;
+          while (bq + jq <= q) {
+            bq += jq;
+            ++jq;
+          }
+          r = jq;
+        }
+      }
+      if (lane == 0) round_n[0] = r;
+    }
+    __syncthreads();
+    par ^= 1;
+    const int r = round_n[0];
+    if (r == 0) {  // fewer candidates than the budget (only with inconsistent inputs)
+      if (rank == 0)
+        for (std::int64_t u = t + tid; u < kb; u += cta_threads) out_b[u] = -1;
+      break;
+    }
+#pragma unroll 1
+    for (int j = 0; j < r; ++j) {
+      const int p = cand_i[j];
+      if (rank == 0 && tid == 0) out_b[t + j] = p;
+      if (p % T == g_self) own_taken |= 1u << (p / T);
+    }
+    t += r;
+    ++nrounds;
+    if (t >= kb) break;
+    const std::int64_t left = kb - t;
+    cap = left < max_round ? static_cast<int>(left) : max_round;
+
+    top_clear(ts, ti);
+#pragma unroll
+    for (int s = 0; s < kOwn; ++s) {
+      const int i = g_self + s * T;
+      if ((own_taken >> s) & 1u) continue;
+      float mi = own_m[s];
+      const float ii = inv_b[i];
+      float gv[kMaxRound];
+#pragma unroll
+      for (int j = 0; j < kMaxRound; ++j) gv[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
+#pragma unroll
+      for (int j = 0; j < kMaxRound; ++j)
+        if (j < r) mi = fmaxf(mi, __fmul_rn(gv[j] * cand_inv[j], ii));
+      own_m[s] = mi;
+      m_loc[tid + s * cta_threads] = mi;
+      top_insert(__fsub_rn(__fmul_rn(lam, own_imp[s]), __fmul_rn(omlam, mi)), i, ts, ti);
+    }
+  }
+  if (rounds != nullptr && rank == 0 && tid == 0) rounds[b] = nrounds;
+  cluster.sync();  // no CTA exits (freeing its shared memory) while another may read its lists
+#endif
+}
+
 // Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
 //   d2_i starts at exactly q_i^2 for a non-zero token (0 for a zero vector); each step
 //   picks argmax d2 over untaken tokens; the pick p at step s then gives
@@ -979,6 +1228,96 @@ int gram_threads(std::int64_t ld) {
   return static_cast<int>(t);
 }
 
+// ---- the cluster path of Gram-mode maxsim (greedy_maxsim_gram_cluster_kernel)
+// Token slots per thread of the cluster kernel (registers, as kGramOwn): csize * 1024 * 4 tokens.
+constexpr int kClusterOwn = 4;
+// Largest cluster: 8 CTAs is the portable limit; H100 runs 16 with the non-portable opt-in.
+constexpr int kPortableCluster = 8;
+constexpr int kMaxCluster = 16;
+
+auto* const cluster_kernel = greedy_maxsim_gram_cluster_kernel<kClusterOwn>;
+
+std::int64_t cluster_smem_bytes(int threads) { return static_cast<std::int64_t>(kClusterOwn) * threads * 4; }
+
+// Launch configuration of `batch` clusters of `csize` CTAs (attr: one attribute, filled here).
+// Positional initialisation: the emulator's blockDim/gridDim built-ins are macros.
+cudaLaunchConfig_t cluster_config(int csize, std::int64_t batch, int threads, std::uintptr_t stream,
+                                  cudaLaunchAttribute* attr) {
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  return cudaLaunchConfig_t{dim3(static_cast<unsigned>(batch * csize)), dim3(static_cast<unsigned>(threads)),
+                            static_cast<size_t>(cluster_smem_bytes(threads)), stream_of(stream), attr, 1};
+}
+
+// CTAs per image (*csize, 1 = the one-block kernel) and threads per CTA of the cluster path.
+// Clusters need compute capability 9.0 and the device's cluster launch support.  The launcher's
+// choice (st.cluster == 0): a cluster when an image has more tokens than one block has threads
+// (ld > 1024), so that each thread owns one token: a thread updates its tokens one after another
+// (one dependent memory trip each), and one SM streams all of a round's Gram-row bytes; the
+// cluster pays a cluster barrier, a DSMEM trip and a third list merge per round for that
+// (bench/gpu_model.py prices both sides).  One CTA per 1024 tokens, as many as the batch leaves
+// SMs idle for (batch * csize <= SMs), at most kMaxCluster.  st.cluster >= 2 asks for that size
+// (tests force the path at small N); 1 disables it.
+std::string cluster_shape(const GramRows& g, const MaxSimState& st, const Segments& seg, int* csize, int* threads) {
+  *csize = 1;
+  if (st.cluster == 1) return "";
+  int device = 0, major = 0, launch_ok = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(ComputeCapabilityMajor)", err);
+  if (major < 9) return "";
+  err = cudaDeviceGetAttribute(&launch_ok, cudaDevAttrClusterLaunch, device);
+  if (err != cudaSuccess || launch_ok == 0) {
+    cudaGetLastError();  // a device without the attribute has no cluster launch: not an error here
+    return "";
+  }
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(MultiProcessorCount)", err);
+  std::int64_t want = st.cluster >= 2 ? st.cluster : (g.ld + kGreedyThreads - 1) / kGreedyThreads;
+  if (st.cluster < 2) want = std::min<std::int64_t>(want, sms / std::max<std::int64_t>(seg.batch, 1));
+  want = std::min<std::int64_t>(want, kMaxCluster);
+  if (want > kPortableCluster) {
+    err = cudaFuncSetAttribute(cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      want = kPortableCluster;
+    }
+  }
+  if (want < 2) return "";
+  if (g.ld > static_cast<std::int64_t>(kClusterOwn) * kGreedyThreads * want) return "";  // past the slots
+  *threads = gram_threads((g.ld + want - 1) / want);
+  if (want > kPortableCluster) {  // a 16-CTA cluster must fit one GPC: ask the occupancy calculator
+    cudaLaunchAttribute attr[1];
+    const cudaLaunchConfig_t cfg = cluster_config(static_cast<int>(want), 1, *threads, 0, attr);
+    int active = 0;
+    err = cudaOccupancyMaxActiveClusters(&active, cluster_kernel, &cfg);
+    if (err != cudaSuccess || active < 1) {
+      cudaGetLastError();
+      want = kPortableCluster;
+      *threads = gram_threads((g.ld + want - 1) / want);
+      if (g.ld > static_cast<std::int64_t>(kClusterOwn) * kGreedyThreads * want) return "";
+    }
+  }
+  *csize = static_cast<int>(want);
+  return "";
+}
+
+std::string launch_maxsim_gram_cluster(const GramRows& g, const MaxSimState& st, const Segments& seg, int csize,
+                                       int threads) {
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = cluster_config(csize, seg.batch, threads, seg.stream, attr);
+  const cudaError_t err = cudaLaunchKernelEx(
+      &cfg, cluster_kernel, in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp),
+      in<float>(st.first_score), in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts),
+      in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max, static_cast<float>(st.lam),
+      static_cast<float>(1.0 - st.lam), inout<std::int64_t>(seg.out), inout<std::int64_t>(st.rounds), st.max_round);
+  if (err != cudaSuccess) return cuda_error("greedy_maxsim_gram_cluster_kernel launch", err);
+  return check_launch("greedy_maxsim_gram_cluster_kernel launch");
+}
+
 // Calls F<T, kVec>::run(args...) for the runtime dtype code and alignment.
 #define MMRPRUNE_DISPATCH(DTYPE, X, DIM, FN, ...)                                                   \
   do {                                                                                              \
@@ -1011,6 +1350,12 @@ std::string launch_greedy_maxsim_gram(const GramRows& g, const MaxSimState& st, 
   int optin = 0;
   std::string err = max_optin_smem(&optin);
   if (!err.empty()) return err;
+  if (smem_state != 0) {  // several SMs per image where the device and the batch allow it
+    int csize = 1, cthreads = 0;
+    err = cluster_shape(g, st, seg, &csize, &cthreads);
+    if (!err.empty()) return err;
+    if (csize > 1) return launch_maxsim_gram_cluster(g, st, seg, csize, cthreads);
+  }
   const std::int64_t smem = gram_state_smem_bytes(g.ld);
   const bool fits = smem + kStaticSmemHeadroom <= optin;
   const bool use_smem = smem_state < 0 ? fits : (smem_state > 0 && fits);

@@ -60,6 +60,10 @@ struct MaxSimState {
   std::uintptr_t m_scratch = 0, taken_scratch = 0;  // [rows] fp32, [rows] uint8
   std::uintptr_t rounds = 0;    // [batch] int64: rounds each image ran (0: not written)
   int max_round = kMaxRound;    // 1 .. kMaxRound picks per round (1: one pick per step)
+  // Gram mode, CTAs per image (a thread-block cluster, sm_90): 0 = the launcher's choice from the
+  // batch, the length and the device (greedy.cu, cluster_shape), 1 = one block per image,
+  // n >= 2 = a cluster of n CTAs where the device has clusters (tests force the path at small N).
+  int cluster = 0;
 };
 
 // Conditional-DPP per-row inputs and scratch; c_scratch is [rows, k_max] fp32 (token-major).

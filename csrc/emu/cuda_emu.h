@@ -5,10 +5,11 @@
 // (kernel launches and __shared__ declarations), then g++ compiles it with `-include cuda_emu.h`
 // and the flags of csrc/cuda_build.py (EMU_CXX_FLAGS: -ffp-contract=off, -fno-strict-aliasing).
 //
-// Execution model.  The blocks of a launch run one after another on the calling OS thread.
-// Inside a block, every CUDA thread is a fiber with its own stack; a fiber runs until
-// it reaches __syncthreads, a full-warp __shfl_*_sync or __syncwarp, where it hands control to
-// the block's scheduler.  A barrier opens once every live thread of the block (or warp) has
+// Execution model.  The blocks of a launch run one after another on the calling OS thread;
+// the blocks of a thread-block cluster (cudaLaunchKernelEx with a cluster dimension) run together
+// as one group.  Inside a block (group), every CUDA thread is a fiber with its own stack; a fiber
+// runs until it reaches __syncthreads, a cluster barrier, a full-warp __shfl_*_sync or
+// __syncwarp, where it hands control to the group's scheduler.  A barrier opens once every live thread of the block (or warp) has
 // arrived; the scheduler then resumes the runnable fibers in the order CUDA_EMU_SCHED asks for.
 //
 // What aborts (with the source line): threads of one barrier generation arriving from different
@@ -23,6 +24,8 @@
 //
 // Environment: CUDA_EMU_SCHED=linear|reverse|random:SEED (resume order), CUDA_EMU_SMEM_FILL
 // (0..255, default 0xff), CUDA_EMU_SMEM_OPTIN (bytes, default 232448 as an H100),
+// CUDA_EMU_CC_MAJOR (compute capability, default 9; below 9 no clusters), CUDA_EMU_SMS (SM count,
+// default 132),
 // CUDA_EMU_STACK_KB (fiber stack, default 256), CUDA_EMU_REPORT_FD=FD:PID (a second
 // destination of abort messages: report_fd() below), CUDA_EMU_COUNTS=PATH (per-launch barrier,
 // shuffle-level and load counters appended to PATH: "Counters" below, bench/emu_counts.py).
@@ -186,7 +189,7 @@ inline long env_long(const char* name, long dflt) {
   return (v && *v) ? std::strtol(v, nullptr, 0) : dflt;
 }
 
-enum FiberState : int { kRunnable, kWaitBlock, kWaitWarp, kDone };
+enum FiberState : int { kRunnable, kWaitBlock, kWaitWarp, kWaitCluster, kDone };
 
 // The emulator's own bookkeeping is shared by all fibers of a block; TSan must not see it.
 struct Internal {
@@ -240,6 +243,8 @@ struct Fiber {
   char* stack = nullptr;
   std::size_t stack_size = 0;
   long ldg = 0;  // __ldg calls of this thread in the current barrier interval
+  int ldg_sites[16] = {};  // the source lines of those calls (distinct; see "Counters")
+  int nsites = 0;
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -249,8 +254,12 @@ struct Fiber {
 #endif
 };
 
+struct Cluster;
+
 struct Block {
   uint3 block_idx;
+  Cluster* cluster = nullptr;  // the cluster this block runs in (a launch without one: a cluster of one)
+  unsigned cluster_rank = 0;
   dim3 block_dim, grid_dim;
   Fiber* fibers = nullptr;
   int nthreads = 0;
@@ -289,6 +298,21 @@ struct Block {
   long shfl_ops = 0;     // shuffle generations of all warps
   long ldg_path = 0;     // sum over intervals of the max over threads of __ldg calls
   long ldg_total = 0;    // __ldg calls of all threads
+  long ldg_site_path = 0;  // sum over intervals of the max over threads of distinct __ldg sites
+  long cluster_barriers = 0;  // cluster barriers (cluster.sync()) that opened
+};
+
+// The blocks of one thread-block cluster run as one group of fibers (run_group): a cluster
+// barrier opens once every thread of every block of the cluster has arrived, and each block's
+// shared memory is reachable from the others (map_shared_rank) until the whole cluster is done.
+struct Cluster {
+  std::vector<Block*> blocks;  // by rank
+  dim3 dim{1, 1, 1};
+  std::atomic<unsigned> gen{0};
+  int arrived = 0;
+  const char* file = nullptr;
+  int line = 0;
+  char sync[2];  // TSan happens-before objects of the cluster barrier, alternating by generation
 };
 
 // ------------------------------------------------------------------ counters
@@ -303,10 +327,20 @@ struct Block {
 //                any warp in the interval.  (A run of identical-pattern shuffles that do depend
 //                on each other would be under-counted; the kernels have none.)
 //   shfl_ops_path: the same sum counting every shuffle generation (no grouping).
+//   cluster_barriers: cluster barriers (cg::this_cluster().sync()), each one also a barrier of
+//                every block of the cluster (it closes an interval in each).
 //   ldg_path   : the sum over intervals of the largest number of __ldg calls of one thread:
 //                an UPPER bound on dependent global-memory trips (the emulator cannot see
 //                whether the hardware overlaps a thread's independent loads).  Plain
 //                pointer reads of global memory are not counted.
+//   ldg_site_path: the same sum counting a thread's distinct __ldg call sites (source lines) per
+//                interval: the loads of one site in one interval count as one trip.  That is the
+//                dependent-trip count when a site's loads are independent of each other (an
+//                unrolled batch of loads into registers, a strided loop) and each site depends on
+//                the one before; it under-counts a site whose loads chain (a pointer chase, or a
+//                short-circuit loop whose next load waits for the previous compare, as the
+//                before kernels' lane-0 commit check), so it is used only for kernels read to
+//                have none (bench/gpu_model.py says which).
 // CUDA_EMU_COUNTS=PATH appends one JSON line per launch to PATH (see write_counts).
 inline void close_interval(Block& b) {
   long lv = 0, ops = 0;
@@ -316,14 +350,17 @@ inline void close_interval(Block& b) {
     b.warps[w].levels = 0;
     b.warps[w].shfl_ops = 0;
   }
-  long ld = 0;
+  long ld = 0, sites = 0;
   for (int i = 0; i < b.nthreads; ++i) {
     ld = std::max(ld, b.fibers[i].ldg);
+    sites = std::max<long>(sites, b.fibers[i].nsites);
     b.fibers[i].ldg = 0;
+    b.fibers[i].nsites = 0;
   }
   b.shfl_path += lv;
   b.shfl_ops_path += ops;
   b.ldg_path += ld;
+  b.ldg_site_path += sites;
   ++b.interval;
 }
 
@@ -402,6 +439,47 @@ inline void syncthreads(const char* file, int line) {
   }
   switch_to_scheduler(f, false);
   hb_acquire(&b.bar_sync[gen & 1]);
+}
+
+// cluster.sync(): every live thread of every block of the cluster.  Release/acquire, like the
+// hardware's barrier.cluster.arrive.release / wait.acquire (the default of cluster.sync()).
+inline void cluster_sync(const char* file, int line) {
+  Internal guard;
+  Block& b = block();
+  Fiber& f = *b.cur;
+  Cluster& c = *b.cluster;
+  int total = 0;
+  for (Block* o : c.blocks) {
+    if (o->live != o->nthreads)
+      fail("cluster barrier at %s:%d reached after %d thread(s) of block (%u,%u,%u) of the cluster exited", file,
+           line, o->nthreads - o->live, o->block_idx.x, o->block_idx.y, o->block_idx.z);
+    total += o->nthreads;
+  }
+  if (c.arrived == 0) {
+    c.file = file;
+    c.line = line;
+  } else if (c.line != line || std::strcmp(c.file, file) != 0) {
+    fail("divergent cluster barrier: thread %d of block (%u,%u,%u) at %s:%d, another thread of the cluster at %s:%d",
+         f.linear, b.block_idx.x, b.block_idx.y, b.block_idx.z, file, line, c.file, c.line);
+  }
+  const unsigned gen = c.gen.load(std::memory_order_relaxed);
+  hb_release(&c.sync[gen & 1]);
+  if (++c.arrived == total) {
+    c.arrived = 0;
+    for (Block* o : c.blocks) {
+      ++o->cluster_barriers;
+      close_interval(*o);
+    }
+    c.gen.store(gen + 1, std::memory_order_relaxed);
+    f.state.store(kRunnable, std::memory_order_relaxed);
+  } else {
+    f.wait_gen = gen;
+    f.file = file;
+    f.line = line;
+    f.state.store(kWaitCluster, std::memory_order_relaxed);
+  }
+  switch_to_scheduler(f, false);
+  hb_acquire(&c.sync[gen & 1]);
 }
 
 inline void warp_barrier(Warp& w, Fiber& f, const char* what, const char* file, int line, bool ordering) {
@@ -562,14 +640,46 @@ inline A& static_smem(const void* key) {
   return *reinterpret_cast<A*>(it->second.first);
 }
 
+// Distributed shared memory: the address in block `rank` of the cluster that corresponds to the
+// calling block's shared-memory address p (same variable, same offset).  A rank outside the
+// cluster, an address that is not shared memory, or a block that has exited aborts.
+inline void* map_shared(const void* p, unsigned rank, const char* file, int line) {
+  Internal guard;
+  Block& b = block();
+  Cluster& c = *b.cluster;
+  if (rank >= c.blocks.size())
+    fail("map_shared_rank(%p, %u) at %s:%d: the cluster has %zu block(s)", p, rank, file, line, c.blocks.size());
+  Block& t = *c.blocks[rank];
+  if (t.live == 0)
+    fail("map_shared_rank at %s:%d: block %u of the cluster has exited (its shared memory is gone)", file, line,
+         rank);
+  const auto* a = static_cast<const unsigned char*>(p);
+  if (a >= b.dyn_smem && a < b.dyn_smem + b.dyn_bytes) return t.dyn_smem + (a - b.dyn_smem);
+  for (auto& kv : b.static_smem) {
+    const auto* base = static_cast<const unsigned char*>(kv.second.first);
+    if (a >= base && a < base + kv.second.second) {
+      auto it = t.static_smem.find(kv.first);
+      if (it == t.static_smem.end()) {  // not yet declared by a thread of that block: garbage, as on a GPU
+        void* q = std::malloc(kv.second.second);
+        fill_garbage(q, kv.second.second);
+        t.static_bytes += kv.second.second;
+        it = t.static_smem.emplace(kv.first, std::make_pair(q, kv.second.second)).first;
+      }
+      return static_cast<unsigned char*>(it->second.first) + (a - base);
+    }
+  }
+  fail("map_shared_rank(%p) at %s:%d: not a shared-memory address of this block", p, file, line);
+}
+
 // ------------------------------------------------------------------ runtime state
 struct BlockCounts {
-  long barriers, shfl_path, shfl_ops_path, shfl_ops, ldg_path, ldg_total;
+  long barriers, shfl_path, shfl_ops_path, shfl_ops, ldg_path, ldg_total, ldg_site_path, cluster_barriers;
 };
 struct Runtime {
   std::vector<BlockCounts> blocks;  // counters of the blocks of the current launch
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  std::map<const void*, int> nonportable_cluster;  // cudaFuncAttributeNonPortableClusterSizeAllowed per kernel
   std::vector<std::pair<char*, std::size_t>> stacks;  // reused across launches
   long launches = 0;
 };
@@ -578,6 +688,10 @@ inline Runtime& rt() {
   return r;
 }
 inline int smem_optin() { return static_cast<int>(env_long("CUDA_EMU_SMEM_OPTIN", 232448)); }
+// Compute capability major (CUDA_EMU_CC_MAJOR, default 9 as an H100): below 9 the device has no
+// thread-block clusters (the launchers then keep one block per image, as on an A100).
+inline int cc_major() { return static_cast<int>(env_long("CUDA_EMU_CC_MAJOR", 9)); }
+inline int sm_count() { return static_cast<int>(env_long("CUDA_EMU_SMS", 132)); }
 
 inline char* get_stack(int i, std::size_t* size) {
   auto& st = rt().stacks;
@@ -628,57 +742,70 @@ inline void trampoline() {
   fail("a finished fiber was resumed");
 }
 
-inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, std::size_t smem_limit,
-                      const std::function<void()>& body, void* exit_sync) {
+// Runs the blocks `bids` (one cluster, by rank) as one group of fibers on the calling OS thread.
+inline void run_group(const std::vector<uint3>& bids, dim3 cdim, dim3 bdim, dim3 gdim, std::size_t dyn_bytes,
+                      std::size_t smem_limit, const std::function<void()>& body, void* exit_sync) {
   Internal guard;  // the scheduler's own accesses (it never runs kernel code) are not checked
   const int n = static_cast<int>(bdim.x * bdim.y * bdim.z);
   const int nw = (n + 31) / 32;
-  std::vector<Fiber> fibers(n);
-  std::vector<Warp> warps(nw);
-  // on the heap, not on this stack: exiting fibers read it after their last happens-before edge
-  std::unique_ptr<Block> block_holder(new Block);
-  Block& b = *block_holder;
-  b.block_idx = bid;
-  b.block_dim = bdim;
-  b.grid_dim = gdim;
-  b.fibers = fibers.data();
-  b.nthreads = n;
-  b.warps = warps.data();
-  b.nwarps = nw;
-  b.live = n;
-  b.body = &body;
-  b.dyn_bytes = dyn_bytes;
-  b.smem_limit = smem_limit;
-  b.exit_sync = exit_sync;
+  const int nb = static_cast<int>(bids.size());
+  std::vector<std::vector<Fiber>> fibers(nb);
+  std::vector<std::vector<Warp>> warps(nb);
+  // on the heap, not on this stack: exiting fibers read them after their last happens-before edge
+  std::vector<std::unique_ptr<Block>> blocks(nb);
+  std::unique_ptr<Cluster> cluster(new Cluster);
+  cluster->dim = cdim;
+  for (int k = 0; k < nb; ++k) {
+    fibers[k] = std::vector<Fiber>(n);
+    warps[k] = std::vector<Warp>(nw);
+    blocks[k].reset(new Block);
+    Block& b = *blocks[k];
+    cluster->blocks.push_back(&b);
+    b.block_idx = bids[k];
+    b.cluster = cluster.get();
+    b.cluster_rank = static_cast<unsigned>(k);
+    b.block_dim = bdim;
+    b.grid_dim = gdim;
+    b.fibers = fibers[k].data();
+    b.nthreads = n;
+    b.warps = warps[k].data();
+    b.nwarps = nw;
+    b.live = n;
+    b.body = &body;
+    b.dyn_bytes = dyn_bytes;
+    b.smem_limit = smem_limit;
+    b.exit_sync = exit_sync;
 #ifdef CUDA_EMU_TSAN
-  b.tsan_sched = __tsan_get_current_fiber();
+    b.tsan_sched = __tsan_get_current_fiber();
 #endif
-  b.dyn_smem = static_cast<unsigned char*>(std::malloc(dyn_bytes ? dyn_bytes : 1));
-  fill_garbage(b.dyn_smem, dyn_bytes);
-  for (int w = 0; w < nw; ++w) {
-    warps[w].lanes = std::min(32, n - 32 * w);
-    warps[w].expected = warps[w].lanes;
-  }
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = fibers[i];
-    f.linear = i;
-    f.tid = make_uint3(i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y));
-    f.stack = get_stack(i, &f.stack_size);
-    make_context(f.ctx, f.stack, f.stack_size, trampoline);
+    b.dyn_smem = static_cast<unsigned char*>(std::malloc(dyn_bytes ? dyn_bytes : 1));
+    fill_garbage(b.dyn_smem, dyn_bytes);
+    for (int w = 0; w < nw; ++w) {
+      warps[k][w].lanes = std::min(32, n - 32 * w);
+      warps[k][w].expected = warps[k][w].lanes;
+    }
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = fibers[k][i];
+      f.linear = i;
+      f.tid = make_uint3(i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y));
+      f.stack = get_stack(k * n + i, &f.stack_size);
+      make_context(f.ctx, f.stack, f.stack_size, trampoline);
 #ifdef CUDA_EMU_TSAN
-    f.tsan_fiber = __tsan_create_fiber(0);
+      f.tsan_fiber = __tsan_create_fiber(0);
 #endif
+    }
   }
   Block* prev = tl_block;
-  tl_block = &b;
 
-  // scheduling order
-  std::vector<int> order(n);
-  for (int i = 0; i < n; ++i) order[i] = i;
+  // scheduling order over every fiber of the group: (block, thread)
+  const int total = nb * n;
+  std::vector<int> order(total);
+  for (int i = 0; i < total; ++i) order[i] = i;
   const char* sched = std::getenv("CUDA_EMU_SCHED");
   std::string mode = sched ? sched : "linear";
   std::mt19937_64 rng;
   bool random = false;
+  const uint3 bid = bids[0];
   if (mode == "reverse") {
     std::reverse(order.begin(), order.end());
   } else if (mode.rfind("random", 0) == 0) {
@@ -690,43 +817,79 @@ inline void run_block(uint3 bid, dim3 bdim, dim3 gdim, std::size_t dyn_bytes, st
     fail("CUDA_EMU_SCHED=%s: use linear, reverse or random:SEED", mode.c_str());
   }
 
+  // One sweep resumes each runnable fiber of `span` (positions of `order`) once.  linear and
+  // reverse run a cluster one block at a time: a block's fibers are swept until none of them can
+  // progress (a cluster barrier, or the end), then the next block's, so one block runs as far
+  // ahead of the others as CUDA allows (e.g. to its exit before another reads its shared memory
+  // through map_shared_rank); random interleaves every fiber of the group.
   int done = 0;
-  while (done < n) {
-    if (random) std::shuffle(order.begin(), order.end(), rng);
+  auto sweep = [&](int lo, int hi) {
     bool progress = false;
-    for (int i : order) {
-      Fiber& f = fibers[i];
+    for (int p = lo; p < hi; ++p) {
+      const int gi = order[p];
+      Block& b = *blocks[gi / n];
+      Fiber& f = b.fibers[gi % n];
       const int s = f.state.load(std::memory_order_relaxed);
       if (s == kDone) continue;
       if (s == kWaitBlock && b.bar_gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
-      if (s == kWaitWarp && warps[i >> 5].gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
+      if (s == kWaitWarp && b.warps[(gi % n) >> 5].gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
+      if (s == kWaitCluster && cluster->gen.load(std::memory_order_relaxed) == f.wait_gen) continue;
       f.state.store(kRunnable, std::memory_order_relaxed);
+      tl_block = &b;
       resume(b, f);
       progress = true;
-      if (f.state.load(std::memory_order_relaxed) == kDone) ++done;
+      if (f.state.load(std::memory_order_relaxed) == kDone) {
+        ++done;
+        if (b.live == 0 && nb > 1) {  // its shared memory is gone: later DSMEM reads see garbage
+          fill_garbage(b.dyn_smem, b.dyn_bytes);
+          for (auto& kv : b.static_smem) fill_garbage(kv.second.first, kv.second.second);
+        }
+      }
     }
-    if (!progress && done < n) {
-      report_line("cuda_emu: deadlock in block (%u,%u,%u); waiting threads:", bid.x, bid.y, bid.z);
+    return progress;
+  };
+  while (done < total) {
+    if (random) std::shuffle(order.begin(), order.end(), rng);
+    bool progress = false;
+    if (random || nb == 1) {
+      progress = sweep(0, total);
+    } else {
+      for (int k = 0; k < nb; ++k)
+        while (sweep(k * n, (k + 1) * n)) progress = true;
+    }
+    if (!progress && done < total) {
+      report_line("cuda_emu: deadlock in block (%u,%u,%u)%s; waiting threads:", bid.x, bid.y, bid.z,
+                  nb > 1 ? " and the rest of its cluster" : "");
       int shown = 0;
-      for (int i = 0; i < n && shown < 16; ++i) {
-        const int s = fibers[i].state.load();
+      for (int gi = 0; gi < total && shown < 16; ++gi) {
+        const Fiber& f = blocks[gi / n]->fibers[gi % n];
+        const int s = f.state.load();
         if (s == kDone) continue;
-        report_line("  thread %d: %s at %s:%d", i, s == kWaitBlock ? "__syncthreads" : "warp collective",
-                     fibers[i].file, fibers[i].line);
+        report_line("  block %d thread %d: %s at %s:%d", gi / n, gi % n,
+                    s == kWaitBlock ? "__syncthreads" : s == kWaitCluster ? "cluster barrier" : "warp collective",
+                    f.file, f.line);
         ++shown;
       }
       fail("deadlock (barrier divergence)");
     }
   }
   tl_block = prev;
-  close_interval(b);
-  rt().blocks.push_back({b.barriers, b.shfl_path, b.shfl_ops_path, b.shfl_ops, b.ldg_path, b.ldg_total});
+  for (int k = 0; k < nb; ++k) {
+    Block& b = *blocks[k];
+    close_interval(b);
+    rt().blocks.push_back(
+        {b.barriers, b.shfl_path, b.shfl_ops_path, b.shfl_ops, b.ldg_path, b.ldg_total, b.ldg_site_path,
+         b.cluster_barriers});
+  }
 #ifdef CUDA_EMU_TSAN
-  for (int i = 0; i < n; ++i) __tsan_destroy_fiber(fibers[i].tsan_fiber);
+  for (int k = 0; k < nb; ++k)
+    for (int i = 0; i < n; ++i) __tsan_destroy_fiber(fibers[k][i].tsan_fiber);
   AnnotateIgnoreWritesBegin(__FILE__, __LINE__);  // freeing smem is not a kernel access
 #endif
-  for (auto& kv : b.static_smem) std::free(kv.second.first);
-  std::free(b.dyn_smem);
+  for (int k = 0; k < nb; ++k) {
+    for (auto& kv : blocks[k]->static_smem) std::free(kv.second.first);
+    std::free(blocks[k]->dyn_smem);
+  }
 #ifdef CUDA_EMU_TSAN
   AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
 #endif
@@ -737,6 +900,7 @@ struct LaunchCfg {
   dim3 grid, block;
   std::size_t smem;
   cudaStream_t stream;
+  dim3 cluster{1, 1, 1};
 };
 
 template <typename... A>
@@ -754,7 +918,7 @@ struct CfgBuilder {
 };
 
 inline CfgBuilder launch_config(dim3 grid, dim3 block, std::size_t smem = 0, cudaStream_t stream = nullptr) {
-  return CfgBuilder{LaunchCfg{grid, block, smem, stream}};
+  return CfgBuilder{LaunchCfg{grid, block, smem, stream, dim3(1, 1, 1)}};
 }
 
 // One JSON line per launch to CUDA_EMU_COUNTS (read at every launch, so a process may switch it
@@ -765,13 +929,15 @@ inline void write_counts(const LaunchCfg& c, std::size_t nparams) {
   if (!path || !*path) return;
   FILE* f = std::fopen(path, "a");
   if (!f) fail("CUDA_EMU_COUNTS=%s: cannot open for appending", path);
-  std::fprintf(f, "{\"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], \"smem\": %zu, \"params\": %zu, \"blocks\": [",
-               c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z, c.smem, nparams);
+  std::fprintf(f, "{\"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], \"cluster\": [%u, %u, %u], \"smem\": %zu, "
+               "\"params\": %zu, \"blocks\": [", c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z,
+               c.cluster.x, c.cluster.y, c.cluster.z, c.smem, nparams);
   const auto& bl = rt().blocks;
   for (std::size_t i = 0; i < bl.size(); ++i)
     std::fprintf(f, "%s{\"barriers\": %ld, \"shfl_path\": %ld, \"shfl_ops_path\": %ld, \"shfl_ops\": %ld, "
-                 "\"ldg_path\": %ld, \"ldg_total\": %ld}", i ? ", " : "", bl[i].barriers, bl[i].shfl_path,
-                 bl[i].shfl_ops_path, bl[i].shfl_ops, bl[i].ldg_path, bl[i].ldg_total);
+                 "\"ldg_path\": %ld, \"ldg_total\": %ld, \"ldg_site_path\": %ld, \"cluster_barriers\": %ld}",
+                 i ? ", " : "", bl[i].barriers, bl[i].shfl_path, bl[i].shfl_ops_path, bl[i].shfl_ops, bl[i].ldg_path,
+                 bl[i].ldg_total, bl[i].ldg_site_path, bl[i].cluster_barriers);
   std::fprintf(f, "]}\n");
   std::fclose(f);
 }
@@ -798,12 +964,44 @@ void launch(void (*kernel)(P...), const LaunchCfg& c, std::tuple<std::decay_t<P>
   // race between two blocks (e.g. overlapping scratch) is reported under TSan.
   char exit_sync = 0;
   r.blocks.clear();
-  for (unsigned z = 0; z < c.grid.z; ++z)
-    for (unsigned y = 0; y < c.grid.y; ++y)
-      for (unsigned x = 0; x < c.grid.x; ++x)
-        run_block(make_uint3(x, y, z), c.block, c.grid, c.smem, limit, body, &exit_sync);
+  // clusters one after another; inside one, its blocks by rank (x fastest), as one group
+  const dim3 cl = c.cluster;
+  std::vector<uint3> ids;
+  for (unsigned cz = 0; cz < c.grid.z; cz += cl.z)
+    for (unsigned cy = 0; cy < c.grid.y; cy += cl.y)
+      for (unsigned cx = 0; cx < c.grid.x; cx += cl.x) {
+        ids.clear();
+        for (unsigned z = 0; z < cl.z; ++z)
+          for (unsigned y = 0; y < cl.y; ++y)
+            for (unsigned x = 0; x < cl.x; ++x) ids.push_back(make_uint3(cx + x, cy + y, cz + z));
+        run_group(ids, cl, c.block, c.grid, c.smem, limit, body, &exit_sync);
+      }
   hb_acquire(&exit_sync);
   write_counts(c, sizeof...(P));
+}
+
+// cudaLaunchKernelEx (a macro below: the runtime header's template would go through the untyped
+// C API): the launch attributes the kernels use, the cluster dimension only.  Errors as the
+// runtime reports them: cudaErrorInvalidClusterSize for a grid that is not a whole number of
+// clusters or a cluster above 8 blocks (16 with cudaFuncAttributeNonPortableClusterSizeAllowed),
+// cudaErrorInvalidValue for any other attribute.
+template <typename... P, typename... A>
+cudaError_t launch_ex(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... a) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  Runtime& r = rt();
+  LaunchCfg c{cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream, dim3(1, 1, 1)};
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id != cudaLaunchAttributeClusterDimension) return r.last_error = cudaErrorInvalidValue;
+    c.cluster = dim3(cfg->attrs[i].val.clusterDim.x, cfg->attrs[i].val.clusterDim.y, cfg->attrs[i].val.clusterDim.z);
+  }
+  const unsigned long long size = 1ull * c.cluster.x * c.cluster.y * c.cluster.z;
+  const auto np = r.nonportable_cluster.find(reinterpret_cast<const void*>(kernel));
+  const unsigned long long most = np != r.nonportable_cluster.end() && np->second ? 16 : 8;
+  if (size == 0 || size > most || (size > 1 && cc_major() < 9) || c.grid.x % c.cluster.x || c.grid.y % c.cluster.y ||
+      c.grid.z % c.cluster.z)
+    return r.last_error = cudaErrorInvalidClusterSize;
+  launch(kernel, c, std::tuple<std::decay_t<P>...>(std::forward<A>(a)...));
+  return r.last_error;
 }
 
 // `kernel<<<cfg>>>(args)` is rewritten by cu_rewrite.py to `kernel | launch_config(cfg).args(args)`.
@@ -824,6 +1022,28 @@ void operator|(void (*kernel)(P...), PendingLaunch<A...>&& pl) {
 #ifndef warpSize
 #define warpSize 32
 #endif
+
+#define cudaLaunchKernelEx(cfg, kernel, ...) ::cuda_emu::launch_ex(cfg, kernel, __VA_ARGS__)
+
+// ------------------------------------------------------------------ cooperative groups (clusters)
+// The subset of cooperative_groups the kernels use for thread-block clusters (greedy.cu includes
+// the real header only under nvcc): sync() is the emulator's cluster barrier, map_shared_rank()
+// its distributed shared memory (cluster_sync, map_shared); both report the caller's line.
+namespace cooperative_groups {
+struct cluster_group {
+  void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const {
+    ::cuda_emu::cluster_sync(file, line);
+  }
+  unsigned block_rank() const { return ::cuda_emu::block().cluster_rank; }
+  unsigned num_blocks() const { return static_cast<unsigned>(::cuda_emu::block().cluster->blocks.size()); }
+  dim3 dim_blocks() const { return ::cuda_emu::block().cluster->dim; }
+  template <typename T>
+  T* map_shared_rank(T* p, unsigned rank, const char* file = __builtin_FILE(), int line = __builtin_LINE()) const {
+    return static_cast<T*>(::cuda_emu::map_shared(p, rank, file, line));
+  }
+};
+inline cluster_group this_cluster() { return cluster_group{}; }
+}  // namespace cooperative_groups
 
 // ------------------------------------------------------------------ intrinsics
 #define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
@@ -848,12 +1068,19 @@ template <typename T> inline T shfl_w(ShflMode m, const char* f, int l, unsigned
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 template <typename T>
-inline T __ldg(const T* p) {
+inline T __ldg(const T* p, int line = __builtin_LINE()) {
   {
     ::cuda_emu::Internal guard;
     ::cuda_emu::Block& b = ::cuda_emu::block();
-    ++b.cur.load(std::memory_order_relaxed)->ldg;
+    ::cuda_emu::Fiber& f = *b.cur.load(std::memory_order_relaxed);
+    ++f.ldg;
     ++b.ldg_total;
+    bool seen = false;
+    for (int j = 0; j < f.nsites && j < 16; ++j) seen = seen || f.ldg_sites[j] == line;
+    if (!seen) {
+      if (f.nsites < 16) f.ldg_sites[f.nsites] = line;
+      ++f.nsites;
+    }
   }
   return *p;
 }
@@ -897,14 +1124,35 @@ __attribute__((weak)) cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceA
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = ::cuda_emu::sm_count(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = ::cuda_emu::cc_major(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    case cudaDevAttrClusterLaunch: *value = ::cuda_emu::cc_major() >= 9 ? 1 : 0; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }
 __attribute__((weak)) cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    if (::cuda_emu::cc_major() < 9) return cudaErrorInvalidValue;
+    ::cuda_emu::rt().nonportable_cluster[func] = value;
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > ::cuda_emu::smem_optin()) return cudaErrorInvalidValue;
   ::cuda_emu::rt().max_dyn_smem[func] = value;
+  return cudaSuccess;
+}
+// Clusters that fit at once: one block per SM (the kernels' 1024-thread blocks), so SMs / size; an
+// H100's GPCs (16-18 SMs) hold one 16-block cluster each.  Size 0 or above the kernel's limit: 0.
+__attribute__((weak)) cudaError_t cudaOccupancyMaxActiveClusters(int* num, const void* func,
+                                                                  const cudaLaunchConfig_t* cfg) {
+  unsigned size = 1;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension)
+      size = cfg->attrs[i].val.clusterDim.x * cfg->attrs[i].val.clusterDim.y * cfg->attrs[i].val.clusterDim.z;
+  const auto np = ::cuda_emu::rt().nonportable_cluster.find(func);
+  const unsigned most = np != ::cuda_emu::rt().nonportable_cluster.end() && np->second ? 16 : 8;
+  *num = size == 0 || size > most || ::cuda_emu::cc_major() < 9 ? 0 : ::cuda_emu::sm_count() / static_cast<int>(size);
   return cudaSuccess;
 }
 __attribute__((weak)) cudaError_t cudaGetLastError(void) {
@@ -921,6 +1169,7 @@ __attribute__((weak)) const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidClusterSize: return "cudaErrorInvalidClusterSize";
     default: return "cudaErrorUnknown(emulated)";
   }
 }
@@ -930,6 +1179,7 @@ __attribute__((weak)) const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
     default: return "unknown error (cuda_emu)";
   }
 }

@@ -5,11 +5,12 @@
 // cuda_backend.prepare() and wrote to a case directory:
 //
 //   args.txt    "key value" lines: kind (maxsim|dpp), mode (row|gram), dtype, rows, dim, batch,
-//               k_max, lam, smem_state, x_offset (bytes added to the feature address: misaligned rows)
+//               k_max, lam, smem_state, x_offset (bytes added to the feature address: misaligned rows),
+//               optional cluster (MaxSimState::cluster: 1 one block per image, n >= 2 a cluster of n)
 //   x.bin score.bin starts.bin lengths.bin ks.bin [first.bin] [eligible.bin] [gram.bin inv.bin sqn.bin]
 //
 // It runs the launchers of greedy.h as cuda_backend.launch_with does and writes out.bin
-// ([batch, k_max] int64).  Exit status 0 on success, 3 when a launcher reports an error.
+// ([batch, k_max] int64) and, for maxsim, rounds.bin ([batch] int64).  Exit status 0 on success, 3 when a launcher reports an error.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -73,13 +74,14 @@ int main(int argc, char** argv) {
   const std::int64_t rows = num("rows"), dim = num("dim"), batch = num("batch"), k_max = num("k_max");
   const double lam = std::strtod(a.at("lam").c_str(), nullptr);
   const int smem_state = static_cast<int>(num("smem_state"));
+  const int cluster = a.count("cluster") ? static_cast<int>(num("cluster")) : 0;
 
   Buffer x(read_file("x.bin"), static_cast<std::size_t>(num("x_offset")));
   Buffer score(read_file("score.bin")), starts(read_file("starts.bin")), lengths(read_file("lengths.bin")),
       ks(read_file("ks.bin"));
   Buffer first(read_file("first.bin", false)), eligible(read_file("eligible.bin", false));
   Buffer state(rows * 4), taken(rows), inv(rows * 4), sqn(rows * 4), chol(rows * k_max * 4 + 4);
-  Buffer out(batch * k_max * 8);
+  Buffer out(batch * k_max * 8), rounds(batch * 8);
   std::string err;
   namespace mc = mmrprune_cuda;
   mc::Segments seg;
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
   mc::MaxSimState ms;
   ms.imp = score.addr(), ms.first_score = addr_or_null(first), ms.eligible = addr_or_null(eligible);
   ms.lam = lam, ms.m_scratch = state.addr(), ms.taken_scratch = taken.addr();
+  ms.rounds = rounds.addr(), ms.cluster = cluster;
   mc::DppState ds;
   ds.q = score.addr(), ds.d2_scratch = state.addr(), ds.taken_scratch = taken.addr(), ds.c_scratch = chol.addr();
   if (mode == "gram") {
@@ -111,5 +114,9 @@ int main(int argc, char** argv) {
   }
   std::ofstream f(g_dir + "/out.bin", std::ios::binary);
   f.write(reinterpret_cast<const char*>(out.ptr), batch * k_max * 8);
+  if (kind == "maxsim") {
+    std::ofstream fr(g_dir + "/rounds.bin", std::ios::binary);
+    fr.write(reinterpret_cast<const char*>(rounds.ptr), batch * 8);
+  }
   return 0;
 }
