@@ -38,11 +38,10 @@ LAUNCHERS = ("prepare", "inv_norms", "greedy_maxsim", "greedy_maxsim_gram", "gre
 # The budget of an eager call, validation included: the Gram product, the prepare kernel, the
 # greedy kernel, the position sort.
 LAUNCH_BUDGET = 4
-BUDGET_METHODS = ("mmr", "fps", "dpp")
-# Methods whose preparation is still torch ops (divprune: its first step's score from the Gram;
-# hybrid: the pool's segmented ranking; topk: the torch backend's sort): their counts today,
-# pinned so that they can only go down.
-PINNED_LAUNCHES = {"divprune": 20, "hybrid": 51, "topk": 26}
+BUDGET_METHODS = ("mmr", "fps", "dpp", "divprune", "hybrid")
+# topk goes to the torch backend (a sort after torch's importance ops): its count today, pinned
+# so that it can only go down.
+PINNED_LAUNCHES = {"topk": 26}
 
 
 class _Counter(TorchDispatchMode):

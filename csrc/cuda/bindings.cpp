@@ -209,15 +209,26 @@ void greedy_dpp_gram(std::uintptr_t gram, std::int64_t ld, std::uintptr_t inv_no
 
 void prepare(std::uintptr_t starts, std::uintptr_t lengths, std::int64_t batch, std::uintptr_t gram,
              std::int64_t ld, std::int64_t width, std::uintptr_t inv_norm, std::uintptr_t sqn, std::uintptr_t weights,
-             std::uintptr_t score, int score_kind, std::uintptr_t stream) {
+             std::uintptr_t score, int score_kind, std::uintptr_t stream, std::uintptr_t ks, double lam,
+             std::uintptr_t eligible, std::uintptr_t first_score) {
   CHECK_NONNEG(batch);
   MMRPRUNE_CHECK(batch <= INT_MAX, "batch must fit in one grid dimension (<= 2^31 - 1), got " << batch);
   for (std::uintptr_t p : {starts, lengths}) {
     MMRPRUNE_CHECK(p != 0, "starts and lengths must be non-null device pointers");
     MMRPRUNE_CHECK(p % 8 == 0, "starts and lengths are int64 and must be 8-byte aligned");
   }
-  MMRPRUNE_CHECK(score_kind >= mmrprune_cuda::kScoreKeep && score_kind <= mmrprune_cuda::kScoreZero,
-                 "score_kind must be in [0, 3], got " << score_kind);
+  MMRPRUNE_CHECK(score_kind >= mmrprune_cuda::kScoreKeep && score_kind <= mmrprune_cuda::kScoreDivPrune,
+                 "score_kind must be in [0, 5], got " << score_kind);
+  if (score_kind == mmrprune_cuda::kScoreImpPool) {
+    MMRPRUNE_CHECK(ks != 0 && ks % 8 == 0, "the hybrid pool needs ks, a non-null 8-byte aligned int64 pointer");
+    CHECK_PTR(eligible);
+    MMRPRUNE_CHECK(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got " << lam);
+  }
+  if (score_kind == mmrprune_cuda::kScoreDivPrune) {
+    MMRPRUNE_CHECK(gram != 0, "DivPrune's first score from the Gram needs the Gram");
+    CHECK_PTR(first_score);
+    MMRPRUNE_CHECK(first_score % 4 == 0, "first_score is float32 and must be 4-byte aligned");
+  }
   mmrprune_cuda::PrepareParams p;
   CHECK_NONNEG(width);
   if (gram != 0) {
@@ -238,6 +249,10 @@ void prepare(std::uintptr_t starts, std::uintptr_t lengths, std::int64_t batch, 
   p.weights = weights;
   p.score = score;
   p.score_kind = score_kind;
+  p.ks = ks;
+  p.lam = lam;
+  p.eligible = eligible;
+  p.first_score = first_score;
   p.stream = stream;
   raise_if_failed(mmrprune_cuda::launch_prepare(p));
 }
@@ -263,8 +278,10 @@ PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.attr("SCORE_ZERO") = static_cast<int>(mmrprune_cuda::kScoreZero);
   m.def("prepare", &prepare, py::arg("starts"), py::arg("lengths"), py::arg("batch"), py::arg("gram"),
         py::arg("ld"), py::arg("width"), py::arg("inv_norm"), py::arg("sqn"), py::arg("weights"),
-        py::arg("score"), py::arg("score_kind"), py::arg("stream"),
-        "one launch: inverse norms from the Gram diagonal and the per-row scores from raw importance");
+        py::arg("score"), py::arg("score_kind"), py::arg("stream"), py::arg("ks") = 0, py::arg("lam") = 0.0,
+        py::arg("eligible") = 0, py::arg("first_score") = 0,
+        "one launch: inverse norms from the Gram diagonal, the per-row scores from raw importance, "
+        "the hybrid pool or DivPrune's first score");
   m.def("smem_bytes", &mmrprune_cuda::greedy_smem_bytes, py::arg("dim"),
         "dynamic shared memory (bytes) of the greedy kernels for feature dim `dim`");
   m.def("inv_norms", &inv_norms, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),

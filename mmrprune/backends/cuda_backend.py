@@ -3,18 +3,20 @@
 The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
 csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` (the Gram
-product and, for hybrid and divprune, torch ops from :mod:`mmrprune.prepare`; the scores and
-norms of the other methods come from one prepare kernel at launch), in the *segment form*
+product; scores, norms, the hybrid pool and Gram-mode DivPrune's first score come from one
+prepare kernel at launch; row-mode DivPrune's first score from torch ops in
+:mod:`mmrprune.prepare`), in the *segment form*
 the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
 ``b``, padded and packed alike); :class:`FusedGreedy` checks and launches it on one
 compiled module (``mmrprune._cuda`` here; a CPU-emulated build of the same sources
 plugs in with its own module, device type and op name):
 
 * ``mmr``/``fps``: ``Imp`` per row, ``lam`` (0 for ``fps``);
-* ``hybrid``: the candidate pool as a per-row mask (sync-free segmented ranking),
+* ``hybrid``: the candidate pool as a per-row mask, ranked per image by the prepare kernel,
   then FPS inside it (``lam = 0`` after the first pick, which maximises ``Imp``);
-* ``divprune``: the first step's score ``1 - max_{j != i} sim(i, j)`` from torch's
-  matmul (row blocks of the Gram, as the torch backend), then FPS;
+* ``divprune``: the first step's score ``1 - max_{j != i} sim(i, j)``, in Gram mode from the
+  Gram by the prepare kernel, in row mode from torch's matmul (row blocks of the Gram, as the
+  torch backend), then FPS;
 * ``dpp``: the quality ``q`` per row.
 
 Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
@@ -35,7 +37,7 @@ the Triton or torch backend for it.
 The launch is registered as the custom op ``mmrprune::cuda_greedy`` with a fake
 (meta) implementation, so ``torch.compile`` can trace through it.  With
 ``check_finite=False`` nothing here synchronises with the host (padded input;
-packed ``divprune``/``hybrid`` gather a padded copy, one sync; packed input in Gram
+packed row-mode ``divprune`` gathers a padded copy, one sync; packed input in Gram
 mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one sync —
 ``sim="rows"`` keeps packed mmr/fps/dpp sync-free).
 """
@@ -51,8 +53,7 @@ import torch
 
 from .. import ops
 from ..batch import SelectionBatch
-from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows, maxsim_plan
-from ..reference import NORM_EPS
+from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, maxsim_plan
 from . import BUILD_HINTS, SIMS, TUNING, Backend
 from . import torch_backend as _tb
 
@@ -210,31 +211,6 @@ def _probe_bmm_out_dtype() -> bool:
 _HAS_BMM_OUT_DTYPE = _probe_bmm_out_dtype()
 
 
-def row_inv_norms(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inv_norm, sqn)`` per row in fp32: ``1/max(||x||, 1e-12)`` and ``||x̂||²`` (as the
-    extension's inv_norm kernel)."""
-    nrm = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
-    inv = 1.0 / nrm.clamp_min(NORM_EPS)
-    return inv, (nrm * inv) ** 2
-
-
-def divprune_first_from_gram(gram: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, n]`` ``1 - max_{j != i} sim(i, j)`` from the raw Gram ``[B, n, n]`` and the padded
-    inverse norms ``[B, n]`` (+inf for a lone token), over row blocks of at most
-    ``prepare.GRAM_CHUNK_BYTES`` (the Gram itself is not modified)."""
-    bsz, n, _ = gram.shape
-    best = torch.empty((bsz, n), dtype=torch.float32, device=gram.device)
-    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * 4))
-    padding = ~valid[:, None, :]
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
-        g = gram[:, r0:r1] * inv[:, None, :]                                # G_ij / ||x_j||, own buffer
-        g.diagonal(offset=r0, dim1=1, dim2=2).fill_(float("-inf"))
-        g.masked_fill_(padding, float("-inf"))
-        best[:, r0:r1] = g.amax(dim=2) * inv[:, r0:r1]
-    return 1.0 - best
-
-
 def gram_n_max(batch: SelectionBatch, sim: str = "auto") -> Optional[int]:
     """The Gram's padded length for this batch, or None when ``sim="rows"`` turns Gram mode off.
     Padded input: ``features.shape[1]`` (no sync); packed: ``max(lengths)`` (one host sync)."""
@@ -269,16 +245,18 @@ class KernelCall:
     score_kind: str = "keep"                  # one of SCORE_KINDS
     width: int = 0                            # padded rows: [B, width], prepared whole; 0: packed
     max_round: int = 0                        # picks per round of the maxsim kernels; 0: the kernels' own
+    pool_lam: float = 0.0                     # score_kind "pool": the hybrid's lam, which sizes its pool
 
     def args(self) -> tuple:
         """Positional arguments of the custom op, in its schema's order."""
         return (self.rows, self.score, self.first_score, self.eligible, self.starts, self.lengths, self.ks,
                 self.k_max, self.lam, self.dpp, self.gram, self.inv_norm, self.sqn, self.weights,
-                self.score_kind, self.width, self.max_round)
+                self.score_kind, self.width, self.max_round, self.pool_lam)
 
 
-# What the prepare kernel writes into the score (csrc/cuda/prepare.h, ScoreKind).
-SCORE_KINDS = ("keep", "imp", "quality", "zero")
+# What the prepare kernel writes (csrc/cuda/prepare.h, ScoreKind): "pool" is Imp plus the
+# hybrid's pool (eligible), "divprune" is a zero score plus DivPrune's first score from the Gram.
+SCORE_KINDS = ("keep", "imp", "quality", "zero", "pool", "divprune")
 
 
 def _weights_rows(batch: SelectionBatch) -> Optional[torch.Tensor]:
@@ -292,9 +270,9 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
     """The :class:`KernelCall` of a kernel method, with ``mmrprune.select``'s tuning ``sim`` and
     ``max_round`` (None: the kernels' own).
 
-    mmr, fps and dpp need no torch op beyond the Gram product (Gram mode): their scores and
-    norms come from the launch's prepare kernel.  hybrid (its pool ranks tokens by importance)
-    and divprune (its first step's score) still prepare with torch ops."""
+    No torch op beyond the Gram product (Gram mode): scores, norms, hybrid's pool and DivPrune's
+    first score come from the launch's prepare kernel, except row-mode DivPrune's first score
+    (torch ops over row blocks, :func:`mmrprune.prepare.divprune_first_rows`)."""
     method = batch.method
     if method not in KERNEL_METHODS:
         raise ValueError(f"cuda kernel: method {method!r} has no kernel (kernel methods: {list(KERNEL_METHODS)})")
@@ -307,12 +285,10 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
                       width=0 if batch.packed else int(batch.features.shape[1]),
                       max_round=0 if max_round is None else int(max_round))
     n_max = gram_n_max(batch, sim)
-    idx = valid = None
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
                                       batch.features.dtype, packed=batch.packed, sim=sim):
         if batch.packed:
-            idx, valid = batch.padded_index(n_max)
-            feats = rows[idx]                                                  # [B, n_max, D] copy
+            feats = rows[batch.padded_index(n_max)[0]]                        # [B, n_max, D] copy
         else:
             feats = rows.view(batch.batch_size, n_max, batch.dim)
         call.gram = gram_matrix(feats)
@@ -321,20 +297,13 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
         return call
     plan = maxsim_plan(method, batch.lam)
     call.lam = plan.lam
-    if plan.divprune:
-        call.score_kind = "zero"    # importance ignored
+    if plan.divprune:   # importance ignored
         if call.gram is None:
-            call.first_score = divprune_first_rows(batch, rows)
-        else:
-            call.inv_norm, _ = row_inv_norms(rows)
-            if valid is None:
-                valid = batch.valid_mask()
-            inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
-            first = divprune_first_from_gram(call.gram, inv_p, valid)
-            call.first_score = from_padded(batch, first, float("inf"))
-    elif plan.pooled:
-        call.eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
-        call.score = batch.importance().reshape(-1).to(torch.float32).contiguous()
+            call.score_kind, call.first_score = "zero", divprune_first_rows(batch, rows)
+        else:               # norms and the first score from the Gram, in the prepare kernel
+            call.score_kind = "divprune"
+    elif plan.pooled:       # Imp and the pool, in the prepare kernel
+        call.score_kind, call.weights, call.pool_lam = "pool", _weights_rows(batch), float(batch.lam)
     else:
         call.score_kind, call.weights = "imp", _weights_rows(batch)
     return call
@@ -351,6 +320,9 @@ def _check_call(c: KernelCall) -> None:
               ("ks", c.ks, torch.int64, bsz)]
     if c.width and c.width * bsz != n_rows:
         raise ValueError(f"cuda kernel: padded rows must be [B * width = {c.width * bsz}], got {n_rows}")
+    if c.score_kind == "divprune" and (c.gram is None or c.inv_norm is not None):
+        raise ValueError("cuda kernel: score_kind 'divprune' reads the Gram and its diagonal's norms "
+                         "(gram set, inv_norm None)")
     if c.score_kind == "keep":
         if c.score is None:
             raise ValueError("cuda kernel: score_kind 'keep' needs a score")
@@ -472,9 +444,11 @@ class FusedGreedy:
                    k_max: int, lam: float, dpp: bool, gram: Optional[torch.Tensor] = None,
                    inv_norm: Optional[torch.Tensor] = None, sqn: Optional[torch.Tensor] = None,
                    weights: Optional[torch.Tensor] = None, score_kind: str = "keep",
-                   width: int = 0, max_round: int = 0, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   width: int = 0, max_round: int = 0, pool_lam: float = 0.0,
+                   dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
             return kernels.launch(KernelCall(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam,
-                                             dpp, gram, inv_norm, sqn, weights, score_kind, width, max_round),
+                                             dpp, gram, inv_norm, sqn, weights, score_kind, width, max_round,
+                                             pool_lam),
                                   dpp_rounds=dpp_rounds)
         return launch
 
@@ -485,19 +459,27 @@ class FusedGreedy:
         if not norms and c.score_kind == "keep":
             return c
         dev, n_rows = c.rows.device, c.rows.shape[0]
-        score, inv, sqn = c.score, c.inv_norm, c.sqn
+        score, inv, sqn, eligible, first = c.score, c.inv_norm, c.sqn, c.eligible, c.first_score
         if c.score_kind != "keep":
             score = torch.empty(n_rows, dtype=torch.float32, device=dev)
         if norms:
             inv = torch.empty(n_rows, dtype=torch.float32, device=dev)
             sqn = torch.empty(n_rows, dtype=torch.float32, device=dev) if c.dpp else None
+        if c.score_kind == "pool":       # the kernel writes every row the greedy kernel reads
+            eligible = torch.empty(n_rows, dtype=torch.uint8, device=dev)
+        if c.score_kind == "divprune":
+            first = torch.empty(n_rows, dtype=torch.float32, device=dev)
         with self._device(dev):
             self.ext.prepare(starts=c.starts.data_ptr(), lengths=c.lengths.data_ptr(), batch=c.starts.shape[0],
                              gram=c.gram.data_ptr() if norms else 0, ld=c.gram.shape[1] if norms else 0,
                              width=c.width, inv_norm=_ptr(inv) if norms else 0, sqn=_ptr(sqn) if norms else 0,
                              weights=_ptr(c.weights), score=_ptr(score) if c.score_kind != "keep" else 0,
-                             score_kind=SCORE_KINDS.index(c.score_kind), stream=self._stream(dev))
-        return dataclasses.replace(c, score=score, inv_norm=inv, sqn=sqn, score_kind="keep")
+                             score_kind=SCORE_KINDS.index(c.score_kind), stream=self._stream(dev),
+                             ks=c.ks.data_ptr() if c.score_kind == "pool" else 0, lam=float(c.pool_lam),
+                             eligible=_ptr(eligible) if c.score_kind == "pool" else 0,
+                             first_score=_ptr(first) if c.score_kind == "divprune" else 0)
+        return dataclasses.replace(c, score=score, inv_norm=inv, sqn=sqn, eligible=eligible, first_score=first,
+                                   score_kind="keep")
 
     def launch(self, c: KernelCall, dpp_rounds: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the call, allocate the output and scratch, run the prepare kernel, then the Gram
@@ -575,7 +557,7 @@ class FusedGreedy:
 
 
 def _fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None, inv_norm=None,
-          sqn=None, weights=None, score_kind="keep", width=0, max_round=0, dpp_rounds=True):
+          sqn=None, weights=None, score_kind="keep", width=0, max_round=0, pool_lam=0.0, dpp_rounds=True):
     return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
             rows.new_empty((starts.shape[0],), dtype=torch.int64))
 
