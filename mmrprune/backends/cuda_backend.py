@@ -85,10 +85,10 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     """Device memory this backend allocates for one call, beyond the input (bytes).
 
     Per row: inv_norm (4), running state m or d^2 (4), taken flag (1), fp32 Imp/q (4);
-    hybrid adds the pool mask and its ranking (1 + 3 * 8); divprune adds its first
-    score (4) plus, in row mode, torch's fp32 normalised copy [B, n_max, D] and one Gram
-    row block (prepare.GRAM_CHUNK_BYTES), in Gram mode one scaled row block of the
-    Gram; dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
+    hybrid adds the pool mask (1); divprune adds its first score (4) plus, in row mode,
+    torch's fp32 normalised copy [B, n_max, D] and one Gram row block
+    (prepare.GRAM_CHUNK_BYTES) (in Gram mode the prepare kernel reads the Gram itself);
+    dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
     adds the Gram [B, n_max, n_max] fp32 and the row norms (4 per row).  Packed input
     (``packed_elem_bytes`` = the feature element size) is gathered into a padded copy
     [B, n_max, D] wherever the padded layout is read: Gram mode, and row-mode divprune.
@@ -100,12 +100,11 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     full_gram = gram_bytes(batch, n_max)
     padded_copy = batch * n_max * dim * packed_elem_bytes
     if method == "hybrid":
-        per_row += 1 + 3 * 8
+        per_row += 1
     elif method == "divprune":
         per_row += 4
         if not gram:
-            extra += batch * n_max * dim * 4 + padded_copy
-        extra += min(GRAM_CHUNK_BYTES, full_gram)
+            extra += batch * n_max * dim * 4 + padded_copy + min(GRAM_CHUNK_BYTES, full_gram)
     elif method == "dpp":
         per_row += 4 + 4 * k_max
     if gram:
@@ -120,24 +119,25 @@ def runs_kernel(batch: SelectionBatch) -> bool:
     return batch.method in KERNEL_METHODS and batch.features.dtype in KERNEL_DTYPES
 
 
-def call_workspace_bytes(batch: SelectionBatch, n_max: int, sim: str = "auto") -> int:
-    """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
-    output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
-    made on the way there: the contiguous rows of non-contiguous features
-    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, DivPrune's fp32 cast of the
-    rows for its torch norms and, where torch has no fp32-output bmm (CPU: the emulator), the
-    fp32 operand of the Gram product."""
+def call_workspace_bytes(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None) -> int:
+    """Memory a call allocates for ``batch`` beyond its input and output (the backend's
+    ``workspace``): the torch backend's figure for what goes there (:func:`runs_kernel`), else
+    :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies made
+    on the way there: the contiguous rows of non-contiguous features
+    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input where torch has no
+    fp32-output bmm (CPU: the emulator), the fp32 operand of the Gram product.  ``max_round``
+    changes nothing here."""
+    if not runs_kernel(batch):
+        return _tb.workspace(batch)
     dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
+    n_max = batch.max_length()
     packed_elem = batch.features.element_size() if batch.packed else 0
     gram = use_gram(batch.method, bsz, rows, dim, k_max, n_max, dtype, packed=batch.packed, sim=sim)
     total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
     total += batch.rows_copy_bytes()
-    if gram and dtype != torch.float32:
-        if batch.method == "divprune":   # its torch norms read an fp32 copy (the prepare kernel does not)
-            total += rows * dim * 4
-        if not _fp32_output_bmm(batch.device):
-            total += bsz * n_max * dim * 4
+    if gram and dtype != torch.float32 and not _fp32_output_bmm(batch.device):
+        total += bsz * n_max * dim * 4
     return total
 
 
@@ -393,7 +393,7 @@ class FusedGreedy:
                              torch.bfloat16: ext.DTYPE_BFLOAT16})
         self.op = ops.register_op(op_name, self._make_launch(), _fake, device_type)
         self.backend = Backend(name=name, methods=METHODS, device_types=(device_type,), select=self.select,
-                               status=self.status, options=TUNING)
+                               status=self.status, options=TUNING, workspace=call_workspace_bytes)
 
     def status(self) -> tuple[bool, str]:
         if self.ext is None:
