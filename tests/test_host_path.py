@@ -6,7 +6,7 @@ compiled module (prepare, inv_norms, greedy_*) are counted by wrapping the modul
 custom op is opaque to the mode.  Two CPU-only differences are accounted for, not hidden:
 
 * validation checks value ranges on CPU tensors because that costs no sync there; on a GPU it
-  does so only with ``check_finite=True``, which is what :func:`_as_accelerator` makes it do;
+  does so only with ``check_finite=True``, which is what ``host_ops.as_accelerator`` makes it do;
 * torch has no fp32-output bmm on CPU, so the emulated Gram product casts the rows to fp32 first
   (one ``_to_copy``) where CUDA runs ``bmm(..., out_dtype=float32)``.
 
@@ -19,10 +19,9 @@ import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmrprune
-from mmrprune import validation
+from host_ops import SYNCS, OpCounter, accelerator_host_path
 from mmrprune.backends import cuda_backend as cb
 
 emu = pytest.importorskip("mmrprune.backends.cuda_emu_backend")
@@ -33,7 +32,6 @@ if emu.KERNELS.ext is None:
 NO_LAUNCH = {"view", "_unsafe_view", "reshape", "transpose", "t", "expand", "unsqueeze", "squeeze", "detach",
              "alias", "as_strided", "slice", "select", "permute", "empty", "empty_strided", "new_empty",
              "diagonal", "lift_fresh", "_reshape_alias"}
-SYNCS = {"_local_scalar_dense", "nonzero", "bool_index"}
 LAUNCHERS = ("prepare", "inv_norms", "greedy_maxsim", "greedy_maxsim_gram", "greedy_dpp", "greedy_dpp_gram")
 # The budget of an eager call, validation included: the Gram product, the prepare kernel, the
 # greedy kernel, the position sort.
@@ -42,20 +40,6 @@ BUDGET_METHODS = ("mmr", "fps", "dpp", "divprune", "hybrid")
 # topk goes to the torch backend (a sort after torch's importance ops): its count today, pinned
 # so that it can only go down.
 PINNED_LAUNCHES = {"topk": 26}
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)] += 1
-        if func is torch.ops.aten.index.Tensor and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-            # a boolean mask index sizes its output from the mask: on CUDA a read-back (nonzero)
-            self.ops["bool_index"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _CountingModule:
@@ -79,31 +63,15 @@ class _CountingModule:
 def counted(monkeypatch):
     module = _CountingModule(emu.KERNELS.ext)
     monkeypatch.setattr(emu.KERNELS, "ext", module)
-    monkeypatch.setattr(validation, "_value_checks", _as_accelerator)
-    # the eager route (ops.KernelOp calls the implementation), so the mode sees the op's own
-    # torch ops too, not the registered op as one opaque call
-    monkeypatch.setattr(mmrprune.ops, "_tracing", lambda first: False)
-    # a read-back of a whole tensor does not dispatch an aten op on CPU (on CUDA it is a copy to
-    # the host): counted at the Python method
-    for name in ("tolist", "numpy"):
-        method = getattr(torch.Tensor, name)
-
-        def read_back(self, *args, _method=method, **kwargs):
-            module.calls["read_back"] += 1
-            return _method(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, read_back)
-    return module
-
-
-def _as_accelerator(device, check_finite):
-    """validation's choice for accelerator input (see the module docstring)."""
-    return check_finite, check_finite
+    # validation as for accelerator input, the ops' eager route, read-backs counted (host_ops)
+    with accelerator_host_path(module.calls):
+        yield module
 
 
 def _count(module, fn):
     fn()   # first call: one-time probes and caches stay out of the count
     module.calls.clear()
-    with _Counter() as mode:
+    with OpCounter() as mode:
         fn()
     ops = mode.ops
     kernels = sum(n for name, n in module.calls.items() if name in LAUNCHERS)
