@@ -69,10 +69,10 @@ def _kernel_prepared(x, w, method, lam, k, **layout):
     return emu.KERNELS.complete(cb.prepare(batch, sim="gram")), batch
 
 
-def _pool_inputs(seed, ties):
+def _pool_inputs(seed, ties, n=37):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 37, 8, generator=g, dtype=torch.bfloat16)
-    w = torch.rand(4, 37, generator=g)
+    x = torch.randn(4, n, 8, generator=g, dtype=torch.bfloat16)
+    w = torch.rand(4, n, generator=g)
     if ties:   # few distinct values: the order among equal Imp decides the pool
         w = (w * 3).floor()
     return x, w
@@ -109,12 +109,14 @@ def test_prepare_kernel_pool_without_weights_is_the_first_tokens():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_prepare_kernel_divprune_first_score_from_the_gram(packed):
+@pytest.mark.parametrize("n", [37, 1100])
+def test_prepare_kernel_divprune_first_score_from_the_gram(packed, n):
     """DivPrune's first score the prepare kernel writes: 1 - max_{j != i} (G_ij / |x_j|) / |x_i|
     over each image's tokens, with the norms of the Gram's diagonal, in torch's fp32 operation
-    order (+inf for a lone token)."""
-    x, w = _pool_inputs(3, False)
-    lengths = [37, 1, 0, 20]
+    order (+inf for a lone token).  n = 1100: rows over several blocks of the second grid
+    dimension, columns over two tiles."""
+    x, w = _pool_inputs(3, False, n)
+    lengths = [n, 1, 0, 20]
     if packed:
         flat = torch.cat([x[b, :n] for b, n in enumerate(lengths)])
         call, batch = _kernel_prepared(flat, None, "divprune", 0.5, 3,
@@ -123,6 +125,7 @@ def test_prepare_kernel_divprune_first_score_from_the_gram(packed):
         call, batch = _kernel_prepared(x, None, "divprune", 0.5, 3, lengths=lengths)
     assert torch.equal(call.score, torch.zeros_like(call.score))
     gram, n = call.gram, call.gram.shape[1]
+    assert n == lengths[0]
     # [B, n]; sqrt and division in float64, each cast back to fp32: exactly rounded fp32 results
     # (torch's vectorised fp32 sqrt on CPU may be off by one in the last bit)
     nrm = gram.diagonal(dim1=1, dim2=2).clamp_min(0).double().sqrt().float().clamp_min(R.NORM_EPS)
