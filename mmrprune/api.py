@@ -27,7 +27,7 @@ def _run(request: Request, backend: str, workspace_limit=None, tuning=None) -> t
     tuning = tuning or check_tuning("auto", None)
     options = {name: v for name, v in tuning.items() if name in chosen.options}
     if not torch.compiler.is_compiling():  # checked once, eagerly; a traced graph was checked when first run
-        workspace.check(chosen.name, batch, workspace_limit, sim=tuning["sim"])
+        workspace.check(chosen, batch, workspace_limit, sim=tuning["sim"], max_round=tuning["max_round"])
     out = chosen.select(batch, **options)
     out, stats = out if isinstance(out, tuple) else (out, {})
     if request.order == "position":
@@ -257,4 +257,4 @@ def workspace_bytes(features: ArrayLike, importance: Optional[ArrayLike] = None,
             raise ValueError(f"backend: expected one of {list(dispatch.BACKENDS)} for meta features, got {name!r}")
     else:
         name = dispatch.resolve(backend, batch.device.type, batch.method).name
-    return workspace.estimate_bytes(name, batch, sim=tuning["sim"])
+    return workspace.estimate_bytes(name, batch, sim=tuning["sim"], max_round=tuning["max_round"])

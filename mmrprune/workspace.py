@@ -3,8 +3,8 @@ limit fails up front with the bytes it needs, instead of being OOM-killed half w
 
 The dominant buffer is DPP's greedy-MAP state, ``N x k`` Cholesky rows per image
 (inherent to the incremental Cholesky): at N = 100,000 and k = 25,000 that is
-10 GB in float32, from a 25 MB input.  Every backend's estimate below counts the
-buffers it allocates beyond the input and the output, per call.
+10 GB in float32, from a 25 MB input.  Each backend says what it allocates beyond the input
+and the output, per call (its ``Backend.workspace``); this module only asks it and compares.
 
 The limit is a call's ``workspace_limit=`` argument; without it, the environment variable
 ``MMRPRUNE_MAX_WORKSPACE`` (read at every call), else ``DEFAULT_LIMIT_BYTES`` (4 GiB).
@@ -26,8 +26,8 @@ import os
 import re
 from fractions import Fraction
 
-import torch
-
+from . import dispatch
+from .backends import Backend
 from .batch import SelectionBatch
 
 ENV_VAR = "MMRPRUNE_MAX_WORKSPACE"
@@ -81,73 +81,29 @@ def limit_bytes(limit=None) -> int | None:
         raise ValueError(str(exc).replace(f"{ENV_VAR}:", "workspace_limit:", 1)) from None
 
 
-def _n_max(batch: SelectionBatch) -> int:
-    """Longest image: the padded width, or (packed) the longest segment (the backends read it too)."""
-    if not batch.packed:
-        return int(batch.features.shape[1])
-    return max(1, int(batch.lengths.max().item())) if batch.batch_size else 1
+def backend_of(backend) -> Backend:
+    """``backend`` itself, or the :class:`~mmrprune.backends.Backend` of that name (imported, not
+    checked for availability: an estimate needs no device)."""
+    if isinstance(backend, Backend):
+        return backend
+    found, why = dispatch.load(backend)
+    if found is None:
+        raise ValueError(f"backend {backend!r}: {why}")
+    return found
 
 
-def estimate_bytes(backend: str, batch: SelectionBatch, sim: str = "auto") -> int:
-    """Scratch bytes ``backend`` allocates for ``batch`` beyond its input and output (an upper
-    estimate of the large buffers; per-call constants of a few KB are left out).  Every copy
-    of the input counts: ``batch.rows()`` copies non-contiguous (expanded, strided) features
-    whole (``batch.rows_copy_bytes()``) for the backends that read rows.  ``sim`` is the call's
-    similarity source (``mmrprune.select``'s ``sim=``), read by the backends that have one."""
-    method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
-    rows = batch.features.numel() // dim
-    n = _n_max(batch)
-    c = 8 if batch.compute_dtype == torch.float64 else 4       # bytes of the compute dtype
-    rows_copy = batch.rows_copy_bytes()
-    if backend == "numpy":       # float64, one image at a time, plus a float64 copy of every row
-        per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
-        if method == "dpp":
-            per_image += k * n * 8
-        elif method == "divprune":
-            per_image += 2 * n * n * 8                     # xh @ xh.T and 1 - it
-        elif method == "d2pruner":
-            per_image += 3 * n * n * 8 + n * n             # sims, near, their sum, the edge mask
-        return rows_copy + rows * dim * 8 + per_image
-    if backend == "cpu":         # per-thread scratch (whole blocks of SCRATCH_ALIGN), one image at a time
-        from .ops import _cpu
-        threads, align = max(1, min(torch.get_num_threads(), bsz)), _cpu.SCRATCH_ALIGN
-        per_image = -(-n * dim * c // align) * align + 6 * n * 8
-        if method == "dpp":
-            per_image += n * k * c
-        return rows_copy + 2 * rows * c + threads * per_image
-    if backend == "torch":       # batched [B, N] state; the normalised copy [B, N, D] and its transpose
-        padded = bsz * n
-        total = 2 * padded * dim * c + 8 * padded * 8
-        if batch.packed:
-            total += padded * dim * batch.features.element_size()
-        if method == "dpp":
-            total += bsz * k * n * c
-        elif method in ("mmr", "fps", "hybrid", "divprune"):
-            from .backends.torch_backend import GRAM_MAX_BYTES
-            gram = bsz * n * n * 4
-            if c == 4 and gram <= GRAM_MAX_BYTES:   # the step loops' float32 Gram (torch_backend)
-                total += gram
-            if method == "divprune":                # its first step's row blocks
-                from .prepare import GRAM_CHUNK_BYTES
-                total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
-        return total
-    if backend in ("cuda", "cuda_emu"):   # the similarity mode the backend picks, its copies
-        from .backends import cuda_backend
-        if not cuda_backend.runs_kernel(batch):
-            return estimate_bytes("torch", batch)
-        return cuda_backend.call_workspace_bytes(batch, n, sim)
-    if backend == "triton":      # per-row fp32 state, dpp's Cholesky rows; float64 input is scaled
-        total = rows_copy + rows * 6 * 4          # (a float64 copy) and converted (an fp32 copy) first
-        if batch.features.dtype == torch.float64:
-            total += rows * dim * (8 + 4)
-        if method == "dpp":
-            total += max(k - 1, 1) * rows * 4
-        from .backends import triton_backend
-        if method != "topk" and triton_backend._kernels is not None:   # its float32 Gram, when it builds one
-            if triton_backend._kernels.uses_gram(bsz, n, triton_backend.GRAM_SETTING[sim]):
-                total += bsz * n * n * 4
-        return total
-    return 0
+def estimate_bytes(backend, batch: SelectionBatch, sim: str = "auto", max_round=None) -> int:
+    """Scratch bytes ``backend`` (a name or a :class:`~mmrprune.backends.Backend`) allocates for
+    ``batch`` beyond its input and output: the backend's own ``workspace`` (an upper estimate of
+    the large buffers; per-call constants of a few KB are left out; every copy of the input
+    counts), sized as on the backend's device whatever ``batch``'s is.  ``sim`` and
+    ``max_round`` are the call's tuning, passed to a backend that takes them.  A method the
+    backend does not implement is a ``ValueError``."""
+    chosen = backend_of(backend)
+    ok, why = chosen.supports(batch, any_device=True)
+    if not ok:
+        raise ValueError(why)
+    return chosen.workspace_bytes(batch, sim=sim, max_round=max_round)
 
 
 def _human(nbytes: int) -> str:
@@ -157,17 +113,19 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def check(backend: str, batch: SelectionBatch, limit=None, sim: str = "auto") -> None:
+def check(backend, batch: SelectionBatch, limit=None, sim: str = "auto", max_round=None) -> None:
     """Raise :class:`WorkspaceLimitError` when ``backend`` would need more than the limit
     (:func:`limit_bytes` of ``limit``)."""
     limit = limit_bytes(limit)
     if limit is None:
         return
-    need = estimate_bytes(backend, batch, sim)
+    chosen = backend_of(backend)
+    need = estimate_bytes(chosen, batch, sim, max_round)
+    backend = chosen.name
     if need > limit:
         raise WorkspaceLimitError(
             f"workspace: backend {backend!r} would need about {_human(need)} ({need} bytes) of scratch memory "
-            f"for method {batch.method!r} with B={batch.batch_size}, N={_n_max(batch)}, D={batch.dim}, "
+            f"for method {batch.method!r} with B={batch.batch_size}, N={batch.max_length()}, D={batch.dim}, "
             f"k={batch.k_max}, above the limit of {_human(limit)} ({limit} bytes); raise the limit with the "
             f"argument workspace_limit= (e.g. workspace_limit='32G' or '{UNLIMITED}') or the environment variable "
             f"{ENV_VAR} (its default), or lower k, or split the batch")

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import certify
+from mmrprune import prepare as P
 from mmrprune import reference as R
 from mmrprune.backends import cuda_backend as cb
 from mmrprune.validation import validate
@@ -349,14 +350,9 @@ def test_gram_matrix_fp32_accumulation():
         torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_gram_matrix_meta_and_row_inv_norms():
+def test_gram_matrix_meta():
     a = torch.empty(3, 5, 16, dtype=torch.bfloat16, device="meta")
     assert cb.gram_matrix(a).dtype == torch.float32 and cb.gram_matrix(a).shape == (3, 5, 5)
-    x = torch.randn(6, 10)
-    x[2] = 0
-    inv, sqn = cb.row_inv_norms(x)
-    torch.testing.assert_close(inv[[0, 1, 3]], 1 / x[[0, 1, 3]].norm(dim=1))
-    assert inv[2] == 1e12 and sqn[2] == 0 and torch.allclose(sqn[[0, 1, 3]], torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- torch-side preparation (CPU)
@@ -387,7 +383,7 @@ def _images(batch):
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
 def test_hybrid_pool_rows_match_reference(make, lam):
     batch = make("hybrid", lam=lam)
-    pool = cb.hybrid_pool_rows(batch).numpy()
+    pool = P.hybrid_pool_rows(batch).numpy()
     covered = np.zeros(pool.shape[0], dtype=bool)
     for (s, n, _, w), k in zip(_images(batch), batch.ks.tolist()):
         covered[s:s + n] = True
@@ -403,7 +399,7 @@ def test_hybrid_pool_ties_go_to_lowest_index():
     x = torch.randn(2, 8, 4)
     w = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0, 1.0, 0.5]] * 2)
     batch = validate(x, w, k=2, keep_ratio=None, lam=0.5, method="hybrid", method_params={}).batch
-    pool = cb.hybrid_pool_rows(batch).reshape(2, 8)           # c = max(2, round(2 / 0.5)) = 4
+    pool = P.hybrid_pool_rows(batch).reshape(2, 8)           # c = max(2, round(2 / 0.5)) = 4
     expect = torch.tensor([False, True, True, True, False, True, False, False])
     assert torch.equal(pool[0], expect) and torch.equal(pool[1], expect)
 
@@ -483,18 +479,20 @@ def test_prepare_gram_mode_layout(make, method):
 
 
 def test_divprune_first_from_gram_masks_padding_and_diagonal():
-    x = torch.randn(2, 5, 8)
-    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    """The prepare kernel's Gram-mode first score: padding is never a neighbour, a lone token
+    scores +inf."""
+    x = torch.randn(3, 5, 8)
     x[1, 2:] = 100.0                                   # padding is never a neighbour
-    inv, _ = cb.row_inv_norms(x.reshape(-1, 8))
-    first = cb.divprune_first_from_gram(cb.gram_matrix(x), inv.view(2, 5), valid)
+    batch = validate(x, None, k=1, keep_ratio=None, lam=0.5, method="divprune", method_params={},
+                     lengths=[5, 2, 1]).batch
+    call = _completed(cb.prepare(batch, sim="gram"))
+    first = call.first_score.view(3, 5)
     for b, n in ((0, 5), (1, 2)):
         xh = R.normalize_rows(x[b, :n].double().numpy())
         g = xh @ xh.T
         np.fill_diagonal(g, -np.inf)
         np.testing.assert_allclose(first[b, :n].numpy(), 1 - g.max(axis=1), atol=2e-6)
-    one = cb.divprune_first_from_gram(cb.gram_matrix(x[:1, :1]), inv[:1].view(1, 1), valid[:1, :1])
-    assert one.item() == float("inf")
+    assert first[2, 0].item() == float("inf")
 
 
 def test_prepare_rejects_non_kernel_method():
@@ -543,7 +541,9 @@ def test_custom_op_fake_with_gram_arguments():
         assert out.shape == (3, 5) and out.dtype == torch.int64
 
     def f(x, score, starts, lengths, ks):          # Gram computed by torch ops, then the op: one graph
-        inv, sqn = cb.row_inv_norms(x.reshape(-1, x.shape[-1]))
+        nrm = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), dim=-1, dtype=torch.float32)
+        inv = 1.0 / nrm.clamp_min(R.NORM_EPS)
+        sqn = (nrm * inv) ** 2
         g = cb.gram_matrix(x)
         return torch.ops.mmrprune.fused_greedy(x.reshape(-1, x.shape[-1]), score, None, None, starts, lengths, ks,
                                               4, 0.0, True, g, inv, sqn)

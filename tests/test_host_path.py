@@ -9,7 +9,7 @@ path counted here it issues no other aten op (``dpp_rounds=False``: DPP's rounds
 the picks only when asked for).  Two CPU-only differences are accounted for, not hidden:
 
 * validation checks value ranges on CPU tensors because that costs no sync there; on a GPU it
-  does so only with ``check_finite=True``, which is what :func:`_as_accelerator` makes it do;
+  does so only with ``check_finite=True``, which is what ``host_ops.as_accelerator`` makes it do;
 * torch has no fp32-output bmm on CPU, so the emulated Gram product casts the rows to fp32 first
   (one ``_to_copy``) where CUDA runs ``bmm(..., out_dtype=float32)``.
 
@@ -22,10 +22,9 @@ import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmrprune
-from mmrprune import validation
+from host_ops import SYNCS, OpCounter, accelerator_host_path
 from mmrprune.backends import cuda_backend as cb
 
 emu = pytest.importorskip("mmrprune.backends.cuda_emu_backend")
@@ -36,30 +35,14 @@ if emu.KERNELS.ext is None:
 NO_LAUNCH = {"view", "_unsafe_view", "reshape", "transpose", "t", "expand", "unsqueeze", "squeeze", "detach",
              "alias", "as_strided", "slice", "select", "permute", "empty", "empty_strided", "new_empty",
              "diagonal", "lift_fresh", "_reshape_alias"}
-SYNCS = {"_local_scalar_dense", "nonzero", "bool_index"}
 MMRPRUNE_OPS = {"fused_greedy"}   # counted by the kernels it launches
 # The budget of an eager call, validation included: the Gram product, the prepare kernel, the
 # greedy kernel, the position sort.
 LAUNCH_BUDGET = 4
-BUDGET_METHODS = ("mmr", "fps", "dpp")
-# Methods whose preparation is still torch ops (divprune: its first step's score from the Gram;
-# hybrid: the pool's segmented ranking; topk: the torch backend's sort): their counts today,
-# pinned so that they can only go down.
-PINNED_LAUNCHES = {"divprune": 20, "hybrid": 51, "topk": 26}
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)] += 1
-        if func is torch.ops.aten.index.Tensor and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-            # a boolean mask index sizes its output from the mask: on CUDA a read-back (nonzero)
-            self.ops["bool_index"] += 1
-        return func(*args, **(kwargs or {}))
+BUDGET_METHODS = ("mmr", "fps", "dpp", "divprune", "hybrid")
+# topk goes to the torch backend (a sort after torch's importance ops): its count today, pinned
+# so that it can only go down.
+PINNED_LAUNCHES = {"topk": 26}
 
 
 class _Calls:
@@ -77,30 +60,17 @@ class _Calls:
 
 
 @pytest.fixture
-def counted(monkeypatch):
+def counted():
     module = _Calls(emu.KERNELS.ext)
-    monkeypatch.setattr(validation, "_value_checks", _as_accelerator)
-    # a read-back of a whole tensor does not dispatch an aten op on CPU (on CUDA it is a copy to
-    # the host): counted at the Python method
-    for name in ("tolist", "numpy"):
-        method = getattr(torch.Tensor, name)
-
-        def read_back(self, *args, _method=method, **kwargs):
-            module.calls["read_back"] += 1
-            return _method(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, read_back)
-    return module
-
-
-def _as_accelerator(device, check_finite):
-    """validation's choice for accelerator input (see the module docstring)."""
-    return check_finite, check_finite
+    # validation as for accelerator input, read-backs counted (host_ops)
+    with accelerator_host_path(module.calls):
+        yield module
 
 
 def _count(module, fn):
     fn()   # first call: one-time probes and caches stay out of the count
     module.clear()
-    with _Counter() as mode:
+    with OpCounter() as mode:
         fn()
     ops = mode.ops
     kernels = module.kernels()

@@ -333,6 +333,10 @@ _PEAK_CASES = {
     # left to its heuristic the backend picks Gram mode here: a 64 MiB Gram, once left out of the estimate
     **{f"cuda_emu-gram-{lay}": dict(backend="cuda_emu", method="mmr", layout=lay, shape=(1, 4096, 256), k=4)
        for lay in _LAYOUTS},
+    # the prepare kernel ranks hybrid's pool and computes DivPrune's first score from the Gram
+    # itself: no fp32 row copy, no Gram row blocks in the estimate any more
+    **{f"cuda_emu-gram-{m}": dict(backend="cuda_emu", method=m, layout="contiguous", shape=(1, 4096, 256), k=4)
+       for m in ("divprune", "hybrid")},
     # the DPP's Cholesky rows N x k (D > k: the DPP never runs out of rank, every row is written);
     # k = 60: the float64 reference takes ~2 s a call here
     **{f"{b}-dpp": dict(backend=b, method="dpp", layout="contiguous", shape=(1, 20000, 160), k=60)

@@ -56,3 +56,87 @@ def test_padded_and_packed_layouts_agree():
     assert torch.equal(first_p[mask], first_k[mask])
     back = P.from_padded(packed, first_k, float("inf"))
     assert torch.equal(back, P.divprune_first_rows(packed))
+
+
+# ----------------------------------------------------------------------------- the prepare kernel
+def _kernel_prepared(x, w, method, lam, k, **layout):
+    """The cuda backend's call for ``x`` after the prepare kernel (on the CPU emulator), and its batch."""
+    emu = pytest.importorskip("mmrprune.backends.cuda_emu_backend")
+    if emu.KERNELS.ext is None:
+        pytest.skip(f"cuda_emu not built: {emu.KERNELS.import_error}")
+    from mmrprune.backends import cuda_backend as cb
+    batch = validate(x, w, k=k, keep_ratio=None, lam=lam, method=method, **layout).batch
+    return emu.KERNELS.complete(cb.prepare(batch, sim="gram")), batch
+
+
+def _pool_inputs(seed, ties, n=37):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, n, 8, generator=g, dtype=torch.bfloat16)
+    w = torch.rand(4, n, generator=g)
+    if ties:   # few distinct values: the order among equal Imp decides the pool
+        w = (w * 3).floor()
+    return x, w
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("lam", [0.0, 5e-324, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("k", [4, 25])
+def test_prepare_kernel_pool_is_the_torch_pool(k, lam, ties, packed):
+    """The hybrid pool the prepare kernel writes: exactly hybrid_pool_rows (size, ties to the
+    lower index), for padded and packed rows, empty and short images, k past N."""
+    x, w = _pool_inputs(1, ties)
+    lengths = [37, 5, 0, 20]
+    if packed:
+        flat = torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+        wf = torch.cat([w[b, :n] for b, n in enumerate(lengths)])
+        cu = np.cumsum([0] + lengths).tolist()
+        call, batch = _kernel_prepared(flat, wf, "hybrid", lam, k, cu_seqlens=cu)
+    else:
+        call, batch = _kernel_prepared(x, w, "hybrid", lam, k, lengths=lengths)
+    want = P.hybrid_pool_rows(batch)
+    seg, _, valid = batch.row_layout()
+    assert call.eligible.dtype == torch.uint8
+    assert call.eligible.bool()[valid].tolist() == want[valid].tolist()
+    assert torch.equal(call.score[valid], batch.importance().reshape(-1)[valid])
+
+
+def test_prepare_kernel_pool_without_weights_is_the_first_tokens():
+    x, _ = _pool_inputs(2, False)
+    call, batch = _kernel_prepared(x, None, "hybrid", 0.5, 3)
+    assert torch.equal(call.eligible.bool(), P.hybrid_pool_rows(batch))
+    assert call.eligible.reshape(4, 37).sum(dim=1).tolist() == [6] * 4
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("n", [37, 1100])
+def test_prepare_kernel_divprune_first_score_from_the_gram(packed, n):
+    """DivPrune's first score the prepare kernel writes: 1 - max_{j != i} (G_ij / |x_j|) / |x_i|
+    over each image's tokens, with the norms of the Gram's diagonal, in torch's fp32 operation
+    order (+inf for a lone token).  n = 1100: rows over several blocks of the second grid
+    dimension, columns over two tiles."""
+    x, w = _pool_inputs(3, False, n)
+    lengths = [n, 1, 0, 20]
+    if packed:
+        flat = torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+        call, batch = _kernel_prepared(flat, None, "divprune", 0.5, 3,
+                                       cu_seqlens=np.cumsum([0] + lengths).tolist())
+    else:
+        call, batch = _kernel_prepared(x, None, "divprune", 0.5, 3, lengths=lengths)
+    assert torch.equal(call.score, torch.zeros_like(call.score))
+    gram, n = call.gram, call.gram.shape[1]
+    assert n == lengths[0]
+    # [B, n]; sqrt and division in float64, each cast back to fp32: exactly rounded fp32 results
+    # (torch's vectorised fp32 sqrt on CPU may be off by one in the last bit)
+    nrm = gram.diagonal(dim1=1, dim2=2).clamp_min(0).double().sqrt().float().clamp_min(R.NORM_EPS)
+    inv = (1.0 / nrm.double()).float()
+    idx, valid = batch.padded_index(n)
+    g = gram * inv[:, None, :]
+    g.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    g.masked_fill_(~valid[:, None, :], float("-inf"))
+    want = 1.0 - g.amax(dim=2) * inv
+    got = call.first_score[idx]
+    assert torch.equal(got[valid], want[valid])
+    assert got[1, 0].item() == float("inf")      # a lone token
+    # the norms the greedy kernel then reads are the diagonal's too
+    assert torch.equal(call.inv_norm[idx][valid], inv[valid])

@@ -14,8 +14,10 @@ float32, float16 and bfloat16, every method the backend runs in a fused kernel, 
 * ``fuzz``: the seeded hostile problems of ``tests/test_fuzz.py`` (duplicates, ties,
   zero vectors, empty images);
 * ``graph`` (last: a failed capture can leave the CUDA context unusable): CUDA-graph capture
-  of ``select(..., check_finite=False)`` replays the eager picks (the dry run calls it
-  eagerly twice: CPU tensors cannot be captured).
+  of ``select(..., check_finite=False)`` on both backends replays the eager picks, also after
+  new values are copied into the captured inputs (the dry run cannot capture CPU tensors: it
+  checks the same call, on the host path the GPU takes, makes no host sync and gives the
+  eager picks).
 
 Each image's picks must equal the reference's exactly when every score margin of the
 reference exceeds the dtype's tolerance (``tests/certify.py``: ``reference_margin``),
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 # first: sys.path, --dry-run's env
-from common import MODES, SIMS, TARGET, kernel_methods, max_round, tuning, write_json
+from common import MODES, TARGET, kernel_methods, max_round, tuning, write_json
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -252,40 +254,74 @@ class Smoke:
 
     # ------------------------------------------------------------------ CUDA-graph capture
     def graph_group(self) -> None:
-        """``select(check_finite=False)`` captured in a CUDA graph replays the eager picks."""
-        backend = TARGET.cuda_backend
+        """``select(check_finite=False)`` of each kernel backend, captured in a CUDA graph: the
+        replay gives the eager picks, and after new values are copied into the captured inputs
+        a second replay gives the new values' eager picks (nothing read from the data at
+        capture time is baked in).  The dry run cannot capture CPU tensors: it runs the call a
+        capture would record with the host path the GPU takes (host_ops.accelerator_host_path)
+        and checks it makes no host sync, which is what a capture refuses, and that it gives
+        the eager picks."""
         dev = TARGET.device
         g = torch.Generator().manual_seed(0)
         b, n, dim, k = 2, TARGET.size(256, 16), TARGET.size(128, 8), TARGET.size(16, 4)
-        x = torch.randn(b, n, dim, generator=g).to(dev, torch.bfloat16)
-        w = torch.rand(b, n, generator=g).to(dev)
-        for mode in MODES:
-            for method in kernel_methods(backend):
-                where = {"backend": backend, "mode": mode, "dtype": "bfloat16", "method": method}
-                kw = dict(k=k, method=method, backend=backend, order="selection", check_finite=False,
-                          sim=SIMS[mode])
-                try:
-                    eager = mmrprune.select(x, w, **kw)
-                    if TARGET.dry_run:
-                        again = mmrprune.select(x, w, **kw)
-                    else:
-                        side = torch.cuda.Stream()
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            mmrprune.select(x, w, **kw)               # warm-up outside the capture
-                        torch.cuda.current_stream().wait_stream(side)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            again = mmrprune.select(x, w, **kw)
-                        graph.replay()
-                        torch.cuda.synchronize()
-                    assert torch.equal(again, eager), f"replayed {again.tolist()} != eager {eager.tolist()}"
-                    self.count("graph", "captured" if not TARGET.dry_run else "eager_twice_equal")
-                except Exception as exc:
-                    self.fail("graph", where, exc)
-                self.cases["run"] += 1
+        data = [(torch.randn(b, n, dim, generator=g).to(dev, torch.bfloat16), torch.rand(b, n, generator=g).to(dev))
+                for _ in range(2)]
+        for backend in TARGET.backends:
+            for mode in MODES:
+                for method in kernel_methods(backend):
+                    where = {"group": "graph", "backend": backend, "mode": mode, "dtype": "bfloat16",
+                             "method": method}
+                    kw = dict(k=k, method=method, backend=backend, order="selection", check_finite=False,
+                              **tuning(mode, backend))
+                    if method in R.LAM_METHODS:
+                        kw["lam"] = 0.5
+                    try:
+                        eager = [mmrprune.select(x, w, **kw) for x, w in data]
+                        if TARGET.dry_run:
+                            self._graph_dry(data[0], kw, eager[0])
+                        else:
+                            self._graph_capture(data, kw, eager)
+                    except Exception as exc:
+                        self.fail("graph", where, exc)
+                    self.cases["run"] += 1
         print(f"[smoke] graph: {self.counts.get('graph', {})}", flush=True)
         self.save()
+
+    def _graph_capture(self, data, kw, eager) -> None:
+        (x0, w0), (x1, w1) = data
+        x, w = x0.clone(), w0.clone()                           # the graph's static inputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            mmrprune.select(x, w, **kw)                         # warm-up (JIT, caches) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mmrprune.select(x, w, **kw)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager[0]), f"replayed {out.tolist()} != eager {eager[0].tolist()}"
+        x.copy_(x1)
+        w.copy_(w1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager[1]), \
+            f"replayed on new inputs {out.tolist()} != their eager picks {eager[1].tolist()}"
+        self.count("graph", "captured_and_replayed")
+
+    def _graph_dry(self, data, kw, eager) -> None:
+        import collections
+
+        from host_ops import OpCounter, accelerator_host_path
+        x, w = data
+        read_backs = collections.Counter()
+        with accelerator_host_path(read_backs), OpCounter() as ops:
+            again = mmrprune.select(x, w, **kw)
+        syncs = ops.syncs() + read_backs["read_back"]
+        assert syncs == 0, f"{syncs} host sync(s) (read-backs {read_backs['read_back']}): a capture would refuse " \
+                           f"the call; ops {dict(ops.ops)}"
+        assert torch.equal(again, eager), f"{again.tolist()} != eager {eager.tolist()}"
+        self.count("graph", "no_sync_eager_equal")
 
 
 def main(argv=None) -> int:

@@ -78,8 +78,10 @@ mc::ScoreKind score_kind_of(std::string_view kind) {
   if (kind == "imp") return mc::kScoreImp;
   if (kind == "quality") return mc::kScoreQuality;
   if (kind == "zero") return mc::kScoreZero;
+  if (kind == "pool") return mc::kScoreImpPool;
+  if (kind == "divprune") return mc::kScoreDivPrune;
   TORCH_CHECK_VALUE(false, "mmrprune::fused_greedy: score_kind must be one of 'keep', 'imp', 'quality', 'zero', "
-                    "got '", kind, "'");
+                    "'pool', 'divprune', got '", kind, "'");
 }
 
 int dtype_code(const Tensor& rows) {
@@ -134,20 +136,33 @@ int64_t check_gram(const OptTensor& gram, const Batch& b, int64_t width, const T
 }
 
 struct Prepared {
-  Tensor score, inv_norm, sqn;  // undefined where the prepare kernel had nothing to write
+  Tensor score, inv_norm, sqn, eligible, first_score;  // undefined where the prepare kernel wrote nothing
 };
+
+// What the two score kinds that read more than the weights need: the hybrid pool's budgets and
+// lam; DivPrune's first score reads the Gram and the norms the kernel takes from its diagonal.
+void check_score_kind(mc::ScoreKind kind, const OptTensor& ks, double pool_lam, const OptTensor& gram,
+                      const OptTensor& inv_norm) {
+  TORCH_CHECK_VALUE(kind != mc::kScoreImpPool || (ks && std::isfinite(pool_lam) && pool_lam >= 0.0 && pool_lam <= 1.0),
+                    "mmrprune::fused_greedy: score_kind 'pool' sizes the hybrid pool from ks and pool_lam in [0, 1], "
+                    "got pool_lam ", pool_lam, ks ? "" : " and no ks");
+  TORCH_CHECK_VALUE(kind != mc::kScoreDivPrune || (gram && !inv_norm), "mmrprune::fused_greedy: score_kind "
+                    "'divprune' reads the Gram and the norms of its diagonal: pass gram and no inv_norm");
+}
 
 // The prepare kernel: the per-row score (score_kind != keep) and, in Gram mode without the
 // caller's inv_norm, the inverse norms (and DPP's sqn) from the Gram's diagonal.  No launch when
 // there is nothing to compute.  Arguments checked by the caller.
 Prepared run_prepare(const Tensor& rows, const Tensor& starts, const Tensor& lengths, const OptTensor& gram,
                      int64_t ld, const OptTensor& weights, mc::ScoreKind kind, int64_t width, bool norms, bool dpp,
-                     std::uintptr_t stream) {
+                     const OptTensor& ks, double pool_lam, std::uintptr_t stream) {
   Prepared p;
   if (!norms && kind == mc::kScoreKeep) return p;
   const int64_t n_rows = rows.size(0);
   const auto f32 = rows.options().dtype(at::kFloat);
   if (kind != mc::kScoreKeep) p.score = at::empty({n_rows}, f32);
+  if (kind == mc::kScoreImpPool) p.eligible = at::empty({n_rows}, rows.options().dtype(at::kByte));
+  if (kind == mc::kScoreDivPrune) p.first_score = at::empty({n_rows}, f32);
   if (norms) {
     p.inv_norm = at::empty({n_rows}, f32);
     if (dpp) p.sqn = at::empty({n_rows}, f32);
@@ -164,6 +179,10 @@ Prepared run_prepare(const Tensor& rows, const Tensor& starts, const Tensor& len
   pp.weights = addr(weights);
   pp.score = p.score.defined() ? addr(p.score) : 0;
   pp.score_kind = kind;
+  pp.ks = kind == mc::kScoreImpPool ? addr(ks) : 0;
+  pp.lam = pool_lam;
+  pp.eligible = p.eligible.defined() ? addr(p.eligible) : 0;
+  pp.first_score = p.first_score.defined() ? addr(p.first_score) : 0;
   pp.stream = stream;
   launched(mc::launch_prepare(pp));
   return p;
@@ -174,7 +193,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
                                         const Tensor& ks, int64_t k_max, double lam, bool dpp, const OptTensor& gram,
                                         const OptTensor& inv_norm, const OptTensor& sqn, const OptTensor& weights,
                                         std::string_view score_kind, int64_t width, int64_t max_round,
-                                        int64_t smem_state, bool dpp_rounds) {
+                                        double pool_lam, int64_t smem_state, bool dpp_rounds) {
   const Batch b = check_batch(rows, starts, lengths, width);
   check_tensor(ks, "ks", at::kLong, b.bsz, rows);
   TORCH_CHECK_VALUE(k_max >= 0, "mmrprune::fused_greedy: k_max must be >= 0, got ", k_max);
@@ -182,6 +201,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
                     "got ", lam);
   const mc::ScoreKind kind = score_kind_of(score_kind);
   TORCH_CHECK_VALUE(kind != mc::kScoreKeep || score, "mmrprune::fused_greedy: score_kind 'keep' needs a score");
+  check_score_kind(kind, ks, pool_lam, gram, inv_norm);
   check_optional(score, "score", at::kFloat, b.n_rows, rows);
   check_optional(weights, "weights", at::kFloat, b.n_rows, rows);
   check_optional(first_score, "first_score", at::kFloat, b.n_rows, rows);
@@ -206,7 +226,8 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
 
   const c10::OptionalDeviceGuard guard(kEmulator ? std::nullopt : std::make_optional(rows.device()));
   const std::uintptr_t stream = current_stream(rows.device());
-  const Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram && !inv_norm, dpp, stream);
+  const Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram && !inv_norm, dpp, ks,
+                                 pool_lam, stream);
   const Tensor& row_score = p.score.defined() ? p.score : *score;
 
   const auto f32 = rows.options().dtype(at::kFloat);
@@ -256,8 +277,8 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
     mc::MaxSimState st;
     st.inv_norm = addr(inv);
     st.imp = addr(row_score);
-    st.first_score = addr(first_score);
-    st.eligible = addr(eligible);
+    st.first_score = p.first_score.defined() ? addr(p.first_score) : addr(first_score);
+    st.eligible = p.eligible.defined() ? addr(p.eligible) : addr(eligible);
     st.lam = lam;
     st.m_scratch = addr(state);
     st.taken_scratch = addr(taken);
@@ -269,19 +290,24 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
   return {out, rounds};
 }
 
-// The prepare kernel alone: (score, inv_norm, sqn), each None where it computes nothing.
-std::tuple<Tensor, Tensor, Tensor> fused_prepare(const Tensor& rows, const Tensor& starts, const Tensor& lengths,
-                                                 const OptTensor& gram, const OptTensor& weights,
-                                                 std::string_view score_kind, int64_t width, bool dpp) {
+// The prepare kernel alone: (score, inv_norm, sqn, eligible, first_score), each None where it
+// computes nothing.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_prepare(const Tensor& rows, const Tensor& starts,
+                                                                 const Tensor& lengths, const OptTensor& gram,
+                                                                 const OptTensor& weights, std::string_view score_kind,
+                                                                 int64_t width, bool dpp, const OptTensor& ks,
+                                                                 double pool_lam) {
   const Batch b = check_batch(rows, starts, lengths, width);
   const int64_t ld = check_gram(gram, b, width, rows);
   check_optional(weights, "weights", at::kFloat, b.n_rows, rows);
   const mc::ScoreKind kind = score_kind_of(score_kind);
+  check_optional(ks, "ks", at::kLong, b.bsz, rows);
+  check_score_kind(kind, ks, pool_lam, gram, std::nullopt);
   if (b.bsz == 0 || b.n_rows == 0) return {};
   const c10::OptionalDeviceGuard guard(kEmulator ? std::nullopt : std::make_optional(rows.device()));
-  Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram.has_value(), dpp,
+  Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram.has_value(), dpp, ks, pool_lam,
                            current_stream(rows.device()));
-  return {p.score, p.inv_norm, p.sqn};
+  return {p.score, p.inv_norm, p.sqn, p.eligible, p.first_score};
 }
 
 }  // namespace

@@ -16,6 +16,14 @@ enum ScoreKind : int {
   kScoreImp = 1,      // Imp = (w - min w) / (max w - min w + 1e-6) per image; 0 without weights
   kScoreQuality = 2,  // DPP quality: Imp, or 1 where an image's weights are constant or absent
   kScoreZero = 3,     // 0 (DivPrune: importance is ignored)
+  // Hybrid: Imp as kScoreImp, and eligible[row] = 1 on the pool, the pool_size(b) tokens of
+  // image b with the largest Imp (ties to the lower index; NaN ranks first, as torch's
+  // descending stable sort), 0 elsewhere.  pool_size(b) = N_b if lam == 0, else
+  // min(N_b, max(k_b, min(round_half_even(k_b / lam), N_b))) with the division in double.
+  kScoreImpPool = 4,
+  // DivPrune in Gram mode: score 0 (as kScoreZero) and first_score[row] = 1 - max_{j != i, j < N_b}
+  // (G_ij * inv_j) * inv_i from the Gram (+inf for a lone token), in that order of fp32 operations.
+  kScoreDivPrune = 5,
 };
 
 // Image b owns rows starts[b] .. starts[b] + lengths[b] - 1 of every per-row array.
@@ -33,6 +41,10 @@ struct PrepareParams {
   std::uintptr_t weights = 0;               // [rows] fp32 raw importance, or 0 (none)
   std::uintptr_t score = 0;                 // [rows] fp32 out (kScoreKeep: not written)
   int score_kind = kScoreKeep;
+  std::uintptr_t ks = 0;                    // kScoreImpPool: [batch] int64 budgets
+  double lam = 0.0;                         // kScoreImpPool: the hybrid's lam (pool size)
+  std::uintptr_t eligible = 0;              // kScoreImpPool: [rows] uint8 out
+  std::uintptr_t first_score = 0;           // kScoreDivPrune: [rows] fp32 out (needs gram)
   std::uintptr_t stream = 0;
 };
 

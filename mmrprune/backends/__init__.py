@@ -7,14 +7,17 @@ with -1 past that image's budget ``ks[b]``, on the batch's device, or
 ``(indices, stats)`` with ``stats`` a dict of ``[B]`` tensors it measured
 (``"rounds"``: sequential rounds per image).  A backend that has kernel variants lists the
 tuning keywords it takes in ``options`` (see :data:`TUNING`); its ``select`` then takes them
-as keyword arguments, already checked by :func:`check_tuning`.  Everything
+as keyword arguments, already checked by :func:`check_tuning`, and so does its ``workspace``,
+which says how many scratch bytes a batch needs beyond its input and output (what
+:mod:`mmrprune.workspace` checks against the limit).  :meth:`Backend.supports` says whether it
+runs a batch's method on the batch's device.  Everything
 else (validation, ``order``, NumPy in/out, varlen flattening) happens once in
 :mod:`mmrprune.api`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 # How to get each optional backend: the one copy of every build hint (status messages,
 # dispatch errors and `mmrprune info` all quote these).
@@ -56,4 +59,24 @@ class Backend:
     device_types: tuple        # tensor device types it accepts: "cpu", "cuda"
     select: Callable           # SelectionBatch -> Tensor [B, k_max] int64, or (Tensor, stats dict)
     status: Callable           # () -> (available: bool, detail: str)
-    options: tuple = ()        # tuning keywords its select takes (a subset of TUNING)
+    options: tuple = ()        # tuning keywords its select and workspace take (a subset of TUNING)
+    # (SelectionBatch, **options) -> int: scratch bytes beyond the input and the output, an upper
+    # estimate of the large buffers (per-call constants of a few KB left out)
+    workspace: Optional[Callable] = None
+
+    def supports(self, batch, any_device: bool = False) -> tuple[bool, str]:
+        """``(True, "")`` when this backend runs ``batch``'s method on the batch's device (on one of
+        its devices with ``any_device``, or for a meta batch, which is only sized), else
+        ``(False, why)``."""
+        if batch.method not in self.methods:
+            return False, f"backend {self.name!r} does not implement method {batch.method!r} (it has {list(self.methods)})"
+        dev = batch.device.type
+        if not any_device and dev != "meta" and dev not in self.device_types:
+            return False, f"backend {self.name!r} takes {' or '.join(self.device_types)} tensors, not {dev}"
+        return True, ""
+
+    def workspace_bytes(self, batch, **options) -> int:
+        """:attr:`workspace` of ``batch`` with those of ``options`` this backend takes."""
+        if self.workspace is None:
+            raise TypeError(f"backend {self.name!r} does not say how much workspace it needs (no `workspace`)")
+        return int(self.workspace(batch, **{k: v for k, v in options.items() if k in self.options}))

@@ -66,10 +66,26 @@ def select(batch: SelectionBatch) -> torch.Tensor:
         int(p.get("radius", 1)), int(grid[1]) if grid is not None else 0)
 
 
+def workspace(batch: SelectionBatch) -> int:
+    """Per-thread scratch (whole blocks of SCRATCH_ALIGN), one image at a time per thread, plus
+    the compute-dtype importance and quality rows (and the contiguous rows of non-contiguous
+    features)."""
+    n, dim, k = batch.max_length(), batch.dim, int(batch.k_max)
+    rows = batch.features.numel() // dim
+    c = batch.compute_dtype.itemsize
+    threads = max(1, min(torch.get_num_threads(), batch.batch_size))
+    align = ops._cpu.SCRATCH_ALIGN if ops._cpu is not None else 1
+    per_image = -(-n * dim * c // align) * align + 6 * n * 8
+    if batch.method == "dpp":
+        per_image += n * k * c
+    return batch.rows_copy_bytes() + 2 * rows * c + threads * per_image
+
+
 BACKEND = Backend(
     name="cpu",
     methods=METHODS,
     device_types=("cpu",),
     select=select,
     status=status,
+    workspace=workspace,
 )

@@ -3,18 +3,20 @@
 The whole greedy selection of a batch runs in one launch: one thread block per
 image loops over its K steps with no host sync between them (see
 csrc/cuda/NOTES.md).  :func:`prepare` turns a batch into a :class:`KernelCall` (the Gram
-product and, for hybrid and divprune, torch ops from :mod:`mmrprune.prepare`; the scores and
-norms of the other methods come from the op's prepare kernel), in the *segment form*
+product; scores, norms, the hybrid pool and Gram-mode DivPrune's first score come from one
+prepare kernel at launch; row-mode DivPrune's first score from torch ops in
+:mod:`mmrprune.prepare`), in the *segment form*
 the kernel reads (row ``starts[b] + i`` of ``batch.rows()`` is token ``i`` of image
 ``b``, padded and packed alike); :class:`FusedGreedy` passes it to the op
 ``mmrprune::fused_greedy``, which checks it, runs the prepare and greedy kernels and is
 implemented for CUDA tensors by ``mmrprune._cuda`` (for CPU tensors by its emulated build):
 
 * ``mmr``/``fps``: ``Imp`` per row, ``lam`` (0 for ``fps``);
-* ``hybrid``: the candidate pool as a per-row mask (sync-free segmented ranking),
+* ``hybrid``: the candidate pool as a per-row mask, ranked per image by the prepare kernel,
   then FPS inside it (``lam = 0`` after the first pick, which maximises ``Imp``);
-* ``divprune``: the first step's score ``1 - max_{j != i} sim(i, j)`` from torch's
-  matmul (row blocks of the Gram, as the torch backend), then FPS;
+* ``divprune``: the first step's score ``1 - max_{j != i} sim(i, j)``, in Gram mode from the
+  Gram by the prepare kernel, in row mode from torch's matmul (row blocks of the Gram, as the
+  torch backend), then FPS;
 * ``dpp``: the quality ``q`` per row.
 
 Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
@@ -35,7 +37,7 @@ the Triton or torch backend for it.
 The op has a fake (meta) implementation (:mod:`mmrprune.ops`), so ``torch.compile`` can trace
 through it.  With
 ``check_finite=False`` nothing here synchronises with the host (padded input;
-packed ``divprune``/``hybrid`` gather a padded copy, one sync; packed input in Gram
+packed row-mode ``divprune`` gathers a padded copy, one sync; packed input in Gram
 mode, or with the Gram choice left to the heuristic, reads ``max(lengths)``: one sync —
 ``sim="rows"`` keeps packed mmr/fps/dpp sync-free).
 """
@@ -50,8 +52,7 @@ import torch
 
 from .. import ops  # noqa: F401  defines mmrprune::fused_greedy, which the module below implements
 from ..batch import SelectionBatch
-from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, from_padded, hybrid_pool_rows, maxsim_plan
-from ..reference import NORM_EPS
+from ..prepare import GRAM_CHUNK_BYTES, divprune_first_rows, maxsim_plan
 from . import BUILD_HINTS, SIMS, TUNING, Backend
 from . import torch_backend as _tb
 
@@ -83,10 +84,10 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     """Device memory this backend allocates for one call, beyond the input (bytes).
 
     Per row: inv_norm (4), running state m or d^2 (4), taken flag (1), fp32 Imp/q (4);
-    hybrid adds the pool mask and its ranking (1 + 3 * 8); divprune adds its first
-    score (4) plus, in row mode, torch's fp32 normalised copy [B, n_max, D] and one Gram
-    row block (prepare.GRAM_CHUNK_BYTES), in Gram mode one scaled row block of the
-    Gram; dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
+    hybrid adds the pool mask (1); divprune adds its first score (4) plus, in row mode,
+    torch's fp32 normalised copy [B, n_max, D] and one Gram row block
+    (prepare.GRAM_CHUNK_BYTES) (in Gram mode the prepare kernel reads the Gram itself);
+    dpp adds ||x̂||^2 (4) and the Cholesky rows c [rows, k_max] fp32.  Gram mode
     adds the Gram [B, n_max, n_max] fp32 and the row norms (4 per row).  Packed input
     (``packed_elem_bytes`` = the feature element size) is gathered into a padded copy
     [B, n_max, D] wherever the padded layout is read: Gram mode, and row-mode divprune.
@@ -98,12 +99,11 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     full_gram = gram_bytes(batch, n_max)
     padded_copy = batch * n_max * dim * packed_elem_bytes
     if method == "hybrid":
-        per_row += 1 + 3 * 8
+        per_row += 1
     elif method == "divprune":
         per_row += 4
         if not gram:
-            extra += batch * n_max * dim * 4 + padded_copy
-        extra += min(GRAM_CHUNK_BYTES, full_gram)
+            extra += batch * n_max * dim * 4 + padded_copy + min(GRAM_CHUNK_BYTES, full_gram)
     elif method == "dpp":
         per_row += 4 + 4 * k_max
     if gram:
@@ -118,24 +118,25 @@ def runs_kernel(batch: SelectionBatch) -> bool:
     return batch.method in KERNEL_METHODS and batch.features.dtype in KERNEL_DTYPES
 
 
-def call_workspace_bytes(batch: SelectionBatch, n_max: int, sim: str = "auto") -> int:
-    """Memory a kernel call (:func:`runs_kernel`) allocates for ``batch`` beyond its input and
-    output: :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies
-    made on the way there: the contiguous rows of non-contiguous features
-    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input, DivPrune's fp32 cast of the
-    rows for its torch norms and, where torch has no fp32-output bmm (CPU: the emulator), the
-    fp32 operand of the Gram product."""
+def call_workspace_bytes(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None) -> int:
+    """Memory a call allocates for ``batch`` beyond its input and output (the backend's
+    ``workspace``): the torch backend's figure for what goes there (:func:`runs_kernel`), else
+    :func:`workspace_bytes` in the similarity mode :func:`prepare` picks, plus the copies made
+    on the way there: the contiguous rows of non-contiguous features
+    (``batch.rows_copy_bytes()``) and, in Gram mode for 16-bit input where torch has no
+    fp32-output bmm (CPU: the emulator), the fp32 operand of the Gram product.  ``max_round``
+    changes nothing here."""
+    if not runs_kernel(batch):
+        return _tb.workspace(batch)
     dtype, bsz, dim, k_max = batch.features.dtype, batch.batch_size, batch.dim, int(batch.k_max)
     rows = batch.features.numel() // dim
+    n_max = batch.max_length()
     packed_elem = batch.features.element_size() if batch.packed else 0
     gram = use_gram(batch.method, bsz, rows, dim, k_max, n_max, dtype, packed=batch.packed, sim=sim)
     total = workspace_bytes(batch.method, bsz, rows, dim, k_max, n_max, gram=gram, packed_elem_bytes=packed_elem)
     total += batch.rows_copy_bytes()
-    if gram and dtype != torch.float32:
-        if batch.method == "divprune":   # its torch norms read an fp32 copy (the prepare kernel does not)
-            total += rows * dim * 4
-        if not _fp32_output_bmm(batch.device):
-            total += bsz * n_max * dim * 4
+    if gram and dtype != torch.float32 and not _fp32_output_bmm(batch.device):
+        total += bsz * n_max * dim * 4
     return total
 
 
@@ -209,31 +210,6 @@ def _probe_bmm_out_dtype() -> bool:
 _HAS_BMM_OUT_DTYPE = _probe_bmm_out_dtype()
 
 
-def row_inv_norms(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inv_norm, sqn)`` per row in fp32: ``1/max(||x||, 1e-12)`` and ``||x̂||²`` (as the
-    extension's inv_norm kernel)."""
-    nrm = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
-    inv = 1.0 / nrm.clamp_min(NORM_EPS)
-    return inv, (nrm * inv) ** 2
-
-
-def divprune_first_from_gram(gram: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, n]`` ``1 - max_{j != i} sim(i, j)`` from the raw Gram ``[B, n, n]`` and the padded
-    inverse norms ``[B, n]`` (+inf for a lone token), over row blocks of at most
-    ``prepare.GRAM_CHUNK_BYTES`` (the Gram itself is not modified)."""
-    bsz, n, _ = gram.shape
-    best = torch.empty((bsz, n), dtype=torch.float32, device=gram.device)
-    rows_per_block = max(1, GRAM_CHUNK_BYTES // max(1, bsz * n * 4))
-    padding = ~valid[:, None, :]
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
-        g = gram[:, r0:r1] * inv[:, None, :]                                # G_ij / ||x_j||, own buffer
-        g.diagonal(offset=r0, dim1=1, dim2=2).fill_(float("-inf"))
-        g.masked_fill_(padding, float("-inf"))
-        best[:, r0:r1] = g.amax(dim=2) * inv[:, r0:r1]
-    return 1.0 - best
-
-
 def gram_n_max(batch: SelectionBatch, sim: str = "auto") -> Optional[int]:
     """The Gram's padded length for this batch, or None when ``sim="rows"`` turns Gram mode off.
     Padded input: ``features.shape[1]`` (no sync); packed: ``max(lengths)`` (one host sync)."""
@@ -268,6 +244,7 @@ class KernelCall:
     score_kind: str = "keep"                  # one of SCORE_KINDS
     width: int = 0                            # padded rows: [B, width], prepared whole; 0: packed
     max_round: int = 0                        # picks per round of the maxsim kernels; 0: the kernels' own
+    pool_lam: float = 0.0                     # score_kind "pool": the hybrid's lam, which sizes its pool
 
     def args(self) -> tuple:
         """Positional arguments of ``mmrprune::fused_greedy``: the fields, declared in the order of
@@ -275,8 +252,9 @@ class KernelCall:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
-# What the prepare kernel writes into the score (csrc/cuda/prepare.h, ScoreKind).
-SCORE_KINDS = ("keep", "imp", "quality", "zero")
+# What the prepare kernel writes (csrc/cuda/prepare.h, ScoreKind): "pool" is Imp plus the
+# hybrid's pool (eligible), "divprune" is a zero score plus DivPrune's first score from the Gram.
+SCORE_KINDS = ("keep", "imp", "quality", "zero", "pool", "divprune")
 
 
 def _weights_rows(batch: SelectionBatch) -> Optional[torch.Tensor]:
@@ -290,9 +268,9 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
     """The :class:`KernelCall` of a kernel method, with ``mmrprune.select``'s tuning ``sim`` and
     ``max_round`` (None: the kernels' own).
 
-    mmr, fps and dpp need no torch op beyond the Gram product (Gram mode): their scores and
-    norms come from the launch's prepare kernel.  hybrid (its pool ranks tokens by importance)
-    and divprune (its first step's score) still prepare with torch ops."""
+    No torch op beyond the Gram product (Gram mode): scores, norms, hybrid's pool and DivPrune's
+    first score come from the launch's prepare kernel, except row-mode DivPrune's first score
+    (torch ops over row blocks, :func:`mmrprune.prepare.divprune_first_rows`)."""
     method = batch.method
     if method not in KERNEL_METHODS:
         raise ValueError(f"cuda kernel: method {method!r} has no kernel (kernel methods: {list(KERNEL_METHODS)})")
@@ -305,12 +283,10 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
                       width=0 if batch.packed else int(batch.features.shape[1]),
                       max_round=0 if max_round is None else int(max_round))
     n_max = gram_n_max(batch, sim)
-    idx = valid = None
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
                                       batch.features.dtype, packed=batch.packed, sim=sim):
         if batch.packed:
-            idx, valid = batch.padded_index(n_max)
-            feats = rows[idx]                                                  # [B, n_max, D] copy
+            feats = rows[batch.padded_index(n_max)[0]]                        # [B, n_max, D] copy
         else:
             feats = rows.view(batch.batch_size, n_max, batch.dim)
         call.gram = gram_matrix(feats)
@@ -319,20 +295,13 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
         return call
     plan = maxsim_plan(method, batch.lam)
     call.lam = plan.lam
-    if plan.divprune:
-        call.score_kind = "zero"    # importance ignored
+    if plan.divprune:   # importance ignored
         if call.gram is None:
-            call.first_score = divprune_first_rows(batch, rows)
-        else:
-            call.inv_norm, _ = row_inv_norms(rows)
-            if valid is None:
-                valid = batch.valid_mask()
-            inv_p = call.inv_norm[idx] if batch.packed else call.inv_norm.view(batch.batch_size, n_max)
-            first = divprune_first_from_gram(call.gram, inv_p, valid)
-            call.first_score = from_padded(batch, first, float("inf"))
-    elif plan.pooled:
-        call.eligible = hybrid_pool_rows(batch).to(torch.uint8).contiguous()
-        call.score = batch.importance().reshape(-1).to(torch.float32).contiguous()
+            call.score_kind, call.first_score = "zero", divprune_first_rows(batch, rows)
+        else:               # norms and the first score from the Gram, in the prepare kernel
+            call.score_kind = "divprune"
+    elif plan.pooled:       # Imp and the pool, in the prepare kernel
+        call.score_kind, call.weights, call.pool_lam = "pool", _weights_rows(batch), float(batch.lam)
     else:
         call.score_kind, call.weights = "imp", _weights_rows(batch)
     return call
@@ -372,7 +341,7 @@ class FusedGreedy:
         self._ready = ready       # () -> (ok, why not): e.g. "is a GPU there"
         self.summary = summary    # what info() says of the backend when it is available
         self.backend = Backend(name=name, methods=METHODS, device_types=(device_type,), select=self.select,
-                               status=self.status, options=TUNING)
+                               status=self.status, options=TUNING, workspace=call_workspace_bytes)
 
     def status(self) -> tuple[bool, str]:
         if self.ext is None:
@@ -412,10 +381,13 @@ class FusedGreedy:
         norms = c.gram is not None and c.inv_norm is None
         if not norms and c.score_kind == "keep":
             return c
-        score, inv, sqn = torch.ops.mmrprune._fused_prepare(c.rows, c.starts, c.lengths, c.gram if norms else None,
-                                                            c.weights, c.score_kind, c.width, c.dpp)
+        score, inv, sqn, eligible, first = torch.ops.mmrprune._fused_prepare(
+            c.rows, c.starts, c.lengths, c.gram if norms else None, c.weights, c.score_kind, c.width, c.dpp,
+            c.ks, c.pool_lam)
         return dataclasses.replace(c, score=c.score if score is None else score, inv_norm=c.inv_norm if inv is None
-                                   else inv, sqn=c.sqn if sqn is None else sqn, score_kind="keep")
+                                   else inv, sqn=c.sqn if sqn is None else sqn,
+                                   eligible=c.eligible if eligible is None else eligible,
+                                   first_score=c.first_score if first is None else first, score_kind="keep")
 
 
 def _gpu_ready() -> tuple[bool, str]:

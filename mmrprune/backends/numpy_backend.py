@@ -27,6 +27,22 @@ def select(batch: SelectionBatch) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(out).to(batch.device), {"rounds": torch.from_numpy(rounds).to(batch.device)}
 
 
+def workspace(batch: SelectionBatch) -> int:
+    """float64, one image at a time, plus a float64 copy of every row (and the contiguous rows
+    of non-contiguous features)."""
+    n, dim, k = batch.max_length(), batch.dim, int(batch.k_max)
+    rows = batch.features.numel() // dim
+    per_image = 2 * n * dim * 8 + 4 * n * 8          # x * x and x̂ while normalising
+    if batch.method == "dpp":
+        per_image += k * n * 8
+    elif batch.method == "divprune":
+        per_image += 2 * n * n * 8                     # xh @ xh.T and 1 - it
+    elif batch.method == "d2pruner":
+        per_image += 3 * n * n * 8 + n * n             # sims, near, their sum, the edge mask
+    return batch.rows_copy_bytes() + rows * dim * 8 + per_image
+
+
 # always available: its status never changes
 BACKEND = Backend(name="numpy", methods=METHODS, device_types=("cpu", "cuda"), select=select,
-                  status=lambda: (True, "float64 NumPy reference, one image at a time; always available"))
+                  status=lambda: (True, "float64 NumPy reference, one image at a time; always available"),
+                  workspace=workspace)

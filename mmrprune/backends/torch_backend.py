@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..batch import SelectionBatch
-from ..prepare import (MAXSIM_METHODS, NEG_INF, divprune_first_score, hybrid_pool_rows, maxsim_plan,
-                       normalize_rows, to_padded)
+from ..prepare import (GRAM_CHUNK_BYTES, MAXSIM_METHODS, NEG_INF, divprune_first_score, hybrid_pool_rows,
+                       maxsim_plan, normalize_rows, to_padded)
 from ..reference import DPP_EPS, METHODS
 from . import Backend
 
@@ -242,6 +242,32 @@ def select(batch: SelectionBatch) -> torch.Tensor:
     raise AssertionError(method)
 
 
+def workspace(batch: SelectionBatch) -> int:
+    """Batched ``[B, N]`` state (and, packed, the padded copy of the features); every method but
+    topk (which reads only the importance) adds the normalised copy ``[B, N, D]`` and its
+    transpose, dpp its Cholesky rows, the max-similarity methods the Gram while it fits
+    ``GRAM_MAX_BYTES`` (float32 only) and divprune its first step's row blocks."""
+    method, bsz, dim, k = batch.method, batch.batch_size, batch.dim, int(batch.k_max)
+    n = batch.max_length()
+    c = batch.compute_dtype.itemsize
+    padded = bsz * n
+    total = 8 * padded * 8
+    if batch.packed:
+        total += padded * dim * batch.features.element_size()
+    if method == "topk":
+        return total
+    total += 2 * padded * dim * c
+    if method == "dpp":
+        total += bsz * k * n * c
+    elif method in MAXSIM_METHODS:
+        gram = bsz * n * n * 4
+        if c == 4 and gram <= GRAM_MAX_BYTES:   # the step loops' float32 Gram (_gram_if_fits)
+            total += gram
+        if method == "divprune":                # its first step's row blocks
+            total += min(GRAM_CHUNK_BYTES, bsz * n * n * c)
+    return total
+
+
 # always available: its status never changes
 BACKEND = Backend(name="torch", methods=METHODS, device_types=("cpu", "cuda"), select=select,
-                  status=lambda: (True, "pure PyTorch ops; always available"))
+                  status=lambda: (True, "pure PyTorch ops; always available"), workspace=workspace)

@@ -80,6 +80,24 @@ def select(batch: SelectionBatch, sim: str = "auto", max_round=None) -> tuple[to
     return out, {"rounds": rounds}
 
 
+def workspace(batch: SelectionBatch, sim: str = "auto", max_round=None) -> int:
+    """Per-row fp32 state, dpp's Cholesky rows, float64 input's scaled and converted copies
+    (float64, then fp32), and the fp32 Gram when the kernels build one for ``sim``
+    (``max_round`` changes nothing here)."""
+    dim, k, method = batch.dim, int(batch.k_max), batch.method
+    rows = batch.features.numel() // dim
+    total = batch.rows_copy_bytes() + rows * 6 * 4
+    if batch.features.dtype == torch.float64:
+        total += rows * dim * (8 + 4)
+    if method == "dpp":
+        total += max(k - 1, 1) * rows * 4
+    if method != "topk" and _kernels is not None:
+        n = batch.max_length()
+        if _kernels.uses_gram(batch.batch_size, n, GRAM_SETTING[sim]):
+            total += batch.batch_size * n * n * 4
+    return total
+
+
 BACKEND = Backend(
     name="triton",
     methods=METHODS,
@@ -87,4 +105,5 @@ BACKEND = Backend(
     select=select,
     status=status,
     options=TUNING,
+    workspace=workspace,
 )
