@@ -96,9 +96,9 @@ except ImportError as exc:
     raise SystemExit(f"mmrprune's native modules are built against the installed torch ({exc}): install torch "
                      "first (bash scripts/setup.sh does), then build without isolation: "
                      "pip install --no-build-isolation -e .") from exc
-# cpp_extension compiles .cu sources with CUDA_HOME/bin/nvcc, and leaves CUDA_HOME unset under a
-# CPU torch; our kernels need only nvcc and the static runtime, so point it at the nvcc found here
-if F.find_nvcc() and (cpp_extension.CUDA_HOME is None or not os.environ.get("CUDA_HOME")):
+# cpp_extension compiles .cu sources with its CUDA_HOME/bin/nvcc, which it leaves unset under a
+# CPU torch (our kernels need only nvcc and the static runtime): the toolkit of the nvcc found here
+if F.find_nvcc():
     cpp_extension.CUDA_HOME = F.cuda_home(F.find_nvcc())
 
 
