@@ -19,7 +19,9 @@ Where the numbers come from, per quantity (each record names its sources):
   the kernel generation; ``--live-counts`` also counts the kernels of this checkout now);
   a generation without emulator records falls back to the design figures below, and the record
   says so (``counts_source``);
-* host launches and syncs per call: a ``TorchDispatchMode`` over the ``cuda_emu`` backend's host
+* host launches and syncs per call: ``tests/host_ops.py``'s ``count_call``, the rules of
+  tests/test_host_path.py's launch budget (a repeated call, validation as for accelerator input,
+  the CPU-only fp32 cast of the Gram operand left out), over the ``cuda_emu`` backend's host
   path (the ``cuda`` backend's code on CPU tensors) and over the ``triton`` backend's host path
   with the kernel launches recorded instead of run, so they follow the host code as it changes;
 * Triton per-round counts: derived from the kernel's structure and launch configuration
@@ -77,10 +79,12 @@ from goals import LIMITS  # noqa: E402  (bench/gpu/goals.py: the targets, stated
 
 COMMITTED = "bench/results/gpu_model.json"
 EMU_RECORDS = os.path.join(ROOT, "bench", "results", "emu_counts.json")
-# Host launches of the "before" kernels' host path: count_host() run on a build of commit 7ab7d9d
-# (that tree's own mmrprune, this file's counter), kept because that host code is gone.
+# Host launches of the "before" kernels' host path: count_host() (host_ops.count_call's rules: a
+# repeated call, validation as for accelerator input, the CPU-only Gram cast left out) run on a
+# build of commit 7ab7d9d, that tree's own mmrprune; kept because that host code is gone.  Its
+# emulator cannot count launches (no ``launches()``): the op's kernels come from emu_counts.json.
 HOST_BEFORE = {
-    "cuda": {"aten_launching_ops": 33, "custom_ops": 1, "op_kernel_launches": 0, "host_syncs": 0},
+    "cuda": {"aten_launching_ops": 31, "custom_ops": 1, "op_kernel_launches": None, "host_syncs": 0},
     "triton": {"aten_launching_ops": 34, "custom_ops": 0, "op_kernel_launches": 3, "host_syncs": 0},
     "commit": "7ab7d9d",
 }
@@ -240,49 +244,31 @@ def rounds_per_k(emu_rec, method="mmr"):
 
 
 # ----------------------------------------------------------------------------- host path
-_NO_LAUNCH = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand",
-              "alias", "detach", "as_strided", "slice", "select", "empty", "empty_like", "empty_strided",
-              "new_empty", "scalar_tensor", "lift_fresh", "unbind", "split", "chunk", "narrow", "sym_size",
-              "sym_stride", "is_same_size", "_reshape_alias", "diagonal"}
-_SYNC = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero", "_assert_async"}
+def _host_ops():
+    """tests/host_ops.py: the host-path counting rules tests/test_host_path.py's budget uses too."""
+    tests = os.path.join(ROOT, "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    import host_ops
+    return host_ops
 
 
 def count_host(backend: str, method: str = "mmr", batch: int = 1, n: int = 48, d: int = 32, k: int = 12) -> dict:
-    """Launches and host syncs of one ``select(..., check_finite=False)`` call on the host path of
-    ``backend`` ("cuda": run through ``cuda_emu``, the same host code on CPU tensors; "triton":
-    its launches recorded, not run).  Kernel launches inside the custom op come from the emulator
-    ("cuda") or the recorded Triton launches."""
+    """Launches and host syncs of one repeated ``select(..., check_finite=False)`` call on the host
+    path of ``backend`` as it runs on a GPU (``host_ops.count_call``: the first call left out,
+    validation as for accelerator input, the CPU-only fp32 cast of the Gram operand left out).
+    "cuda": run through ``cuda_emu``, the same host code on CPU tensors, its kernels counted by the
+    emulator where it can (``launches()``); "triton": its launches recorded, not run."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import mmrprune
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.syncs, self.custom = {}, 0, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            ns = func.namespace
-            if ns == "mmrprune":
-                self.custom.append(name)
-            elif name in _SYNC:
-                self.syncs += 1
-            elif name not in _NO_LAUNCH:
-                self.ops[name] = self.ops.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
+    host_ops = _host_ops()
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, n, d, generator=g).to(torch.bfloat16)
     w = torch.rand(batch, n, generator=g)
-    tolist, syncs_tolist = torch.Tensor.tolist, []
-
-    def counted_tolist(self):
-        syncs_tolist.append(1)
-        return tolist(self)
-
     restore, launched = [], []
+    kernel_launches = None
     if backend == "triton":
         from mmrprune import dispatch
         from mmrprune.backends import triton_backend as tb
@@ -297,26 +283,29 @@ def count_host(backend: str, method: str = "mmr", batch: int = 1, n: int = 48, d
         restore = [(tg, "triton_wrap", tg.triton_wrap), (tg, "triton_greedy", tg.triton_greedy),
                    (dispatch, "resolve_name", dispatch.resolve_name), (dispatch, "loaded", dispatch.loaded)]
         tg.triton_wrap = recorder
-        tg.triton_greedy = tg._triton_greedy_impl
+        tg.triton_greedy = getattr(tg, "_triton_greedy_impl", tg.triton_greedy)
         dispatch.resolve_name = lambda name, device_type, method: name
         dispatch.loaded = lambda name: tb.BACKEND
+        kernel_launches = lambda: len(launched)   # noqa: E731
+    else:
+        from mmrprune.backends import cuda_emu_backend as emu
+        ext = emu.KERNELS.ext if hasattr(emu, "KERNELS") else None
+        if ext is not None and hasattr(ext, "launches"):
+            kernel_launches = ext.launches
     name = "triton" if backend == "triton" else "cuda_emu"
 
     def select():
         return mmrprune.select(x, None if method == "fps" else w, k=k, method=method, backend=name,
                                check_finite=False)
 
-    torch.Tensor.tolist = counted_tolist
     try:
-        with Count() as c:
-            select()
+        c = host_ops.count_call(select, kernel_launches)
     finally:
-        torch.Tensor.tolist = tolist
         for obj, attr, val in restore:
             setattr(obj, attr, val)
-    return {"aten_launching_ops": sum(c.ops.values()), "custom_ops": len(c.custom), "op_kernel_launches": len(launched),
-            "host_syncs": c.syncs + len(syncs_tolist), "ops": c.ops,
-            "counted_at": dict(batch=batch, n=n, d=d, k=k, method=method, check_finite=False)}
+    return {"aten_launching_ops": c["aten_launches"], "custom_ops": c["custom_ops"], "op_kernel_launches": c["kernels"],
+            "host_syncs": c["syncs"], "ops": c["ops"],
+            "counted_at": dict(batch=batch, n=n, d=d, k=k, method=method, check_finite=False, call="repeated")}
 
 
 # =========================================================================== per-round model

@@ -99,3 +99,45 @@ def test_host_counts_follow_the_host_code():
     assert cuda["custom_ops"] == 1 and cuda["aten_launching_ops"] >= 2 and "bmm" in cuda["ops"]
     tri = M.count_host("triton")
     assert tri["op_kernel_launches"] >= 3      # norms, Gram, greedy
+
+
+@pytest.mark.parametrize("method", ["mmr", "fps", "divprune"])
+def test_host_count_is_the_budget_count(method):
+    """The model's host term for the after kernels is the count tests/test_host_path.py holds to
+    its launch budget: the same call counted by that test's own code gives the same launches and
+    syncs, so the model and the budget cannot drift apart."""
+    _need_emulator()
+    import test_host_path as H
+
+    import mmrprune
+    from mmrprune.backends import cuda_emu_backend as emu
+
+    b, n, d, k = 2, 64, 32, 8
+    model = M.count_host("cuda", method=method, batch=b, n=n, d=d, k=k)
+    x, w = H._inputs(b, n, d)
+    module = H._Calls(emu.KERNELS.ext)
+    with H.accelerator_host_path(module.calls):
+        ops, launches, kernels, syncs = H._count(module, lambda: mmrprune.select(
+            x, None if method == "fps" else w, k=k, method=method, backend="cuda_emu", check_finite=False))
+    launches -= H._cpu_gram_cast(ops)
+    assert (model["aten_launching_ops"], model["op_kernel_launches"], model["host_syncs"]) == \
+        (launches, kernels, syncs), (model["ops"], dict(ops))
+    assert launches + kernels <= H.LAUNCH_BUDGET
+
+
+def test_records_charge_the_counted_launches(records):
+    """The after records' launches per call are the host count plus the emulator's kernels (the
+    count the budget test checks), and the before records' the committed count of 7ab7d9d."""
+    emu = {(r["kernels"], r["target"], r["method"], r["sim"]): r for r in M.load_emu_records()}
+    host = {b: M.count_host(b) for b in ("cuda", "triton")}
+    assert host["cuda"]["op_kernel_launches"] == emu[("after", "a", "mmr", "gram")]["kernel_launches"]
+    for r in records:
+        if r["kernels"] not in ("before", "after") or r["target"] not in ("a", "b"):
+            continue
+        h = host if r["kernels"] == "after" else M.HOST_BEFORE
+        if r["backend"] == "cuda":
+            want = h["cuda"]["aten_launching_ops"] + emu[(r["kernels"], r["target"], "mmr", "gram")]["kernel_launches"]
+        else:
+            want = h["triton"]["aten_launching_ops"] + h["triton"]["op_kernel_launches"]
+        assert r["launches_per_call"] == want, (r["target"], r["kernels"], r["backend"])
+        assert r["host_syncs_per_call"] == h[r["backend"]]["host_syncs"]
