@@ -212,3 +212,13 @@ def test_prepare_kernel_topk_unchecked_nan_gives_distinct_in_range_picks():
     for row in got.tolist():
         assert all(0 <= i < 37 for i in row) and len(set(row)) == 6, row
     assert got[0, :2].tolist() == [3, 30] and got[1].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_prepare_kernel_topk_other_importance_dtypes(wdtype):
+    """Importance of another dtype than fp32 (converted once, as the torch backend's compute
+    dtype does): the same picks; coarse values so that 16-bit ties are many."""
+    x, w = _pool_inputs(7, True)
+    w = (w + torch.rand(w.shape, generator=torch.Generator().manual_seed(7)) * 1e-2).to(wdtype)
+    got, want = _topk_both(x, w, 20)
+    assert torch.equal(got, want), (got.tolist(), want.tolist())

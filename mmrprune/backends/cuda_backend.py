@@ -32,8 +32,8 @@ Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
   workspace with the ``[B, Nmax, Nmax]`` Gram stays under ``WORKSPACE_LIMIT_BYTES``;
   ``sim="rows"``/``"gram"`` (``mmrprune.select``'s argument) overrides.
 
-float64 input goes to the torch backend (exact and already sync-free); ``d2pruner`` is not implemented here, so ``backend="auto"`` uses
-the Triton or torch backend for it.
+float64 input goes to the torch backend (exact and already sync-free); ``d2pruner`` is not
+implemented here, so ``backend="auto"`` uses the Triton or torch backend for it.
 
 The op has a fake (meta) implementation (:mod:`mmrprune.ops`), so ``torch.compile`` can trace
 through it.  With
