@@ -25,6 +25,7 @@ TARGETS = {"(c)": (64, 2691, 3584), "(d)": (1, 16384, 3584)}
 METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp", "topk")
 INDENT = "    "   # the table sits in a list item of docs/api.md
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 def need(target: str, method: str) -> int:
@@ -41,7 +42,8 @@ def table() -> str:
         cells = []
         for method in METHODS:
             nbytes = need(target, method)
-            cells.append(f"{nbytes / GiB:.2f} GiB" + (" (refused by default)" if nbytes > limit else ""))
+            size = f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB // 10 else f"{nbytes / MiB:.1f} MiB"   # topk's MiB
+            cells.append(size + (" (refused by default)" if nbytes > limit else ""))
         lines.append(f"| {target} B={b}, N={n}, D={d} | " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(INDENT + line for line in lines)

@@ -497,7 +497,8 @@ def test_divprune_first_from_gram_masks_padding_and_diagonal():
 
 def test_prepare_rejects_non_kernel_method():
     with pytest.raises(ValueError, match="no kernel"):
-        cb.prepare(_padded_request("topk"))
+        cb.prepare(validate(torch.randn(2, 8, 4), torch.rand(2, 8), k=2, keep_ratio=None, lam=0.5, method="d2pruner",
+                            lengths=None, method_params={"alpha": 1.0}).batch)
 
 
 # ----------------------------------------------------------------------------- custom op (fake path, CPU)

@@ -29,7 +29,7 @@ from mmrprune.backends import cuda_emu_backend as emu
 
 pytestmark = pytest.mark.skipif(not emu.status()[0], reason=f"backend cuda_emu unavailable: {emu.status()[1]}")
 
-FUSED = ["mmr", "fps", "hybrid", "divprune", "dpp"]
+FUSED = ["mmr", "fps", "hybrid", "divprune", "dpp", "topk"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -176,12 +176,41 @@ def test_unbuilt_module_reports_why(monkeypatch):
         emu.select(_tiny_batch())
 
 
-def test_float64_and_topk_take_the_cuda_backends_torch_fallback():
+def test_float64_takes_the_cuda_backends_torch_fallback():
     x = torch.randn(2, 30, 8, dtype=torch.float64)
     w = torch.rand(2, 30, dtype=torch.float64)
     for method in ("mmr", "topk"):
         assert torch.equal(_select(x, w, method, k=6), mmrprune.select(x, w, method=method, k=6, backend="torch",
                                                                        order="selection"))
+
+
+def test_topk_is_one_prepare_kernel_and_reports_no_rounds():
+    """topk on the kernel path: one launch (the prepare kernel's ranking), and no ``rounds`` in
+    the stats, as on the torch backend (the API reports rounds where a backend counts them; a
+    ranking has none)."""
+    x, w = torch.randn(2, 30, 8), torch.rand(2, 30)
+    before = emu.KERNELS.ext.launches()
+    out, stats = mmrprune.select(x, w, k=6, method="topk", backend="cuda_emu", return_stats=True)
+    assert emu.KERNELS.ext.launches() - before == 1
+    want, want_stats = mmrprune.select(x, w, k=6, method="topk", backend="torch", return_stats=True)
+    assert torch.equal(out, want) and stats == want_stats == {}
+
+
+def test_topk_op_clamps_budgets_and_refuses_a_similarity_source():
+    """The op itself: budgets past an image's length or k_max give -1 there, never a write past
+    the output; topk takes no Gram; the prepare op alone refuses topk (it writes picks)."""
+    w = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.3])
+    rows = torch.randn(6, 4)
+    starts, lengths = torch.tensor([0, 4]), torch.tensor([4, 2])
+    ks = torch.tensor([9, 1])
+    out, rounds = torch.ops.mmrprune.fused_greedy(rows, None, None, None, starts, lengths, ks, 3, 0.0, False,
+                                                  weights=w, score_kind="topk")
+    assert out.tolist() == [[1, 3, 2], [1, -1, -1]] and rounds.tolist() == [1, 1]   # local indices
+    with pytest.raises(ValueError, match="'topk' ranks the importance only"):
+        torch.ops.mmrprune.fused_greedy(rows, None, None, None, starts, lengths, ks, 3, 0.0, False,
+                                        gram=torch.zeros(2, 4, 4), weights=w, score_kind="topk")
+    with pytest.raises(ValueError, match="call mmrprune::fused_greedy"):
+        torch.ops.mmrprune._fused_prepare(rows, starts, lengths, None, w, "topk", 0, False, ks)
 
 
 def _tiny_batch():

@@ -140,3 +140,85 @@ def test_prepare_kernel_divprune_first_score_from_the_gram(packed, n):
     assert got[1, 0].item() == float("inf")      # a lone token
     # the norms the greedy kernel then reads are the diagonal's too
     assert torch.equal(call.inv_norm[idx][valid], inv[valid])
+
+
+def _topk_both(x, w, k, check_finite=True, **layout):
+    """topk on cuda_emu (the prepare kernel's ranking) and on the torch backend, selection order."""
+    emu = pytest.importorskip("mmrprune.backends.cuda_emu_backend")
+    if emu.KERNELS.ext is None:
+        pytest.skip(f"cuda_emu not built: {emu.KERNELS.import_error}")
+    import mmrprune
+    kw = dict(method="topk", order="selection", check_finite=check_finite, **layout)
+    if isinstance(k, float):
+        kw["keep_ratio"] = k
+    else:
+        kw["k"] = k
+    return mmrprune.select(x, w, backend="cuda_emu", **kw), mmrprune.select(x, w, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("k", [4, 25, 37, 60, 0.3])
+def test_prepare_kernel_topk_is_the_torch_backends_topk(k, ties, packed):
+    """topk on the kernel path: exactly the torch backend's picks (descending Imp, ties to the
+    lower index, -1 past each image's budget), padded and packed, empty and short images, budgets
+    that differ per image (keep_ratio 0.3), k >= N; with ties, also the float64 reference's."""
+    x, w = _pool_inputs(4, ties)
+    lengths = [37, 5, 0, 20]
+    if packed:
+        flat = torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+        wf = torch.cat([w[b, :n] for b, n in enumerate(lengths)])
+        cu = torch.tensor(np.cumsum([0] + lengths).tolist())
+        import mmrprune
+        kw = dict(method="topk", order="selection", **({"keep_ratio": k} if isinstance(k, float) else {"k": k}))
+        got, cu_got = mmrprune.select_varlen(flat, wf, cu, backend="cuda_emu", **kw)
+        want, cu_want = mmrprune.select_varlen(flat, wf, cu, backend="torch", **kw)
+        assert torch.equal(cu_got, cu_want) and torch.equal(got, want), (got.tolist(), want.tolist())
+        got = [got[cu_got[b]:cu_got[b + 1]] - cu[b] for b in range(len(lengths))]
+    else:
+        got, want = _topk_both(x, w, k, lengths=lengths)
+        assert torch.equal(got, want), (got.tolist(), want.tolist())
+        for b, row in enumerate(got):
+            kb = int((row >= 0).sum())
+            assert (row[kb:] == -1).all()
+        got = [row[row >= 0] for row in got]
+    kbs = [len(row) for row in got]
+    if isinstance(k, int):
+        assert kbs == [min(k, n) for n in lengths]
+    else:   # budgets per image
+        assert kbs[1] < kbs[3] < kbs[0] and kbs[2] == 0
+    for b, n in enumerate(lengths):
+        if ties and n:
+            np.testing.assert_array_equal(got[b].numpy(), R.select_topk(x[b, :n].double().numpy(),
+                                                                        w[b, :n].double().numpy(), kbs[b]))
+
+
+def test_prepare_kernel_topk_equal_and_absent_importance_go_in_index_order():
+    """Every token of equal importance, or no importance at all: the first k tokens, in order."""
+    x, _ = _pool_inputs(5, False)
+    for w in (None, torch.full((4, 37), 0.25)):
+        got, want = _topk_both(x, w, 9)
+        assert torch.equal(got, want) and got.tolist() == [list(range(9))] * 4
+
+
+def test_prepare_kernel_topk_unchecked_nan_gives_distinct_in_range_picks():
+    """check_finite=False with NaN importance: the contract's undefined but in-range, distinct
+    picks (the torch backend's NaN span makes every Imp of the image NaN, the kernel's min/max
+    skips NaN, so the two may differ); NaN tokens rank first in the kernel (prepare.h)."""
+    x, w = _pool_inputs(6, True)
+    w[0, [30, 3]] = float("nan")
+    w[1] = float("nan")
+    got, _ = _topk_both(x, w, 6, check_finite=False)
+    for row in got.tolist():
+        assert all(0 <= i < 37 for i in row) and len(set(row)) == 6, row
+    assert got[0, :2].tolist() == [3, 30] and got[1].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_prepare_kernel_topk_other_importance_dtypes(wdtype):
+    """Importance of another dtype than fp32 (converted once, as the torch backend's compute
+    dtype does): the same picks; coarse values so that 16-bit ties are many."""
+    x, w = _pool_inputs(7, True)
+    w = (w + torch.rand(w.shape, generator=torch.Generator().manual_seed(7)) * 1e-2).to(wdtype)
+    got, want = _topk_both(x, w, 20)
+    assert torch.equal(got, want), (got.tolist(), want.tolist())

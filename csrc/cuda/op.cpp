@@ -1,6 +1,7 @@
 // The fused greedy family as torch ops: mmrprune::fused_greedy (prepare kernel, then the Gram- or
-// row-mode greedy kernel) and mmrprune::_fused_prepare (the prepare kernel alone, for tests and
-// the emulator harness).  Schemas and fakes: mmrprune/ops.py.
+// row-mode greedy kernel; score_kind 'topk': the prepare kernel alone writes the picks) and
+// mmrprune::_fused_prepare (the prepare kernel alone, for tests and the emulator harness).
+// Schemas and fakes: mmrprune/ops.py.
 //
 // Tensors in, checked here once with TORCH_CHECK naming the argument; outputs and scratch from
 // at::empty on the input's device; the parameter structs of greedy.h / prepare.h filled once;
@@ -80,8 +81,9 @@ mc::ScoreKind score_kind_of(std::string_view kind) {
   if (kind == "zero") return mc::kScoreZero;
   if (kind == "pool") return mc::kScoreImpPool;
   if (kind == "divprune") return mc::kScoreDivPrune;
+  if (kind == "topk") return mc::kScoreTopk;
   TORCH_CHECK_VALUE(false, "mmrprune::fused_greedy: score_kind must be one of 'keep', 'imp', 'quality', 'zero', "
-                    "'pool', 'divprune', got '", kind, "'");
+                    "'pool', 'divprune', 'topk', got '", kind, "'");
 }
 
 int dtype_code(const Tensor& rows) {
@@ -139,6 +141,12 @@ struct Prepared {
   Tensor score, inv_norm, sqn, eligible, first_score;  // undefined where the prepare kernel wrote nothing
 };
 
+// kScoreTopk's outputs, the op's own (the other kinds leave them to the greedy kernel).
+struct TopkOut {
+  std::uintptr_t out = 0, rounds = 0;
+  int64_t k_max = 0;
+};
+
 // What the two score kinds that read more than the weights need: the hybrid pool's budgets and
 // lam; DivPrune's first score reads the Gram and the norms the kernel takes from its diagonal.
 void check_score_kind(mc::ScoreKind kind, const OptTensor& ks, double pool_lam, const OptTensor& gram,
@@ -150,12 +158,19 @@ void check_score_kind(mc::ScoreKind kind, const OptTensor& ks, double pool_lam, 
                     "'divprune' reads the Gram and the norms of its diagonal: pass gram and no inv_norm");
 }
 
+// Top-k is the importance ranking alone: the prepare kernel writes the picks, so no similarity
+// source (Gram, norms) and no greedy option applies.
+void check_topk(const OptTensor& gram, const OptTensor& inv_norm, const OptTensor& sqn, bool dpp) {
+  TORCH_CHECK_VALUE(!gram && !inv_norm && !sqn && !dpp, "mmrprune::fused_greedy: score_kind 'topk' ranks the "
+                    "importance only: pass no gram, inv_norm or sqn, and dpp=False");
+}
+
 // The prepare kernel: the per-row score (score_kind != keep) and, in Gram mode without the
 // caller's inv_norm, the inverse norms (and DPP's sqn) from the Gram's diagonal.  No launch when
 // there is nothing to compute.  Arguments checked by the caller.
 Prepared run_prepare(const Tensor& rows, const Tensor& starts, const Tensor& lengths, const OptTensor& gram,
                      int64_t ld, const OptTensor& weights, mc::ScoreKind kind, int64_t width, bool norms, bool dpp,
-                     const OptTensor& ks, double pool_lam, std::uintptr_t stream) {
+                     const OptTensor& ks, double pool_lam, std::uintptr_t stream, const TopkOut& topk = {}) {
   Prepared p;
   if (!norms && kind == mc::kScoreKeep) return p;
   const int64_t n_rows = rows.size(0);
@@ -179,10 +194,13 @@ Prepared run_prepare(const Tensor& rows, const Tensor& starts, const Tensor& len
   pp.weights = addr(weights);
   pp.score = p.score.defined() ? addr(p.score) : 0;
   pp.score_kind = kind;
-  pp.ks = kind == mc::kScoreImpPool ? addr(ks) : 0;
+  pp.ks = kind == mc::kScoreImpPool || kind == mc::kScoreTopk ? addr(ks) : 0;
   pp.lam = pool_lam;
   pp.eligible = p.eligible.defined() ? addr(p.eligible) : 0;
   pp.first_score = p.first_score.defined() ? addr(p.first_score) : 0;
+  pp.out = topk.out;
+  pp.rounds = topk.rounds;
+  pp.k_max = topk.k_max;
   pp.stream = stream;
   launched(mc::launch_prepare(pp));
   return p;
@@ -202,6 +220,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
   const mc::ScoreKind kind = score_kind_of(score_kind);
   TORCH_CHECK_VALUE(kind != mc::kScoreKeep || score, "mmrprune::fused_greedy: score_kind 'keep' needs a score");
   check_score_kind(kind, ks, pool_lam, gram, inv_norm);
+  if (kind == mc::kScoreTopk) check_topk(gram, inv_norm, sqn, dpp);
   check_optional(score, "score", at::kFloat, b.n_rows, rows);
   check_optional(weights, "weights", at::kFloat, b.n_rows, rows);
   check_optional(first_score, "first_score", at::kFloat, b.n_rows, rows);
@@ -226,6 +245,11 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
 
   const c10::OptionalDeviceGuard guard(kEmulator ? std::nullopt : std::make_optional(rows.device()));
   const std::uintptr_t stream = current_stream(rows.device());
+  if (kind == mc::kScoreTopk) {   // the selection is the prepare kernel's ranking: one launch
+    run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, false, false, ks, pool_lam, stream,
+                TopkOut{addr(out), addr(rounds), k_max});
+    return {out, rounds};
+  }
   const Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram && !inv_norm, dpp, ks,
                                  pool_lam, stream);
   const Tensor& row_score = p.score.defined() ? p.score : *score;
@@ -303,6 +327,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_prepare(const Tensor& r
   const mc::ScoreKind kind = score_kind_of(score_kind);
   check_optional(ks, "ks", at::kLong, b.bsz, rows);
   check_score_kind(kind, ks, pool_lam, gram, std::nullopt);
+  TORCH_CHECK_VALUE(kind != mc::kScoreTopk, "mmrprune::_fused_prepare: score_kind 'topk' writes the picks, not "
+                    "per-row values: call mmrprune::fused_greedy");
   if (b.bsz == 0 || b.n_rows == 0) return {};
   const c10::OptionalDeviceGuard guard(kEmulator ? std::nullopt : std::make_optional(rows.device()));
   Prepared p = run_prepare(rows, starts, lengths, gram, ld, weights, kind, width, gram.has_value(), dpp, ks, pool_lam,

@@ -146,8 +146,26 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(PrepareParams 
       score[start + i] = v;
     }
   }
-  if (kind != kScoreImpPool) return;
+  if (kind != kScoreImpPool && kind != kScoreTopk) return;
   __syncthreads();   // the ranking below reads scores other threads wrote
+  const float* imp = score + start;
+
+  if (kind == kScoreTopk) {   // the token of rank r goes to out[b, r]; ranks are distinct (ties by index)
+    std::int64_t size = reinterpret_cast<const std::int64_t*>(p.ks)[b];
+    size = size < len ? size : len;
+    size = size < p.k_max ? size : p.k_max;
+    size = size > 0 ? size : 0;
+    std::int64_t* out = reinterpret_cast<std::int64_t*>(p.out) + b * p.k_max;
+    for (std::int64_t i = tid; i < len; i += blockDim.x) {
+      const float v = imp[i];
+      std::int64_t before = 0;
+      for (std::int64_t j = 0; j < len && before < size; ++j) before += ranks_before(imp[j], j, v, i) ? 1 : 0;
+      if (before < size) out[before] = i;
+    }
+    for (std::int64_t r = size + tid; r < p.k_max; r += blockDim.x) out[r] = -1;
+    if (tid == 0) reinterpret_cast<std::int64_t*>(p.rounds)[b] = size > 0 ? 1 : 0;
+    return;
+  }
 
   // kScoreImpPool: a row is in the pool when fewer than pool_size rows of its image rank before it.
   const std::int64_t k = reinterpret_cast<const std::int64_t*>(p.ks)[b];
@@ -159,7 +177,6 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(PrepareParams 
     size = k > c ? k : c;
     size = size < len ? size : len;
   }
-  const float* imp = score + start;
   std::uint8_t* eligible = reinterpret_cast<std::uint8_t*>(p.eligible) + start;
   for (std::int64_t i = tid; i < n_rows; i += blockDim.x) {
     bool in_pool = i < len && size >= len;

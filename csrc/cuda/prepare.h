@@ -24,6 +24,11 @@ enum ScoreKind : int {
   // DivPrune in Gram mode: score 0 (as kScoreZero) and first_score[row] = 1 - max_{j != i, j < N_b}
   // (G_ij * inv_j) * inv_i from the Gram (+inf for a lone token), in that order of fp32 operations.
   kScoreDivPrune = 5,
+  // Top-k: Imp as kScoreImp, then out[b, r] = the token of rank r of image b for r < size(b) =
+  // min(k_b, N_b, k_max) (ranked as kScoreImpPool: the descending stable sort's order), -1 for
+  // size(b) <= r < k_max, and rounds[b] = 1 where size(b) > 0 (every pick in one pass), else 0.
+  // The selection itself: no greedy kernel follows.
+  kScoreTopk = 6,
 };
 
 // Image b owns rows starts[b] .. starts[b] + lengths[b] - 1 of every per-row array.
@@ -41,10 +46,12 @@ struct PrepareParams {
   std::uintptr_t weights = 0;               // [rows] fp32 raw importance, or 0 (none)
   std::uintptr_t score = 0;                 // [rows] fp32 out (kScoreKeep: not written)
   int score_kind = kScoreKeep;
-  std::uintptr_t ks = 0;                    // kScoreImpPool: [batch] int64 budgets
+  std::uintptr_t ks = 0;                    // kScoreImpPool, kScoreTopk: [batch] int64 budgets
   double lam = 0.0;                         // kScoreImpPool: the hybrid's lam (pool size)
   std::uintptr_t eligible = 0;              // kScoreImpPool: [rows] uint8 out
   std::uintptr_t first_score = 0;           // kScoreDivPrune: [rows] fp32 out (needs gram)
+  std::uintptr_t out = 0, rounds = 0;       // kScoreTopk: [batch, k_max] and [batch] int64 out
+  std::int64_t k_max = 0;                   // kScoreTopk: out's width
   std::uintptr_t stream = 0;
 };
 

@@ -17,7 +17,9 @@ implemented for CUDA tensors by ``mmrprune._cuda`` (for CPU tensors by its emula
 * ``divprune``: the first step's score ``1 - max_{j != i} sim(i, j)``, in Gram mode from the
   Gram by the prepare kernel, in row mode from torch's matmul (row blocks of the Gram, as the
   torch backend), then FPS;
-* ``dpp``: the quality ``q`` per row.
+* ``dpp``: the quality ``q`` per row;
+* ``topk``: no greedy kernel and no Gram: the prepare kernel ranks ``Imp`` per image (the
+  torch backend's descending stable sort) and writes the picks itself.
 
 Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
 
@@ -30,9 +32,8 @@ Two similarity sources (csrc/cuda/NOTES.md, "Gram mode"):
   workspace with the ``[B, Nmax, Nmax]`` Gram stays under ``WORKSPACE_LIMIT_BYTES``;
   ``sim="rows"``/``"gram"`` (``mmrprune.select``'s argument) overrides.
 
-``topk`` (a sort) and float64 input go to the torch backend (exact and already
-sync-free); ``d2pruner`` is not implemented here, so ``backend="auto"`` uses
-the Triton or torch backend for it.
+float64 input goes to the torch backend (exact and already sync-free); ``d2pruner`` is not
+implemented here, so ``backend="auto"`` uses the Triton or torch backend for it.
 
 The op has a fake (meta) implementation (:mod:`mmrprune.ops`), so ``torch.compile`` can trace
 through it.  With
@@ -63,8 +64,9 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _ext = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-KERNEL_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")
-METHODS = KERNEL_METHODS + ("topk",)          # topk: torch sort (no kernel needed)
+GREEDY_METHODS = ("mmr", "fps", "hybrid", "divprune", "dpp")   # the greedy kernels (they count rounds)
+KERNEL_METHODS = GREEDY_METHODS + ("topk",)   # topk: the prepare kernel's ranking alone
+METHODS = KERNEL_METHODS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes to the torch backend
 # Gram mode is used while the call's whole workspace (Gram included) stays within this bound,
 # so that the Gram never decides whether a call fits in memory: long images (N = 32,768: a
@@ -83,6 +85,7 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
                     gram: bool = False, packed_elem_bytes: int = 0) -> int:
     """Device memory this backend allocates for one call, beyond the input (bytes).
 
+    topk: its fp32 Imp per row (4) and the output, nothing else.
     Per row: inv_norm (4), running state m or d^2 (4), taken flag (1), fp32 Imp/q (4);
     hybrid adds the pool mask (1); divprune adds its first score (4) plus, in row mode,
     torch's fp32 normalised copy [B, n_max, D] and one Gram row block
@@ -94,6 +97,8 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
     The output is [B, k_max] int64.  :func:`call_workspace_bytes` adds the copies that
     depend on the input's layout and device.
     """
+    if method == "topk":
+        return rows * 4 + batch * k_max * 8
     per_row = 4 + 4 + 1 + 4
     extra = 0
     full_gram = gram_bytes(batch, n_max)
@@ -113,8 +118,7 @@ def workspace_bytes(method: str, batch: int, rows: int, dim: int, k_max: int, n_
 
 
 def runs_kernel(batch: SelectionBatch) -> bool:
-    """True when the fused kernel runs ``batch``; topk (a sort) and float64 input go to the
-    torch backend."""
+    """True when the fused kernels run ``batch``; float64 input goes to the torch backend."""
     return batch.method in KERNEL_METHODS and batch.features.dtype in KERNEL_DTYPES
 
 
@@ -168,7 +172,7 @@ def use_gram(method: str, batch: int, rows: int, dim: int, k_max: int, n_max: in
     memory), ``sim="rows"`` forces row mode.  Precision is not a heuristic: fp32 input uses Gram
     mode only while TF32 matmuls are off (torch's default), even when forced.
     """
-    if method not in KERNEL_METHODS:
+    if method not in GREEDY_METHODS:   # topk reads no similarity
         return False
     if dtype == torch.float32 and tf32_matmul_enabled():
         return False
@@ -253,8 +257,9 @@ class KernelCall:
 
 
 # What the prepare kernel writes (csrc/cuda/prepare.h, ScoreKind): "pool" is Imp plus the
-# hybrid's pool (eligible), "divprune" is a zero score plus DivPrune's first score from the Gram.
-SCORE_KINDS = ("keep", "imp", "quality", "zero", "pool", "divprune")
+# hybrid's pool (eligible), "divprune" is a zero score plus DivPrune's first score from the Gram,
+# "topk" is Imp ranked into the picks themselves (the op then runs no greedy kernel).
+SCORE_KINDS = ("keep", "imp", "quality", "zero", "pool", "divprune", "topk")
 
 
 def _weights_rows(batch: SelectionBatch) -> Optional[torch.Tensor]:
@@ -270,7 +275,8 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
 
     No torch op beyond the Gram product (Gram mode): scores, norms, hybrid's pool and DivPrune's
     first score come from the launch's prepare kernel, except row-mode DivPrune's first score
-    (torch ops over row blocks, :func:`mmrprune.prepare.divprune_first_rows`)."""
+    (torch ops over row blocks, :func:`mmrprune.prepare.divprune_first_rows`).  topk: no Gram;
+    the prepare kernel's ranking is the selection."""
     method = batch.method
     if method not in KERNEL_METHODS:
         raise ValueError(f"cuda kernel: method {method!r} has no kernel (kernel methods: {list(KERNEL_METHODS)})")
@@ -282,6 +288,9 @@ def prepare(batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] =
                       lam=0.0, dpp=method == "dpp",
                       width=0 if batch.packed else int(batch.features.shape[1]),
                       max_round=0 if max_round is None else int(max_round))
+    if method == "topk":
+        call.score_kind, call.weights = "topk", _weights_rows(batch)
+        return call
     n_max = gram_n_max(batch, sim)
     if n_max is not None and use_gram(method, batch.batch_size, rows.shape[0], batch.dim, call.k_max, n_max,
                                       batch.features.dtype, packed=batch.packed, sim=sim):
@@ -357,13 +366,16 @@ class FusedGreedy:
 
     def select(self, batch: SelectionBatch, sim: str = "auto", max_round: Optional[int] = None):
         """``[B, k_max]`` local indices in selection order, -1 past each image's budget; from the
-        kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one per pick).
+        greedy kernels also ``{"rounds": [B]}``, the sequential rounds each image ran (DPP: one
+        per pick; topk runs none and reports none).
         ``sim``, ``max_round``: :func:`prepare`'s (the torch fallback has no such choice)."""
         if not runs_kernel(batch):
-            return _tb.select(batch)   # topk (a sort), float64 input
+            return _tb.select(batch)   # float64 input
         if self.ext is None:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         call = prepare(batch, sim, max_round)
+        if call.score_kind == "topk":   # one ranking pass, no sequential rounds: no "rounds" to report
+            return torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE)[0]
         if call.dpp:   # one pick per round: counted from the picks only when the stats are read
             out, _ = torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE, dpp_rounds=False)
             return out, _LazyStats(rounds=lambda: (out >= 0).sum(dim=1))
