@@ -353,9 +353,12 @@ __device__ __forceinline__ float key_score(unsigned k) {
 // written by lane 0 to (dst_s, dst_i) (kNoPick past the last real entry).  Each pop is two warp
 // reductions (REDUX), not a 5-level shuffle butterfly: the greatest score key, then the smallest
 // index among the lanes holding it; the winner's lane pops its head (token indices are unique
-// across lanes).  Returns the number of real entries written (uniform over the warp).
-__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops) {
-  int got = 0;
+// across lanes) and calls on_pop(q, h, index) for it: pop q of the merge, the h-th entry that
+// lane pops.  Returns the number of real entries written (uniform over the warp).
+template <class OnPop>
+__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops,
+                                              OnPop on_pop) {
+  int got = 0, head = 0;
 #pragma unroll 1
   for (int q = 0; q < pops; ++q) {
     const unsigned key = score_key(ts[0]);
@@ -376,6 +379,8 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
     }
     ++got;
     if (ti[0] == bi) {
+      on_pop(q, head, bi);
+      ++head;
 #pragma unroll
       for (int j = 0; j + 1 < kMaxRound; ++j) {
         ts[j] = ts[j + 1];
@@ -388,47 +393,19 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
   return got;
 }
 
-// warp_merge_top that also writes a value per popped entry: the lane that pops its head, the
-// h-th entry it pops, writes dst_m[q] = m_of(h, index) (dst_m[q] for q >= the returned count is
-// not written; visible to the warp after a __syncwarp).  The cluster kernel carries each
-// candidate's m this way, so that the commit check of another CTA never reads the owner's live
-// state.  (A register array of the values, shifted with the list, made ptxas spill at the cap.)
+__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops) {
+  return warp_merge_top(ts, ti, dst_s, dst_i, lane, pops, [](int, int, int) {});
+}
+
+// warp_merge_top that also writes a value per popped entry: dst_m[q] = m_of(h, index) (dst_m[q]
+// for q >= the returned count is not written; visible to the warp after a __syncwarp).  The
+// cluster kernel carries each candidate's m this way, so that the commit check of another CTA
+// never reads the owner's live state.  (A register array of the values, shifted with the list,
+// made ptxas spill at the cap.)
 template <class MOf>
 __device__ __forceinline__ int warp_merge_top_m(float* ts, int* ti, float* dst_s, int* dst_i, float* dst_m,
                                                 int lane, int pops, MOf m_of) {
-  int got = 0, head = 0;
-#pragma unroll 1
-  for (int q = 0; q < pops; ++q) {
-    const unsigned key = score_key(ts[0]);
-    const unsigned best = __reduce_max_sync(kFullMask, key);
-    const int bi = static_cast<int>(
-        __reduce_min_sync(kFullMask, key == best ? static_cast<unsigned>(ti[0]) : 0xffffffffu));
-    if (lane == 0) {
-      dst_s[q] = key_score(best);
-      dst_i[q] = bi;
-    }
-    if (bi == kNoPick) {
-      if (lane == 0)
-        for (int u = q + 1; u < pops; ++u) {
-          dst_s[u] = -INFINITY;
-          dst_i[u] = kNoPick;
-        }
-      break;
-    }
-    ++got;
-    if (ti[0] == bi) {
-      dst_m[q] = m_of(head, bi);
-      ++head;
-#pragma unroll
-      for (int j = 0; j + 1 < kMaxRound; ++j) {
-        ts[j] = ts[j + 1];
-        ti[j] = ti[j + 1];
-      }
-      ts[kMaxRound - 1] = -INFINITY;
-      ti[kMaxRound - 1] = kNoPick;
-    }
-  }
-  return got;
+  return warp_merge_top(ts, ti, dst_s, dst_i, lane, pops, [&](int q, int h, int i) { dst_m[q] = m_of(h, i); });
 }
 
 // Lane l of a warp takes list l's first `cap` entries (src_s / src_i, already offset to list l;
