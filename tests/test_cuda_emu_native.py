@@ -62,7 +62,7 @@ MUTATIONS = {
                                      ["dpp-row-bf16"]),
     # a round commits its candidates without the check sim(c_j, c_l) <= m_{c_j} (Gram mode, row mode)
     "round_commit_unchecked_gram": (
-        "fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m[c]);",
+        "fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m_of(j, c));",
         "fails = false;", None, ["divprune-gram-bf16-smem", "hybrid-gram-f16-global"]),
     "round_commit_unchecked_row": ("if (lane == 0) pair_ok[q] = dot * inv_b[c] <= m[c] ? 1 : 0;",
                                    "if (lane == 0) pair_ok[q] = 1;", None, ["mmr-row-f32", "fps-row-f32-misaligned"]),

@@ -353,9 +353,12 @@ __device__ __forceinline__ float key_score(unsigned k) {
 // written by lane 0 to (dst_s, dst_i) (kNoPick past the last real entry).  Each pop is two warp
 // reductions (REDUX), not a 5-level shuffle butterfly: the greatest score key, then the smallest
 // index among the lanes holding it; the winner's lane pops its head (token indices are unique
-// across lanes).  Returns the number of real entries written (uniform over the warp).
-__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops) {
-  int got = 0;
+// across lanes) and calls on_pop(q, h, index) for it: pop q of the merge, the h-th entry that
+// lane pops.  Returns the number of real entries written (uniform over the warp).
+template <class OnPop>
+__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops,
+                                              OnPop on_pop) {
+  int got = 0, head = 0;
 #pragma unroll 1
   for (int q = 0; q < pops; ++q) {
     const unsigned key = score_key(ts[0]);
@@ -376,6 +379,8 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
     }
     ++got;
     if (ti[0] == bi) {
+      on_pop(q, head, bi);
+      ++head;
 #pragma unroll
       for (int j = 0; j + 1 < kMaxRound; ++j) {
         ts[j] = ts[j + 1];
@@ -388,47 +393,87 @@ __device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, 
   return got;
 }
 
-// warp_merge_top that also writes a value per popped entry: the lane that pops its head, the
-// h-th entry it pops, writes dst_m[q] = m_of(h, index) (dst_m[q] for q >= the returned count is
-// not written; visible to the warp after a __syncwarp).  The cluster kernel carries each
-// candidate's m this way, so that the commit check of another CTA never reads the owner's live
-// state.  (A register array of the values, shifted with the list, made ptxas spill at the cap.)
+__device__ __forceinline__ int warp_merge_top(float* ts, int* ti, float* dst_s, int* dst_i, int lane, int pops) {
+  return warp_merge_top(ts, ti, dst_s, dst_i, lane, pops, [](int, int, int) {});
+}
+
+// warp_merge_top that also writes a value per popped entry: dst_m[q] = m_of(h, index) (dst_m[q]
+// for q >= the returned count is not written; visible to the warp after a __syncwarp).  The
+// cluster kernel carries each candidate's m this way, so that the commit check of another CTA
+// never reads the owner's live state.  (A register array of the values, shifted with the list,
+// made ptxas spill at the cap.)
 template <class MOf>
 __device__ __forceinline__ int warp_merge_top_m(float* ts, int* ti, float* dst_s, int* dst_i, float* dst_m,
                                                 int lane, int pops, MOf m_of) {
-  int got = 0, head = 0;
-#pragma unroll 1
-  for (int q = 0; q < pops; ++q) {
-    const unsigned key = score_key(ts[0]);
-    const unsigned best = __reduce_max_sync(kFullMask, key);
-    const int bi = static_cast<int>(
-        __reduce_min_sync(kFullMask, key == best ? static_cast<unsigned>(ti[0]) : 0xffffffffu));
-    if (lane == 0) {
-      dst_s[q] = key_score(best);
-      dst_i[q] = bi;
-    }
-    if (bi == kNoPick) {
-      if (lane == 0)
-        for (int u = q + 1; u < pops; ++u) {
-          dst_s[u] = -INFINITY;
-          dst_i[u] = kNoPick;
-        }
-      break;
-    }
-    ++got;
-    if (ti[0] == bi) {
-      dst_m[q] = m_of(head, bi);
-      ++head;
+  return warp_merge_top(ts, ti, dst_s, dst_i, lane, pops, [&](int q, int h, int i) { dst_m[q] = m_of(h, i); });
+}
+
+// Lane l of a warp takes list l's first `cap` entries (src_s / src_i, already offset to list l;
+// nothing when !present), ready for warp_merge_top.
+__device__ __forceinline__ void load_list(float* ts, int* ti, const float* src_s, const int* src_i, bool present,
+                                          int cap) {
 #pragma unroll
-      for (int j = 0; j + 1 < kMaxRound; ++j) {
-        ts[j] = ts[j + 1];
-        ti[j] = ti[j + 1];
-      }
-      ts[kMaxRound - 1] = -INFINITY;
-      ti[kMaxRound - 1] = kNoPick;
-    }
+  for (int j = 0; j < kMaxRound; ++j) {
+    const bool in = present && j < cap;
+    ts[j] = in ? src_s[j] : -INFINITY;
+    ti[j] = in ? src_i[j] : kNoPick;
   }
-  return got;
+}
+
+// Gram mode, warp 0 once the round's `valid` candidates are in cand_i: stages each candidate's
+// Gram row offset and inverse norm for the state update (cand_row, cand_inv: visible after the
+// next barrier) and returns, in every lane, how many candidates commit.  c_j joins while
+// sim(c_j, c_l) <= m_of(j, c_j) for every earlier c_l of the round, m_of(j, c) being the m of
+// candidate j (token c) that the check may read.
+template <class MOf>
+__device__ __forceinline__ int gram_commit_round(const float* __restrict__ gram_b, std::int64_t ld,
+                                                 const float* __restrict__ inv_b, const int* cand_i,
+                                                 std::int64_t* cand_row, float* cand_inv, int valid, int lane,
+                                                 MOf m_of) {
+  if (lane < valid) {
+    const int c = cand_i[lane];
+    cand_row[lane] = static_cast<std::int64_t>(c) * ld;
+    cand_inv[lane] = inv_b[c];
+  }
+  if (valid <= 1) return valid;
+  // pair q = j (j - 1) / 2 + l (l < j < valid) on lane q, all loads at once; the first failing
+  // pair in q order has the smallest j, which is the number of candidates that commit.
+  int j = 1, base = 0;
+  while (base + j <= lane) {
+    base += j;
+    ++j;
+  }
+  const int l = lane - base;
+  bool fails = false;
+  if (j < valid) {
+    const int c = cand_i[j], cl = cand_i[l];
+    fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m_of(j, c));
+  }
+  const unsigned failed = __ballot_sync(kFullMask, fails);
+  if (failed == 0u) return valid;
+  const int q = __ffs(static_cast<int>(failed)) - 1;
+  int jq = 1, bq = 0;
+  while (bq + jq <= q) {
+    bq += jq;
+    ++jq;
+  }
+  return jq;
+}
+
+// Gram mode: token i's m after the round's r committed picks, from its m before them (mi) and
+// the picks' staged row offsets and inverse norms.  The loop over picks is unrolled and
+// predicated, so the r Gram reads are all in flight before the first use.
+__device__ __forceinline__ float gram_round_m(const float* __restrict__ gram_b, const float* __restrict__ inv_b,
+                                              const std::int64_t* cand_row, const float* cand_inv, int r, int i,
+                                              float mi) {
+  const float ii = inv_b[i];
+  float g[kMaxRound];
+#pragma unroll
+  for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxRound; ++j)
+    if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
+  return mi;
 }
 
 // MMR / FPS / hybrid / DivPrune in exact rounds (reference.select_rounds).
@@ -561,47 +606,14 @@ __device__ __forceinline__ void maxsim_body(
     if (kGram) warp_merge_top(ts, ti, warp_ls, warp_li, lane, cap);
     __syncthreads();
     if (warp == 0) {
-#pragma unroll
-      for (int j = 0; j < kMaxRound; ++j) {
-        const bool in = lane < nwarps && j < cap;
-        ts[j] = in ? list_s[lane * kMaxRound + j] : -INFINITY;
-        ti[j] = in ? list_i[lane * kMaxRound + j] : kNoPick;
-      }
+      load_list(ts, ti, list_s + lane * kMaxRound, list_i + lane * kMaxRound, lane < nwarps, cap);
       __syncwarp();  // every lane's reads are done before lane 0 overwrites list_s[0 ..)
       const int valid = warp_merge_top(ts, ti, list_s, cand_i, lane, cap);  // warp 0's own list was read above
       __syncwarp();  // cand_i visible to the warp
-      if (kGram && lane < valid) {  // read by the update after the barrier below
-        const int c = cand_i[lane];
-        cand_row[lane] = static_cast<std::int64_t>(c) * ld;
-        cand_inv[lane] = inv_b[c];
-      }
-      int r = valid;
-      if (kGram && valid > 1) {
-        // sim(c_j, c_l) <= m_{c_j} for every earlier c_l of the round: pair q = j (j - 1) / 2 + l
-        // (l < j < valid) on lane q, all loads at once; the first failing pair in q order has the
-        // smallest j, which is the number of candidates that commit.
-        int j = 1, base = 0;
-        while (base + j <= lane) {
-          base += j;
-          ++j;
-        }
-        const int l = lane - base;
-        bool fails = false;
-        if (j < valid) {
-          const int c = cand_i[j], cl = cand_i[l];
-          fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <= m[c]);
-        }
-        const unsigned failed = __ballot_sync(kFullMask, fails);
-        if (failed != 0u) {
-          const int q = __ffs(static_cast<int>(failed)) - 1;
-          int jq = 1, bq = 0;
-          while (bq + jq <= q) {
-            bq += jq;
-            ++jq;
-          }
-          r = jq;
-        }
-      }
+      int r = valid;  // row mode: the block checks the pairs after the barrier below
+      if (kGram)  // m_{c_j} is read before the barrier that ends the reduction
+        r = gram_commit_round(gram_b, ld, inv_b, cand_i, cand_row, cand_inv, valid, lane,
+                              [&](int, int c) { return m[c]; });
       if (lane == 0) round_n[0] = r;
     }
     __syncthreads();
@@ -672,14 +684,7 @@ __device__ __forceinline__ void maxsim_body(
       for (int s = 0; s < (kReg ? kOwn : 1); ++s) {
         const int i = tid + s * static_cast<int>(nthreads);
         if ((own_taken >> s) & 1u) continue;
-        float mi = own_m[s];
-        const float ii = inv_b[i];
-        float g[kMaxRound];
-#pragma unroll
-        for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
-#pragma unroll
-        for (int j = 0; j < kMaxRound; ++j)
-          if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
+        const float mi = gram_round_m(gram_b, inv_b, cand_row, cand_inv, r, i, own_m[s]);
         own_m[s] = mi;
         m[i] = mi;  // for the commit check of a later round (warp 0 reads it)
         top_insert(__fsub_rn(__fmul_rn(lam, own_imp[s]), __fmul_rn(omlam, mi)), i, ts, ti);
@@ -687,18 +692,10 @@ __device__ __forceinline__ void maxsim_body(
     } else if (kGram) {
       top_clear(ts, ti);
       // Gram mode: the picks' row offsets and norms come from shared memory (written once by
-      // warp 0); the loop over picks is unrolled and predicated, so a token's r Gram reads are all
-      // in flight at once.  (Register arrays of them made ptxas spill at the 64-register cap.)
+      // warp 0); register arrays of them made ptxas spill at the 64-register cap.
       for (int i = tid; i < n; i += nthreads) {
         if (taken[i]) continue;
-        float mi = m[i];
-        const float ii = inv_b[i];
-        float g[kMaxRound];  // every load issued before the first use
-#pragma unroll
-        for (int j = 0; j < kMaxRound; ++j) g[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
-#pragma unroll
-        for (int j = 0; j < kMaxRound; ++j)
-          if (j < r) mi = fmaxf(mi, __fmul_rn(g[j] * cand_inv[j], ii));
+        const float mi = gram_round_m(gram_b, inv_b, cand_row, cand_inv, r, i, m[i]);
         m[i] = mi;
         // no contraction into an FMA: same rounding as the torch backend's two products
         top_insert(__fsub_rn(__fmul_rn(lam, imp_b[i]), __fmul_rn(omlam, mi)), i, ts, ti);
@@ -852,12 +849,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_cluster_ker
     warp_merge_top(ts, ti, warp_ls, warp_li, lane, cap);
     __syncthreads();
     if (warp == 0) {  // this CTA's best `cap`, with their m, to the exchange buffer
-#pragma unroll
-      for (int j = 0; j < kMaxRound; ++j) {
-        const bool in = lane < nwarps && j < cap;
-        ts[j] = in ? list_s[lane * kMaxRound + j] : -INFINITY;
-        ti[j] = in ? list_i[lane * kMaxRound + j] : kNoPick;
-      }
+      load_list(ts, ti, list_s + lane * kMaxRound, list_i + lane * kMaxRound, lane < nwarps, cap);
       // a listed token i is this CTA's: slot i / T, local index (i % T) - rank * cta_threads + slot * cta_threads
       warp_merge_top_m(ts, ti, xch_s[par], xch_i[par], xch_m[par], lane, cap, [&](int, int i) {
         return m_loc[(i % T) - rank * cta_threads + (i / T) * cta_threads];
@@ -867,50 +859,15 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_cluster_ker
     if (warp == 0) {
       const int src = lane < csize ? lane : rank;  // lanes past the cluster read nothing remote
       const float* rm = cluster.map_shared_rank(&xch_m[par][0], src);
-      {
-        const float* rs = cluster.map_shared_rank(&xch_s[par][0], src);
-        const int* ri = cluster.map_shared_rank(&xch_i[par][0], src);
-#pragma unroll
-        for (int j = 0; j < kMaxRound; ++j) {
-          const bool in = lane < csize && j < cap;
-          ts[j] = in ? rs[j] : -INFINITY;
-          ti[j] = in ? ri[j] : kNoPick;
-        }
-      }
+      load_list(ts, ti, cluster.map_shared_rank(&xch_s[par][0], src), cluster.map_shared_rank(&xch_i[par][0], src),
+                lane < csize, cap);
       // lane l pops CTA l's list in order: its h-th pop is that list's entry h
       const int valid =
           warp_merge_top_m(ts, ti, list_s, cand_i, cand_m, lane, cap, [&](int h, int) { return rm[h]; });
       __syncwarp();  // cand_i, cand_m visible to the warp
-      if (lane < valid) {
-        const int c = cand_i[lane];
-        cand_row[lane] = static_cast<std::int64_t>(c) * ld;
-        cand_inv[lane] = inv_b[c];
-      }
-      int r = valid;
-      if (valid > 1) {  // the commit check of maxsim_body, on the carried m_{c_j}
-        int j = 1, base = 0;
-        while (base + j <= lane) {
-          base += j;
-          ++j;
-        }
-        const int l = lane - base;
-        bool fails = false;
-        if (j < valid) {
-          const int c = cand_i[j], cl = cand_i[l];
-          fails = !(__fmul_rn(__ldg(gram_b + static_cast<std::int64_t>(cl) * ld + c) * inv_b[cl], inv_b[c]) <=
-                    cand_m[j]);
-        }
-        const unsigned failed = __ballot_sync(kFullMask, fails);
-        if (failed != 0u) {
-          const int q = __ffs(static_cast<int>(failed)) - 1;
-          int jq = 1, bq = 0;
-          while (bq + jq <= q) {
-            bq += jq;
-            ++jq;
-          }
-          r = jq;
-        }
-      }
+      // the commit check of maxsim_body, on the carried m_{c_j}
+      const int r = gram_commit_round(gram_b, ld, inv_b, cand_i, cand_row, cand_inv, valid, lane,
+                                      [&](int j, int) { return cand_m[j]; });
       if (lane == 0) round_n[0] = r;
     }
     __syncthreads();
@@ -938,14 +895,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_cluster_ker
     for (int s = 0; s < kOwn; ++s) {
       const int i = g_self + s * T;
       if ((own_taken >> s) & 1u) continue;
-      float mi = own_m[s];
-      const float ii = inv_b[i];
-      float gv[kMaxRound];
-#pragma unroll
-      for (int j = 0; j < kMaxRound; ++j) gv[j] = j < r ? __ldg(gram_b + cand_row[j] + i) : 0.f;
-#pragma unroll
-      for (int j = 0; j < kMaxRound; ++j)
-        if (j < r) mi = fmaxf(mi, __fmul_rn(gv[j] * cand_inv[j], ii));
+      const float mi = gram_round_m(gram_b, inv_b, cand_row, cand_inv, r, i, own_m[s]);
       own_m[s] = mi;
       m_loc[tid + s * cta_threads] = mi;
       top_insert(__fsub_rn(__fmul_rn(lam, own_imp[s]), __fmul_rn(omlam, mi)), i, ts, ti);
