@@ -108,6 +108,34 @@ __device__ __forceinline__ std::int64_t xs_pos(std::int64_t d, std::int64_t dim)
   return (g << 8) + ((w >> 2) & 1) * gsize * 4 + (w >> 3) * 4 + (w & 3);
 }
 
+// Where lane `lane` finds, in a row staged by xs_pos, the V floats of vector c (c % 32 == lane) of
+// a row of nv vectors: one float4 at o0 and, for V = 8, one at o1 (each half of the 32-vector group).
+template <int V>
+__device__ __forceinline__ void xs_offsets(std::int64_t c, std::int64_t nv, int lane, std::int64_t& o0,
+                                           std::int64_t& o1) {
+  if (V == 8) {
+    const std::int64_t g = c >> 5;
+    const std::int64_t left = nv - (g << 5);
+    const int gsize = left < 32 ? static_cast<int>(left) : 32;
+    o0 = (g << 8) + lane * 4;
+    o1 = o0 + gsize * 4;
+  } else {
+    o0 = c * 4;
+    o1 = o0;
+  }
+}
+
+// The V staged floats at (o0, o1) of xs_offsets, in d order.
+template <int V>
+__device__ __forceinline__ void load_xs(const float* xq, std::int64_t o0, std::int64_t o1, float* s) {
+  const float4 a = *reinterpret_cast<const float4*>(xq + o0);
+  s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
+  if (V == 8) {
+    const float4 b = *reinterpret_cast<const float4*>(xq + o1);
+    s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
+  }
+}
+
 // sum_d row[d] * xs[d] over the warp (fp32 accumulation, in d order per lane); all lanes get the
 // result.  xs is laid out by xs_pos.
 template <typename T, bool kVec>
@@ -123,18 +151,10 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ row, const float
       const uint4 u = __ldg(r4 + c);
       float f[V];
       Pack<T>::unpack(u, f);
+      std::int64_t o0, o1;
+      xs_offsets<V>(c, nv, lane, o0, o1);
       float s[8];
-      if (V == 8) {  // c % 32 == lane: this lane's float4 in each half of the group (xs_pos)
-        const std::int64_t g = c >> 5;
-        const std::int64_t left = nv - (g << 5);
-        const int gsize = left < 32 ? static_cast<int>(left) : 32;
-        const float4 a = *reinterpret_cast<const float4*>(xs + (g << 8) + lane * 4);
-        const float4 b = *reinterpret_cast<const float4*>(xs + (g << 8) + gsize * 4 + lane * 4);
-        s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w, s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
-      } else {
-        const float4 a = *reinterpret_cast<const float4*>(xs + c * 4);
-        s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
-      }
+      load_xs<V>(xs, o0, o1, s);
 #pragma unroll
       for (int j = 0; j < V; ++j) acc = fmaf(f[j], s[j], acc);
     }
@@ -165,27 +185,12 @@ __device__ __forceinline__ void warp_dots(const T* __restrict__ row, const float
       float f[V];
       Pack<T>::unpack(u, f);
       std::int64_t o0, o1;  // this lane's float4 offsets within a staged row (xs_pos)
-      if (V == 8) {
-        const std::int64_t g = c >> 5;
-        const std::int64_t left = nv - (g << 5);
-        const int gsize = left < 32 ? static_cast<int>(left) : 32;
-        o0 = (g << 8) + lane * 4;
-        o1 = o0 + gsize * 4;
-      } else {
-        o0 = c * 4;
-        o1 = o0;
-      }
+      xs_offsets<V>(c, nv, lane, o0, o1);
 #pragma unroll
       for (int q = 0; q < B; ++q) {
         if (q < nb) {
-          const float* xq = xs + static_cast<std::int64_t>(q) * dim;
-          const float4 a = *reinterpret_cast<const float4*>(xq + o0);
           float s[8];
-          s[0] = a.x, s[1] = a.y, s[2] = a.z, s[3] = a.w;
-          if (V == 8) {
-            const float4 b = *reinterpret_cast<const float4*>(xq + o1);
-            s[4] = b.x, s[5] = b.y, s[6] = b.z, s[7] = b.w;
-          }
+          load_xs<V>(xs + static_cast<std::int64_t>(q) * dim, o0, o1, s);
 #pragma unroll
           for (int j = 0; j < V; ++j) acc[q] = fmaf(f[j], s[j], acc[q]);
         }
