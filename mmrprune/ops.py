@@ -23,7 +23,7 @@ indices in selection order, -1 past ``ks[b]``.  They check their arguments in C+
 ``ValueError``/``TypeError`` naming the argument).
 
 Version floor: ``torch.library.register_fake`` arrived in torch 2.4 and ``triton_op`` /
-``wrap_triton`` in 2.6, so setup.py requires ``torch>=2.6``.
+``wrap_triton`` in 2.6, so pyproject.toml requires ``torch>=2.6``.
 """
 from __future__ import annotations
 
