@@ -56,6 +56,12 @@ def _label(mangled: str) -> tuple:
     if m:  # several CTAs per image (sm_90; an empty body on sm_80): its figure is (d)'s 16 CTAs of 1024
         # threads (at (b) 3 of 928), m of kOwn slots per thread in dynamic shared memory
         return f"greedy_maxsim_gram_cluster_kernel<own={m.group(1)}>", 1024, int(m.group(1)) * 1024 * 4
+    m = re.search(r"greedy_dpp_gram_cluster_kernelILb([01])E", mangled)
+    if m:  # several CTAs per image (sm_90; empty on sm_80): (b)'s 11 CTAs, so c_smem=1 holds (a)'s
+        # 3 CTAs' shares of the rows (rows in shared memory do not fit at (b)); + the staged row
+        k_b = round(N_B * 0.25)
+        dyn = (K_A + -(-N_A // 3) * K_A) * 4 if m.group(1) == "1" else k_b * 4
+        return f"greedy_dpp_gram_cluster_kernel<c_smem={m.group(1)}>", 512, dyn
     m = re.search(r"greedy_dpp_gram_kernelILb([01])E", mangled)
     if m:  # Cholesky rows in shared memory (c_smem=1): they do not fit at (b), so its figure is (a)'s
         return f"greedy_dpp_gram_kernel<c_smem={m.group(1)}>", 512, N_A * K_A * 4 if m.group(1) == "1" else 0

@@ -103,7 +103,8 @@ def test_committed_ptxas_record_is_current(compiled):
         pytest.skip(f"record made with nvcc {committed[0]['nvcc']}, this is {fresh[0]['nvcc']}")
     key = ("arch", "kernel", "regs", "stack", "spill_st", "spill_ld", "smem_static", "occupancy")
     assert [[r[k] for k in key] for r in fresh] == [[r[k] for k in key] for r in committed]
-    assert len(fresh) == 2 * (6 * 3 + 4 + 2 + 1)   # per arch: 3 row kernels x 6 variants, 4 + 2 Gram kernels (one of them the cluster kernel), prepare
+    # per arch: 3 row kernels x 6 variants, 4 maxsim + 4 DPP Gram kernels (one / two of them cluster kernels), prepare
+    assert len(fresh) == 2 * (6 * 3 + 4 + 4 + 1)
 
 
 def test_ptxas_check_fails_on_a_spilling_kernel(tmp_path):

@@ -40,7 +40,7 @@ constexpr float kDppEps = 1e-6f;     // reference.DPP_EPS
 constexpr int kNoPick = INT_MAX;     // "no candidate" sentinel of the argmax
 constexpr unsigned kFullMask = 0xffffffffu;
 // Headroom kept below the device's shared-memory opt-in for the kernels' static shared memory
-// (the maxsim kernels' round lists: about 2.1 KiB; red_s, red_i: 260 bytes).
+// (the maxsim kernels' round lists: about 2.1 KiB; red_s, red_i: 264 bytes).
 constexpr std::int64_t kStaticSmemHeadroom = 4096;
 
 // ------------------------------------------------------------------ element conversion
@@ -248,7 +248,8 @@ __device__ __forceinline__ void consider(float s, int i, float& bs, int& bi) {
 }
 
 // Block-wide argmax of the per-thread candidates; every thread returns the winner
-// (kNoPick when no thread had a candidate).  Contains two __syncthreads.
+// (kNoPick when no thread had a candidate), whose score is then in red_s[32] (red_s and red_i
+// hold 33 entries).  Contains two __syncthreads.
 __device__ __forceinline__ int block_argmax(float bs, int bi, float* red_s, int* red_i) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -279,7 +280,10 @@ __device__ __forceinline__ int block_argmax(float bs, int bi, float* red_s, int*
         bi = i2;
       }
     }
-    if (lane == 0) red_i[32] = bi;
+    if (lane == 0) {
+      red_s[32] = bs;
+      red_i[32] = bi;
+    }
   }
   __syncthreads();
   return red_i[32];
@@ -911,6 +915,29 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_maxsim_gram_cluster_ker
 #endif
 }
 
+// One warp's DPP update of untaken token i against the step's pick p (Cholesky column s):
+//   e = (q_p sim(p, i) q_i - <c_p, c_i>) / sqrt(d2_p), c_i[s] = e, d2_i -= e^2.
+// dot is x_i . x̂_p (= sim * ||x_i||); the projection is lane-strided with one shuffle sum.  The
+// one-block and cluster kernels share it, and the scalar tail is written in _rn intrinsics (no
+// contraction choice left to the compiler), so both compute every gain bit for bit alike.
+// Lane 0 reads token i's inverse norm, quality and gain (*inv_i, *qi, *d2i) after the sum, writes
+// c_i[s] and *d2i, and returns the new d2_i (the other lanes' value is unused).
+__device__ __forceinline__ float dpp_update(float dot, const float* inv_i, const float* qi, float qp, float dj,
+                                            float* d2i, float* ci, const float* cp, std::int64_t s, int lane) {
+  float proj = 0.f;
+  for (std::int64_t u = lane; u < s; u += 32) proj = fmaf(ci[u], cp[u], proj);
+  proj = warp_sum(proj);
+  float nd = 0.f;
+  if (lane == 0) {
+    const float l = __fmul_rn(__fmul_rn(qp, __fmul_rn(dot, *inv_i)), *qi);
+    const float e = __fdiv_rn(__fsub_rn(l, proj), dj);
+    ci[s] = e;
+    nd = __fsub_rn(*d2i, __fmul_rn(e, e));
+    *d2i = nd;
+  }
+  return nd;
+}
+
 // Conditional DPP, greedy MAP by incremental Cholesky (reference.select_dpp).
 //   d2_i starts at exactly q_i^2 for a non-zero token (0 for a zero vector); each step
 //   picks argmax d2 over untaken tokens; the pick p at step s then gives
@@ -932,7 +959,7 @@ __device__ __forceinline__ void dpp_body(
     std::int64_t* __restrict__ out) {
   static_assert(kGram || !kCSmem, "row mode keeps xs in dynamic shared memory");
   extern __shared__ float xs[];  // row mode: [dim]; Gram mode with kCSmem: the Cholesky rows
-  __shared__ float red_s[32];
+  __shared__ float red_s[33];
   __shared__ int red_i[33];
 
   const int tid = threadIdx.x;
@@ -1017,20 +1044,10 @@ __device__ __forceinline__ void dpp_body(
         continue;
       }
       // row mode: x_i . (x_p * ip); Gram mode: G[p][i] * ip (every lane reads the same word)
-      const float dot = kGram ? __ldg(gp + i) * ip : warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
-      float* ci = c + static_cast<std::int64_t>(i) * k_max;
-      float proj = 0.f;
-      for (std::int64_t u = lane; u < s; u += 32) proj = fmaf(ci[u], cp[u], proj);
-      proj = warp_sum(proj);
-      if (lane == 0) {
-        const float sim = dot * inv_norm[start + i];
-        const float l = qp * sim * q_b[i];
-        const float e = (l - proj) / dj;
-        ci[s] = e;
-        const float nd = d2[i] - e * e;
-        d2[i] = nd;
-        consider(nd, i, bs, bi);
-      }
+      const float dot = kGram ? __fmul_rn(__ldg(gp + i), ip) : warp_dot<T, kVec>(x + (start + i) * dim, xs, dim, lane);
+      const float nd = dpp_update(dot, inv_norm + start + i, q_b + i, qp, dj, d2 + i,
+                                  c + static_cast<std::int64_t>(i) * k_max, cp, s, lane);
+      if (lane == 0) consider(nd, i, bs, bi);
     }
     p = block_argmax(bs, bi, red_s, red_i);
   }
@@ -1055,6 +1072,162 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
     float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
   dpp_body<float, false, true, kCSmem>(nullptr, 1, gram, ld, inv_norm, sqn, q, starts, lengths, ks, k_max, d2_g, taken_g,
                                c_g, out);
+}
+
+// Gram-mode DPP on a thread-block cluster of `csize` CTAs per image (grid = batch * csize,
+// cluster (csize, 1, 1)): exactly greedy_dpp_gram_kernel's picks.  Every gain is computed as
+// there (dpp_update, the same warp per token arithmetic), and the argmax over the cluster keeps
+// the block argmax's order, so only who holds which token changes.  CTA r owns the tokens
+// [r * per, r * per + per) with per = ceil(n / csize): their d2 and taken (global scratch, as the
+// one-block kernel) and their Cholesky rows (kCSmem: in this CTA's shared memory, [per, k_max]
+// after the staged row; else the global rows).  One step:
+//   1. every CTA stages the pick's Cholesky row c_p (columns < s) in its shared memory, from the
+//      owner CTA's shared memory through DSMEM (kCSmem) or from global memory, then a
+//      __syncthreads (the owner never writes a taken token's row again);
+//   2. its warps update its untaken tokens (one warp per token), a block argmax;
+//   3. thread 0 publishes the CTA's (gain, index) in a slot double-buffered by exchange parity,
+//      ONE cluster barrier (release/acquire), and in every warp lane l reads CTA l's slot: one
+//      warp argmax over the same slots in the same order gives every thread the same pick.
+// A slot is rewritten two exchanges later, after a cluster barrier every reader passed after its
+// read, so one barrier per step suffices.  The rank-exhausted switch (uniform: every CTA sees the
+// same best gain) costs one more exchange, once; a last cluster barrier keeps every CTA's shared
+// memory alive until the others' reads are done.  sm_80 has no clusters: the body is empty there
+// and the launcher never selects it.
+template <bool kCSmem>
+__global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_cluster_kernel(
+    const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
+    const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
+    const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
+    float* d2_g, std::uint8_t* taken_g, float* c_g, std::int64_t* __restrict__ out) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ float dyn[];  // [k_max]: the staged c_p; kCSmem: then this CTA's rows [per, k_max]
+  __shared__ float red_s[33];
+  __shared__ int red_i[33];
+  __shared__ float xch_s[2];  // this CTA's best (gain, index), by exchange parity
+  __shared__ int xch_i[2];
+
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const std::int64_t b = blockIdx.x / csize;
+  const std::int64_t start = starts[b];
+  std::int64_t len = lengths[b];
+  if (len > ld) len = ld;  // a segment never leaves its Gram block (garbage lengths)
+  const int n = len > 0 ? static_cast<int>(len) : 0;
+  const std::int64_t kb = image_budget(len, ks[b], k_max);
+  std::int64_t* out_b = out + b * k_max;
+  if (rank == 0)
+    for (std::int64_t t = kb + tid; t < k_max; t += blockDim.x) out_b[t] = -1;
+  if (kb == 0) return;  // uniform over the cluster, before any exchange
+  const float* gram_b = gram + b * ld * ld;
+  const int per = (n + csize - 1) / csize;
+  const int lo = rank * per < n ? rank * per : n;
+  const int hi = lo + per < n ? lo + per : n;
+  float* d2 = d2_g + start;
+  std::uint8_t* taken = taken_g + start;
+  const float* q_b = q + start;
+  float* cp = dyn;
+  // row of token i (lo <= i < hi): c_own + (i - lo) * k_max
+  float* c_own = kCSmem ? dyn + k_max : c_g + (start + lo) * k_max;
+
+  int par = 0;
+  float best = -INFINITY;  // the pick's gain (its d2 before the dead switch), uniform over the cluster
+  // Block argmax of this CTA's candidates, then the cluster's: returns the pick, sets best.
+  auto exchange = [&](float bs, int bi) -> int {
+    const int w = block_argmax(bs, bi, red_s, red_i);
+    if (tid == 0) {
+      xch_s[par] = red_s[32];
+      xch_i[par] = w;
+    }
+    cluster.sync();  // the step's one cluster barrier: every CTA's slot is published
+    float s2 = -INFINITY;
+    int i2 = kNoPick;
+    if (lane < csize) {
+      s2 = *cluster.map_shared_rank(&xch_s[par], lane);
+      i2 = *cluster.map_shared_rank(&xch_i[par], lane);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float s3 = __shfl_xor_sync(kFullMask, s2, off);
+      const int i3 = __shfl_xor_sync(kFullMask, i2, off);
+      if (s3 > s2 || (s3 == s2 && i3 < i2)) {
+        s2 = s3;
+        i2 = i3;
+      }
+    }
+    par ^= 1;
+    best = s2;
+    return i2;
+  };
+
+  float bs = -INFINITY;
+  int bi = kNoPick;
+  for (int i = lo + tid; i < hi; i += blockDim.x) {
+    const float qi = q_b[i];
+    const float v = sqn[start + i] > 0.f ? qi * qi : 0.f;  // exact q^2, as the one-block kernel
+    d2[i] = v;
+    taken[i] = 0;
+    consider(v, i, bs, bi);
+  }
+  int p = exchange(bs, bi);
+
+  bool dead = false;  // uniform over the cluster: derived from the same exchanged gain
+  std::int64_t t = 0;
+  while (true) {
+    if (!dead && p != kNoPick && !(best >= kDppEps)) {  // rank exhausted: the lowest untaken from now on
+      dead = true;
+      bs = -INFINITY;
+      bi = kNoPick;
+      for (int i = lo + tid; i < hi; i += blockDim.x)
+        if (!taken[i]) consider(0.f, i, bs, bi);
+      p = exchange(bs, bi);
+    }
+    if (p == kNoPick) {
+      if (rank == 0)
+        for (std::int64_t u = t + tid; u < kb; u += blockDim.x) out_b[u] = -1;
+      break;
+    }
+    if (tid == 0) {
+      if (rank == 0) out_b[t] = p;
+      if (p >= lo && p < hi) taken[p] = 1;
+    }
+    if (++t >= kb) break;
+    const std::int64_t s = t - 1;  // Cholesky column written by this update
+
+    float dj = 1.f, qp = 0.f, ip = 0.f;
+    const float* gp = gram_b + static_cast<std::int64_t>(p) * ld;
+    if (!dead) {
+      dj = sqrtf(best);
+      qp = q_b[p];
+      ip = inv_norm[start + p];
+      const int owner = p / per;
+      const float* src = kCSmem ? cluster.map_shared_rank(dyn + k_max, owner) + static_cast<std::int64_t>(p - owner * per) * k_max
+                                : c_g + (start + p) * k_max;
+      for (std::int64_t u = tid; u < s; u += blockDim.x) cp[u] = src[u];
+    }
+    __syncthreads();  // cp and taken[p] visible
+
+    bs = -INFINITY;
+    bi = kNoPick;
+    for (int i = lo + warp; i < hi; i += nwarps) {
+      if (taken[i]) continue;
+      if (dead) {
+        if (lane == 0) consider(0.f, i, bs, bi);
+        continue;
+      }
+      const float nd = dpp_update(__fmul_rn(__ldg(gp + i), ip), inv_norm + start + i, q_b + i, qp, dj, d2 + i,
+                                  c_own + static_cast<std::int64_t>(i - lo) * k_max, cp, s, lane);
+      if (lane == 0) consider(nd, i, bs, bi);
+    }
+    p = exchange(bs, bi);
+  }
+  cluster.sync();  // this CTA's slots and rows stay alive until every CTA's last read is done
+#endif
 }
 
 // ------------------------------------------------------------------ host helpers
@@ -1183,12 +1356,14 @@ int gram_threads(std::int64_t ld) {
   return static_cast<int>(t);
 }
 
-// ---- the cluster path of Gram-mode maxsim (greedy_maxsim_gram_cluster_kernel)
-// Token slots per thread of the cluster kernel (registers, as kGramOwn): csize * 1024 * 4 tokens.
+// ---- the cluster paths (greedy_maxsim_gram_cluster_kernel, greedy_dpp_gram_cluster_kernel)
+// Token slots per thread of the maxsim cluster kernel (registers, as kGramOwn): csize * 1024 * 4 tokens.
 constexpr int kClusterOwn = 4;
 // Largest cluster: 8 CTAs is the portable limit; H100 runs 16 with the non-portable opt-in.
 constexpr int kPortableCluster = 8;
 constexpr int kMaxCluster = 16;
+// Tokens per CTA the DPP launcher aims at: 16 warps then update ~16 tokens each per step.
+constexpr int kDppClusterTokens = 256;
 
 auto* const cluster_kernel = greedy_maxsim_gram_cluster_kernel<kClusterOwn>;
 
@@ -1196,29 +1371,21 @@ std::int64_t cluster_smem_bytes(int threads) { return static_cast<std::int64_t>(
 
 // Launch configuration of `batch` clusters of `csize` CTAs (attr: one attribute, filled here).
 // Positional initialisation: the emulator's blockDim/gridDim built-ins are macros.
-cudaLaunchConfig_t cluster_config(int csize, std::int64_t batch, int threads, std::uintptr_t stream,
-                                  cudaLaunchAttribute* attr) {
+cudaLaunchConfig_t cluster_config(int csize, std::int64_t batch, int threads, std::int64_t smem,
+                                  std::uintptr_t stream, cudaLaunchAttribute* attr) {
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   return cudaLaunchConfig_t{dim3(static_cast<unsigned>(batch * csize)), dim3(static_cast<unsigned>(threads)),
-                            static_cast<size_t>(cluster_smem_bytes(threads)), stream_of(stream), attr, 1};
+                            static_cast<size_t>(smem), stream_of(stream), attr, 1};
 }
 
-// CTAs per image (*csize, 1 = the one-block kernel) and threads per CTA of the cluster path.
-// Clusters need compute capability 9.0 and the device's cluster launch support.  The launcher's
-// choice (st.cluster == 0): a cluster when an image has more tokens than one block has threads
-// (ld > 1024), so that each thread owns one token: a thread updates its tokens one after another
-// (one dependent memory trip each), and one SM streams all of a round's Gram-row bytes; the
-// cluster pays a cluster barrier, a DSMEM trip and a third list merge per round for that
-// (bench/gpu_model.py prices both sides).  One CTA per 1024 tokens, as many as the batch leaves
-// SMs idle for (batch * csize <= SMs), at most kMaxCluster.  st.cluster >= 2 asks for that size
-// (tests force the path at small N); 1 disables it.
-std::string cluster_shape(const GramRows& g, const MaxSimState& st, const Segments& seg, int* csize, int* threads) {
-  *csize = 1;
-  if (st.cluster == 1) return "";
-  int device = 0, major = 0, launch_ok = 0, sms = 0;
+// *sms = the device's SM count when it launches thread-block clusters (compute capability 9.0
+// and the cluster-launch attribute), else 0.
+std::string cluster_device(int* sms) {
+  *sms = 0;
+  int device = 0, major = 0, launch_ok = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
   err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -1229,41 +1396,75 @@ std::string cluster_shape(const GramRows& g, const MaxSimState& st, const Segmen
     cudaGetLastError();  // a device without the attribute has no cluster launch: not an error here
     return "";
   }
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute(MultiProcessorCount)", err);
-  std::int64_t want = st.cluster >= 2 ? st.cluster : (g.ld + kGreedyThreads - 1) / kGreedyThreads;
-  if (st.cluster < 2) want = std::min<std::int64_t>(want, sms / std::max<std::int64_t>(seg.batch, 1));
-  want = std::min<std::int64_t>(want, kMaxCluster);
+  return "";
+}
+
+// The cluster size to launch `kernel` with, for a wish of `want` (<= kMaxCluster) CTAs: above the
+// portable 8 it needs the non-portable opt-in and a GPC that holds the cluster (the occupancy
+// calculator, at the shape fits(size) gives); else 8.  fits(size, &threads, &smem) says whether
+// a cluster of `size` can take the image at all, and at which block shape.
+template <typename Kernel, typename Fits>
+std::string cluster_fit(Kernel kernel, std::int64_t want, Fits fits, int* csize, int* threads, std::int64_t* smem) {
+  *csize = 1;
+  cudaError_t err;
   if (want > kPortableCluster) {
-    err = cudaFuncSetAttribute(cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) {
       cudaGetLastError();
       want = kPortableCluster;
     }
   }
-  if (want < 2) return "";
-  if (g.ld > static_cast<std::int64_t>(kClusterOwn) * kGreedyThreads * want) return "";  // past the slots
-  *threads = gram_threads((g.ld + want - 1) / want);
+  if (want < 2 || !fits(static_cast<int>(want), threads, smem)) return "";
   if (want > kPortableCluster) {  // a 16-CTA cluster must fit one GPC: ask the occupancy calculator
     cudaLaunchAttribute attr[1];
-    const cudaLaunchConfig_t cfg = cluster_config(static_cast<int>(want), 1, *threads, 0, attr);
+    const cudaLaunchConfig_t cfg = cluster_config(static_cast<int>(want), 1, *threads, *smem, 0, attr);
     int active = 0;
-    err = cudaOccupancyMaxActiveClusters(&active, cluster_kernel, &cfg);
+    err = cudaOccupancyMaxActiveClusters(&active, kernel, &cfg);
     if (err != cudaSuccess || active < 1) {
       cudaGetLastError();
       want = kPortableCluster;
-      *threads = gram_threads((g.ld + want - 1) / want);
-      if (g.ld > static_cast<std::int64_t>(kClusterOwn) * kGreedyThreads * want) return "";
+      if (!fits(static_cast<int>(want), threads, smem)) return "";
     }
   }
   *csize = static_cast<int>(want);
   return "";
 }
 
+// CTAs per image (*csize, 1 = the one-block kernel) and threads per CTA of the maxsim cluster path.
+// The launcher's choice (st.cluster == 0): a cluster when an image has more tokens than one block has threads
+// (ld > 1024), so that each thread owns one token: a thread updates its tokens one after another
+// (one dependent memory trip each), and one SM streams all of a round's Gram-row bytes; the
+// cluster pays a cluster barrier, a DSMEM trip and a third list merge per round for that
+// (bench/gpu_model.py prices both sides).  One CTA per 1024 tokens, as many as the batch leaves
+// SMs idle for (batch * csize <= SMs), at most kMaxCluster.  st.cluster >= 2 asks for that size
+// (tests force the path at small N); 1 disables it.
+std::string cluster_shape(const GramRows& g, const MaxSimState& st, const Segments& seg, int* csize, int* threads) {
+  *csize = 1;
+  if (st.cluster == 1) return "";
+  int sms = 0;
+  std::string e = cluster_device(&sms);
+  if (!e.empty() || sms == 0) return e;
+  std::int64_t want = st.cluster >= 2 ? st.cluster : (g.ld + kGreedyThreads - 1) / kGreedyThreads;
+  if (st.cluster < 2) want = std::min<std::int64_t>(want, sms / std::max<std::int64_t>(seg.batch, 1));
+  want = std::min<std::int64_t>(want, kMaxCluster);
+  std::int64_t smem = 0;
+  return cluster_fit(
+      cluster_kernel, want,
+      [&](int size, int* thr, std::int64_t* sm) {
+        if (g.ld > static_cast<std::int64_t>(kClusterOwn) * kGreedyThreads * size) return false;  // past the slots
+        *thr = gram_threads((g.ld + size - 1) / size);
+        *sm = cluster_smem_bytes(*thr);
+        return true;
+      },
+      csize, threads, &smem);
+}
+
 std::string launch_maxsim_gram_cluster(const GramRows& g, const MaxSimState& st, const Segments& seg, int csize,
                                        int threads) {
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = cluster_config(csize, seg.batch, threads, seg.stream, attr);
+  const cudaLaunchConfig_t cfg = cluster_config(csize, seg.batch, threads, cluster_smem_bytes(threads), seg.stream, attr);
   const cudaError_t err = cudaLaunchKernelEx(
       &cfg, cluster_kernel, in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.imp),
       in<float>(st.first_score), in<std::uint8_t>(st.eligible), in<std::int64_t>(seg.starts),
@@ -1271,6 +1472,56 @@ std::string launch_maxsim_gram_cluster(const GramRows& g, const MaxSimState& st,
       static_cast<float>(1.0 - st.lam), inout<std::int64_t>(seg.out), inout<std::int64_t>(st.rounds), st.max_round);
   if (err != cudaSuccess) return cuda_error("greedy_maxsim_gram_cluster_kernel launch", err);
   return check_launch("greedy_maxsim_gram_cluster_kernel launch");
+}
+
+// Gram-mode DPP on a cluster (greedy_dpp_gram_cluster_kernel): the launcher's choice
+// (st.cluster == 0) is one CTA per kDppClusterTokens tokens, as many as the batch leaves SMs idle
+// for, at most kMaxCluster, and none below 2.  Each step costs a cluster barrier and a DSMEM
+// read of every CTA's slot, and saves the one block's serial walk over ld / 16 tokens per warp.
+// The Cholesky rows stay in each CTA's shared memory when its share fits, else in global memory.
+std::string launch_dpp_gram_cluster(const GramRows& g, const DppState& st, const Segments& seg, int optin,
+                                    bool* launched) {
+  *launched = false;
+  if (st.cluster == 1) return "";
+  int sms = 0;
+  std::string err = cluster_device(&sms);
+  if (!err.empty() || sms == 0) return err;
+  std::int64_t want = st.cluster >= 2 ? st.cluster : (g.ld + kDppClusterTokens - 1) / kDppClusterTokens;
+  if (st.cluster < 2) want = std::min<std::int64_t>(want, sms / std::max<std::int64_t>(seg.batch, 1));
+  want = std::min<std::int64_t>(want, kMaxCluster);
+  const std::int64_t row = seg.k_max * static_cast<std::int64_t>(sizeof(float));
+  // dynamic shared memory: the staged c_p, plus (rows) this CTA's share of the Cholesky rows
+  auto fits = [&](bool rows) {
+    return [&, rows](int size, int* thr, std::int64_t* sm) {
+      *thr = kDppThreads;
+      *sm = row + (rows ? ((g.ld + size - 1) / size) * row : 0);
+      return *sm + kStaticSmemHeadroom <= optin;
+    };
+  };
+  auto* const kernel_s = greedy_dpp_gram_cluster_kernel<true>;
+  auto* const kernel_g = greedy_dpp_gram_cluster_kernel<false>;
+  int csize = 1, threads = kDppThreads;
+  std::int64_t smem = 0;
+  err = cluster_fit(kernel_s, want, fits(true), &csize, &threads, &smem);  // the rows in shared memory first
+  if (!err.empty()) return err;
+  const bool c_smem = csize > 1;
+  if (!c_smem) {
+    err = cluster_fit(kernel_g, want, fits(false), &csize, &threads, &smem);
+    if (!err.empty() || csize < 2) return err;
+  }
+  auto kernel = c_smem ? kernel_s : kernel_g;
+  err = prepare_smem(kernel, smem);
+  if (!err.empty()) return err;
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = cluster_config(csize, seg.batch, threads, smem, seg.stream, attr);
+  const cudaError_t e = cudaLaunchKernelEx(
+      &cfg, kernel, in<float>(g.gram), g.ld, in<float>(st.inv_norm), in<float>(st.sqn), in<float>(st.q),
+      in<std::int64_t>(seg.starts), in<std::int64_t>(seg.lengths), in<std::int64_t>(seg.ks), seg.k_max,
+      inout<float>(st.d2_scratch), inout<std::uint8_t>(st.taken_scratch), inout<float>(st.c_scratch),
+      inout<std::int64_t>(seg.out));
+  if (e != cudaSuccess) return cuda_error("greedy_dpp_gram_cluster_kernel launch", e);
+  *launched = true;
+  return check_launch("greedy_dpp_gram_cluster_kernel launch");
 }
 
 // Calls F<T, kVec>::run(args...) for the runtime dtype code and alignment.
@@ -1345,6 +1596,9 @@ std::string launch_greedy_dpp_gram(const GramRows& g, const DppState& st, const 
   int optin = 0;
   std::string err = max_optin_smem(&optin);
   if (!err.empty()) return err;
+  bool launched = false;  // several SMs per image where the device and the batch allow it
+  err = launch_dpp_gram_cluster(g, st, seg, optin, &launched);
+  if (!err.empty() || launched) return err;
   // the Cholesky rows in shared memory when they fit (e.g. (a): 576 x 64 x 4 = 144 KiB), else global
   const std::int64_t c_bytes = g.ld * seg.k_max * static_cast<std::int64_t>(sizeof(float));
   const bool c_smem = c_bytes + kStaticSmemHeadroom <= optin;

@@ -70,6 +70,8 @@ struct MaxSimState {
 struct DppState {
   std::uintptr_t inv_norm = 0, sqn = 0, q = 0;
   std::uintptr_t d2_scratch = 0, taken_scratch = 0, c_scratch = 0;
+  // Gram mode, CTAs per image, as MaxSimState::cluster (greedy.cu, launch_dpp_gram_cluster).
+  int cluster = 0;
 };
 
 // inv_norm[r] = 1 / max(||x_r||, 1e-12) in fp32 for r < rows;

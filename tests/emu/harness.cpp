@@ -6,7 +6,8 @@
 //
 //   args.txt    "key value" lines: kind (maxsim|dpp), mode (row|gram), dtype, rows, dim, batch,
 //               k_max, lam, smem_state, x_offset (bytes added to the feature address: misaligned rows),
-//               optional cluster (MaxSimState::cluster: 1 one block per image, n >= 2 a cluster of n)
+//               optional cluster (MaxSimState::cluster / DppState::cluster: 1 one block per image,
+//               n >= 2 a cluster of n)
 //   x.bin score.bin starts.bin lengths.bin ks.bin [first.bin] [eligible.bin] [gram.bin inv.bin sqn.bin]
 //
 // It runs the launchers of greedy.h as cuda_backend.launch_with does and writes out.bin
@@ -93,6 +94,7 @@ int main(int argc, char** argv) {
   ms.rounds = rounds.addr(), ms.cluster = cluster;
   mc::DppState ds;
   ds.q = score.addr(), ds.d2_scratch = state.addr(), ds.taken_scratch = taken.addr(), ds.c_scratch = chol.addr();
+  ds.cluster = cluster;
   if (mode == "gram") {
     Buffer gram(read_file("gram.bin")), ginv(read_file("inv.bin")), gsqn(read_file("sqn.bin", false));
     mc::GramRows g;
