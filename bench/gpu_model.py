@@ -58,6 +58,14 @@ Assumptions (the model's, in one place):
    673 + 64.
 7. Exact greedy DPP has no exact rounds (every pick changes every gain), so it runs k dependent
    steps; each step reads the Cholesky rows written so far (``sum_t t N 4`` bytes in all).
+8. A DPP step of the Gram-mode kernels (:func:`dpp_estimate`) is one round of assumption 1 with the
+   emulator's per-step counts: a warp updates its tokens one after another (each a warp sum of the
+   projection, so the shuffle levels grow with tokens per warp); dependent trips from the distinct
+   ``__ldg`` sites per step (lower) to one per token a warp updates (upper); the Cholesky rows read
+   that step (``N (k - 1) / 2 x 4`` bytes on average) stream from L2 over the image's SMs unless
+   they sit in shared memory (the launch's dynamic shared memory holds them: then nothing is
+   charged for them).  A cluster step adds the emulator's cluster barriers, one DSMEM trip (the
+   CTAs' slots) and, with the rows in shared memory, a second (the pick's row from its owner).
 """
 from __future__ import annotations
 
@@ -85,6 +93,7 @@ EMU_RECORDS = os.path.join(ROOT, "bench", "results", "emu_counts.json")
 # emulator cannot count launches (no ``launches()``): the op's kernels come from emu_counts.json.
 HOST_BEFORE = {
     "cuda": {"aten_launching_ops": 31, "custom_ops": 1, "op_kernel_launches": None, "host_syncs": 0},
+    "cuda_dpp": {"aten_launching_ops": 34, "custom_ops": 1, "op_kernel_launches": None, "host_syncs": 0},
     "triton": {"aten_launching_ops": 34, "custom_ops": 0, "op_kernel_launches": 3, "host_syncs": 0},
     "commit": "7ab7d9d",
 }
@@ -492,6 +501,47 @@ def triton_estimate(gen, target, rpk, host):
     return Estimate(lo, hi, {k2: [round(v[0], 2), round(v[1], 2)] for k2, v in parts.items()}, counted)
 
 
+def dpp_estimate(gen, target, emu, host):
+    """CUDA backend, Gram-mode DPP, from the emulator's per-step counts (assumption 8)."""
+    bsz, n, d, k = TARGETS[target]
+    k = budget(n, k)
+    loc = _gram_location(bsz, n)
+    lat = _lat(loc)
+    sms = emu.get("cluster_size", 1)
+    rows_in_smem = emu["dynamic_smem_bytes"] >= (math.ceil(n / sms) * k) * 4
+    if gen == "before":   # assumption 0: the all-__ldg bound at both ends
+        trips = (max(1.0, emu["ldg_trips_per_round"]),) * 2
+    else:
+        trips = (max(1.0, emu.get("ldg_sites_per_round", 1.0)), max(1.0, emu["ldg_trips_per_round"]))
+    chol = 0 if rows_in_smem else n * (k - 1) / 2 * 4
+    stream = chol + n * 4 + n * 12          # + the Gram row, d2 / q / inv_norm per token
+    extra = (0.0, 0.0)
+    if sms > 1:
+        cbar = emu["cluster_barriers_per_round"]
+        cb_us = _cycles_us((cbar * H100["cluster_barrier_cycles"].fast, cbar * H100["cluster_barrier_cycles"].slow))
+        ds = 2 if rows_in_smem else 1
+        ds_us = _cycles_us((ds * H100["dsmem_latency_cycles"].fast, ds * H100["dsmem_latency_cycles"].slow))
+        extra = (cb_us[0] + ds_us[0], cb_us[1] + ds_us[1])
+    per_step = round_time(trips, lat, emu["shuffle_levels_per_round"], emu["barriers_per_round"], stream, sms, extra)
+    greedy = (k * per_step[0], k * per_step[1])
+    hbm = _rng("hbm_tbps")
+    prep = tuple(bsz * n * d * 2 / (hbm[i] * 1e6) for i in range(2))
+    launches = host["aten_launching_ops"] + emu["kernel_launches"]
+    host_us = tuple(launches * _rng("launch_us")[i] + host["host_syncs"] * _rng("sync_us")[i] for i in range(2))
+    parts = {"gram": gram_us(bsz, n, d), "prep_traffic": prep, "greedy": greedy, "host": host_us}
+    lo, hi = _sum(parts)
+    counted = {   # a DPP round is one step (one pick)
+        "rounds": [k, k], "rounds_per_k": [1.0, 1.0], "dependent_trips_per_round": list(trips), "trip_level": loc,
+        "shuffle_levels_per_round": emu["shuffle_levels_per_round"], "barriers_per_round": emu["barriers_per_round"],
+        "sms_per_image": sms, "cluster_barriers_per_round": emu.get("cluster_barriers_per_round", 0.0),
+        "cluster_extra_us_per_round": [round(extra[0], 3), round(extra[1], 3)],
+        "cholesky_rows": "shared memory" if rows_in_smem else "global (L2)",
+        "hbm_bytes": int(bsz * n * d * 2 + bsz * n * n * 4), "l2_bytes": int(k * stream),
+        "launches_per_call": launches, "host_syncs_per_call": host["host_syncs"], "counts_source": emu["counts_source"],
+    }
+    return Estimate(lo, hi, {k2: [round(v[0], 2), round(v[1], 2)] for k2, v in parts.items()}, counted)
+
+
 def dpp_lower_bound(target):
     """The fastest any exact greedy DPP could be (assumption 7), all 132 SMs and a free grid barrier:
     k dependent steps x (argmax over the grid + the pick's Cholesky column: 2 L2 trips) +
@@ -617,6 +667,18 @@ def build(live_counts=False) -> list:
                           e, LIMITS["f_share_pct"] / 100 * saved[0], (None, None))
             rec["share_pct"] = [round(100 * e.lower_us / saved[1], 2), round(100 * e.upper_us / saved[0], 2)]
             out.append(rec)
+    # Gram-mode DPP at (a) and (b), per kernel generation where the emulator counted it
+    host_dpp = {"after": count_host("cuda", method="dpp"), "before": HOST_BEFORE["cuda_dpp"]}
+    for gen in ("before", "after"):
+        for t in ("a", "b"):
+            emu = emu_counts(emu_recs, gen, t, "dpp")
+            if emu is None:
+                continue
+            e = dpp_estimate(gen, t, emu, host_dpp[gen])
+            goal = LIMITS["a_median_us"] if t == "a" else LIMITS["b_median_ms"] * 1e3
+            out.append(_record(t, dict(kernels=gen, backend="cuda", method="dpp", sim="gram", batch=TARGETS[t][0],
+                                       tokens=TARGETS[t][1], dim=TARGETS[t][2],
+                                       k=budget(TARGETS[t][1], TARGETS[t][3])), e, goal, measured(t, "cuda", "dpp")))
     lo, hi, facts = dpp_lower_bound("b")
     out.append({"target": "b", "kernels": "any", "backend": "any exact greedy DPP", "method": "dpp",
                 "lower_us": round(lo, 1), "upper_us": round(hi, 1), "goal_us": LIMITS["b_median_ms"] * 1e3,

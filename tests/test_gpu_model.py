@@ -54,8 +54,11 @@ def test_schema(records):
             assert 0 < lo <= hi <= r["k"]
     for gen in ("before", "after"):
         assert {r["target"] for r in records if r["kernels"] == gen} == set("abcdef"), gen
-    dpp = [r for r in records if r["method"] == "dpp"]
+    dpp = [r for r in records if r["method"] == "dpp" and r["kernels"] == "any"]
     assert len(dpp) == 1 and dpp[0]["steps"] == M.budget(2691, None)
+    # the Gram-mode DPP kernels at (a) and (b), both generations: one pick per round
+    steps = {(r["kernels"], r["target"]): r["rounds"] for r in records if r["method"] == "dpp" and r["kernels"] != "any"}
+    assert steps == {(g, t): [M.budget(*M.TARGETS[t][1:4:2])] * 2 for g in ("before", "after") for t in "ab"}
     assert dpp[0]["cholesky_bytes"] == 4 * 2691 * dpp[0]["steps"] * (dpp[0]["steps"] - 1) // 2
 
 
@@ -65,11 +68,11 @@ def test_uses_the_emulators_counts(records):
     emu = {(r["kernels"], r["target"], r["method"], r["sim"]): r for r in M.load_emu_records()}
     for r in records:
         if r["kernels"] == "before" and r["backend"] == "cuda" and r["target"] in ("a", "b"):
-            e = emu[("before", r["target"], "mmr", "gram")]
+            e = emu[("before", r["target"], r["method"], "gram")]
             assert r["shuffle_levels_per_round"] == e["shuffle_levels_per_round"]
             assert r["barriers_per_round"] == e["barriers_per_round"]
             assert r["dependent_trips_per_round"] == [e["ldg_trips_per_round"]] * 2
-            assert r["rounds"][0] == pytest.approx(e["rounds"], abs=0.05)
+            assert r["rounds"][0] == pytest.approx(e["rounds"] if r["method"] == "mmr" else r["k"], abs=0.05)
             assert "emulator" in r["counts_source"]
 
 
@@ -81,14 +84,15 @@ def test_follows_changed_counts(monkeypatch):
     monkeypatch.setattr(M, "load_emu_records", lambda path=M.EMU_RECORDS: doctored)
     host = M.count_host("cuda")
     monkeypatch.setattr(M, "count_host", lambda backend, **kw: dict(host, aten_launching_ops=100, host_syncs=3))
-    recs = {(r["target"], r["kernels"], r["backend"]): r for r in M.build()}
-    a = recs[("a", "before", "cuda")]
-    assert a["shuffle_levels_per_round"] >= 1000
-    # the before kernels' host path is gone: its launches are the committed count, not today's
-    assert a["launches_per_call"] == M.HOST_BEFORE["cuda"]["aten_launching_ops"] + 7
-    after = recs[("a", "after", "cuda")]
-    assert after["shuffle_levels_per_round"] >= 1000
-    assert after["launches_per_call"] == 107 and after["host_syncs_per_call"] == 3
+    recs = {(r["target"], r["kernels"], r["backend"], r["method"]): r for r in M.build()}
+    for method, before_host in (("mmr", "cuda"), ("dpp", "cuda_dpp")):
+        a = recs[("a", "before", "cuda", method)]
+        assert a["shuffle_levels_per_round"] >= 1000
+        # the before kernels' host path is gone: its launches are the committed count, not today's
+        assert a["launches_per_call"] == M.HOST_BEFORE[before_host]["aten_launching_ops"] + 7
+        after = recs[("a", "after", "cuda", method)]
+        assert after["shuffle_levels_per_round"] >= 1000
+        assert after["launches_per_call"] == 107 and after["host_syncs_per_call"] == 3
 
 
 def test_host_counts_follow_the_host_code():
@@ -125,13 +129,16 @@ def test_records_charge_the_counted_launches(records):
     count the budget test checks), and the before records' the committed count of 7ab7d9d."""
     emu = {(r["kernels"], r["target"], r["method"], r["sim"]): r for r in M.load_emu_records()}
     host = {b: M.count_host(b) for b in ("cuda", "triton")}
+    host["cuda_dpp"] = M.count_host("cuda", method="dpp")
     assert host["cuda"]["op_kernel_launches"] == emu[("after", "a", "mmr", "gram")]["kernel_launches"]
+    assert host["cuda_dpp"]["op_kernel_launches"] == emu[("after", "a", "dpp", "gram")]["kernel_launches"]
     for r in records:
         if r["kernels"] not in ("before", "after") or r["target"] not in ("a", "b"):
             continue
         h = host if r["kernels"] == "after" else M.HOST_BEFORE
         if r["backend"] == "cuda":
-            want = h["cuda"]["aten_launching_ops"] + emu[(r["kernels"], r["target"], "mmr", "gram")]["kernel_launches"]
+            hc = h["cuda_dpp" if r["method"] == "dpp" else "cuda"]
+            want = hc["aten_launching_ops"] + emu[(r["kernels"], r["target"], r["method"], "gram")]["kernel_launches"]
         else:
             want = h["triton"]["aten_launching_ops"] + h["triton"]["op_kernel_launches"]
         assert r["launches_per_call"] == want, (r["target"], r["kernels"], r["backend"])
