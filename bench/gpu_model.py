@@ -162,6 +162,15 @@ def cluster_ctas(bsz, n, sms=None, cc_major=9):
     return c if c >= 2 else 1
 
 
+def dpp_cluster_ctas(bsz, n, sms=None, cc_major=9):
+    """CTAs per image of the after kernels' Gram-mode DPP launch (greedy.cu launch_dpp_gram_cluster:
+    one CTA per 256 tokens, at most 16, at most SMs / B, none below 2; H100 by default)."""
+    if cc_major < 9:
+        return 1
+    c = min(math.ceil(n / 256), 16, int(sms or H100["sms"].fast) // bsz)
+    return c if c >= 2 else 1
+
+
 def after_trips_upper(emu, bsz, n):
     """Upper dependent global-memory trips per round of the after Gram-mode kernels: the commit
     check's one read, then one trip per token a thread owns (the update loads a token's r Gram
@@ -508,6 +517,9 @@ def dpp_estimate(gen, target, emu, host):
     loc = _gram_location(bsz, n)
     lat = _lat(loc)
     sms = emu.get("cluster_size", 1)
+    if gen == "after" and emu["n"] == n and sms != dpp_cluster_ctas(bsz, n):
+        raise RuntimeError(f"({target}): the emulator's DPP launch used a cluster of {sms}, the model's rule gives "
+                           f"{dpp_cluster_ctas(bsz, n)}: dpp_cluster_ctas() no longer follows greedy.cu")
     rows_in_smem = emu["dynamic_smem_bytes"] >= (math.ceil(n / sms) * k) * 4
     if gen == "before":   # assumption 0: the all-__ldg bound at both ends
         trips = (max(1.0, emu["ldg_trips_per_round"]),) * 2

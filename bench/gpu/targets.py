@@ -9,9 +9,9 @@ the backend counts rounds, and the speed-ups over the ``torch`` fallback and the
 loop where those ran.  Added here: ``target``, ``workspace_estimate_bytes`` (the library's
 own estimate for the call), ``peak_alloc_bytes`` (measured: the CUDA caching allocator's
 peak over one call minus what was allocated before it; None on CPU), ``cuda_sim_mode``
-(the similarity source the cuda backend picks for the shape), ``cuda_cluster_ctas`` (Gram-mode
-mmr/divprune: CTAs per image of the launch, a thread-block cluster when > 1, by the launcher's
-rule on this device, bench/gpu_model.py ``cluster_ctas``; the dry run's device is the emulator's
+(the similarity source the cuda backend picks for the shape), ``cuda_cluster_ctas`` (Gram mode:
+CTAs per image of the launch, a thread-block cluster when > 1, by the launcher's
+rules on this device, bench/gpu_model.py ``cluster_ctas`` and ``dpp_cluster_ctas``; the dry run's device is the emulator's
 H100), ``bmm_out_dtype`` (whether
 this torch's bmm writes fp32 from bf16 operands, the Gram mode's fast path) and the
 CUDA/Python/NumPy versions.  The JSON list (docs/contract.md, "Benchmark records") is rewritten after each case.
@@ -48,18 +48,19 @@ def k_of(case, shape) -> int | None:
     return max(1, shape.tokens // 4) if TARGET.dry_run else case.k
 
 
-def cluster_ctas_here(batch: int, tokens: int) -> int:
-    """CTAs per image of the cuda backend's Gram-mode maxsim launch on this device (the launcher's
-    rule, csrc/cuda/greedy.cu cluster_shape, as bench/gpu_model.py states it)."""
+def cluster_ctas_here(batch: int, tokens: int, method: str = "mmr") -> int:
+    """CTAs per image of the cuda backend's Gram-mode launch on this device (the launchers' rules,
+    csrc/cuda/greedy.cu cluster_shape and launch_dpp_gram_cluster, as bench/gpu_model.py states them)."""
     import os
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from gpu_model import cluster_ctas
+    from gpu_model import cluster_ctas, dpp_cluster_ctas
+    rule = dpp_cluster_ctas if method == "dpp" else cluster_ctas
     if TARGET.dry_run:   # cuda_emu's device: compute capability CUDA_EMU_CC_MAJOR (9), CUDA_EMU_SMS (132)
-        return cluster_ctas(batch, tokens, int(os.environ.get("CUDA_EMU_SMS", 132)),
-                            int(os.environ.get("CUDA_EMU_CC_MAJOR", 9)))
+        return rule(batch, tokens, int(os.environ.get("CUDA_EMU_SMS", 132)),
+                    int(os.environ.get("CUDA_EMU_CC_MAJOR", 9)))
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return cluster_ctas(batch, tokens, props.multi_processor_count, props.major)
+    return rule(batch, tokens, props.multi_processor_count, props.major)
 
 
 def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
@@ -74,8 +75,8 @@ def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
         rows = shape.batch * shape.tokens
         gram = cb.use_gram(method, shape.batch, rows, shape.dim, k, shape.tokens, dtype)
         facts["cuda_sim_mode"] = "gram" if gram else "row"
-        if gram and method != "dpp":
-            facts["cuda_cluster_ctas"] = cluster_ctas_here(shape.batch, shape.tokens)
+        if gram:
+            facts["cuda_cluster_ctas"] = cluster_ctas_here(shape.batch, shape.tokens, method)
         # False: this torch has no bf16 x bf16 -> fp32 bmm, and the Gram runs as an fp32 matmul
         facts["bmm_out_dtype"] = cb._HAS_BMM_OUT_DTYPE
         facts["workspace_estimate_bytes"] = cb.workspace_bytes(method, shape.batch, rows, shape.dim, k,
