@@ -19,3 +19,11 @@ if not hit:
 print(f"gpu dry run: per-round rows {len(rows)}, (a) mmr counted {hit[0]['shuffle_levels_per_round']:.1f} "
       "shuffle levels per round")
 PY
+# The one-block A/B of the cuda calls (bench/gpu/targets.py one_block_record) ran and was timed.
+python3 - "$OUT_DIR/targets.json" <<'PY'
+import json, sys
+ab = [r for r in json.load(open(sys.argv[1])) if r.get("backend") == "cuda/one-block"]
+if not ab or any(not (r.get("median_ms", 0) > 0) for r in ab):
+    sys.exit(f"gpu dry run: no timed one-block A/B record in targets.json: {ab}")
+print(f"gpu dry run: {len(ab)} one-block A/B records ({', '.join(sorted({r['method'] for r in ab}))})")
+PY

@@ -43,7 +43,7 @@ SCHEMAS = {
         "fused_greedy(Tensor rows, Tensor? score, Tensor? first_score, Tensor? eligible, Tensor starts, "
         "Tensor lengths, Tensor ks, int k_max, float lam, bool dpp, Tensor? gram=None, Tensor? inv_norm=None, "
         "Tensor? sqn=None, Tensor? weights=None, str score_kind=\"keep\", int width=0, int max_round=0, "
-        "float pool_lam=0.0, int smem_state=-1, bool dpp_rounds=True) -> (Tensor picks, Tensor rounds)"),
+        "float pool_lam=0.0, int smem_state=-1, bool dpp_rounds=True, int cluster=0) -> (Tensor picks, Tensor rounds)"),
     "_fused_prepare": (
         "_fused_prepare(Tensor rows, Tensor starts, Tensor lengths, Tensor? gram, Tensor? weights, "
         "str score_kind, int width, bool dpp, Tensor? ks=None, float pool_lam=0.0) "
@@ -81,7 +81,7 @@ def _cpu_select_fake(rows, importance, quality, starts, lengths, ks, k_max, meth
 @_register_fake("fused_greedy")
 def _fused_greedy_fake(rows, score, first_score, eligible, starts, lengths, ks, k_max, lam, dpp, gram=None,
                        inv_norm=None, sqn=None, weights=None, score_kind="keep", width=0, max_round=0, pool_lam=0.0,
-                       smem_state=-1, dpp_rounds=True):
+                       smem_state=-1, dpp_rounds=True, cluster=0):
     return (rows.new_empty((starts.shape[0], k_max), dtype=torch.int64),
             rows.new_empty((starts.shape[0],), dtype=torch.int64))
 

@@ -215,6 +215,9 @@ def _emu_op():
     (dict(max_round=9), ValueError, "max_round must be 0 (the kernels' own, 8) or in [1, 8], got 9"),
     (dict(max_round=-1), ValueError, "max_round must be 0"),
     (dict(smem_state=2), ValueError, "smem_state must be -1 (auto), 0 (global scratch) or 1"),
+    (dict(cluster=17), ValueError, "cluster must be 0 (the launcher's choice), 1 (one block per image) or the CTAs "
+                                   "per image, at most 16, got 17"),
+    (dict(cluster=-1), ValueError, "cluster must be 0"),
 ])
 def test_op_rejects_bad_arguments(over, error, needle):
     op = _emu_op()
@@ -593,7 +596,7 @@ class KernelTarget:
 
     def greedy_rounds(self, *args):
         """The kernel op: ``(picks [B, k_max], rounds [B])`` (the tensors' device picks the build)."""
-        return torch.ops.mmrprune.fused_greedy(*args, smem_state=cb._GRAM_SMEM_STATE)
+        return torch.ops.mmrprune.fused_greedy(*args, smem_state=cb._GRAM_SMEM_STATE, cluster=cb._CLUSTER)
 
     def greedy(self, *args):
         return self.greedy_rounds(*args)[0]

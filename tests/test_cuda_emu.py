@@ -327,3 +327,29 @@ def test_dpp_long_image_runs_the_cluster_kernel_with_the_one_block_picks(dinov2,
     assert got["9"][1] == [3, 1, 1] and got["8"][1] == [1, 1, 1]
     np.testing.assert_array_equal(got["9"][0], got["8"][0])
     _agrees_with_reference(x[0], w[0], got["9"][0][0], "dpp", 0.5, k, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["mmr", "dpp"])
+def test_cluster_hook_forces_the_launch_shape(method, monkeypatch, tmp_path):
+    """The op's cluster argument (cuda_backend._CLUSTER, the GPU session's one-block A/B): 1 runs
+    one block where the launcher would take a cluster, 4 runs 4 CTAs where it would take one
+    block, and an A100-class device (no clusters) keeps one block; the picks (and maxsim rounds)
+    are the same every way."""
+    import json
+    from mmrprune.backends import cuda_backend as cb
+    x = torch.from_numpy(certify.clustered_tokens(600 if method == "dpp" else 300, 24, seed=6)).float()[None]
+    w = torch.from_numpy(certify.distinct_importance(x.shape[1], seed=6)).float()[None]
+    got = {}
+    for cc, force in (("9", 0), ("9", 1), ("9", 4), ("8", 4)):
+        counts = tmp_path / f"c{cc}{force}.jsonl"
+        monkeypatch.setenv("CUDA_EMU_CC_MAJOR", cc)
+        monkeypatch.setenv("CUDA_EMU_COUNTS", str(counts))
+        monkeypatch.setattr(cb, "_CLUSTER", force)
+        picks, stats = _select(x, w, method, k=40, sim="gram", return_stats=True)
+        launch = [json.loads(line) for line in counts.read_text().splitlines()][-1]
+        got[(cc, force)] = (picks.numpy(), stats["rounds"].numpy(), launch["cluster"][0])
+    default = 3 if method == "dpp" else 1     # 600 tokens: 3 CTAs of 256 for DPP; 300 <= 1024 for maxsim
+    assert [got[key][2] for key in sorted(got)] == [1, default, 1, 4], {key: v[2] for key, v in got.items()}
+    for key in got:
+        np.testing.assert_array_equal(got[key][0], got[("9", 1)][0], err_msg=str(key))
+        np.testing.assert_array_equal(got[key][1], got[("9", 1)][1], err_msg=str(key))

@@ -98,6 +98,26 @@ def memory_facts(rec: dict, shape, k: int, x, w) -> dict:
     return facts
 
 
+def one_block_record(rec: dict, k: int, x, w) -> dict:
+    """The same cuda call with the cluster turned off (cuda_backend._CLUSTER = 1: one block per
+    image), timed like the sweep: the A/B that decides the launchers' cluster-size rules.
+    Backend label ``cuda/one-block``, so goals.evaluate never takes it for the cuda record."""
+    fn, why = speed.make_runner(rec["backend"], rec["method"], k, LAM, TARGET.device.split(":")[0])
+    if fn is None:
+        return {"target": rec["target"], "backend": "cuda/one-block", "method": rec["method"], "skipped": why}
+    saved = cb._CLUSTER
+    cb._CLUSTER = 1
+    try:
+        if TARGET.dry_run:
+            t = speed.time_cpu(lambda: fn(x, w), repeats=1, warmup=0, max_seconds=0.5)
+        else:
+            t = speed.time_cuda(lambda: fn(x, w), repeats=10, device=TARGET.device)
+    finally:
+        cb._CLUSTER = saved
+    return {"target": rec["target"], "backend": "cuda/one-block", "method": rec["method"], "cuda_cluster_ctas": 1,
+            "vs_cluster_ctas": rec.get("cuda_cluster_ctas"), "cluster_median_ms": rec["median_ms"], **t}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON list of benchmark records")
@@ -128,6 +148,13 @@ def main(argv=None) -> int:
             print(f"[targets] ({case.name}) {rec['backend']:<8} {rec['method']:<9} {rec['median_ms']:.4g} ms"
                   f"  rounds/k {rec.get('rounds_per_k', '-')}  x anchor {rec.get('speedup_vs_anchor')}"
                   f"{'  CTAs/image ' + str(rec['cuda_cluster_ctas']) if 'cuda_cluster_ctas' in rec else ''}", flush=True)
+        # B = 1 cases where the launch took a cluster (the dry run: every one, to run the plumbing)
+        for rec in [r for r in got if r["backend"] == TARGET.cuda_backend and case.batch == 1
+                    and (TARGET.dry_run or r.get("cuda_cluster_ctas", 1) > 1)]:
+            ab = one_block_record(rec, k, x, w)
+            got.append(ab)
+            print(f"[targets] ({case.name}) cuda {rec['method']:<9} one block {ab.get('median_ms', float('nan')):.4g} ms"
+                  f" vs {rec['cuda_cluster_ctas']} CTAs {rec['median_ms']:.4g} ms", flush=True)
         for line in skipped:
             print(f"[targets] ({case.name}) skipped: {line}", flush=True)
             if "failed:" in line or not line.startswith(("anchor", "torch")):

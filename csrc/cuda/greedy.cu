@@ -1361,7 +1361,7 @@ int gram_threads(std::int64_t ld) {
 constexpr int kClusterOwn = 4;
 // Largest cluster: 8 CTAs is the portable limit; H100 runs 16 with the non-portable opt-in.
 constexpr int kPortableCluster = 8;
-constexpr int kMaxCluster = 16;
+constexpr int kMaxCluster = kMaxClusterCtas;
 // Tokens per CTA the DPP launcher aims at: 16 warps then update ~16 tokens each per step.
 constexpr int kDppClusterTokens = 256;
 

@@ -23,6 +23,8 @@ constexpr int kDppThreads = 512;
 // Most picks one round of the maxsim kernels commits (the length of the sorted candidate
 // lists they carry; NOTES.md, "Exact rounds").  MaxSimState::max_round may lower it.
 constexpr int kMaxRound = 8;
+// Most CTAs per image of the Gram-mode cluster kernels (sm_90: 16 with the non-portable opt-in).
+constexpr int kMaxClusterCtas = 16;
 
 // ---- Launch parameters: plain structs of raw device addresses, filled by op.cpp.
 

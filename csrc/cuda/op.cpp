@@ -211,7 +211,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
                                         const Tensor& ks, int64_t k_max, double lam, bool dpp, const OptTensor& gram,
                                         const OptTensor& inv_norm, const OptTensor& sqn, const OptTensor& weights,
                                         std::string_view score_kind, int64_t width, int64_t max_round,
-                                        double pool_lam, int64_t smem_state, bool dpp_rounds) {
+                                        double pool_lam, int64_t smem_state, bool dpp_rounds, int64_t cluster) {
   const Batch b = check_batch(rows, starts, lengths, width);
   check_tensor(ks, "ks", at::kLong, b.bsz, rows);
   TORCH_CHECK_VALUE(k_max >= 0, "mmrprune::fused_greedy: k_max must be >= 0, got ", k_max);
@@ -237,6 +237,9 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
                     max_round);
   TORCH_CHECK_VALUE(smem_state >= -1 && smem_state <= 1, "mmrprune::fused_greedy: smem_state must be -1 (auto), "
                     "0 (global scratch) or 1 (shared when it fits), got ", smem_state);
+  TORCH_CHECK_VALUE(cluster >= 0 && cluster <= mc::kMaxClusterCtas, "mmrprune::fused_greedy: cluster must be 0 (the "
+                    "launcher's choice), 1 (one block per image) or the CTAs per image, at most ", mc::kMaxClusterCtas,
+                    ", got ", cluster);
 
   const auto i64 = rows.options().dtype(at::kLong);
   Tensor out = at::empty({b.bsz, k_max}, i64);
@@ -294,6 +297,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
     st.d2_scratch = addr(state);
     st.taken_scratch = addr(taken);
     st.c_scratch = addr(chol);
+    st.cluster = static_cast<int>(cluster);
     launched(gram ? mc::launch_greedy_dpp_gram(g, st, seg) : mc::launch_greedy_dpp(f, st, seg));
     // one pick per round; a caller that counts them itself passes dpp_rounds=False (two launches saved)
     if (dpp_rounds) rounds = out.ge(0).sum(1);
@@ -308,6 +312,7 @@ std::tuple<Tensor, Tensor> fused_greedy(const Tensor& rows, const OptTensor& sco
     st.taken_scratch = addr(taken);
     st.rounds = addr(rounds);
     st.max_round = max_round ? static_cast<int>(max_round) : mc::kMaxRound;
+    st.cluster = static_cast<int>(cluster);
     launched(gram ? mc::launch_greedy_maxsim_gram(g, st, seg, static_cast<int>(smem_state))
                   : mc::launch_greedy_maxsim(f, st, seg));
   }

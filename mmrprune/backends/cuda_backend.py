@@ -73,6 +73,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # float64 goes 
 # 4 GiB Gram) fall back to row mode, whose workspace is O(N).
 WORKSPACE_LIMIT_BYTES = 2 << 30
 _GRAM_SMEM_STATE = -1                          # the op's smem_state (-1 auto; tests set 0 to force global)
+# The op's cluster: CTAs per image of the Gram-mode kernels (0: the launcher's choice; 1: one block;
+# n: n CTAs where the device has clusters).  Tests and the GPU session's one-block A/B set it.
+_CLUSTER = 0
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -374,12 +377,15 @@ class FusedGreedy:
         if self.ext is None:
             raise RuntimeError(f"backend {self.name!r} is not available: {self.status()[1]}")
         call = prepare(batch, sim, max_round)
+
+        def op(**kw):
+            return torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE, cluster=_CLUSTER, **kw)
         if call.score_kind == "topk":   # one ranking pass, no sequential rounds: no "rounds" to report
-            return torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE)[0]
+            return op()[0]
         if call.dpp:   # one pick per round: counted from the picks only when the stats are read
-            out, _ = torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE, dpp_rounds=False)
+            out, _ = op(dpp_rounds=False)
             return out, _LazyStats(rounds=lambda: (out >= 0).sum(dim=1))
-        out, rounds = torch.ops.mmrprune.fused_greedy(*call.args(), smem_state=_GRAM_SMEM_STATE)
+        out, rounds = op()
         return out, {"rounds": rounds}
 
     def max_round(self) -> int:
