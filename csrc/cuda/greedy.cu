@@ -1064,8 +1064,10 @@ __global__ void __launch_bounds__(kDppThreads) greedy_dpp_kernel(
 }
 
 // DPP with the similarity row read from the precomputed Gram (no feature reads in the loop).
+// At least 3 blocks per SM: ptxas then keeps it at 40 registers (75 % occupancy with the rows in
+// global memory, several images per SM at large B); left to itself it took 48-50 (50 %).
 template <bool kCSmem>
-__global__ void __launch_bounds__(kDppThreads) greedy_dpp_gram_kernel(
+__global__ void __launch_bounds__(kDppThreads, 3) greedy_dpp_gram_kernel(
     const float* __restrict__ gram, std::int64_t ld, const float* __restrict__ inv_norm,
     const float* __restrict__ sqn, const float* __restrict__ q, const std::int64_t* __restrict__ starts,
     const std::int64_t* __restrict__ lengths, const std::int64_t* __restrict__ ks, std::int64_t k_max,
