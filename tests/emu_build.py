@@ -20,6 +20,7 @@ sys.path.pop(0)
 
 HARNESS = os.path.join(ROOT, "tests", "emu", "harness.cpp")
 GREEDY_CU = os.path.join(flags.CUDA_DIR, "greedy.cu")
+PREPARE_CU = os.path.join(flags.CUDA_DIR, "prepare.cu")
 
 
 def _run(cmd):
@@ -43,27 +44,46 @@ def compile_cu(cu_source, out_dir, extra=()) -> str:
     return obj
 
 
-def build(out_dir, cu_source=GREEDY_CU, sanitizer=None):
-    """Harness executable linked with the emulated ``cu_source`` (``sanitizer``: None, "asan"
-    or "tsan", from flags.SANITIZERS).  Returns its path."""
+def build(out_dir, cu_source=GREEDY_CU, sanitizer=None, prepare_o=None):
+    """Harness executable linked with the emulated ``cu_source`` and prepare.cu (``sanitizer``:
+    None, "asan" or "tsan", from flags.SANITIZERS; ``prepare_o``: prepare.cu already compiled
+    with that sanitizer).  Returns its path."""
     os.makedirs(out_dir, exist_ok=True)
     extra = flags.SANITIZERS[sanitizer] if sanitizer else []
     kern_o, main_o = compile_cu(cu_source, out_dir, extra), os.path.join(out_dir, "harness.o")
+    prepare_o = prepare_o or compile_cu(PREPARE_CU, out_dir, extra)
     _run([flags.cxx(), "-c", HARNESS, "-o", main_o, *compile_flags(extra)])
     exe = os.path.join(out_dir, "harness")
-    _run([flags.cxx(), "-o", exe, main_o, kern_o, *extra])
+    _run([flags.cxx(), "-o", exe, main_o, kern_o, prepare_o, *extra])
     return exe
 
 
 def build_many(specs, jobs=2):
-    """``{name: (out_dir, cu_source, sanitizer)}`` -> ``{name: exe or the build error}``, in parallel."""
-    def one(item):
-        name, (out_dir, src, san) = item
+    """``{name: (out_dir, cu_source, sanitizer[, prepare_source])}`` -> ``{name: exe or the build
+    error}``, in parallel; prepare.cu is compiled once per sanitizer and linked into each (a spec
+    with its own prepare source, a mutant, compiles that instead)."""
+    def prep(san):
+        out_dir = os.path.join(os.path.dirname(next(iter(specs.values()))[0]), f"prepare_{san or 'plain'}")
+        os.makedirs(out_dir, exist_ok=True)
         try:
-            return name, build(out_dir, src, san)
+            return san, compile_cu(PREPARE_CU, out_dir, flags.SANITIZERS[san] if san else [])
+        except Exception as exc:
+            return san, exc
+
+    def one(item):
+        name, (out_dir, src, san, *own_prepare) = item
+        try:
+            if own_prepare:
+                os.makedirs(out_dir, exist_ok=True)
+                return name, build(out_dir, src, san, compile_cu(own_prepare[0], out_dir,
+                                                                 flags.SANITIZERS[san] if san else []))
+            if isinstance(prepared[san], Exception):
+                raise prepared[san]
+            return name, build(out_dir, src, san, prepared[san])
         except Exception as exc:  # reported by the test that needs this variant
             return name, exc
     with ThreadPoolExecutor(jobs) as pool:
+        prepared = dict(pool.map(prep, sorted({spec[2] for spec in specs.values()}, key=str)))
         return dict(pool.map(one, specs.items()))
 
 
@@ -80,23 +100,29 @@ def _dtype_code(ext, dtype):
             torch.bfloat16: ext.DTYPE_BFLOAT16}[dtype]
 
 
-def write_case(case_dir, prepared, x_offset=0, smem_state=-1):
-    """Writes cuda_backend.prepare()'s arguments for the harness (see harness.cpp)."""
+def write_case(case_dir, prepared, x_offset=0, smem_state=-1, kernel_prepare=False):
+    """Writes cuda_backend.prepare()'s arguments for the harness (see harness.cpp).
+    kernel_prepare: the harness runs the prepare kernel first, on the raw weights (as the op
+    does); else the case holds the prepare kernel's outputs, computed here, and the harness runs
+    the greedy kernels only."""
     from mmrprune.backends import cuda_emu_backend as emu
     os.makedirs(case_dir, exist_ok=True)
-    a = emu.KERNELS.complete(prepared)   # the harness runs the greedy kernels only
+    a = prepared if kernel_prepare else emu.KERNELS.complete(prepared)
     rows = a.rows
     gram = a.gram
     args = dict(kind="dpp" if a.dpp else "maxsim", mode="gram" if gram is not None else "row",
                 dtype=_dtype_code(emu.KERNELS.ext, rows.dtype), rows=rows.shape[0], dim=rows.shape[1], batch=a.starts.shape[0],
                 k_max=a.k_max, lam=repr(float(a.lam)), smem_state=smem_state, x_offset=x_offset,
                 ld=gram.shape[1] if gram is not None else 0)
+    if kernel_prepare:
+        args.update(prepare=emu.KERNELS.ext.SCORE_KINDS[a.score_kind], width=a.width, pool_lam=repr(float(a.pool_lam)),
+                    norms=int(gram is not None and a.inv_norm is None))
     with open(os.path.join(case_dir, "args.txt"), "w") as f:
         f.write("".join(f"{k} {v}\n" for k, v in args.items()))
     _write(os.path.join(case_dir, "x.bin"), rows)
     for key, name in (("score", "score"), ("starts", "starts"), ("lengths", "lengths"), ("ks", "ks"),
                       ("first_score", "first"), ("eligible", "eligible"), ("gram", "gram"),
-                      ("inv_norm", "inv"), ("sqn", "sqn")):
+                      ("inv_norm", "inv"), ("sqn", "sqn"), ("weights", "weights")):
         path = os.path.join(case_dir, f"{name}.bin")
         if getattr(a, key) is not None:
             _write(path, getattr(a, key))

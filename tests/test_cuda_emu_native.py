@@ -44,11 +44,21 @@ CASES = [
     ("mmr-gram-cluster3-f32", "mmr", "gram", torch.float32, 48, 0, -1, 3),
     ("hybrid-gram-cluster2-bf16", "hybrid", "gram", torch.bfloat16, 48, 0, -1, 2),
     ("dpp-gram-cluster3-f32", "dpp", "gram", torch.float32, 32, 0, -1, 3),
+    # the prepare kernel (csrc/cuda/prepare.cu) first, on the raw weights, as the op runs it
+    ("hybrid-gram-prepare-bf16", "hybrid", "gram", torch.bfloat16, 48, 0, -1),
+    ("divprune-gram-prepare-f32", "divprune", "gram", torch.float32, 48, 0, -1),
+    ("dpp-gram-prepare-f16", "dpp", "gram", torch.float16, 32, 0, -1),
+    ("mmr-row-prepare-f32", "mmr", "rows", torch.float32, 64, 0, -1),
+    ("topk-gram-prepare-f32", "topk", "gram", torch.float32, 32, 0, -1),
 ]
+# the cases whose harness run starts with the prepare kernel (every score kind it computes)
+PREPARE_CASES = ["hybrid-gram-prepare-bf16", "divprune-gram-prepare-f32", "dpp-gram-prepare-f16",
+                 "mmr-row-prepare-f32", "topk-gram-prepare-f32"]
 # TSan runs the Gram-mode kernels (whose token state is thread-private by ownership, no barrier)
 # and one row-mode kernel: a row-mode case with 1024 fibers costs 20-45 s under TSan here.
 TSAN_CASES = ["mmr-row-f32", "divprune-gram-bf16-smem", "hybrid-gram-f16-global", "dpp-gram-f32",
-              "mmr-gram-cluster3-f32", "hybrid-gram-cluster2-bf16", "dpp-gram-cluster3-f32"]
+              "mmr-gram-cluster3-f32", "hybrid-gram-cluster2-bf16", "dpp-gram-cluster3-f32",
+              "hybrid-gram-prepare-bf16", "divprune-gram-prepare-f32", "dpp-gram-prepare-f16", "topk-gram-prepare-f32"]
 CLUSTER_CASES = ["mmr-gram-cluster3-f32", "hybrid-gram-cluster2-bf16"]
 DPP_CLUSTER_CASES = ["dpp-gram-cluster3-f32"]
 LENGTHS = [70, 23, 1]
@@ -100,6 +110,10 @@ MUTATIONS = {
     # a CTA exits while the others may still read its slot or its Cholesky rows
     "dpp_cluster_no_exit_barrier": ("  cluster.sync();  // this CTA's slots and rows stay alive", "  //", None,
                                     DPP_CLUSTER_CASES),
+    # prepare.cu: the ranking (hybrid's pool, topk) reads scores before the other threads wrote them
+    "prepare_no_barrier_before_ranking": ("  __syncthreads();   // the ranking below reads scores other threads wrote\n",
+                                          "\n", "tsan", ["hybrid-gram-prepare-bf16", "topk-gram-prepare-f32"],
+                                          emu_build.PREPARE_CU),
 }
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer")
 
@@ -119,7 +133,7 @@ def case_dirs(tmp_path_factory):
     for name, method, sim, dtype, dim, offset, smem_state, *cluster in CASES:
         batch, x, w = _batch(method, dtype, dim)
         emu_build.write_case(str(root / name), cb.prepare(batch, sim), x_offset=offset,
-                             smem_state=smem_state)
+                             smem_state=smem_state, kernel_prepare=name in PREPARE_CASES)
         if cluster:
             _set_cluster(str(root / name), cluster[0])
         out[name] = (str(root / name), method, x, w)
@@ -131,15 +145,17 @@ def builds(tmp_path_factory):
     """Every harness variant, built in parallel once: the unmodified source under both sanitizers,
     and each mutant (under the sanitizer that its bug needs)."""
     root = tmp_path_factory.mktemp("emu_builds")
-    with open(emu_build.GREEDY_CU) as f:
-        original = f.read()
     specs = {san: (str(root / san), emu_build.GREEDY_CU, san) for san in ("asan", "tsan")}
-    for name, (anchor, repl, san, _) in MUTATIONS.items():
+    for name, (anchor, repl, san, _, *target) in MUTATIONS.items():
+        path = target[0] if target else emu_build.GREEDY_CU
+        with open(path) as f:
+            original = f.read()
         src = root / f"{name}.cu"
-        # a missing anchor means greedy.cu changed: the mutation must be updated, never skipped
-        assert original.count(anchor) == 1, f"mutation {name}: anchor not found exactly once in greedy.cu"
+        # a missing anchor means the source changed: the mutation must be updated, never skipped
+        assert original.count(anchor) == 1, f"mutation {name}: anchor not found exactly once in {path}"
         src.write_text(original.replace(anchor, repl))
-        specs[name] = (str(root / f"build_{name}"), str(src), san)
+        specs[name] = ((str(root / f"build_{name}"), str(src), san) if not target else
+                       (str(root / f"build_{name}"), emu_build.GREEDY_CU, san, str(src)))
     return emu_build.build_many(specs)
 
 

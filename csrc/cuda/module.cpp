@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "greedy.h"
+#include "prepare.h"
 
 // The same source is also built as mmrprune._cuda_emu (kernels on the CPU emulator, csrc/emu/).
 #ifndef MMRPRUNE_CUDA_MODULE
@@ -28,6 +29,9 @@ PYBIND11_MODULE(MMRPRUNE_CUDA_MODULE, m) {
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(mmrprune_cuda::kBFloat16);
   m.attr("GREEDY_THREADS") = mmrprune_cuda::kGreedyThreads;
   m.attr("MAX_ROUND") = mmrprune_cuda::kMaxRound;
+  py::dict kinds;  // csrc/cuda/prepare.h's ScoreKind codes by the op's names
+  for (const auto& k : mmrprune_cuda::kScoreKindNames) kinds[k.name] = static_cast<int>(k.kind);
+  m.attr("SCORE_KINDS") = kinds;
   m.def("smem_bytes", &mmrprune_cuda::greedy_smem_bytes, py::arg("dim"),
         "dynamic shared memory (bytes) of the greedy kernels for feature dim `dim`");
   m.def("gram_state_smem_bytes", &mmrprune_cuda::gram_state_smem_bytes, py::arg("ld"),

@@ -75,15 +75,12 @@ void check_optional(const OptTensor& t, const char* name, at::ScalarType dtype, 
 }
 
 mc::ScoreKind score_kind_of(std::string_view kind) {
-  if (kind == "keep") return mc::kScoreKeep;
-  if (kind == "imp") return mc::kScoreImp;
-  if (kind == "quality") return mc::kScoreQuality;
-  if (kind == "zero") return mc::kScoreZero;
-  if (kind == "pool") return mc::kScoreImpPool;
-  if (kind == "divprune") return mc::kScoreDivPrune;
-  if (kind == "topk") return mc::kScoreTopk;
-  TORCH_CHECK_VALUE(false, "mmrprune::fused_greedy: score_kind must be one of 'keep', 'imp', 'quality', 'zero', "
-                    "'pool', 'divprune', 'topk', got '", kind, "'");
+  std::string names;
+  for (const auto& k : mc::kScoreKindNames) {
+    if (kind == k.name) return k.kind;
+    names += (names.empty() ? "'" : ", '") + std::string(k.name) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "mmrprune::fused_greedy: score_kind must be one of ", names, ", got '", kind, "'");
 }
 
 int dtype_code(const Tensor& rows) {

@@ -31,6 +31,16 @@ enum ScoreKind : int {
   kScoreTopk = 6,
 };
 
+// The score kinds' names: mmrprune::fused_greedy's score_kind argument (op.cpp) and the module's
+// SCORE_KINDS (module.cpp, for the emulator harness's cases).
+struct ScoreKindName {
+  const char* name;
+  ScoreKind kind;
+};
+inline constexpr ScoreKindName kScoreKindNames[] = {
+    {"keep", kScoreKeep}, {"imp", kScoreImp},           {"quality", kScoreQuality}, {"zero", kScoreZero},
+    {"pool", kScoreImpPool}, {"divprune", kScoreDivPrune}, {"topk", kScoreTopk}};
+
 // Image b owns rows starts[b] .. starts[b] + lengths[b] - 1 of every per-row array.
 // gram (optional): [batch, ld, ld] fp32 raw Gram; its diagonal is ||x||^2, so the norms need no
 // second pass over the features.  width > 0: the rows are padded, [batch, width] (starts[b] =

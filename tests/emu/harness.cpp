@@ -9,8 +9,13 @@
 //               optional cluster (MaxSimState::cluster / DppState::cluster: 1 one block per image,
 //               n >= 2 a cluster of n)
 //   x.bin score.bin starts.bin lengths.bin ks.bin [first.bin] [eligible.bin] [gram.bin inv.bin sqn.bin]
+//   optional prepare (a prepare.h ScoreKind code), width, pool_lam, norms (0/1), [weights.bin]: the
+//               prepare kernel (launch_prepare) runs first and computes what its kind writes (the
+//               score, hybrid's eligible, DivPrune's first score, with norms the Gram mode's inverse
+//               norms and DPP's sqn), which the greedy launch then reads instead of those files;
+//               topk is the prepare kernel's ranking alone
 //
-// It runs the launchers of greedy.h as cuda_backend.launch_with does and writes out.bin
+// It runs the launchers of greedy.h as the op does and writes out.bin
 // ([batch, k_max] int64) and, for maxsim, rounds.bin ([batch] int64).  Exit status 0 on success, 3 when a launcher reports an error.
 #include <cstdint>
 #include <cstdio>
@@ -23,6 +28,7 @@
 #include <vector>
 
 #include "greedy.h"
+#include "prepare.h"
 
 namespace {
 
@@ -78,7 +84,8 @@ int main(int argc, char** argv) {
   const int cluster = a.count("cluster") ? static_cast<int>(num("cluster")) : 0;
 
   Buffer x(read_file("x.bin"), static_cast<std::size_t>(num("x_offset")));
-  Buffer score(read_file("score.bin")), starts(read_file("starts.bin")), lengths(read_file("lengths.bin")),
+  Buffer score(read_file("score.bin", a.count("prepare") == 0)), starts(read_file("starts.bin")),
+      lengths(read_file("lengths.bin")),
       ks(read_file("ks.bin"));
   Buffer first(read_file("first.bin", false)), eligible(read_file("eligible.bin", false));
   Buffer state(rows * 4), taken(rows), inv(rows * 4), sqn(rows * 4), chol(rows * k_max * 4 + 4);
@@ -95,12 +102,39 @@ int main(int argc, char** argv) {
   mc::DppState ds;
   ds.q = score.addr(), ds.d2_scratch = state.addr(), ds.taken_scratch = taken.addr(), ds.c_scratch = chol.addr();
   ds.cluster = cluster;
-  if (mode == "gram") {
-    Buffer gram(read_file("gram.bin")), ginv(read_file("inv.bin")), gsqn(read_file("sqn.bin", false));
+  const bool gram_mode = mode == "gram";
+  Buffer gram(gram_mode ? read_file("gram.bin") : std::vector<unsigned char>());
+  Buffer ginv(read_file("inv.bin", false)), gsqn(read_file("sqn.bin", false));
+  ms.inv_norm = ds.inv_norm = ginv.addr();
+  ds.sqn = gsqn.addr();
+  // the prepare kernel first, when the case asks for it: its outputs replace the files' values
+  Buffer weights(read_file("weights.bin", false)), p_score(rows * 4), p_inv(rows * 4), p_sqn(rows * 4),
+      p_eligible(rows), p_first(rows * 4);
+  const int pkind = a.count("prepare") ? static_cast<int>(num("prepare")) : -1;
+  if (pkind >= 0) {
+    mc::PrepareParams pp;
+    pp.starts = starts.addr(), pp.lengths = lengths.addr(), pp.batch = batch;
+    const bool norms = num("norms") != 0;
+    pp.gram = norms ? gram.addr() : 0, pp.ld = norms ? num("ld") : 0, pp.width = num("width");
+    pp.inv_norm = norms ? p_inv.addr() : 0, pp.sqn = norms && kind == "dpp" ? p_sqn.addr() : 0;
+    pp.weights = addr_or_null(weights), pp.score_kind = pkind;
+    pp.score = pkind != mc::kScoreKeep ? p_score.addr() : 0;
+    pp.ks = pkind == mc::kScoreImpPool || pkind == mc::kScoreTopk ? ks.addr() : 0;
+    pp.lam = std::strtod(a.at("pool_lam").c_str(), nullptr);
+    pp.eligible = pkind == mc::kScoreImpPool ? p_eligible.addr() : 0;
+    pp.first_score = pkind == mc::kScoreDivPrune ? p_first.addr() : 0;
+    if (pkind == mc::kScoreTopk) pp.out = out.addr(), pp.rounds = rounds.addr(), pp.k_max = k_max;
+    err = mc::launch_prepare(pp);
+    if (pkind != mc::kScoreKeep) ms.imp = ds.q = p_score.addr();
+    if (pkind == mc::kScoreImpPool) ms.eligible = p_eligible.addr();
+    if (pkind == mc::kScoreDivPrune) ms.first_score = p_first.addr();
+    if (norms) ms.inv_norm = ds.inv_norm = p_inv.addr(), ds.sqn = p_sqn.addr();
+  }
+  if (!err.empty() || pkind == mc::kScoreTopk) {
+    // the launcher's error below, or topk's picks (the prepare kernel's ranking) are written
+  } else if (gram_mode) {
     mc::GramRows g;
     g.gram = gram.addr(), g.ld = num("ld");
-    ms.inv_norm = ds.inv_norm = ginv.addr();
-    ds.sqn = gsqn.addr();
     err = kind == "dpp" ? mc::launch_greedy_dpp_gram(g, ds, seg) : mc::launch_greedy_maxsim_gram(g, ms, seg, smem_state);
   } else {
     mc::Features f;
@@ -116,7 +150,7 @@ int main(int argc, char** argv) {
   }
   std::ofstream f(g_dir + "/out.bin", std::ios::binary);
   f.write(reinterpret_cast<const char*>(out.ptr), batch * k_max * 8);
-  if (kind == "maxsim") {
+  if (kind == "maxsim" || pkind == mc::kScoreTopk) {
     std::ofstream fr(g_dir + "/rounds.bin", std::ios::binary);
     fr.write(reinterpret_cast<const char*>(rounds.ptr), batch * 8);
   }
