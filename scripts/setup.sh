@@ -21,7 +21,7 @@
 # Works offline when the dependencies are already installed (the GPU machines
 # have torch/triton/ninja/pytest preinstalled and no network).
 # Never installs an unpinned torch: an absent torch is $TORCH_PIN from PyTorch's CPU index
-# ($MMRPRUNE_TORCH_INDEX overrides it, e.g. with a CUDA index). Needs a C++17 compiler (g++, or $CXX).
+# ($MMRPRUNE_TORCH_INDEX overrides it, e.g. with a CUDA index). Needs a C++20 compiler (g++ >= 10, or $CXX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -361,7 +361,7 @@ def test_dpp_cluster_fuzz_matches_one_block(plain_harness, tmp_path, seed):
     some images (the rank-exhausted switch, one more exchange) and cluster sizes 2..16; exactly
     the one-block kernel's picks, on two schedules, and the step certificate."""
     rng = np.random.default_rng(200 + seed)
-    n, d = int(rng.integers(40, 200)), int(rng.integers(8, 33))
+    n, d = int(rng.integers(40, 140)), int(rng.integers(8, 25))
     lengths = [n, int(rng.integers(1, n + 1)), int(rng.integers(1, n + 1))]
     k = int(rng.integers(d // 2, min(n, 2 * d) + 1))
     x = torch.from_numpy(certify.clustered_tokens(n, d, batch=3, seed=seed)).to(torch.bfloat16)
