@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
+# CI has no network: pip's retries of the unreachable CPU index (asked first for every package of
+# torch's dependency set) cannot succeed and cost ~75 s of backoff; the script is the user's as is.
+export PIP_RETRIES="${PIP_RETRIES:-0}"
 bash scripts/setup_vllm.sh .venv-vllm
 echo "[ci/vllm] venv set up in ${SECONDS}s"
 # vLLM 0.33/0.34: the wheels without dependencies (they pin a CUDA torch and a flashinfer the
